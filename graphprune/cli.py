@@ -8,7 +8,8 @@ MODEL is one of
 
 * ``package.module:callable`` (or ``path/to/file.py:callable``): the callable is called with no
   arguments and returns a model, or a ``(model, example_input)`` pair;
-* ``zoo:NAME``: a model from ``graphprune.zoo`` (``--size`` picks its size);
+* ``zoo:NAME``: a built-in model from ``graphprune.zoo`` (``graphprune zoo`` lists them;
+  ``--size tiny|bench`` picks the size);
 * a path to a file written by ``torch.save(model)``. Loading it runs pickle, which can execute
   arbitrary code: only load files you trust.
 """
@@ -102,11 +103,14 @@ def _split_result(obj: Any) -> tuple[Any, Any]:
 def _load_zoo(name: str, size: str | None) -> tuple[Any, Any]:
     from graphprune import zoo
 
-    if name not in zoo.ZOO:
-        known = ", ".join(sorted(zoo.ZOO))
-        raise InputError(f"unknown zoo model {name!r}; known: {known}")
-    built = zoo.build(name, size) if size is not None else zoo.build(name)
-    return _split_result(built)
+    if name not in zoo.names():
+        raise InputError(
+            f"unknown zoo model {name!r}; known: {', '.join(zoo.names())} (see 'graphprune zoo')"
+        )
+    size = size or "tiny"
+    if size not in zoo.SIZES:
+        raise InputError(f"--size must be one of {', '.join(zoo.SIZES)} for zoo models, got {size!r}")
+    return _split_result(zoo.build(name, size))
 
 
 def _load_saved(path: Path) -> tuple[Any, Any]:
@@ -268,6 +272,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from graphprune import zoo
+
+    families = {
+        **dict.fromkeys(zoo.CNN_NAMES, "CNN"),
+        **dict.fromkeys(zoo.MLP_NAMES, "MLP"),
+        **dict.fromkeys(zoo.ATTENTION_NAMES, "attention"),
+        **dict.fromkeys(zoo.HF_CNN_NAMES, "Hugging Face CNN"),
+    }
+    for name in zoo.names():
+        line = families.get(name, "")
+        if args.describe:  # builds every model: seconds, plus the transformers import
+            try:
+                line = zoo.describe(zoo.build(name, args.size)[0])
+            except ImportError as exc:  # Hugging Face entries need transformers
+                line = f"unavailable: {exc}"
+        print(f"zoo:{name:<16} {line}")
+    return 0
+
+
 def _bench_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {}
     if args.runs is not None:
@@ -329,7 +353,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
                    help="shape of a random float32 example input, e.g. 1,3,224,224 (required "
                         "unless MODEL provides an example input)")
-    p.add_argument("--size", help="size of a zoo model (passed to graphprune.zoo.build)")
+    p.add_argument("--size", default=None,
+                   help="size of a zoo: model: 'tiny' (default, seconds) or 'bench' (real widths)")
     p.add_argument("--importance", choices=("l1", "l2"), default="l2",
                    help="channel importance criterion (default l2)")
     p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
@@ -392,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--json", metavar="PATH", help="write the plan as JSON to this file")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("zoo", help="list the built-in models usable as MODEL 'zoo:NAME'")
+    p.add_argument("--describe", action="store_true", help="build each model and show its size")
+    p.add_argument("--size", choices=("tiny", "bench"), default="tiny", help="size for --describe")
+    p.set_defaults(func=cmd_zoo)
     return parser
 
 

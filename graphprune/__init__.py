@@ -17,9 +17,22 @@ from graphprune.errors import (
     VerificationError,
 )
 
+from graphprune.analysis import Analysis, Group, Member, analyze
+from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
+from graphprune.plan import Plan
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
+    "Group",
+    "Member",
+    "Plan",
+    "analyze",
+    "apply_plan",
+    "compact",
+    "compact_with_plan",
+    "make_plan",
     "GraphPruneError",
     "InputError",
     "PlanMismatchError",

@@ -149,7 +149,8 @@ def run_demo(
 ) -> dict[str, Any]:
     """Train, compact, fine-tune, export and benchmark a digits CNN; return the figures.
 
-    ``out_dir`` keeps the two ONNX files (a temporary directory is used otherwise);
+    ``out_dir`` keeps the two ONNX files (``original.onnx``, ``compact.onnx``; a temporary
+    directory is used otherwise);
     ``bench_runs`` overrides the number of timed onnxruntime runs (tests use few).
     The returned dict holds accuracies (``acc_before``, ``acc_compacted``, ``acc_finetuned``),
     ``params``/``flops`` as (before, after) pairs, the ``report`` from ``graphprune.benchmark``,
@@ -160,67 +161,84 @@ def run_demo(
     t0 = time.perf_counter()
     data = load_digits_data(seed)
     model = DigitsCNN()
-    say(f"[1/5] training DigitsCNN on sklearn digits ({len(data.x_train)} train / "
+    say(f"[1/4] training DigitsCNN on sklearn digits ({len(data.x_train)} train / "
         f"{len(data.x_test)} test images, {epochs} epochs)")
     train(model, data, epochs, seed=seed, desc="train", quiet=quiet)
     acc_before = accuracy(model, data)
     say(f"      trained in {time.perf_counter() - t0:.1f}s: test accuracy {acc_before:.1%}")
 
     example = data.x_test[:BENCH_BATCH].clone()
-    say(f"[2/5] graphprune.compact(model, example, ratio={ratio})")
+    say(f"[2/4] graphprune.compact(model, example, ratio={ratio})")
     t1 = time.perf_counter()
     small = graphprune.compact(model, example, ratio=ratio)
     acc_compacted = accuracy(small, data)
     say(f"      compacted in {time.perf_counter() - t1:.1f}s: "
         f"test accuracy right after compaction {acc_compacted:.1%}")
 
-    say(f"[3/5] fine-tuning the compact model ({finetune_epochs} epochs)")
+    say(f"[3/4] fine-tuning the compact model ({finetune_epochs} epochs)")
     # A lower peak learning rate than training: recover, do not relearn from scratch.
     train(small, data, finetune_epochs, lr=1e-3, seed=seed + 1, desc="fine-tune", quiet=quiet)
     acc_finetuned = accuracy(small, data)
 
-    params = (graphprune.count_params(model), graphprune.count_params(small))
-    flops = (graphprune.count_flops(model, example), graphprune.count_flops(small, example))
-
     with tempfile.TemporaryDirectory() as tmp:
-        target = Path(out_dir) if out_dir is not None else Path(tmp)
-        target.mkdir(parents=True, exist_ok=True)
-        onnx_paths = (target / "digits_cnn.onnx", target / "digits_cnn_small.onnx")
-        say(f"[4/5] exporting both models to ONNX (batch {BENCH_BATCH}) and checking them "
-            f"in onnxruntime")
-        graphprune.export_onnx(model, example, onnx_paths[0])
-        graphprune.export_onnx(small, example, onnx_paths[1])
-
-        say("[5/5] measuring onnxruntime latency of both models")
+        workdir = Path(out_dir) if out_dir is not None else Path(tmp)
+        say(f"[4/4] exporting both models to ONNX (batch {BENCH_BATCH}), checking them against "
+            f"torch in onnxruntime, timing them")
         bench_kwargs = {} if bench_runs is None else {"runs": bench_runs, "warmup": 2}
-        report = graphprune.benchmark(model, small, example, **bench_kwargs)
+        report = graphprune.benchmark(model, small, example, workdir=workdir, **bench_kwargs)
 
     say("")
-    say(str(report))
-    say("")
-    say(_accuracy_table(acc_before, acc_compacted, acc_finetuned, finetune_epochs))
+    say(summary_table(report, acc_before, acc_compacted, acc_finetuned, finetune_epochs))
     say(f"\ntotal time {time.perf_counter() - t0:.1f}s")
     return {
         "ratio": ratio,
         "acc_before": acc_before,
         "acc_compacted": acc_compacted,
         "acc_finetuned": acc_finetuned,
-        "params": params,
-        "flops": flops,
+        "params": (report.original_params, report.compact_params),
+        "flops": (report.original_flops, report.compact_flops),
+        "latency_ms": (report.original_latency.median_ms, report.compact_latency.median_ms),
+        "speedup": report.speedup,
         "report": report,
         "model": model,
         "small": small,
-        "onnx_paths": onnx_paths if out_dir is not None else None,
+        "onnx_paths": (Path(report.original_onnx), Path(report.compact_onnx)) if out_dir else None,
     }
 
 
-def _accuracy_table(before: float, compacted: float, finetuned: float, ft_epochs: int) -> str:
+def summary_table(
+    report: Any, acc_before: float, acc_compacted: float, acc_finetuned: float, ft_epochs: int
+) -> str:
+    """One before/after table: size, cost, measured latency and accuracy side by side."""
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "n/a"
+
+    o, c = report.original_latency, report.compact_latency
     rows = [
-        ("original", before),
-        ("compact, no retraining", compacted),
-        (f"compact + {ft_epochs}-epoch fine-tune", finetuned),
+        ("", "original", "compact", "compact/original"),
+        ("params", f"{report.original_params:,}", f"{report.compact_params:,}",
+         ratio(report.compact_params, report.original_params)),
+        (f"FLOPs (batch {BENCH_BATCH})", f"{report.original_flops:,}", f"{report.compact_flops:,}",
+         ratio(report.compact_flops, report.original_flops)),
+        ("onnxruntime latency (ms)", f"{o.median_ms:.3f}", f"{c.median_ms:.3f}",
+         ratio(c.median_ms, o.median_ms)),
+        ("test accuracy", f"{acc_before:.1%}", "", ""),
+        ("  right after compaction", "", f"{acc_compacted:.1%}", ""),
+        (f"  after {ft_epochs}-epoch fine-tune", "", f"{acc_finetuned:.1%}",
+         f"{(acc_finetuned - acc_before) * 100:+.1f} pts"),
     ]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'digits test accuracy':<{width}}  ", "-" * (width + 9)]
-    lines += [f"{name:<{width}}  {acc:>7.1%}" for name, acc in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [
+        "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+                  for i, cell in enumerate(r)).rstrip()
+        for r in rows
+    ]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    ideal = "n/a" if report.ideal_speedup is None else f"{report.ideal_speedup:.2f}x"
+    lines.append("")
+    lines.append(
+        f"speed-up {report.speedup:.2f}x measured in onnxruntime (median of {o.runs} interleaved "
+        f"runs, {o.threads} threads; ideal from FLOPs {ideal})"
+    )
     return "\n".join(lines)

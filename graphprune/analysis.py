@@ -1,0 +1,259 @@
+"""Channel graph -> coupled groups.
+
+Walk the exported graph once, applying each op's rule (``graphprune.rules``); then connected
+components of the recorded edges give the *units* (sets of positions removed together) and the
+components of units sharing a parameter dimension give the *groups* (one pruning decision each).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch import nn
+from torch.fx import Node
+
+from graphprune import rules
+from graphprune.labels import Coupler, TensorLabels
+from graphprune.rules import RuleContext, where
+from graphprune.trace import Traced, check_model, eval_copy, trace
+
+rules.load_all()
+
+
+@dataclass
+class Member:
+    """One parameter/buffer dimension touched by a group: which unit each position belongs to."""
+
+    name: str
+    dim: int
+    unit_of: np.ndarray  # unit index per position, -1 where not a unit of this group
+
+    def __repr__(self) -> str:
+        return f"{self.name}[dim {self.dim}]"
+
+
+@dataclass
+class Group:
+    """Units that form one pruning decision (e.g. all channels of one residual stream)."""
+
+    index: int
+    num_units: int
+    members: list[Member]
+    reason: str | None = None  # why (part of) it is frozen
+    frozen_units: int = 0
+
+    @property
+    def prunable(self) -> bool:
+        return self.num_units > 1
+
+    def describe(self) -> str:
+        names = sorted({m.name.rsplit(".", 1)[0] for m in self.members})
+        shown = ", ".join(names[:4]) + (f" +{len(names) - 4} more" if len(names) > 4 else "")
+        return shown
+
+
+@dataclass
+class Analysis:
+    """Everything later stages need: traced program, labels, unit of every id, groups."""
+
+    traced: Traced
+    model: nn.Module  # eval-mode deep copy; surgery works on it
+    labels: dict[Node, Any]
+    coupler: Coupler
+    unit_class: np.ndarray  # class (component) of every id
+    frozen_class: np.ndarray  # bool per class
+    groups: list[Group]
+    class_unit: dict[int, tuple[int, int]]  # class -> (group index, unit index)
+    boundaries: list[str] = field(default_factory=list)
+    frozen_reasons: dict[int, str] = field(default_factory=dict)
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def _edges(coupler: Coupler) -> tuple[np.ndarray, np.ndarray]:
+    if not coupler.edges_a:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(coupler.edges_a), np.concatenate(coupler.edges_b)
+
+
+def _enforce_joint_layouts(coupler: Coupler, cls: np.ndarray, frozen: np.ndarray) -> bool:
+    """Every joint (multi-dim) ids array must lose whole slices along a single axis.
+
+    If no axis already has that property, merge positions along the last free axis (for heads
+    ``(heads, head_dim)`` that means pruning inside every head; for a channel shuffle
+    ``(groups, C/groups)`` it keeps the number of groups). Returns True if anything changed.
+    """
+    changed = False
+    for rec in coupler.joints:
+        ids = rec.ids
+        lab = np.where(ids >= 0, cls[np.maximum(ids, 0)], -1)
+        lab = np.where((ids >= 0) & frozen[np.maximum(lab, 0)], -1, lab)
+        free = [ax for ax in range(ids.ndim) if ax not in rec.intact and ids.shape[ax] > 1]
+        ok = False
+        for ax in free:
+            slabs = np.moveaxis(lab, ax, 0).reshape(ids.shape[ax], -1)
+            if (slabs == slabs[:, :1]).all():
+                ok = True
+                break
+        if ok:
+            continue
+        live = lab[lab >= 0]
+        if live.size == 0:
+            continue
+        if not free:
+            coupler.freeze(ids, f"{rec.where}: channel layout cannot be reshaped after pruning")
+        else:
+            ax = free[-1]
+            slabs = np.moveaxis(ids, ax, 0).reshape(ids.shape[ax], -1)
+            coupler.union(slabs, slabs[:, :1])
+        changed = True
+    return changed
+
+
+def _freeze_mask(n_cls: int, cls: np.ndarray, items: list[tuple[np.ndarray, str]], reasons: dict[int, str]):
+    mask = np.zeros(n_cls, dtype=bool)
+    for ids, why in items:
+        c = cls[ids]
+        for k in np.unique(c[~mask[c]]):
+            reasons.setdefault(int(k), why)
+        mask[c] = True
+    return mask
+
+
+def analyze(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    ignored_layers: Any = (),
+    prune_hidden: bool = False,
+) -> Analysis:
+    """Trace ``model`` and find its coupled groups. Never modifies ``model``."""
+    check_model(model)
+    work = eval_copy(model)
+    traced = trace(work, example_input)
+    return analyze_traced(traced, work, ignored_layers=ignored_layers, prune_hidden=prune_hidden)
+
+
+def _ignored_prefixes(model: nn.Module, ignored: Any) -> list[str]:
+    if ignored is None:
+        return []
+    if isinstance(ignored, (str, nn.Module)):
+        ignored = [ignored]
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for item in ignored:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, nn.Module):
+            if id(item) not in names:
+                continue  # a module of the user's original model: resolved by the caller
+            out.append(names[id(item)])
+    return out
+
+
+def analyze_traced(traced: Traced, work: nn.Module, *, ignored_layers: Any = (), prune_hidden: bool = False,
+                   ignored_names: list[str] | None = None) -> Analysis:
+    graph = traced.program.graph
+    coupler = Coupler()
+    labels: dict[Node, Any] = {}
+    param_nodes = {n: traced.param_names[n.name] for n in graph.nodes if n.op == "placeholder"
+                   and n.name in traced.param_names}
+    ctx = RuleContext(coupler, labels, param_nodes, {"prune_hidden": prune_hidden})
+    boundaries: list[str] = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            shape = ctx.shape(node)
+            labels[node] = TensorLabels(shape, []) if shape is not None and node not in param_nodes else None
+            continue
+        if node.op == "output":
+            outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
+            for o in outs:
+                if isinstance(o, Node) and o.name in traced.user_outputs:
+                    coupler.freeze_labels(ctx.labels(o), "model output: its size is kept")
+            continue
+        if node.op != "call_function":
+            continue
+        fn = rules.lookup(node.target)
+        if fn is None:
+            _boundary(ctx, node, f"no rule for {node.target}", boundaries)
+            continue
+        try:
+            labels[node] = fn(ctx, node)
+        except Exception as exc:  # noqa: BLE001 - a rule bug must freeze, never crash or guess
+            _boundary(ctx, node, f"rule for {node.target} failed ({type(exc).__name__}: {exc})", boundaries)
+    prefixes = _ignored_prefixes(work, ignored_layers) + list(ignored_names or [])
+    for (name, _dim), ids in coupler.param_ids.items():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            coupler.freeze(ids, f"ignored_layers: {name}")
+    return _group(traced, work, labels, coupler, boundaries, prune_hidden)
+
+
+def _boundary(ctx: RuleContext, node: Node, why: str, boundaries: list[str]) -> None:
+    frozen_any = False
+    for arg in node.all_input_nodes:
+        lab = ctx.labels(arg)
+        if lab is not None and lab.factors:
+            ctx.coupler.freeze_labels(lab, f"boundary: {why} at {where(node)}")
+            frozen_any = True
+    ctx.labels_of[node] = None
+    if frozen_any:
+        boundaries.append(f"{where(node)}: {why}")
+
+
+def _group(traced, work, labels, coupler: Coupler, boundaries, prune_hidden: bool) -> Analysis:
+    n = coupler.num_ids
+    for _ in range(20):
+        a, b = _edges(coupler)
+        cls = _components(n, a, b) if n else np.zeros(0, dtype=np.int64)
+        n_cls = int(cls.max()) + 1 if n else 0
+        reasons: dict[int, str] = {}
+        frozen = _freeze_mask(n_cls, cls, coupler.frozen + ([] if prune_hidden else coupler.soft_frozen), reasons)
+        if not _enforce_joint_layouts(coupler, cls, frozen):
+            break
+    # groups: classes linked through shared parameter dimensions ("spaces")
+    space_of = np.repeat(np.arange(len(coupler.space_sizes)), coupler.space_sizes)
+    n_sp = len(coupler.space_sizes)
+    grp = _components(n_sp + n_cls, space_of, n_sp + cls) if n else np.zeros(0, dtype=np.int64)
+    class_group = grp[n_sp:] if n else np.zeros(0, dtype=np.int64)
+    groups: list[Group] = []
+    class_unit: dict[int, tuple[int, int]] = {}
+    by_group: dict[int, list[int]] = {}
+    first_id = np.full(n_cls, n, dtype=np.int64)
+    np.minimum.at(first_id, cls, np.arange(n))
+    for c in np.argsort(first_id, kind="stable"):
+        by_group.setdefault(int(class_group[c]), []).append(int(c))
+    for gi, classes in enumerate(by_group.values()):
+        live = [c for c in classes if not frozen[c]]
+        for u, c in enumerate(live):
+            class_unit[c] = (gi, u)
+        why = Counter(reasons[c] for c in classes if frozen[c] and c in reasons)
+        groups.append(Group(gi, len(live), [], "; ".join(w for w, _ in why.most_common(3)) or None,
+                            len(classes) - len(live)))
+    unit_idx = np.full(n_cls, -1, dtype=np.int64)
+    group_idx = np.full(n_cls, -1, dtype=np.int64)
+    for c, (gi, u) in class_unit.items():
+        unit_idx[c] = u
+        group_idx[c] = gi
+    for (name, dim), ids in coupler.param_ids.items():
+        c = cls[ids]
+        for gi in np.unique(class_group[c]):
+            in_g = class_group[c] == gi
+            unit_of = np.where(in_g & (group_idx[c] == gi), unit_idx[c], -1)
+            groups[int(gi)].members.append(Member(name, dim, unit_of))
+    return Analysis(traced, work, labels, coupler, cls, frozen, groups, class_unit, boundaries, reasons)
+
+
+def param_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter, buffer or tensor attribute ``name`` (dotted path) of ``model``."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    return getattr(mod, attr)

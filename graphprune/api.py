@@ -1,0 +1,167 @@
+"""The pipeline in one place: analyse -> plan -> surgery -> check -> (fallback) -> result."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphprune.analysis import Analysis, analyze, param_tensor
+from graphprune.errors import GraphPruneError, InputError
+from graphprune.importance import Criterion, resolve
+from graphprune.inputs import flatten_outputs, normalize_inputs
+from graphprune.plan import Plan, build_plan, check_ratio
+from graphprune.shapes import Sizer, attribute_updates, graph_constant_changes
+from graphprune.surgery import apply_attr_updates, module_updates, replay, set_tensor, slice_tensors
+from graphprune.trace import check_model, no_cache
+
+
+def _importance_name(importance: str | Criterion) -> str:
+    return importance if isinstance(importance, str) else getattr(importance, "__name__", "custom")
+
+
+def _plan_and_model(
+    model: nn.Module,
+    example_input: Any,
+    ratio: float,
+    importance: str | Criterion,
+    ignored_layers: Any,
+    prune_hidden: bool,
+) -> tuple[Plan, nn.Module, Analysis]:
+    check_model(model)
+    ratio = check_ratio(ratio)
+    criterion = resolve(importance)
+    normalize_inputs(example_input)
+    analysis = analyze(model, example_input, ignored_layers=ignored_layers, prune_hidden=prune_hidden)
+    plan = build_plan(analysis, ratio, criterion, _importance_name(importance))
+    work = analysis.model
+    plan.shapes = {name: list(param_tensor(work, name).shape) for name in plan.slices}
+    removed = plan._removed_class  # type: ignore[attr-defined]
+    sizer = Sizer(analysis, removed)
+    changes = graph_constant_changes(analysis, sizer)
+    attr_ups, notes = attribute_updates(analysis, changes, work)
+    plan.notes.extend(notes)
+    slice_tensors(work, plan)
+    mod_ups = module_updates(work)
+    apply_attr_updates(work, mod_ups)
+    apply_attr_updates(work, attr_ups)
+    plan.attr_updates = mod_ups + attr_ups
+    small = _checked_or_fallback(work, analysis, plan, changes, example_input)
+    return plan, small, analysis
+
+
+def _output_shapes(model: nn.Module, example_input: Any) -> list[tuple[int, ...]]:
+    args, kwargs = normalize_inputs(example_input)
+    with torch.no_grad(), no_cache(model):
+        return [tuple(t.shape) for t in flatten_outputs(model(*args, **kwargs))]
+
+
+def _checked_or_fallback(work, analysis: Analysis, plan: Plan, changes, example_input) -> nn.Module:
+    """Run the compact model; if the user's class cannot run at the new sizes, return a graph."""
+    expected = analysis.traced.output_shapes
+    try:
+        got = _output_shapes(work, example_input)
+        if got == expected:
+            return work
+        problem = f"output shapes {got} != {expected}"
+    except Exception as exc:  # noqa: BLE001
+        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    gm = analysis.traced.program.module()
+    by_name = {n.name: new for n, new in changes.items()}
+    for node in gm.graph.nodes:
+        if node.name in by_name:
+            node.args = by_name[node.name]
+    gm.recompile()
+    for name in plan.slices:
+        set_tensor(gm, name, param_tensor(work, name).detach().clone())
+    try:
+        got = _output_shapes(gm, example_input)
+    except Exception as exc:  # noqa: BLE001
+        raise GraphPruneError(
+            f"the compact model does not run ({problem}) and the graph fallback failed too "
+            f"({type(exc).__name__}: {exc}). Please report this with the model; meanwhile pass the "
+            "offending module in ignored_layers."
+        ) from exc
+    if got != expected:
+        raise GraphPruneError(f"compact model output shapes {got} differ from the original {expected}")
+    warnings.warn(
+        f"graphprune: the compact model of class {type(work).__name__} cannot run at the new sizes "
+        f"({problem}); returning an fx GraphModule with the same behaviour instead. Make the module read "
+        "sizes from its attributes or from tensor shapes to get your own class back.",
+        stacklevel=3,
+    )
+    plan.notes.append(f"returned an fx GraphModule: {problem}")
+    return gm
+
+
+def compact(
+    model: nn.Module,
+    example_input: Any,
+    ratio: float = 0.3,
+    *,
+    importance: str | Criterion = "l2",
+    ignored_layers: Any = (),
+    prune_hidden: bool = False,
+    verify: bool = True,
+) -> nn.Module:
+    """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
+
+    ``model`` is never modified. The result is the model's own class (an fx GraphModule, with a
+    warning, only when the class cannot run at the new sizes). ``ratio`` is the fraction of
+    units (channels, heads, ...) removed from each coupled group, like torch.nn.utils.prune's
+    ``amount``; each group keeps at least one unit.
+    """
+    training = model.training if isinstance(model, nn.Module) else False
+    plan, small, analysis = _plan_and_model(model, example_input, ratio, importance, ignored_layers, prune_hidden)
+    if verify:
+        from graphprune.verify import verify_compact
+
+        verify_compact(analysis, plan, small, example_input)
+    small.train(training)
+    return small
+
+
+def make_plan(
+    model: nn.Module,
+    example_input: Any,
+    ratio: float = 0.3,
+    *,
+    importance: str | Criterion = "l2",
+    ignored_layers: Any = (),
+    prune_hidden: bool = False,
+) -> Plan:
+    """Analyse and plan without returning a model (the plan replays with ``apply_plan``)."""
+    return _plan_and_model(model, example_input, ratio, importance, ignored_layers, prune_hidden)[0]
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Replay ``plan`` on a copy of ``model`` (no tracing): slices plus attribute updates."""
+    check_model(model)
+    if not isinstance(plan, Plan):
+        raise InputError(f"plan must be a graphprune.Plan, got {type(plan).__name__}")
+    small = copy.deepcopy(model)
+    replay(small, plan)
+    return small
+
+
+def compact_with_plan(model, example_input, ratio=0.3, **kwargs) -> tuple[nn.Module, Plan]:
+    """Like ``compact`` but also return the plan (for printing or saving)."""
+    verify = kwargs.pop("verify", True)
+    training = model.training if isinstance(model, nn.Module) else False
+    plan, small, analysis = _plan_and_model(
+        model, example_input, ratio, kwargs.pop("importance", "l2"), kwargs.pop("ignored_layers", ()),
+        kwargs.pop("prune_hidden", False),
+    )
+    if kwargs:
+        raise InputError(f"unexpected arguments: {sorted(kwargs)}")
+    if verify:
+        from graphprune.verify import verify_compact
+
+        verify_compact(analysis, plan, small, example_input)
+    small.train(training)
+    return small, plan
+
+

@@ -1,0 +1,65 @@
+"""Normalising what users pass as ``example_input`` and what models return.
+
+Users hand us a tensor, a tuple of tensors or a dict of keyword inputs; models return tensors,
+tuples, dicts or Hugging Face ``ModelOutput`` objects. Every stage (tracing, verification, ONNX
+export, benchmarking) needs the same two views: ``(args, kwargs)`` going in, a flat list of
+tensors coming out. Keeping both conversions here means they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from graphprune.errors import InputError
+
+ExampleInput = torch.Tensor | Sequence[Any] | Mapping[str, Any]
+
+
+def normalize_inputs(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Return ``(args, kwargs)`` for ``model(*args, **kwargs)``.
+
+    A tensor becomes one positional argument, a tuple/list becomes the positional arguments and a
+    dict becomes keyword arguments.
+    """
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,), {}
+    if isinstance(example_input, Mapping):
+        return (), dict(example_input)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    raise InputError(
+        f"example_input must be a tensor, a tuple of tensors or a dict of keyword inputs, "
+        f"got {type(example_input).__name__}. Wrap a single input as a tensor, several as a tuple."
+    )
+
+
+def flatten_outputs(output: Any) -> list[torch.Tensor]:
+    """Flatten a model output (tensor / tuple / list / dict / dataclass / ModelOutput) to tensors.
+
+    Order is deterministic (sequence order, dict insertion order, dataclass field order), so two
+    outputs of the same structure flatten to comparable lists. Non-tensor leaves are dropped.
+    """
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if output is None:
+        return []
+    if isinstance(output, Mapping):  # includes transformers.ModelOutput
+        return [t for v in output.values() for t in flatten_outputs(v)]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [t for f in dataclasses.fields(output) for t in flatten_outputs(getattr(output, f.name))]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in flatten_outputs(v)]
+    if hasattr(output, "to_legacy_cache") or hasattr(output, "layers"):  # HF cache objects
+        return []
+    return []
+
+
+def run_model(model: torch.nn.Module, example_input: Any) -> Any:
+    """Call ``model`` on ``example_input`` under ``torch.no_grad``."""
+    args, kwargs = normalize_inputs(example_input)
+    with torch.no_grad():
+        return model(*args, **kwargs)

@@ -1,0 +1,126 @@
+"""Rules for matrix products and attention: matmul, bmm, addmm, einsum, SDPA (incl. GQA)."""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.fx import Node
+
+from graphprune.labels import FIXED, Factor, TensorLabels, new_joint
+from graphprune.rules import RuleContext, ops, rule, where
+from graphprune.rules.algebra import LETTERS, einsum_labels
+
+
+def _matmul_letters(ra: int, rb: int) -> tuple[str, str, str]:
+    """Letters for torch.matmul's broadcasting semantics (1-D operands included)."""
+    contract, m, n = "Z", "Y", "X"
+    a = ([m] if ra > 1 else []) + [contract]
+    b = [contract] + ([n] if rb > 1 else [])
+    batch = max(ra, rb) - 2
+    if batch > 0:
+        bl = LETTERS[:batch]
+        a = list(bl[batch - (ra - 2):]) + a if ra > 2 else a
+        b = list(bl[batch - (rb - 2):]) + b if rb > 2 else b
+        out = list(bl) + ([m] if ra > 1 else []) + ([n] if rb > 1 else [])
+    else:
+        out = ([m] if ra > 1 else []) + ([n] if rb > 1 else [])
+    return "".join(a), "".join(b), "".join(out)
+
+
+@rule(*ops("matmul.default", "mm.default", "bmm.default"))
+def matmul(ctx: RuleContext, node: Node):
+    a, b = node.args[0], node.args[1]
+    sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
+    la, lb, lo = _matmul_letters(len(sa), len(sb))
+    operands = [(ctx.labels(a), sa, la), (ctx.labels(b), sb, lb)]
+    return einsum_labels(ctx.coupler, operands, lo, so, where(node))
+
+
+@rule(*ops("addmm.default", "baddbmm.default", "addbmm.default"))
+def addmm(ctx: RuleContext, node: Node):
+    bias, a, b = node.args[0], node.args[1], node.args[2]
+    sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
+    la, lb, lo = _matmul_letters(len(sa), len(sb))
+    sbias = ctx.shape(bias)
+    operands = [(ctx.labels(a), sa, la), (ctx.labels(b), sb, lb)]
+    if sbias is not None:
+        operands.append((ctx.labels(bias), sbias, lo[len(lo) - len(sbias):]))
+    return einsum_labels(ctx.coupler, operands, lo, so, where(node))
+
+
+@rule(*ops("einsum.default"))
+def einsum(ctx: RuleContext, node: Node):
+    eq = node.args[0].replace(" ", "")
+    tensors = list(node.args[1])
+    if "..." in eq or "->" not in eq:
+        for t in tensors:
+            ctx.coupler.freeze_labels(ctx.labels(t), f"{where(node)}: implicit einsum")
+        return TensorLabels(ctx.shape(node), [])
+    lhs, out = eq.split("->")
+    operands = [(ctx.labels(t), ctx.shape(t), spec) for t, spec in zip(tensors, lhs.split(","), strict=True)]
+    return einsum_labels(ctx.coupler, operands, out, ctx.shape(node), where(node))
+
+
+def _head_grid(ctx: RuleContext, lab: TensorLabels | None, shape, why: str) -> np.ndarray:
+    """Ids over (heads, head_dim) = dims (-3, -1) of an attention operand, merged per head.
+
+    The output of attention at head h depends on every position of head h in q, k and v, so a
+    head is one unit (whole-head pruning). Returns one representative id per head.
+    """
+    r = len(shape)
+    hd, dd = r - 3, r - 1
+    heads = shape[hd]
+    if lab is None:
+        return np.full(heads, FIXED, dtype=np.int64)
+    rep = np.full(heads, FIXED, dtype=np.int64)
+    for f in lab.factors:
+        if hd in f.dims:
+            g = ctx.coupler.coarsen(f, [f.axis_of(hd)])
+            rep = g.ids
+        elif dd in f.dims:
+            ctx.coupler.require_intact(f, f.axis_of(dd), why)
+        for d in f.dims:
+            if d not in (hd, dd):
+                ctx.coupler.require_intact(f, f.axis_of(d), why)
+    return rep
+
+
+@rule(*ops("scaled_dot_product_attention.default", "_scaled_dot_product_flash_attention_for_cpu.default",
+           "_scaled_dot_product_efficient_attention.default", "_scaled_dot_product_flash_attention.default"))
+def sdpa(ctx: RuleContext, node: Node):
+    """softmax(q k^T) v per head. With GQA, q heads h*r..h*r+r-1 share kv head h: whole groups go."""
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    why = where(node)
+    sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
+    vals = node.meta.get("val")
+    oshape = tuple(vals[0].shape) if isinstance(vals, (tuple, list)) else ctx.shape(node)
+    lq, lk, lv = ctx.labels(q), ctx.labels(k), ctx.labels(v)
+    hq, hk = sq[-3], sk[-3]
+    if len(sq) < 3 or hq % hk:
+        for lab in (lq, lk, lv):
+            ctx.coupler.freeze_labels(lab, f"{why}: unsupported head layout")
+        return TensorLabels(oshape, [])
+    r = hq // hk
+    q_rep = _head_grid(ctx, lq, sq, why)
+    k_rep = _head_grid(ctx, lk, sk, why)
+    v_rep = _head_grid(ctx, lv, sv, why)
+    ctx.coupler.union(k_rep, v_rep)
+    ctx.coupler.union(q_rep.reshape(hk, r), k_rep[:, None])
+    smask = ctx.shape(mask)
+    if smask is not None and len(smask) >= 3 and smask[-3] == hq and hq > 1:
+        mlab = ctx.labels(mask)
+        mf = mlab.factor_at(len(smask) - 3) if mlab else None
+        if mf is None:
+            ctx.coupler.freeze(q_rep, f"{why}: per-head attention mask of fixed size")
+    # output (..., Hq, L, Ev): heads repeat kv ids; head_dim keeps v's labels per position
+    out_factors: list[Factor] = []
+    if lv is not None:
+        f = lv.factor_at(len(sv) - 3)
+        if f is not None:
+            ids = np.repeat(f.ids, r, axis=f.axis_of(len(sv) - 3)) if r > 1 else f.ids
+            dims = tuple(d - len(sv) + len(oshape) for d in f.dims)
+            out_factors.append(new_joint(ctx.coupler, dims, ids, why))
+    out = TensorLabels(oshape, out_factors)
+    if isinstance(vals, (tuple, list)):
+        return [out] + [None] * (len(vals) - 1)
+    return out

@@ -1,0 +1,161 @@
+"""New tensor sizes after pruning, and the integer constants in the graph that must follow them.
+
+A user's ``forward`` often feeds module attributes into reshapes
+(``x.reshape(B, N, 3, self.num_heads, self.head_dim)``). The traced graph holds those integers
+as constants; here we compute what each should become, and then find the attribute of the
+module that ran the op holding the old value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch.fx import Node
+
+from graphprune.analysis import Analysis
+from graphprune.labels import TensorLabels
+from graphprune.plan import AttrUpdate
+from graphprune.rules import ops
+
+SHAPE_ARG = ops("view.default", "reshape.default", "_unsafe_view.default", "expand.default")
+SPLIT = ops("split.Tensor", "unsafe_split.Tensor")
+SPLIT_SIZES = ops("split_with_sizes.default")
+UNFLATTEN = ops("unflatten.int")
+SLICE = ops("slice.Tensor")
+
+
+class Sizer:
+    """New size of any labelled tensor dimension, given which classes are removed."""
+
+    def __init__(self, analysis: Analysis, removed_class: np.ndarray) -> None:
+        self.cls = analysis.unit_class
+        self.removed = removed_class
+
+    def keep_mask(self, ids: np.ndarray) -> np.ndarray:
+        safe = np.maximum(ids, 0)
+        return np.where(ids >= 0, ~self.removed[self.cls[safe]] if self.cls.size else True, True)
+
+    def size(self, lab: TensorLabels | None, dim: int, old: int) -> int:
+        if lab is None:
+            return old
+        f = lab.factor_at(dim)
+        if f is None:
+            return old
+        keep = self.keep_mask(f.ids)
+        ax = f.axis_of(dim)
+        return int(np.moveaxis(keep, ax, 0).reshape(keep.shape[ax], -1).any(axis=1).sum())
+
+    def prefix(self, lab: TensorLabels | None, dim: int, pos: int) -> int:
+        """How many positions before ``pos`` along ``dim`` survive (for slice bounds)."""
+        f = lab.factor_at(dim) if lab else None
+        if f is None or f.ids.ndim != 1:
+            return pos
+        return int(self.keep_mask(f.ids[:pos]).sum())
+
+
+def _lab(analysis: Analysis, node: Any, index: int | None = None) -> TensorLabels | None:
+    lab = analysis.labels.get(node) if isinstance(node, Node) else None
+    if isinstance(lab, list):
+        lab = lab[index] if index is not None and index < len(lab) else None
+    return lab if isinstance(lab, TensorLabels) else None
+
+
+def new_args(analysis: Analysis, sizer: Sizer, node: Node) -> tuple | None:
+    """The node's args with shape constants updated, or None if nothing changes."""
+    args = list(node.args)
+    val = node.meta.get("val")
+    changed = False
+    if node.target in SHAPE_ARG and isinstance(args[1], (list, tuple)):
+        lab = _lab(analysis, node)
+        shape = list(args[1])
+        for i, v in enumerate(shape):
+            if isinstance(v, int) and v >= 0:
+                nv = sizer.size(lab, i, v)
+                if nv != v:
+                    shape[i] = nv
+                    changed = True
+        args[1] = shape
+    elif node.target in UNFLATTEN:
+        lab = _lab(analysis, node)
+        dim = args[1] % len(val.shape)
+        sizes = list(args[2])
+        for k, v in enumerate(sizes):
+            if isinstance(v, int) and v >= 0:
+                nv = sizer.size(lab, dim + k, v)
+                changed |= nv != v
+                sizes[k] = nv
+        args[2] = sizes
+    elif node.target in SPLIT and isinstance(args[1], int):
+        dim = (args[2] if len(args) > 2 else 0) % len(val[0].shape)
+        lab = _lab(analysis, node, 0)
+        nv = sizer.size(lab, dim, int(val[0].shape[dim]))
+        if nv != args[1]:
+            args[1] = nv
+            changed = True
+    elif node.target in SPLIT_SIZES:
+        dim = (args[2] if len(args) > 2 else 0) % len(val[0].shape)
+        sizes = [sizer.size(_lab(analysis, node, k), dim, int(v.shape[dim])) for k, v in enumerate(val)]
+        if sizes != list(args[1]):
+            args[1] = sizes
+            changed = True
+    elif node.target in SLICE and len(args) > 2:
+        src = args[0]
+        lab = _lab(analysis, src)
+        dim = args[1] % len(src.meta["val"].shape)
+        for k in (2, 3):
+            if k < len(args) and isinstance(args[k], int):
+                full = int(src.meta["val"].shape[dim])
+                pos = min(args[k] if args[k] >= 0 else full + args[k], full)
+                nv = sizer.prefix(lab, dim, pos)
+                if nv != pos and pos != full:
+                    args[k] = nv
+                    changed = True
+    return tuple(args) if changed else None
+
+
+def graph_constant_changes(analysis: Analysis, sizer: Sizer) -> dict[Node, tuple]:
+    changes = {}
+    for node in analysis.traced.program.graph.nodes:
+        if node.op == "call_function":
+            new = new_args(analysis, sizer, node)
+            if new is not None:
+                changes[node] = new
+    return changes
+
+
+def _ints(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for x in value for v in _ints(x)]
+    return []
+
+
+def attribute_updates(analysis: Analysis, changes: dict[Node, tuple], model) -> tuple[list[AttrUpdate], list[str]]:
+    """Integer attributes of the module that ran each changed op, holding an old value."""
+    per_module: dict[str, dict[int, set[int]]] = {}
+    for node, args in changes.items():
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        for old, new in zip(_ints(node.args[1:]), _ints(args[1:]), strict=False):
+            if old != new:
+                per_module.setdefault(path, {}).setdefault(old, set()).add(new)
+    ups: list[AttrUpdate] = []
+    notes: list[str] = []
+    for path, mapping in per_module.items():
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        for attr, val in vars(mod).items():
+            if attr.startswith("_") or type(val) is not int or val not in mapping:
+                continue
+            news = mapping[val]
+            if len(news) == 1:
+                ups.append(AttrUpdate(path, attr, val, next(iter(news))))
+            else:
+                notes.append(f"{path}.{attr}={val} is ambiguous (could become {sorted(news)}); left unchanged")
+    return ups, notes

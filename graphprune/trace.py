@@ -1,0 +1,117 @@
+"""Front end: turn (model, example_input) into a torch.export program, with clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import traceback
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphprune.errors import InputError, TraceError
+from graphprune.inputs import flatten_outputs, normalize_inputs
+
+
+@dataclass
+class Traced:
+    """A traced model: the program plus how its placeholders map to the model's tensors."""
+
+    program: torch.export.ExportedProgram
+    param_names: dict[str, str]  # placeholder name -> parameter/buffer/constant FQN
+    user_outputs: list[str]  # names of graph nodes returned to the user
+    output_shapes: list[tuple[int, ...]]
+
+
+def check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}. "
+            "Pass the model object itself (not its state_dict or a path); the CLI loads files for you."
+        )
+    return model
+
+
+@contextlib.contextmanager
+def no_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face decoders return cache objects torch.export cannot output: trace without."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if config is not None and old:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if config is not None and old:
+            config.use_cache = old
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost stack frame outside torch/graphprune: where in the user's code it failed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        if not re.search(r"(site-packages|dist-packages)/(torch|graphprune)|/graphprune/", fr.filename):
+            return f"{fr.filename}:{fr.lineno} ({fr.line})"
+    return ""
+
+
+def reference_outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
+    """Run the model once; a model that rejects the input gets a clear error."""
+    args, kwargs = normalize_inputs(example_input)
+    try:
+        with torch.no_grad(), no_cache(model):
+            out = model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the user's input
+        where = _user_frame(exc)
+        raise InputError(
+            f"the model rejected the example input: {type(exc).__name__}: {_first_line(exc)}"
+            + (f" (at {where})" if where else "")
+            + ". Pass an example_input the model accepts: a tensor, a tuple of positional inputs, "
+            "or a dict of keyword inputs, with the shape and dtype used in training."
+        ) from exc
+    return flatten_outputs(out)
+
+
+def trace(model: nn.Module, example_input: Any) -> Traced:
+    """Export ``model`` (already an eval-mode copy) with torch.export, non-strict."""
+    args, kwargs = normalize_inputs(example_input)
+    outputs = reference_outputs(model, example_input)
+    try:
+        with warnings.catch_warnings(), no_cache(model):
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        where = _user_frame(exc)
+        raise TraceError(
+            f"torch.export could not trace the model: {type(exc).__name__}: {_first_line(exc)}"
+            + (f" (at {where})" if where else "")
+            + ". graphprune needs a traceable forward: replace Python control flow that depends on "
+            "tensor values (if x.sum() > 0, .item(), data-dependent shapes) by torch ops such as "
+            "torch.where / torch.cond, or pass ignored_layers for the offending module."
+        ) from exc
+    sig = program.graph_signature
+    names: dict[str, str] = {}
+    for spec in sig.input_specs:
+        if spec.target is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            names[spec.arg.name] = spec.target
+    user_outputs = [
+        spec.arg.name for spec in sig.output_specs if spec.kind.name == "USER_OUTPUT" and hasattr(spec.arg, "name")
+    ]
+    return Traced(program, names, user_outputs, [tuple(o.shape) for o in outputs])
+
+
+def eval_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode: graphprune never touches the user's model."""
+    work = copy.deepcopy(model)
+    work.eval()
+    return work

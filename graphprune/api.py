@@ -13,7 +13,7 @@ from graphprune.analysis import Analysis, analyze, param_tensor
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.importance import Criterion, resolve
 from graphprune.inputs import flatten_outputs, normalize_inputs
-from graphprune.plan import Plan, build_plan, check_ratio
+from graphprune.plan import AttrUpdate, Plan, build_plan, check_ratio
 from graphprune.shapes import Sizer, attribute_updates, graph_constant_changes
 from graphprune.surgery import apply_attr_updates, module_updates, replay, set_tensor, slice_tensors
 from graphprune.trace import check_model, no_cache
@@ -47,7 +47,7 @@ def _plan_and_model(
     slice_tensors(work, plan)
     mod_ups = module_updates(work)
     apply_attr_updates(work, mod_ups)
-    apply_attr_updates(work, attr_ups)
+    attr_ups = _choose_attr_updates(work, attr_ups, example_input, analysis.traced.output_shapes)
     plan.attr_updates = mod_ups + attr_ups
     small = _checked_or_fallback(work, analysis, plan, changes, example_input)
     return plan, small, analysis
@@ -57,6 +57,76 @@ def _output_shapes(model: nn.Module, example_input: Any) -> list[tuple[int, ...]
     args, kwargs = normalize_inputs(example_input)
     with torch.no_grad(), no_cache(model):
         return [tuple(t.shape) for t in flatten_outputs(model(*args, **kwargs))]
+
+
+def _runs(model: nn.Module, example_input: Any, expected: list[tuple[int, ...]]) -> bool:
+    try:
+        return _output_shapes(model, example_input) == expected
+    except Exception:  # noqa: BLE001 - a failing trial just means "not this combination"
+        return False
+
+
+def _failing_modules(model: nn.Module, example_input: Any, expected) -> list[str] | None:
+    """Run the model; return None if it works, else the paths of the modules active at failure."""
+    stack: list[str] = []
+    handles = []
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        stack.pop()
+
+    for path, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, p=path: stack.append(p)))
+        handles.append(mod.register_forward_hook(leave))
+    try:
+        ok = _output_shapes(model, example_input) == expected
+        return None if ok else [""]
+    except Exception:  # noqa: BLE001 - the failure location is what we want
+        return list(stack) or [""]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _choose_attr_updates(work, ups: list[AttrUpdate], example_input, expected) -> list[AttrUpdate]:
+    """Apply the attribute updates found in the graph; resolve ambiguous ones by running the model.
+
+    When two attributes of one module hold the same old value (GPT-2's Conv1D has ``nx == nf``)
+    only some of them may be sizes that changed. Starting from "update all", each failure is
+    traced to the innermost running module with an ambiguous choice, whose next option is tried:
+    linear in the number of choices, not exponential.
+    """
+    sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
+    for u in ups:
+        sets.setdefault((u.module, u.old, u.new), []).append(u)
+    sure = [u for g in sets.values() if len(g) == 1 for u in g]
+    ambiguous = [g for g in sets.values() if len(g) > 1]
+    apply_attr_updates(work, ups)
+    if not ambiguous:
+        return ups
+    options = [[list(g)] + [[u] for u in g] + [[]] for g in ambiguous]
+    choice = [0] * len(ambiguous)
+    revert = [AttrUpdate(u.module, u.attr, u.new, u.old) for u in ups]
+    for _ in range(sum(len(o) for o in options) + 1):
+        trial = sure + [u for k, g in enumerate(options) for u in g[choice[k]]]
+        apply_attr_updates(work, revert)
+        apply_attr_updates(work, trial)
+        failing = _failing_modules(work, example_input, expected)
+        if failing is None:
+            return trial
+        candidates = [
+            k for k, g in enumerate(ambiguous)
+            if choice[k] + 1 < len(options[k]) and any(f == g[0].module or f.startswith(g[0].module + ".")
+                                                        or g[0].module.startswith(f) for f in failing[-1:])
+        ]
+        if not candidates:
+            candidates = [k for k in range(len(ambiguous)) if choice[k] + 1 < len(options[k])]
+        if not candidates:
+            break
+        k = max(candidates, key=lambda k: len(ambiguous[k][0].module))
+        choice[k] += 1
+    apply_attr_updates(work, revert)
+    apply_attr_updates(work, ups)
+    return ups
 
 
 def _checked_or_fallback(work, analysis: Analysis, plan: Plan, changes, example_input) -> nn.Module:
@@ -72,8 +142,11 @@ def _checked_or_fallback(work, analysis: Analysis, plan: Plan, changes, example_
     gm = analysis.traced.program.module()
     by_name = {n.name: new for n, new in changes.items()}
     for node in gm.graph.nodes:
-        if node.name in by_name:
-            node.args = by_name[node.name]
+        if node.name in by_name:  # keep this graph's own Node objects, take the new constants
+            node.args = tuple(
+                old if isinstance(old, torch.fx.Node) else new
+                for old, new in zip(node.args, by_name[node.name], strict=True)
+            )
     gm.recompile()
     for name in plan.slices:
         set_tensor(gm, name, param_tensor(work, name).detach().clone())
@@ -95,6 +168,14 @@ def _checked_or_fallback(work, analysis: Analysis, plan: Plan, changes, example_
     )
     plan.notes.append(f"returned an fx GraphModule: {problem}")
     return gm
+
+
+def _set_mode(model: nn.Module, training: bool) -> None:
+    """Give the result the input model's train/eval mode (graph fallbacks stay in eval)."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass
 
 
 def compact(
@@ -120,7 +201,7 @@ def compact(
         from graphprune.verify import verify_compact
 
         verify_compact(analysis, plan, small, example_input)
-    small.train(training)
+    _set_mode(small, training)
     return small
 
 
@@ -161,7 +242,7 @@ def compact_with_plan(model, example_input, ratio=0.3, **kwargs) -> tuple[nn.Mod
         from graphprune.verify import verify_compact
 
         verify_compact(analysis, plan, small, example_input)
-    small.train(training)
+    _set_mode(small, training)
     return small, plan
 
 

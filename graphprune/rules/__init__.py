@@ -81,6 +81,8 @@ class RuleContext:
             shape = self.shape(arg)
             if shape is None:
                 return None
+            if not arg.meta["val"].dtype.is_floating_point:  # index buffers (position ids...)
+                return TensorLabels(shape, [])
             name = self.param_names[arg]
             factors = [
                 Factor((d,), self.coupler.param(name, d, n)) for d, n in enumerate(shape) if n > 1

@@ -74,7 +74,6 @@ def einsum_labels(
                     coupler.require_intact(f, ax, f"{reason}: meets a fixed-size dimension")
 
     # (1) positions sharing letters are the same structure
-    dropped: set[int] = set()
     for i in range(len(entries)):
         for j in range(i + 1, len(entries)):
             ki, li, fi = entries[i]
@@ -87,13 +86,20 @@ def einsum_labels(
             if set(li) == set(lj):
                 coupler.union(fi.ids, _aligned(fj.ids, lj, li))
                 continue
-            for ch in shared:  # different structures over a common letter: keep it whole
+            small, big = ((li, fi), (lj, fj)) if len(li) < len(lj) else ((lj, fj), (li, fi))
+            if set(small[0]) < set(big[0]) and big[0][0] in small[0]:
+                # per-head quantity (attention probabilities) meeting per-(head, dim) values:
+                # the head is one unit
+                sub = _aligned(big[1].ids, big[0], list(small[0]) + [c for c in big[0] if c not in small[0]])
+                coupler.union(sub, small[1].ids.reshape(small[1].ids.shape + (1,) * (sub.ndim - small[1].ids.ndim)))
+                continue
+            for ch in shared:  # shared across the outer axis (a per-head_dim weight): keep it whole
                 coupler.require_intact(fi, li.index(ch), f"{reason}: incompatible channel layouts")
                 coupler.require_intact(fj, lj.index(ch), f"{reason}: incompatible channel layouts")
 
     # (3)+(4) restrict to the output letters
     out_entries: list[tuple[tuple[str, ...], Factor]] = []
-    for idx, (_, ls, f) in enumerate(entries):
+    for _, ls, f in entries:
         keep = [ax for ax, ch in enumerate(ls) if ch in out_letters]
         if not keep:
             continue
@@ -105,6 +111,12 @@ def einsum_labels(
             if set(ols) == set(ls):
                 placed = True
                 break
+            if set(ols) < set(ls) or set(ls) < set(ols):
+                # coupled in step (1): the larger layout carries both
+                if len(ls) > len(ols):
+                    out_entries[oi] = (ls, f)
+                placed = True
+                break
             if set(ols) & set(ls):
                 # overlapping but different: the smaller cannot be tracked further
                 if len(ls) > len(ols):
@@ -114,7 +126,7 @@ def einsum_labels(
                     coupler.freeze(f.ids, f"{reason}: incompatible channel layouts")
                 placed = True
                 break
-        if not placed and idx not in dropped:
+        if not placed:
             out_entries.append((ls, f))
 
     factors = []

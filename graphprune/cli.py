@@ -207,9 +207,9 @@ def _compact(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, torch.nn.M
         except OSError as exc:
             raise InputError(f"cannot read --from-plan file: {exc}") from exc
         plan = graphprune.Plan.from_json(text)
-    else:
-        plan = graphprune.make_plan(model, example, **_plan_kwargs(args))
-    small = graphprune.apply_plan(model, plan)
+        small = graphprune.apply_plan(model, plan)
+    else:  # one analysis gives both, and the compact model is verified against the plan
+        small, plan = graphprune.compact_with_plan(model, example, **_plan_kwargs(args))
     return model, example, small, plan
 
 

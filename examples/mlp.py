@@ -48,7 +48,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "plan.json").write_text(plan.to_json())  # re-apply later with Plan.from_json
-        graphprune.export_onnx(small, x, Path(tmp) / "mlp_small.onnx")
+        result = graphprune.export_onnx(small, x, Path(tmp) / "mlp_small.onnx")
+        print(f"ONNX export ({result.exporter}) checked in onnxruntime: max rel err {result.max_rel_err:.1e}")
     print(graphprune.benchmark(model, small, x, runs=runs))
 
 

@@ -255,7 +255,9 @@ def _quiet() -> Iterator[None]:
     for lg, _ in saved:
         lg.setLevel(logging.ERROR)
     # torch's legacy exporter switches its C++ ONNX log on and never off again; put it back.
-    log_was_on = torch._C._jit_is_onnx_log_enabled()
+    is_on = getattr(torch._C, "_jit_is_onnx_log_enabled", None)
+    set_on = getattr(torch._C, "_jit_set_onnx_log_enabled", None)
+    log_was_on = bool(is_on()) if is_on is not None else False
     sink = io.StringIO()
     try:
         with (
@@ -267,7 +269,8 @@ def _quiet() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
-        torch._C._jit_set_onnx_log_enabled(log_was_on)
+        if set_on is not None:
+            set_on(log_was_on)
         for lg, level in saved:
             lg.setLevel(level)
 

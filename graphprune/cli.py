@@ -217,12 +217,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from graphprune.demo import run_demo
 
     kwargs: dict[str, Any] = {}
-    if args.epochs is not None:
+    if args.quick:
+        kwargs.update(epochs=3, finetune_epochs=1, bench_runs=5)
+    if args.epochs is not None:  # explicit counts win over --quick
         kwargs["epochs"] = args.epochs
     if args.finetune_epochs is not None:
         kwargs["finetune_epochs"] = args.finetune_epochs
-    if args.quick:
-        kwargs.update(epochs=3, finetune_epochs=1, bench_runs=5)
     run_demo(ratio=args.ratio, seed=args.seed, quiet=False, out_dir=args.out_dir, **kwargs)
     return 0
 

@@ -329,6 +329,15 @@ MODEL_HELP = (
 )
 
 
+EPILOG = """examples:
+  graphprune demo
+  graphprune compact mypkg.models:build_model --ratio 0.3 --onnx small.onnx --output small.pt
+  graphprune compact model.pt --input-shape 1,3,224,224 --benchmark
+  graphprune plan zoo:resnet18 --json plan.json
+  graphprune compact zoo:resnet18 --from-plan plan.json --onnx small.onnx
+"""
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -371,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Structured pruning that makes PyTorch models physically smaller and "
                     "measurably faster.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {graphprune.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

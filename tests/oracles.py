@@ -190,6 +190,43 @@ class DeadChannels:
         return scores
 
 
+def check_groups_consistent(analysis: Any, model: nn.Module) -> None:
+    """The analysis honours its own contract (``Group``/``Member`` in the API docs).
+
+    Every member names a parameter or buffer of the model and has one ``unit_of`` entry per
+    position along its dim, entries in ``[-1, num_units)``; every unit of a prunable group owns
+    at least one position of at least one *parameter* (a unit with no weights would be nothing to
+    remove). Checked first so that a broken analysis fails with a message about the analysis,
+    not as a mysterious output mismatch later.
+    """
+    params = dict(model.named_parameters())
+    tensors = {**dict(model.named_buffers()), **params}
+    for group in analysis.groups:
+        owned = np.zeros(max(group.num_units, 0), dtype=bool)
+        for m in group.members:
+            assert m.name in tensors, (
+                f"group {group.index}: member {m.name!r} is neither a parameter nor a buffer"
+            )
+            unit_of = np.asarray(m.unit_of)
+            size = tensors[m.name].shape[m.dim]
+            assert unit_of.shape == (size,), (
+                f"group {group.index}: {m.name} has {size} positions along dim {m.dim} but "
+                f"unit_of has shape {unit_of.shape}"
+            )
+            assert unit_of.min(initial=-1) >= -1 and unit_of.max(initial=-1) < group.num_units, (
+                f"group {group.index}: {m.name}[dim {m.dim}] refers to units outside "
+                f"[-1, {group.num_units}): {sorted(set(unit_of.tolist()))}"
+            )
+            if m.name in params:
+                owned[unit_of[unit_of >= 0]] = True
+        if group.prunable:
+            missing = np.nonzero(~owned)[0].tolist()
+            assert not missing, (
+                f"group {group.index} ({group.num_units} units): units {missing[:10]} own no "
+                f"parameter position in any member {[repr(m) for m in group.members][:6]}"
+            )
+
+
 def make_dead(model: nn.Module, example_input: Any, ratio: float, seed: int = 0) -> DeadChannels:
     """Copy ``model`` and make ``ceil(ratio * num_units)`` units of every prunable group exactly dead.
 
@@ -200,8 +237,8 @@ def make_dead(model: nn.Module, example_input: Any, ratio: float, seed: int = 0)
     """
     dead_model = copy.deepcopy(model)
     analysis = graphprune.analyze(dead_model, example_input)
+    check_groups_consistent(analysis, dead_model)
     params = dict(dead_model.named_parameters())
-    buffers = dict(dead_model.named_buffers())
     rng = np.random.default_rng(seed)
     dead: dict[frozenset[tuple[str, int]], np.ndarray] = {}
     zeroed = 0
@@ -215,18 +252,10 @@ def make_dead(model: nn.Module, example_input: Any, ratio: float, seed: int = 0)
             if not k:
                 continue
             for member in group.members:
-                assert member.name in params or member.name in buffers, (
-                    f"group {group.index}: member {member.name!r} is neither a parameter nor a "
-                    f"buffer of the model"
-                )
                 if member.name not in params:
                     continue  # buffers (BN running stats) stay as they are
                 tensor = params[member.name]
                 unit_of = np.asarray(member.unit_of)
-                assert unit_of.shape == (tensor.shape[member.dim],), (
-                    f"group {group.index}: {member.name} has {tensor.shape[member.dim]} positions "
-                    f"along dim {member.dim} but unit_of has shape {unit_of.shape}"
-                )
                 positions = np.nonzero(np.isin(unit_of, units))[0]
                 if len(positions):
                     tensor.index_fill_(member.dim, torch.as_tensor(positions, dtype=torch.long), 0.0)

@@ -22,9 +22,9 @@ from graphprune import zoo
 
 FAMILIES = [*zoo.CNN_NAMES, *zoo.MLP_NAMES]
 RATIO = 0.3
-# A harder ratio on the families whose coupling is most intricate (residual bottlenecks,
-# squeeze-excitation, chunk + shuffle, dense concatenation).
-HIGH_RATIO = ["resnet50", "mobilenetv3", "shufflenetv2", "densenet"]
+# A harder ratio on the families whose coupling is most intricate
+# (squeeze-excitation, chunk + shuffle, dense concatenation).
+HIGH_RATIO = ["mobilenetv3", "shufflenetv2", "densenet"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

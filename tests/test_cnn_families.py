@@ -71,3 +71,19 @@ def test_compact_model_is_the_users_class_and_runs_on_another_batch_size(
 def test_onnx_export_matches_compact_model_in_onnxruntime(name: str, compacted) -> None:
     c = compacted(name, RATIO)
     check_onnx(c.small, c.example_input)
+
+
+def test_zoo_models_are_deterministic_and_leave_the_global_rng_alone() -> None:
+    """Tests compare runs of the same zoo model, so build() must give the same weights every time."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    (a, xa), (b, xb) = zoo.build("resnet18"), zoo.build("resnet18")
+    assert torch.equal(torch.rand(1), expected_next), "zoo.build consumed the caller's RNG"
+    assert torch.equal(xa, xb)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    bn = a.layers[0][0].bn1
+    assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var)), "BN stats left at default"
+    assert not torch.equal(bn.weight, torch.ones_like(bn.weight)), "BN scale left at default"
+    assert not a.training

@@ -9,6 +9,16 @@ The public API lives here and only here::
 
 from __future__ import annotations
 
+from graphprune.analysis import Analysis, Group, Member, analyze
+from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
+from graphprune.bench import (
+    BenchmarkReport,
+    LatencyStats,
+    benchmark,
+    count_flops,
+    count_params,
+    measure_latency,
+)
 from graphprune.errors import (
     GraphPruneError,
     InputError,
@@ -16,15 +26,21 @@ from graphprune.errors import (
     TraceError,
     VerificationError,
 )
-
-from graphprune.analysis import Analysis, Group, Member, analyze
-from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
+from graphprune.onnx_export import ExportResult, export_onnx
 from graphprune.plan import Plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
+    "BenchmarkReport",
+    "ExportResult",
+    "LatencyStats",
+    "benchmark",
+    "count_flops",
+    "count_params",
+    "export_onnx",
+    "measure_latency",
     "Group",
     "Member",
     "Plan",

@@ -160,13 +160,22 @@ def _ignored_prefixes(model: nn.Module, ignored: Any) -> list[str]:
     return out
 
 
-def analyze_traced(traced: Traced, work: nn.Module, *, ignored_layers: Any = (), prune_hidden: bool = False,
-                   ignored_names: list[str] | None = None) -> Analysis:
+def analyze_traced(
+    traced: Traced,
+    work: nn.Module,
+    *,
+    ignored_layers: Any = (),
+    prune_hidden: bool = False,
+    ignored_names: list[str] | None = None,
+) -> Analysis:
     graph = traced.program.graph
     coupler = Coupler()
     labels: dict[Node, Any] = {}
-    param_nodes = {n: traced.param_names[n.name] for n in graph.nodes if n.op == "placeholder"
-                   and n.name in traced.param_names}
+    param_nodes = {
+        n: traced.param_names[n.name]
+        for n in graph.nodes
+        if n.op == "placeholder" and n.name in traced.param_names
+    }
     ctx = RuleContext(coupler, labels, param_nodes, {"prune_hidden": prune_hidden})
     boundaries: list[str] = []
     for node in graph.nodes:
@@ -209,6 +218,26 @@ def _boundary(ctx: RuleContext, node: Node, why: str, boundaries: list[str]) -> 
         boundaries.append(f"{where(node)}: {why}")
 
 
+def _class_groups(coupler: Coupler, cls: np.ndarray, n_cls: int) -> np.ndarray:
+    """Group the units that touch exactly the same parameter dimensions ("spaces").
+
+    All channels of one conv output (with its BN, the next conv's input slice...) touch the same
+    spaces, and so do all channels of a residual stream; channels from two convs concatenated
+    into one BatchNorm touch different spaces and stay separate groups, so ``ratio`` applies to
+    each producer and none can be emptied. The set of spaces is compared through a sum of
+    random 64-bit keys (vectorised; a collision is astronomically unlikely).
+    """
+    if not len(cls):
+        return np.zeros(0, dtype=np.int64)
+    space_of = np.repeat(np.arange(len(coupler.space_sizes)), coupler.space_sizes)
+    pairs = np.unique(cls.astype(np.int64) * len(coupler.space_sizes) + space_of)
+    p_cls, p_space = np.divmod(pairs, len(coupler.space_sizes))
+    keys = np.random.default_rng(0).integers(0, 2**63, size=len(coupler.space_sizes), dtype=np.uint64)
+    sig = np.zeros(n_cls, dtype=np.uint64)
+    np.add.at(sig, p_cls, keys[p_space])
+    return np.unique(sig, return_inverse=True)[1].reshape(-1)
+
+
 def _group(traced, work, labels, coupler: Coupler, boundaries, prune_hidden: bool) -> Analysis:
     n = coupler.num_ids
     for _ in range(20):
@@ -216,14 +245,12 @@ def _group(traced, work, labels, coupler: Coupler, boundaries, prune_hidden: boo
         cls = _components(n, a, b) if n else np.zeros(0, dtype=np.int64)
         n_cls = int(cls.max()) + 1 if n else 0
         reasons: dict[int, str] = {}
-        frozen = _freeze_mask(n_cls, cls, coupler.frozen + ([] if prune_hidden else coupler.soft_frozen), reasons)
+        frozen = _freeze_mask(
+            n_cls, cls, coupler.frozen + ([] if prune_hidden else coupler.soft_frozen), reasons
+        )
         if not _enforce_joint_layouts(coupler, cls, frozen):
             break
-    # groups: classes linked through shared parameter dimensions ("spaces")
-    space_of = np.repeat(np.arange(len(coupler.space_sizes)), coupler.space_sizes)
-    n_sp = len(coupler.space_sizes)
-    grp = _components(n_sp + n_cls, space_of, n_sp + cls) if n else np.zeros(0, dtype=np.int64)
-    class_group = grp[n_sp:] if n else np.zeros(0, dtype=np.int64)
+    class_group = _class_groups(coupler, cls, n_cls)
     groups: list[Group] = []
     class_unit: dict[int, tuple[int, int]] = {}
     by_group: dict[int, list[int]] = {}
@@ -231,13 +258,22 @@ def _group(traced, work, labels, coupler: Coupler, boundaries, prune_hidden: boo
     np.minimum.at(first_id, cls, np.arange(n))
     for c in np.argsort(first_id, kind="stable"):
         by_group.setdefault(int(class_group[c]), []).append(int(c))
+    raw_to_index = {raw: gi for gi, raw in enumerate(by_group)}
+    class_group = np.array([raw_to_index[int(r)] for r in class_group], dtype=np.int64)
     for gi, classes in enumerate(by_group.values()):
         live = [c for c in classes if not frozen[c]]
         for u, c in enumerate(live):
             class_unit[c] = (gi, u)
         why = Counter(reasons[c] for c in classes if frozen[c] and c in reasons)
-        groups.append(Group(gi, len(live), [], "; ".join(w for w, _ in why.most_common(3)) or None,
-                            len(classes) - len(live)))
+        groups.append(
+            Group(
+                gi,
+                len(live),
+                [],
+                "; ".join(w for w, _ in why.most_common(3)) or None,
+                len(classes) - len(live),
+            )
+        )
     unit_idx = np.full(n_cls, -1, dtype=np.int64)
     group_idx = np.full(n_cls, -1, dtype=np.int64)
     for c, (gi, u) in class_unit.items():

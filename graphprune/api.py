@@ -114,9 +114,13 @@ def _choose_attr_updates(work, ups: list[AttrUpdate], example_input, expected) -
         if failing is None:
             return trial
         candidates = [
-            k for k, g in enumerate(ambiguous)
-            if choice[k] + 1 < len(options[k]) and any(f == g[0].module or f.startswith(g[0].module + ".")
-                                                        or g[0].module.startswith(f) for f in failing[-1:])
+            k
+            for k, g in enumerate(ambiguous)
+            if choice[k] + 1 < len(options[k])
+            and any(
+                f == g[0].module or f.startswith(g[0].module + ".") or g[0].module.startswith(f)
+                for f in failing[-1:]
+            )
         ]
         if not candidates:
             candidates = [k for k in range(len(ambiguous)) if choice[k] + 1 < len(options[k])]
@@ -196,7 +200,9 @@ def compact(
     ``amount``; each group keeps at least one unit.
     """
     training = model.training if isinstance(model, nn.Module) else False
-    plan, small, analysis = _plan_and_model(model, example_input, ratio, importance, ignored_layers, prune_hidden)
+    plan, small, analysis = _plan_and_model(
+        model, example_input, ratio, importance, ignored_layers, prune_hidden
+    )
     if verify:
         from graphprune.verify import verify_compact
 
@@ -233,7 +239,11 @@ def compact_with_plan(model, example_input, ratio=0.3, **kwargs) -> tuple[nn.Mod
     verify = kwargs.pop("verify", True)
     training = model.training if isinstance(model, nn.Module) else False
     plan, small, analysis = _plan_and_model(
-        model, example_input, ratio, kwargs.pop("importance", "l2"), kwargs.pop("ignored_layers", ()),
+        model,
+        example_input,
+        ratio,
+        kwargs.pop("importance", "l2"),
+        kwargs.pop("ignored_layers", ()),
         kwargs.pop("prune_hidden", False),
     )
     if kwargs:
@@ -244,5 +254,3 @@ def compact_with_plan(model, example_input, ratio=0.3, **kwargs) -> tuple[nn.Mod
         verify_compact(analysis, plan, small, example_input)
     _set_mode(small, training)
     return small, plan
-
-

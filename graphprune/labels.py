@@ -114,7 +114,12 @@ class Coupler:
         return self.param_ids[key]
 
     # -- constraints -------------------------------------------------------------------------
-    def union(self, a: np.ndarray, b: np.ndarray, reason: str = "coupled with a fixed-size dimension (a model input, constant or unsupported layout)") -> None:
+    def union(
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        reason: str = "coupled with a fixed-size dimension (a model input, constant or unsupported layout)",
+    ) -> None:
         """Couple ``a`` and ``b`` position by position (broadcasting); ids meeting FIXED freeze."""
         a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
         a = a.ravel()
@@ -152,7 +157,6 @@ class Coupler:
             self.freeze(factor.ids, reason)
         else:
             self.joints[factor.origin].intact.add(origin_axis)
-
 
     def coarsen(self, factor: Factor, keep_axes: list[int]) -> Factor:
         """Merge positions along the axes not in ``keep_axes``; return the factor over the rest.

@@ -69,7 +69,10 @@ class Plan:
         return cls(
             ratio=float(d["ratio"]),
             importance=str(d["importance"]),
-            slices={k: {int(dim): [int(i) for i in v] for dim, v in dims.items()} for k, dims in d["slices"].items()},
+            slices={
+                k: {int(dim): [int(i) for i in v] for dim, v in dims.items()}
+                for k, dims in d["slices"].items()
+            },
             shapes={k: [int(s) for s in v] for k, v in d.get("shapes", {}).items()},
             groups=[GroupPlan(**g) for g in d.get("groups", [])],
             attr_updates=[AttrUpdate(**a) for a in d.get("attr_updates", [])],
@@ -88,10 +91,14 @@ class Plan:
     def summary(self, max_groups: int = 40) -> str:
         pruned = [g for g in self.groups if g.removed]
         frozen = [g for g in self.groups if not g.removed and g.reason]
-        lines = [f"graphprune plan: ratio={self.ratio} importance={self.importance}",
-                 f"  {len(pruned)} groups pruned, {len(frozen)} kept whole, {len(self.slices)} tensors sliced"]
+        lines = [
+            f"graphprune plan: ratio={self.ratio} importance={self.importance}",
+            f"  {len(pruned)} groups pruned, {len(frozen)} kept whole, {len(self.slices)} tensors sliced",
+        ]
         for g in pruned[:max_groups]:
-            lines.append(f"  group {g.index:>3}: {g.units - len(g.removed):>5}/{g.units:<5} units kept  {g.layers}")
+            lines.append(
+                f"  group {g.index:>3}: {g.units - len(g.removed):>5}/{g.units:<5} units kept  {g.layers}"
+            )
         if len(pruned) > max_groups:
             lines.append(f"  ... {len(pruned) - max_groups} more pruned groups")
         if frozen:

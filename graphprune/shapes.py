@@ -134,7 +134,9 @@ def _ints(value: Any) -> list[int]:
     return []
 
 
-def attribute_updates(analysis: Analysis, changes: dict[Node, tuple], model) -> tuple[list[AttrUpdate], list[str]]:
+def attribute_updates(
+    analysis: Analysis, changes: dict[Node, tuple], model
+) -> tuple[list[AttrUpdate], list[str]]:
     """Integer attributes of the module that ran each changed op, holding an old value."""
     per_module: dict[str, dict[int, set[int]]] = {}
     for node, args in changes.items():
@@ -157,5 +159,7 @@ def attribute_updates(analysis: Analysis, changes: dict[Node, tuple], model) -> 
             if len(news) == 1:
                 ups.append(AttrUpdate(path, attr, val, next(iter(news))))
             else:
-                notes.append(f"{path}.{attr}={val} is ambiguous (could become {sorted(news)}); left unchanged")
+                notes.append(
+                    f"{path}.{attr}={val} is ambiguous (could become {sorted(news)}); left unchanged"
+                )
     return ups, notes

@@ -52,7 +52,9 @@ def slice_tensors(model: nn.Module, plan: Plan) -> None:
         new = t.detach()
         for dim, kept in sorted(dims.items()):
             if dim >= new.dim() or (kept and max(kept) >= new.shape[dim]):
-                raise PlanMismatchError(f"the plan's indices for {name} dim {dim} do not fit its shape {tuple(t.shape)}")
+                raise PlanMismatchError(
+                    f"the plan's indices for {name} dim {dim} do not fit its shape {tuple(t.shape)}"
+                )
             new = new.index_select(dim, torch.tensor(kept, dtype=torch.long, device=new.device))
         set_tensor(model, name, new.contiguous())
 
@@ -121,6 +123,18 @@ def replay(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
-_MODULE_ATTRS = {"in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                 "num_groups", "num_channels", "normalized_shape", "embedding_dim", "num_parameters",
-                 "in1_features", "in2_features"}
+_MODULE_ATTRS = {
+    "in_channels",
+    "out_channels",
+    "groups",
+    "in_features",
+    "out_features",
+    "num_features",
+    "num_groups",
+    "num_channels",
+    "normalized_shape",
+    "embedding_dim",
+    "num_parameters",
+    "in1_features",
+    "in2_features",
+}

@@ -105,7 +105,9 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
         if spec.target is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
             names[spec.arg.name] = spec.target
     user_outputs = [
-        spec.arg.name for spec in sig.output_specs if spec.kind.name == "USER_OUTPUT" and hasattr(spec.arg, "name")
+        spec.arg.name
+        for spec in sig.output_specs
+        if spec.kind.name == "USER_OUTPUT" and hasattr(spec.arg, "name")
     ]
     return Traced(program, names, user_outputs, [tuple(o.shape) for o in outputs])
 

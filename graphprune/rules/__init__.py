@@ -84,9 +84,7 @@ class RuleContext:
             if not arg.meta["val"].dtype.is_floating_point:  # index buffers (position ids...)
                 return TensorLabels(shape, [])
             name = self.param_names[arg]
-            factors = [
-                Factor((d,), self.coupler.param(name, d, n)) for d, n in enumerate(shape) if n > 1
-            ]
+            factors = [Factor((d,), self.coupler.param(name, d, n)) for d, n in enumerate(shape) if n > 1]
             return TensorLabels(shape, factors)
         lab = self.labels_of.get(arg)
         return lab if isinstance(lab, TensorLabels) else None

@@ -91,7 +91,9 @@ def einsum_labels(
                 # per-head quantity (attention probabilities) meeting per-(head, dim) values:
                 # the head is one unit
                 sub = _aligned(big[1].ids, big[0], list(small[0]) + [c for c in big[0] if c not in small[0]])
-                coupler.union(sub, small[1].ids.reshape(small[1].ids.shape + (1,) * (sub.ndim - small[1].ids.ndim)))
+                coupler.union(
+                    sub, small[1].ids.reshape(small[1].ids.shape + (1,) * (sub.ndim - small[1].ids.ndim))
+                )
                 continue
             for ch in shared:  # shared across the outer axis (a per-head_dim weight): keep it whole
                 coupler.require_intact(fi, li.index(ch), f"{reason}: incompatible channel layouts")
@@ -134,9 +136,7 @@ def einsum_labels(
         dims = [out_letters.index(ch) for ch in ls]
         order = np.argsort(dims)
         ids = np.transpose(f.ids, order) if f.ids.ndim > 1 else f.ids
-        factors.append(
-            Factor(tuple(dims[o] for o in order), ids, f.origin, tuple(f.axes[o] for o in order))
-        )
+        factors.append(Factor(tuple(dims[o] for o in order), ids, f.origin, tuple(f.axes[o] for o in order)))
     return TensorLabels(tuple(out_shape), factors)
 
 

@@ -18,8 +18,8 @@ def _matmul_letters(ra: int, rb: int) -> tuple[str, str, str]:
     batch = max(ra, rb) - 2
     if batch > 0:
         bl = LETTERS[:batch]
-        a = list(bl[batch - (ra - 2):]) + a if ra > 2 else a
-        b = list(bl[batch - (rb - 2):]) + b if rb > 2 else b
+        a = list(bl[batch - (ra - 2) :]) + a if ra > 2 else a
+        b = list(bl[batch - (rb - 2) :]) + b if rb > 2 else b
         out = list(bl) + ([m] if ra > 1 else []) + ([n] if rb > 1 else [])
     else:
         out = ([m] if ra > 1 else []) + ([n] if rb > 1 else [])
@@ -43,7 +43,7 @@ def addmm(ctx: RuleContext, node: Node):
     sbias = ctx.shape(bias)
     operands = [(ctx.labels(a), sa, la), (ctx.labels(b), sb, lb)]
     if sbias is not None:
-        operands.append((ctx.labels(bias), sbias, lo[len(lo) - len(sbias):]))
+        operands.append((ctx.labels(bias), sbias, lo[len(lo) - len(sbias) :]))
     return einsum_labels(ctx.coupler, operands, lo, so, where(node))
 
 
@@ -84,8 +84,14 @@ def _head_grid(ctx: RuleContext, lab: TensorLabels | None, shape, why: str) -> n
     return rep
 
 
-@rule(*ops("scaled_dot_product_attention.default", "_scaled_dot_product_flash_attention_for_cpu.default",
-           "_scaled_dot_product_efficient_attention.default", "_scaled_dot_product_flash_attention.default"))
+@rule(
+    *ops(
+        "scaled_dot_product_attention.default",
+        "_scaled_dot_product_flash_attention_for_cpu.default",
+        "_scaled_dot_product_efficient_attention.default",
+        "_scaled_dot_product_flash_attention.default",
+    )
+)
 def sdpa(ctx: RuleContext, node: Node):
     """softmax(q k^T) v per head. With GQA, q heads h*r..h*r+r-1 share kv head h: whole groups go."""
     q, k, v = node.args[0], node.args[1], node.args[2]

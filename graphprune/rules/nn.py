@@ -23,7 +23,9 @@ def channel_ids(ctx: RuleContext, lab: TensorLabels | None, dim: int, size: int,
     return f.ids
 
 
-def _passthrough_other_dims(ctx: RuleContext, lab: TensorLabels | None, skip: set[int], why: str) -> list[Factor]:
+def _passthrough_other_dims(
+    ctx: RuleContext, lab: TensorLabels | None, skip: set[int], why: str
+) -> list[Factor]:
     """Keep the batch-dim labels of an input, freeze labels on dims the op mixes (spatial)."""
     out = []
     if lab is None:
@@ -38,8 +40,9 @@ def _passthrough_other_dims(ctx: RuleContext, lab: TensorLabels | None, skip: se
     return out
 
 
-CONV = ops("conv1d.default", "conv2d.default", "conv3d.default", "conv1d.padding", "conv2d.padding",
-           "conv3d.padding")
+CONV = ops(
+    "conv1d.default", "conv2d.default", "conv3d.default", "conv1d.padding", "conv2d.padding", "conv3d.padding"
+)
 CONV_T = ops("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input")
 CONVOLUTION = ops("convolution.default")
 
@@ -109,9 +112,14 @@ def linear(ctx: RuleContext, node: Node):
     return einsum_labels(ctx.coupler, operands, out_letters, oshape, where(node))
 
 
-BATCH_NORM = ops("batch_norm.default", "_native_batch_norm_legit_no_training.default",
-                 "_native_batch_norm_legit_functional.default", "_native_batch_norm_legit.default",
-                 "native_batch_norm.default", "instance_norm.default")
+BATCH_NORM = ops(
+    "batch_norm.default",
+    "_native_batch_norm_legit_no_training.default",
+    "_native_batch_norm_legit_functional.default",
+    "_native_batch_norm_legit.default",
+    "native_batch_norm.default",
+    "instance_norm.default",
+)
 
 
 @rule(*BATCH_NORM)
@@ -197,7 +205,7 @@ def group_norm(ctx: RuleContext, node: Node):
 @rule(*ops("embedding.default"))
 def embedding(ctx: RuleContext, node: Node):
     """Rows are looked up by token id (never pruned); the embedding dim is a channel dim."""
-    w, idx = node.args[0], node.args[1]
+    w = node.args[0]
     oshape = ctx.shape(node)
     pid = ctx.param_ids(w, 1)
     if pid is None:

@@ -4,24 +4,78 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from graphprune.labels import Factor, TensorLabels
+from graphprune.labels import TensorLabels
 from graphprune.rules import RuleContext, ops, rule, where
 from graphprune.rules.algebra import LETTERS, broadcast_letters, einsum_labels
 
 UNARY = ops(
-    "relu.default", "relu_.default", "relu6.default", "gelu.default", "silu.default", "silu_.default",
-    "sigmoid.default", "tanh.default", "hardtanh.default", "hardtanh_.default", "hardswish.default",
-    "hardswish_.default", "hardsigmoid.default", "hardsigmoid_.default", "leaky_relu.default",
-    "leaky_relu_.default", "elu.default", "selu.default", "celu.default", "mish.default",
-    "softplus.default", "neg.default", "exp.default", "abs.default", "sqrt.default", "rsqrt.default",
-    "pow.Tensor_Scalar", "log.default", "sin.default", "cos.default", "erf.default", "reciprocal.default",
-    "clamp.default", "clamp_min.default", "clamp_max.default", "dropout.default", "dropout_.default",
-    "feature_dropout.default", "alpha_dropout.default", "clone.default", "contiguous.default",
-    "to.dtype", "to.dtype_layout", "to.device", "_to_copy.default", "alias.default", "detach.default",
-    "type_as.default", "lift_fresh_copy.default", "logical_not.default", "sign.default",
-    "add.Scalar", "sub.Scalar", "mul.Scalar", "div.Scalar", "rsub.Scalar", "floor.default",
-    "round.default", "gt.Scalar", "lt.Scalar", "ge.Scalar", "le.Scalar", "eq.Scalar", "ne.Scalar",
-    "bitwise_not.default", "square.default", "log_sigmoid.default",
+    "relu.default",
+    "relu_.default",
+    "relu6.default",
+    "gelu.default",
+    "silu.default",
+    "silu_.default",
+    "sigmoid.default",
+    "tanh.default",
+    "hardtanh.default",
+    "hardtanh_.default",
+    "hardswish.default",
+    "hardswish_.default",
+    "hardsigmoid.default",
+    "hardsigmoid_.default",
+    "leaky_relu.default",
+    "leaky_relu_.default",
+    "elu.default",
+    "selu.default",
+    "celu.default",
+    "mish.default",
+    "softplus.default",
+    "neg.default",
+    "exp.default",
+    "abs.default",
+    "sqrt.default",
+    "rsqrt.default",
+    "pow.Tensor_Scalar",
+    "log.default",
+    "sin.default",
+    "cos.default",
+    "erf.default",
+    "reciprocal.default",
+    "clamp.default",
+    "clamp_min.default",
+    "clamp_max.default",
+    "dropout.default",
+    "dropout_.default",
+    "feature_dropout.default",
+    "alpha_dropout.default",
+    "clone.default",
+    "contiguous.default",
+    "to.dtype",
+    "to.dtype_layout",
+    "to.device",
+    "_to_copy.default",
+    "alias.default",
+    "detach.default",
+    "type_as.default",
+    "lift_fresh_copy.default",
+    "logical_not.default",
+    "sign.default",
+    "add.Scalar",
+    "sub.Scalar",
+    "mul.Scalar",
+    "div.Scalar",
+    "rsub.Scalar",
+    "floor.default",
+    "round.default",
+    "gt.Scalar",
+    "lt.Scalar",
+    "ge.Scalar",
+    "le.Scalar",
+    "eq.Scalar",
+    "ne.Scalar",
+    "bitwise_not.default",
+    "square.default",
+    "log_sigmoid.default",
 )
 
 
@@ -36,13 +90,41 @@ def unary(ctx: RuleContext, node: Node):
 
 
 BINARY = ops(
-    "add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "mul.Tensor", "mul_.Tensor",
-    "div.Tensor", "div_.Tensor", "div.Tensor_mode", "maximum.default", "minimum.default",
-    "pow.Tensor_Tensor", "where.self", "eq.Tensor", "ne.Tensor", "lt.Tensor", "le.Tensor",
-    "gt.Tensor", "ge.Tensor", "__and__.Tensor", "__or__.Tensor", "logical_and.default",
-    "logical_or.default", "masked_fill.Scalar", "masked_fill.Tensor", "rsub.Tensor",
-    "atan2.default", "fmod.Tensor", "remainder.Tensor", "copysign.Tensor", "lerp.Tensor",
-    "addcmul.default", "addcdiv.default", "prelu.default", "_prelu_kernel.default",
+    "add.Tensor",
+    "add_.Tensor",
+    "sub.Tensor",
+    "sub_.Tensor",
+    "mul.Tensor",
+    "mul_.Tensor",
+    "div.Tensor",
+    "div_.Tensor",
+    "div.Tensor_mode",
+    "maximum.default",
+    "minimum.default",
+    "pow.Tensor_Tensor",
+    "where.self",
+    "eq.Tensor",
+    "ne.Tensor",
+    "lt.Tensor",
+    "le.Tensor",
+    "gt.Tensor",
+    "ge.Tensor",
+    "__and__.Tensor",
+    "__or__.Tensor",
+    "logical_and.default",
+    "logical_or.default",
+    "masked_fill.Scalar",
+    "masked_fill.Tensor",
+    "rsub.Tensor",
+    "atan2.default",
+    "fmod.Tensor",
+    "remainder.Tensor",
+    "copysign.Tensor",
+    "lerp.Tensor",
+    "addcmul.default",
+    "addcdiv.default",
+    "prelu.default",
+    "_prelu_kernel.default",
 )
 
 
@@ -87,9 +169,22 @@ def _prelu(ctx: RuleContext, node: Node):
 
 REDUCE_EXACT = ops("sum.dim_IntList", "sum.default")
 REDUCE_STAT = ops(
-    "mean.dim", "mean.default", "var.correction", "var.dim", "std.correction", "std.dim",
-    "amax.default", "amin.default", "max.dim", "min.dim", "logsumexp.default", "norm.ScalarOpt_dim",
-    "linalg_vector_norm.default", "var_mean.correction", "argmax.default", "argmin.default",
+    "mean.dim",
+    "mean.default",
+    "var.correction",
+    "var.dim",
+    "std.correction",
+    "std.dim",
+    "amax.default",
+    "amin.default",
+    "max.dim",
+    "min.dim",
+    "logsumexp.default",
+    "norm.ScalarOpt_dim",
+    "linalg_vector_norm.default",
+    "var_mean.correction",
+    "argmax.default",
+    "argmin.default",
     "prod.dim_int",
 )
 
@@ -145,13 +240,26 @@ def reduction(ctx: RuleContext, node: Node):
     out_shape = ctx.shape(node)
     if out_shape is None:  # multi-output (max.dim, var_mean): labels for each value
         vals = node.meta.get("val")
-        return [TensorLabels(tuple(v.shape), list(out)) for v in vals] if isinstance(vals, (tuple, list)) else None
+        return (
+            [TensorLabels(tuple(v.shape), list(out)) for v in vals]
+            if isinstance(vals, (tuple, list))
+            else None
+        )
     return TensorLabels(out_shape, out)
 
 
-SOFTMAX = ops("softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default",
-              "cumsum.default", "cumprod.default", "sort.default", "topk.default", "flip.default",
-              "roll.default")
+SOFTMAX = ops(
+    "softmax.int",
+    "_softmax.default",
+    "log_softmax.int",
+    "_log_softmax.default",
+    "cumsum.default",
+    "cumprod.default",
+    "sort.default",
+    "topk.default",
+    "flip.default",
+    "roll.default",
+)
 
 
 @rule(*SOFTMAX)
@@ -178,10 +286,15 @@ def along_dim(ctx: RuleContext, node: Node):
     return TensorLabels(out_shape, list(lab.factors))
 
 
-
-
-@rule(*ops("_assert_tensor_metadata.default", "_assert_scalar.default", "sym_constrain_range_for_size.default",
-           "_assert_async.msg", "_functional_assert_async.msg"))
+@rule(
+    *ops(
+        "_assert_tensor_metadata.default",
+        "_assert_scalar.default",
+        "sym_constrain_range_for_size.default",
+        "_assert_async.msg",
+        "_functional_assert_async.msg",
+    )
+)
 def assertion(ctx: RuleContext, node: Node):
     """Runtime checks inserted by torch.export: no data flows through them."""
     return None

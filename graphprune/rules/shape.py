@@ -102,9 +102,20 @@ def reshape_labels(ctx: RuleContext, lab: TensorLabels | None, src, dst, why: st
     return TensorLabels(dst, out)
 
 
-RESHAPES = ops("view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints",
-               "unflatten.int", "squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default",
-               "view_as.default", "reshape_as.default", "_reshape_alias.default")
+RESHAPES = ops(
+    "view.default",
+    "reshape.default",
+    "_unsafe_view.default",
+    "flatten.using_ints",
+    "unflatten.int",
+    "squeeze.dim",
+    "squeeze.dims",
+    "squeeze.default",
+    "unsqueeze.default",
+    "view_as.default",
+    "reshape_as.default",
+    "_reshape_alias.default",
+)
 
 
 @rule(*RESHAPES)
@@ -126,8 +137,17 @@ def _permute(lab: TensorLabels, perm: list[int], out_shape) -> TensorLabels:
     return TensorLabels(tuple(out_shape), factors)
 
 
-@rule(*ops("permute.default", "transpose.int", "t.default", "movedim.int", "swapaxes.default",
-           "adjoint.default", "numpy_T.default"))
+@rule(
+    *ops(
+        "permute.default",
+        "transpose.int",
+        "t.default",
+        "movedim.int",
+        "swapaxes.default",
+        "adjoint.default",
+        "numpy_T.default",
+    )
+)
 def permute(ctx: RuleContext, node: Node):
     x = node.args[0]
     lab, shape, oshape = ctx.labels(x), ctx.shape(x), ctx.shape(node)
@@ -180,8 +200,11 @@ def repeat(ctx: RuleContext, node: Node):
     for f in lab.factors:
         tiles = [reps[d + lead] for d in f.dims]
         ids = np.tile(f.ids, tiles) if any(t > 1 for t in tiles) else f.ids
-        nf = new_joint(ctx.coupler, tuple(d + lead for d in f.dims), ids, where(node)) if any(
-            t > 1 for t in tiles) else f.with_dims(tuple(d + lead for d in f.dims))
+        nf = (
+            new_joint(ctx.coupler, tuple(d + lead for d in f.dims), ids, where(node))
+            if any(t > 1 for t in tiles)
+            else f.with_dims(tuple(d + lead for d in f.dims))
+        )
         factors.append(nf)
     return TensorLabels(oshape, factors)
 
@@ -195,14 +218,19 @@ def repeat_interleave(ctx: RuleContext, node: Node):
     reps = int(node.args[1])
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
     if dim is None:
-        return reshape_labels(ctx, lab, shape, (int(np.prod(shape)),), where(node)) if reps == 1 else (
-            ctx.coupler.freeze_labels(lab, where(node)) or TensorLabels(oshape, []))
+        return (
+            reshape_labels(ctx, lab, shape, (int(np.prod(shape)),), where(node))
+            if reps == 1
+            else (ctx.coupler.freeze_labels(lab, where(node)) or TensorLabels(oshape, []))
+        )
     dim %= len(shape)
     factors = []
     for f in lab.factors:
         if dim in f.dims:
             ids = np.repeat(f.ids, reps, axis=f.axis_of(dim))
-            factors.append(new_joint(ctx.coupler, f.dims, ids, where(node)) if ids.ndim > 1 else Factor(f.dims, ids))
+            factors.append(
+                new_joint(ctx.coupler, f.dims, ids, where(node)) if ids.ndim > 1 else Factor(f.dims, ids)
+            )
         else:
             factors.append(f)
     return TensorLabels(oshape, factors)
@@ -270,8 +298,7 @@ def stack(ctx: RuleContext, node: Node):
 
 
 def _split_parts(ctx: RuleContext, node: Node, sizes: list[int], dim: int, equal: bool):
-    x = node.args[0]
-    lab, shape = ctx.labels(x), ctx.shape(x)
+    lab = ctx.labels(node.args[0])
     vals = node.meta.get("val")
     out_shapes = [tuple(v.shape) for v in vals]
     if lab is None:
@@ -298,8 +325,15 @@ def _split_parts(ctx: RuleContext, node: Node, sizes: list[int], dim: int, equal
     return res
 
 
-@rule(*ops("split.Tensor", "chunk.default", "split_with_sizes.default", "tensor_split.sections",
-           "unsafe_split.Tensor"))
+@rule(
+    *ops(
+        "split.Tensor",
+        "chunk.default",
+        "split_with_sizes.default",
+        "tensor_split.sections",
+        "unsafe_split.Tensor",
+    )
+)
 def split(ctx: RuleContext, node: Node):
     x = node.args[0]
     shape = ctx.shape(x)
@@ -380,14 +414,33 @@ def slice_(ctx: RuleContext, node: Node):
 
 
 POOL_LIKE = ops(
-    "max_pool1d.default", "max_pool2d.default", "max_pool3d.default", "avg_pool1d.default",
-    "avg_pool2d.default", "avg_pool3d.default", "adaptive_avg_pool1d.default",
-    "adaptive_avg_pool2d.default", "adaptive_avg_pool3d.default", "adaptive_max_pool1d.default",
-    "adaptive_max_pool2d.default", "adaptive_max_pool3d.default", "max_pool2d_with_indices.default",
-    "max_pool3d_with_indices.default", "upsample_nearest1d.vec", "upsample_nearest2d.vec",
-    "upsample_nearest3d.vec", "upsample_bilinear2d.vec", "upsample_linear1d.vec",
-    "upsample_bicubic2d.vec", "upsample_trilinear3d.vec", "upsample_nearest2d.default",
-    "upsample_bilinear2d.default", "_upsample_bilinear2d_aa.default", "reflection_pad2d.default", "replication_pad2d.default", "reflection_pad1d.default",
+    "max_pool1d.default",
+    "max_pool2d.default",
+    "max_pool3d.default",
+    "avg_pool1d.default",
+    "avg_pool2d.default",
+    "avg_pool3d.default",
+    "adaptive_avg_pool1d.default",
+    "adaptive_avg_pool2d.default",
+    "adaptive_avg_pool3d.default",
+    "adaptive_max_pool1d.default",
+    "adaptive_max_pool2d.default",
+    "adaptive_max_pool3d.default",
+    "max_pool2d_with_indices.default",
+    "max_pool3d_with_indices.default",
+    "upsample_nearest1d.vec",
+    "upsample_nearest2d.vec",
+    "upsample_nearest3d.vec",
+    "upsample_bilinear2d.vec",
+    "upsample_linear1d.vec",
+    "upsample_bicubic2d.vec",
+    "upsample_trilinear3d.vec",
+    "upsample_nearest2d.default",
+    "upsample_bilinear2d.default",
+    "_upsample_bilinear2d_aa.default",
+    "reflection_pad2d.default",
+    "replication_pad2d.default",
+    "reflection_pad1d.default",
     "replication_pad1d.default",
 )
 

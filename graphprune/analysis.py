@@ -74,6 +74,25 @@ class Analysis:
     frozen_reasons: dict[int, str] = field(default_factory=dict)
 
 
+def to_networkx(analysis: Analysis):
+    """The group graph for inspection: group nodes linked to the tensor dims they slice.
+
+    Edges carry how many positions of the tensor dim belong to the group's units. Useful to see
+    why two layers are coupled (``nx.shortest_path(g, "group:3", "tensor:fc.weight[1]")``).
+    """
+    import networkx as nx
+
+    g = nx.Graph()
+    for grp in analysis.groups:
+        gid = f"group:{grp.index}"
+        g.add_node(gid, units=grp.num_units, frozen_units=grp.frozen_units, reason=grp.reason)
+        for m in grp.members:
+            tid = f"tensor:{m.name}[{m.dim}]"
+            g.add_node(tid, name=m.name, dim=m.dim)
+            g.add_edge(gid, tid, positions=int((m.unit_of >= 0).sum()))
+    return g
+
+
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
     return connected_components(graph, directed=False)[1]

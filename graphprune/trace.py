@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import re
 import traceback
 import warnings
@@ -51,6 +52,21 @@ def no_cache(model: nn.Module) -> Iterator[None]:
             config.use_cache = old
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch.export logs whole graphs on failure; our error already says what went wrong."""
+    names = ["torch._dynamo", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -87,7 +103,7 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
     args, kwargs = normalize_inputs(example_input)
     outputs = reference_outputs(model, example_input)
     try:
-        with warnings.catch_warnings(), no_cache(model):
+        with warnings.catch_warnings(), no_cache(model), _quiet_torch_logs():
             warnings.simplefilter("ignore")
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001

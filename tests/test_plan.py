@@ -1,0 +1,85 @@
+"""The plan: readable, JSON round trip, and replaying it reproduces compact() exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphprune
+from graphprune import zoo
+from graphprune.analysis import to_networkx
+from graphprune.errors import PlanMismatchError
+from graphprune.inputs import flatten_outputs, run_model
+
+
+@pytest.mark.parametrize("name", ["resnet18", "shufflenetv2", "mobilenetv3"])
+def test_replaying_a_json_plan_reproduces_compact_exactly(name: str) -> None:
+    model, x = zoo.build(name, "tiny")
+    model.eval()
+    small, plan = graphprune.compact_with_plan(model, x, 0.4)
+    again = graphprune.apply_plan(model, graphprune.Plan.from_json(plan.to_json()))
+    assert type(again) is type(model)
+    for a, b in zip(flatten_outputs(run_model(small, x)), flatten_outputs(run_model(again, x)), strict=True):
+        assert torch.equal(a, b)
+    assert {k: v.shape for k, v in small.state_dict().items()} == {
+        k: v.shape for k, v in again.state_dict().items()
+    }
+
+
+def test_plan_summary_names_pruned_and_frozen_groups() -> None:
+    model, x = zoo.build("resnet18", "tiny")
+    plan = graphprune.make_plan(model, x, 0.5)
+    text = str(plan)
+    assert "groups pruned" in text and "units kept" in text
+    assert "model output" in text  # the classifier's outputs are kept, and the plan says why
+    assert any(g.removed for g in plan.groups)
+
+
+def test_plan_for_another_architecture_is_rejected_with_a_clear_error() -> None:
+    model, x = zoo.build("resnet18", "tiny")
+    plan = graphprune.make_plan(model, x, 0.5)
+    other, _ = zoo.build("vgg", "tiny")
+    with pytest.raises(PlanMismatchError):
+        graphprune.apply_plan(other, plan)
+
+
+def test_unknown_op_is_a_boundary_reported_in_the_plan() -> None:
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(4, 16)
+            self.b = torch.nn.Linear(16, 16)
+            self.c = torch.nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.b(torch.relu(self.a(x)))
+            h = torch.fft.fft(h).real  # mixes all features: no rule, must freeze
+            return self.c(h)
+
+    model, x = Odd().eval(), torch.randn(3, 4)
+    small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert any("fft" in b for b in plan.boundaries), plan.boundaries
+    assert small.b.out_features == 16  # frozen by the boundary
+    assert small.a.out_features == 8  # the group before it is still pruned
+    assert small(x).shape == model(x).shape
+
+
+def test_class_that_cannot_run_smaller_falls_back_to_a_working_graph_with_a_warning() -> None:
+    # timm-style attention merges heads with reshape(B, N, C), C read off the *input*: after
+    # head pruning the user's class cannot run, so a GraphModule with the same weights is returned.
+    model, x = zoo.build("vit_tiny", "tiny")
+    model.eval()
+    with pytest.warns(UserWarning, match="GraphModule"):
+        small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert isinstance(small, torch.fx.GraphModule)
+    assert any("GraphModule" in n for n in plan.notes)
+    assert graphprune.count_params(small) < graphprune.count_params(model)
+    out = flatten_outputs(run_model(small, x))[0]
+    assert out.shape == model(x).shape and torch.isfinite(out).all()
+
+
+def test_group_graph_exports_to_networkx() -> None:
+    model, x = zoo.build("resnet18", "tiny")
+    g = to_networkx(graphprune.analyze(model, x))
+    groups = [n for n in g.nodes if n.startswith("group:")]
+    assert groups and all(g.degree(n) >= 1 for n in groups)

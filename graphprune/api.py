@@ -33,11 +33,29 @@ def _plan_and_model(
 ) -> tuple[Plan, nn.Module, Analysis]:
     check_model(model)
     ratio = check_ratio(ratio)
+    analysis, criterion = _prepare(model, example_input, importance, ignored_layers, prune_hidden)
+    plan = build_plan(analysis, ratio, criterion, _importance_name(importance))
+    return plan, _realize(analysis, plan, example_input), analysis
+
+
+def _prepare(
+    model: nn.Module, example_input: Any, importance: str | Criterion, ignored_layers: Any, prune_hidden: bool
+) -> tuple[Analysis, Criterion]:
+    """Check the arguments and analyse once; plans for any number of ratios can follow."""
+    check_model(model)
     criterion = resolve(importance)
     normalize_inputs(example_input)
     analysis = analyze(model, example_input, ignored_layers=ignored_layers, prune_hidden=prune_hidden)
-    plan = build_plan(analysis, ratio, criterion, _importance_name(importance))
-    work = analysis.model
+    return analysis, criterion
+
+
+def _realize(analysis: Analysis, plan: Plan, example_input: Any, *, copy_model: bool = False) -> nn.Module:
+    """Surgery for ``plan``: on ``analysis.model`` itself, or on a copy when more plans will follow.
+
+    ``copy_model=True`` leaves the analysis reusable (its weights unsliced), which is what a search
+    over ratios needs: analyse once, then build and realise a plan per candidate.
+    """
+    work = copy.deepcopy(analysis.model) if copy_model else analysis.model
     plan.shapes = {name: list(param_tensor(work, name).shape) for name in plan.slices}
     removed = plan._removed_class  # type: ignore[attr-defined]
     sizer = Sizer(analysis, removed)
@@ -49,8 +67,7 @@ def _plan_and_model(
     apply_attr_updates(work, mod_ups)
     attr_ups = _choose_attr_updates(work, attr_ups, example_input, analysis.traced.output_shapes)
     plan.attr_updates = mod_ups + attr_ups
-    small = _checked_or_fallback(work, analysis, plan, changes, example_input)
-    return plan, small, analysis
+    return _checked_or_fallback(work, analysis, plan, changes, example_input)
 
 
 def _output_shapes(model: nn.Module, example_input: Any) -> list[tuple[int, ...]]:
@@ -143,7 +160,9 @@ def _checked_or_fallback(work, analysis: Analysis, plan: Plan, changes, example_
         problem = f"output shapes {got} != {expected}"
     except Exception as exc:  # noqa: BLE001
         problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    gm = analysis.traced.program.module()
+    # program.module() shares Parameter objects with analysis.model: copy, so that slicing the
+    # fallback graph below cannot slice the analysis (reused for further plans) as well.
+    gm = copy.deepcopy(analysis.traced.program.module())
     by_name = {n.name: new for n, new in changes.items()}
     for node in gm.graph.nodes:
         if node.name in by_name:  # keep this graph's own Node objects, take the new constants

@@ -124,8 +124,19 @@ def check_ratio(ratio: Any) -> float:
     return float(ratio)
 
 
-def build_plan(analysis: Analysis, ratio: float, criterion: Criterion, importance_name: str) -> Plan:
-    """Score every prunable group and remove ``round(ratio * units)`` of its units (keep >= 1)."""
+def build_plan(
+    analysis: Analysis,
+    ratio: float,
+    criterion: Criterion,
+    importance_name: str,
+    *,
+    counts: dict[int, int] | None = None,
+) -> Plan:
+    """Score every prunable group and remove ``round(ratio * units)`` of its units (keep >= 1).
+
+    ``counts`` (group index -> units to remove) overrides the ratio for the groups it names: the
+    target search (``graphprune.targets``) uses it to step one group at a time between ratios.
+    """
     ratio = check_ratio(ratio)
     n_cls = len(analysis.frozen_class)
     removed_class = np.zeros(n_cls, dtype=bool)
@@ -135,6 +146,8 @@ def build_plan(analysis: Analysis, ratio: float, criterion: Criterion, importanc
         if not g.members:
             continue
         n_remove = min(int(round(ratio * g.num_units)), g.num_units - 1) if g.num_units > 1 else 0
+        if counts is not None and g.index in counts:
+            n_remove = max(0, min(int(counts[g.index]), g.num_units - 1))
         removed: list[int] = []
         if n_remove > 0:
             scores = scores_for(criterion, g, analysis.model)

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from graphprune.analysis import Analysis, analyze, param_tensor
+from graphprune.cut import CutOptions, check_options
 from graphprune.errors import GraphPruneError, InputError
-from graphprune.importance import Criterion, resolve
+from graphprune.importance import Criterion, prepare_criterion, resolve
 from graphprune.inputs import flatten_outputs, normalize_inputs
 from graphprune.plan import AttrUpdate, Plan, build_plan, check_ratio
 from graphprune.shapes import Sizer, attribute_updates, graph_constant_changes
@@ -20,7 +21,20 @@ from graphprune.trace import check_model, no_cache
 
 
 def _importance_name(importance: str | Criterion) -> str:
-    return importance if isinstance(importance, str) else getattr(importance, "__name__", "custom")
+    if isinstance(importance, str):
+        return importance
+    return getattr(importance, "name", None) or getattr(importance, "__name__", "custom")
+
+
+def _where_to_cut(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the data and where-to-cut keywords (see graphprune.cut) shared by compact & co."""
+    opts = CutOptions(
+        global_pruning=bool(kwargs.pop("global_pruning", False)),
+        max_ratio=kwargs.pop("max_ratio", None),
+        ratios=kwargs.pop("ratios", None),
+        round_to=kwargs.pop("round_to", None),
+    )
+    return {"data": kwargs.pop("data", None), "loss_fn": kwargs.pop("loss_fn", None), "options": opts}
 
 
 def _plan_and_model(
@@ -30,22 +44,42 @@ def _plan_and_model(
     importance: str | Criterion,
     ignored_layers: Any,
     prune_hidden: bool,
+    *,
+    data: Any = None,
+    loss_fn: Any = None,
+    options: CutOptions | None = None,
 ) -> tuple[Plan, nn.Module, Analysis]:
     check_model(model)
     ratio = check_ratio(ratio)
-    analysis, criterion = _prepare(model, example_input, importance, ignored_layers, prune_hidden)
-    plan = build_plan(analysis, ratio, criterion, _importance_name(importance))
+    if options is not None:
+        check_options(options)
+    analysis, criterion = _prepare(
+        model, example_input, importance, ignored_layers, prune_hidden, data=data, loss_fn=loss_fn
+    )
+    plan = build_plan(analysis, ratio, criterion, _importance_name(importance), options=options)
     return plan, _realize(analysis, plan, example_input), analysis
 
 
 def _prepare(
-    model: nn.Module, example_input: Any, importance: str | Criterion, ignored_layers: Any, prune_hidden: bool
+    model: nn.Module,
+    example_input: Any,
+    importance: str | Criterion,
+    ignored_layers: Any,
+    prune_hidden: bool,
+    *,
+    data: Any = None,
+    loss_fn: Any = None,
 ) -> tuple[Analysis, Criterion]:
-    """Check the arguments and analyse once; plans for any number of ratios can follow."""
+    """Check the arguments and analyse once; plans for any number of ratios can follow.
+
+    Data-driven criteria (taylor, hessian, activation...) refuse early when ``data`` is missing,
+    then measure on the analysis' copy of the model (same parameter names as the plan uses).
+    """
     check_model(model)
-    criterion = resolve(importance)
+    criterion = resolve(importance, data=data, loss_fn=loss_fn, check_data=True)
     normalize_inputs(example_input)
     analysis = analyze(model, example_input, ignored_layers=ignored_layers, prune_hidden=prune_hidden)
+    prepare_criterion(criterion, analysis.model, data, loss_fn)
     return analysis, criterion
 
 
@@ -210,6 +244,12 @@ def compact(
     ignored_layers: Any = (),
     prune_hidden: bool = False,
     verify: bool = True,
+    data: Any = None,
+    loss_fn: Any = None,
+    global_pruning: bool = False,
+    max_ratio: float | None = None,
+    ratios: dict[str | int, float] | None = None,
+    round_to: int | None = None,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
@@ -217,15 +257,30 @@ def compact(
     warning, only when the class cannot run at the new sizes). ``ratio`` is the fraction of
     units (channels, heads, ...) removed from each coupled group, like torch.nn.utils.prune's
     ``amount``; each group keeps at least one unit.
+
+    ``importance``: "l1", "l2" (default), "random", "fpgm", "bn_scale", "lamp", or measured on
+    calibration ``data`` (an iterable of ``(inputs, target)`` batches): "taylor" and "hessian"
+    (need ``loss_fn(output, target)``), "activation", "apoz"; or any callable(group, model).
+    ``global_pruning=True`` ranks all groups together (at most ``max_ratio`` of any group, 0.9 by
+    default); ``ratios={"layer1": 0.5}`` sets per-module ratios; ``round_to=8`` keeps widths
+    multiples of 8. See graphprune.cut and graphprune.importance.
     """
     training = model.training if isinstance(model, nn.Module) else False
     plan, small, analysis = _plan_and_model(
-        model, example_input, ratio, importance, ignored_layers, prune_hidden
+        model,
+        example_input,
+        ratio,
+        importance,
+        ignored_layers,
+        prune_hidden,
+        data=data,
+        loss_fn=loss_fn,
+        options=CutOptions(bool(global_pruning), max_ratio, ratios, round_to),
     )
     if verify:
         from graphprune.verify import verify_compact
 
-        verify_compact(analysis, plan, small, example_input)
+        verify_compact(analysis, plan, small, example_input, original=model)
     _set_mode(small, training)
     return small
 
@@ -238,9 +293,17 @@ def make_plan(
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    **where: Any,
 ) -> Plan:
-    """Analyse and plan without returning a model (the plan replays with ``apply_plan``)."""
-    return _plan_and_model(model, example_input, ratio, importance, ignored_layers, prune_hidden)[0]
+    """Analyse and plan without returning a model (the plan replays with ``apply_plan``).
+
+    ``where`` takes compact's data / where-to-cut keywords (data, loss_fn, global_pruning,
+    max_ratio, ratios, round_to).
+    """
+    cut = _where_to_cut(where)
+    if where:
+        raise InputError(f"unexpected arguments: {sorted(where)}")
+    return _plan_and_model(model, example_input, ratio, importance, ignored_layers, prune_hidden, **cut)[0]
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -264,12 +327,13 @@ def compact_with_plan(model, example_input, ratio=0.3, **kwargs) -> tuple[nn.Mod
         kwargs.pop("importance", "l2"),
         kwargs.pop("ignored_layers", ()),
         kwargs.pop("prune_hidden", False),
+        **_where_to_cut(kwargs),
     )
     if kwargs:
         raise InputError(f"unexpected arguments: {sorted(kwargs)}")
     if verify:
         from graphprune.verify import verify_compact
 
-        verify_compact(analysis, plan, small, example_input)
+        verify_compact(analysis, plan, small, example_input, original=model)
     _set_mode(small, training)
     return small, plan

@@ -6,6 +6,7 @@ weights and replayed on a freshly built base model without tracing it again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from graphprune.analysis import Analysis
+from graphprune.cut import CutOptions, choose_removed
 from graphprune.errors import InputError
 from graphprune.importance import Criterion, scores_for
 
@@ -131,29 +133,30 @@ def build_plan(
     importance_name: str,
     *,
     counts: dict[int, int] | None = None,
+    options: CutOptions | None = None,
 ) -> Plan:
     """Score every prunable group and remove ``round(ratio * units)`` of its units (keep >= 1).
 
     ``counts`` (group index -> units to remove) overrides the ratio for the groups it names: the
     target search (``graphprune.targets``) uses it to step one group at a time between ratios.
+    ``options`` selects global ranking, per-module ratios and ``round_to`` (``graphprune.cut``).
     """
     ratio = check_ratio(ratio)
     n_cls = len(analysis.frozen_class)
     removed_class = np.zeros(n_cls, dtype=bool)
     unit_to_class: dict[tuple[int, int], int] = {v: c for c, v in analysis.class_unit.items()}
     plan = Plan(ratio=ratio, importance=importance_name, boundaries=list(analysis.boundaries))
+    opts = options or CutOptions()
+    if counts is not None:
+        opts = dataclasses.replace(opts, counts={**(opts.counts or {}), **counts})
+    chosen, cut_notes = choose_removed(analysis, ratio, criterion, opts, scores_for)
+    plan.notes.extend(cut_notes)
     for g in analysis.groups:
         if not g.members:
             continue
-        n_remove = min(int(round(ratio * g.num_units)), g.num_units - 1) if g.num_units > 1 else 0
-        if counts is not None and g.index in counts:
-            n_remove = max(0, min(int(counts[g.index]), g.num_units - 1))
-        removed: list[int] = []
-        if n_remove > 0:
-            scores = scores_for(criterion, g, analysis.model)
-            removed = sorted(int(u) for u in np.argsort(scores, kind="stable")[:n_remove])
-            for u in removed:
-                removed_class[unit_to_class[(g.index, u)]] = True
+        removed = chosen.get(g.index, [])
+        for u in removed:
+            removed_class[unit_to_class[(g.index, u)]] = True
         plan.groups.append(GroupPlan(g.index, g.describe(), g.num_units, removed, g.frozen_units, g.reason))
     cls = analysis.unit_class
     for (name, dim), ids in analysis.coupler.param_ids.items():

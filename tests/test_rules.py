@@ -1,0 +1,169 @@
+"""One small model per op family: each rule checked by the oracles, not by eye.
+
+For every model: ratio 0 is bit-identical, removing exactly dead units leaves outputs unchanged,
+something is actually removed (or, for models that must stay whole, nothing is).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracles import check_dead_channels, check_ratio_zero_identity
+from torch import nn
+
+import graphprune
+
+
+class GroupedConv(nn.Module):
+    """ResNeXt-style grouped 3x3 conv between two 1x1 convs: whole groups are removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.g = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.bn = nn.BatchNorm2d(32)
+        self.b = nn.Conv2d(32, 5, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.bn(self.g(F.relu(self.a(x))))))
+
+
+class TransposedUp(nn.Module):
+    """ConvTranspose2d (weight is (in, out, k, k)), upsample and a skip concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.skip = nn.Conv2d(3, 4, 1)
+        self.mix = nn.Conv2d(10, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.up(F.relu(self.down(x))), self.skip(x)], 1)
+        y = F.interpolate(F.relu(self.mix(y)), scale_factor=2.0, mode="nearest")
+        return self.out(F.max_pool2d(y, 2))
+
+
+class NormsAndActs(nn.Module):
+    """GroupNorm (whole groups), InstanceNorm, PReLU per channel, padding, avg pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3)
+        self.gn = nn.GroupNorm(4, 16)
+        self.c2 = nn.Conv2d(16, 12, 1)
+        self.inorm = nn.InstanceNorm2d(12, affine=True)
+        self.act = nn.PReLU(12)
+        self.c3 = nn.Conv2d(12, 3, 1)
+
+    def forward(self, x):
+        y = F.pad(F.relu(self.gn(self.c1(x))), (1, 1, 1, 1))
+        y = self.act(self.inorm(self.c2(y)))
+        return self.c3(F.avg_pool2d(y, 2))
+
+
+class SplitSlice(nn.Module):
+    """Uneven torch.split and a slice of the channel dim, then elementwise products."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 12, 1)
+        self.p = nn.Conv2d(4, 8, 1)
+        self.q = nn.Conv2d(8, 8, 1)
+        self.o = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.c(x), [4, 8], dim=1)
+        y = self.p(a) * torch.sigmoid(self.q(b))
+        return self.o(y[:, :8])
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1 = nn.Conv2d(16, 4, 1)
+        self.fc2 = nn.Conv2d(4, 16, 1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = F.relu(self.c(x))
+        s = F.hardsigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.head((y * s).mean((2, 3)))
+
+
+class FlattenIntoLinear(nn.Module):
+    """Each conv channel maps to its block of H*W features of the Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = F.adaptive_avg_pool2d(F.relu(self.bn(self.c(x))), 4)
+        return self.out(F.relu(self.fc(y.reshape(y.shape[0], -1))))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(8, 24), nn.Linear(8, 24), nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "grouped_conv": (GroupedConv, (2, 3, 8, 8)),
+    "transposed_up": (TransposedUp, (2, 3, 8, 8)),
+    "norms_acts": (NormsAndActs, (2, 3, 10, 10)),
+    "split_slice": (SplitSlice, (2, 3, 6, 6)),
+    "squeeze_excite": (SqueezeExcite, (2, 3, 8, 8)),
+    "flatten_linear": (FlattenIntoLinear, (2, 3, 8, 8)),
+    "swiglu": (SwiGLU, (2, 5, 8)),
+}
+
+
+def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    factory, shape = MODELS[name]
+    model = factory().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model, torch.randn(*shape)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_rule_family_passes_the_oracles(name: str) -> None:
+    model, x = _build(name)
+    check_ratio_zero_identity(model, x)
+    small = check_dead_channels(model, x, 0.5)
+    assert small(x).shape == model(x).shape
+
+
+def test_grouped_conv_loses_whole_groups() -> None:
+    model, x = _build("grouped_conv")
+    small = graphprune.compact(model, x, 0.5)
+    assert small.g.groups == 2 and small.g.in_channels == 8 and small.g.out_channels == 16
+
+
+def test_groupnorm_keeps_group_width() -> None:
+    model, x = _build("norms_acts")
+    small = graphprune.compact(model, x, 0.5)
+    assert small.gn.num_channels // small.gn.num_groups == 4
+    assert small.act.num_parameters == small.c2.out_channels
+
+
+def test_flatten_into_linear_removes_blocks_of_features() -> None:
+    model, x = _build("flatten_linear")
+    small = graphprune.compact(model, x, 0.5)
+    assert small.c.out_channels == 4 and small.fc.in_features == 4 * 16

@@ -140,6 +140,24 @@ def _ratio_of(group: Group, owners: list[str], ratios: Mapping[str | int, float]
     return max(hits)[1] if hits else None
 
 
+def global_counts(scores: Mapping[int, np.ndarray], target: int, caps: Mapping[int, int]) -> dict[int, int]:
+    """How many units each group loses when the ``target`` lowest-scored units of all go.
+
+    Greedy over the units sorted by score (ties broken by group then unit index, so the result
+    is deterministic): a unit is taken unless its group already lost ``caps[group]`` units.
+    """
+    entries = sorted((float(v), gi, u) for gi, arr in scores.items() for u, v in enumerate(arr))
+    taken = dict.fromkeys(scores, 0)
+    n = 0
+    for _v, gi, _u in entries:
+        if n >= target:
+            break
+        if taken[gi] < caps.get(gi, 0):
+            taken[gi] += 1
+            n += 1
+    return taken
+
+
 def choose_removed(
     analysis: Analysis,
     ratio: float,
@@ -193,16 +211,8 @@ def choose_removed(
         total = sum(g.num_units for g in pool)
         target = int(round(ratio * total))
         caps = {g.index: min(g.num_units - 1, int(math.floor(max_ratio * g.num_units))) for g in pool}
-        entries = [(float(s), g.index, u) for g in pool for u, s in enumerate(scores(g))]
-        entries.sort(key=lambda e: (e[0], e[1], e[2]))
-        taken = dict.fromkeys(caps, 0)
-        n = 0
-        for _s, gi, _u in entries:
-            if n >= target:
-                break
-            if taken[gi] < caps[gi]:
-                taken[gi] += 1
-                n += 1
+        taken = global_counts({g.index: scores(g) for g in pool}, target, caps)
+        n = sum(taken.values())
         counts.update(taken)
         notes.append(
             f"global pruning over {len(pool)} groups: {n} of {total} units removed "

@@ -24,6 +24,11 @@ import oracles  # noqa: E402
 
 from graphprune import zoo  # noqa: E402
 
+# The test models are tiny: intra-op threads cannot speed them up, and on a busy 2-core machine
+# they slow every conv down 10-100x (measured: a tiny MobileNetV2 forward takes 2.5 ms on one
+# thread, 1 s on two while another process keeps the cores busy).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:

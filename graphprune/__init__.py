@@ -26,8 +26,10 @@ from graphprune.errors import (
     TraceError,
     VerificationError,
 )
+from graphprune.io import load, save
 from graphprune.onnx_export import ExportResult, export_onnx
 from graphprune.plan import Plan
+from graphprune.verify import VerifyReport, verify_model
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,10 @@ __all__ = [
     "compact",
     "compact_with_plan",
     "make_plan",
+    "load",
+    "save",
+    "verify_model",
+    "VerifyReport",
     "GraphPruneError",
     "InputError",
     "PlanMismatchError",

@@ -9,6 +9,7 @@ The public API lives here and only here::
 
 from __future__ import annotations
 
+from graphprune import unstructured  # classic mask-based methods, as a namespace
 from graphprune.analysis import Analysis, Group, Member, analyze
 from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
 from graphprune.bench import (
@@ -26,9 +27,14 @@ from graphprune.errors import (
     TraceError,
     VerificationError,
 )
+from graphprune.importance import Importance, lamp
 from graphprune.io import load, save
 from graphprune.onnx_export import ExportResult, export_onnx
 from graphprune.plan import Plan
+from graphprune.pruner import Pruner
+from graphprune.recover import recover
+from graphprune.sensitivity import SensitivityTable, sensitivity
+from graphprune.sparsity import GroupLasso, bn_l1_penalty
 from graphprune.verify import VerifyReport, verify_model
 
 __version__ = "0.1.0"
@@ -37,28 +43,37 @@ __all__ = [
     "Analysis",
     "BenchmarkReport",
     "ExportResult",
+    "GraphPruneError",
+    "Group",
+    "GroupLasso",
+    "Importance",
+    "InputError",
     "LatencyStats",
+    "Member",
+    "Plan",
+    "PlanMismatchError",
+    "Pruner",
+    "SensitivityTable",
+    "TraceError",
+    "VerificationError",
+    "VerifyReport",
+    "__version__",
+    "analyze",
+    "apply_plan",
     "benchmark",
+    "bn_l1_penalty",
+    "compact",
+    "compact_with_plan",
     "count_flops",
     "count_params",
     "export_onnx",
-    "measure_latency",
-    "Group",
-    "Member",
-    "Plan",
-    "analyze",
-    "apply_plan",
-    "compact",
-    "compact_with_plan",
-    "make_plan",
+    "lamp",
     "load",
+    "make_plan",
+    "measure_latency",
+    "recover",
     "save",
+    "sensitivity",
+    "unstructured",
     "verify_model",
-    "VerifyReport",
-    "GraphPruneError",
-    "InputError",
-    "PlanMismatchError",
-    "TraceError",
-    "VerificationError",
-    "__version__",
 ]

@@ -238,7 +238,7 @@ def _set_mode(model: nn.Module, training: bool) -> None:
 def compact(
     model: nn.Module,
     example_input: Any,
-    ratio: float = 0.3,
+    ratio: float | None = None,
     *,
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
@@ -249,7 +249,12 @@ def compact(
     global_pruning: bool = False,
     max_ratio: float | None = None,
     ratios: dict[str | int, float] | None = None,
-    round_to: int | None = None,
+    round_to: int | str | None = None,
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    target_speedup: float | None = None,
+    target_latency_ms: float | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
@@ -264,8 +269,25 @@ def compact(
     ``global_pruning=True`` ranks all groups together (at most ``max_ratio`` of any group, 0.9 by
     default); ``ratios={"layer1": 0.5}`` sets per-module ratios; ``round_to=8`` keeps widths
     multiples of 8. See graphprune.cut and graphprune.importance.
+
+    Instead of ``ratio`` (default 0.3), give one target and the ratio is searched
+    (graphprune.targets): ``target_flops`` / ``target_params`` (fraction of the original kept,
+    met within 2 %), ``target_speedup`` / ``target_latency_ms`` (measured in onnxruntime);
+    ``round_to="measured"`` then picks 1/8/16/32 by measured latency; ``progress=True`` shows a bar.
     """
     training = model.training if isinstance(model, nn.Module) else False
+    targets = {"target_flops": target_flops, "target_params": target_params,
+               "target_speedup": target_speedup, "target_latency_ms": target_latency_ms}
+    if any(v is not None for v in targets.values()):
+        from graphprune.targets import targeted
+
+        small = targeted(model, example_input, ratio, targets, importance=importance,
+                         ignored_layers=ignored_layers, prune_hidden=prune_hidden, verify=verify,
+                         data=data, loss_fn=loss_fn, global_pruning=global_pruning, max_ratio=max_ratio,
+                         ratios=ratios, round_to=round_to, progress=progress).model
+        _set_mode(small, training)
+        return small
+    ratio = 0.3 if ratio is None else ratio
     plan, small, analysis = _plan_and_model(
         model,
         example_input,
@@ -316,10 +338,19 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     return small
 
 
-def compact_with_plan(model, example_input, ratio=0.3, **kwargs) -> tuple[nn.Module, Plan]:
+def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Module, Plan]:
     """Like ``compact`` but also return the plan (for printing or saving)."""
     verify = kwargs.pop("verify", True)
     training = model.training if isinstance(model, nn.Module) else False
+    targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
+    progress = kwargs.pop("progress", False)
+    if any(v is not None for v in targets.values()):
+        from graphprune.targets import targeted
+
+        result = targeted(model, example_input, ratio, targets, verify=verify, progress=progress, **kwargs)
+        _set_mode(result.model, training)
+        return result.model, result.plan
+    ratio = 0.3 if ratio is None else ratio
     plan, small, analysis = _plan_and_model(
         model,
         example_input,

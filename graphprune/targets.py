@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from graphprune.analysis import Analysis, Group
 from graphprune.bench import _interleaved_latency, count_flops, count_params, default_threads
+from graphprune.cut import CutOptions, round_keep
 from graphprune.errors import InputError
 from graphprune.importance import Criterion
 from graphprune.plan import Plan, build_plan
@@ -55,6 +56,7 @@ __all__ = [
     "check_targets",
     "compact_to_target",
     "sweep",
+    "targeted",
 ]
 
 ROUND_CHOICES = (1, 8, 16, 32)
@@ -181,34 +183,17 @@ class TargetResult:
 # The ladder: per-group removal counts ordered by the uniform ratio at which they happen
 
 
-def _unit_positions(group: Group) -> tuple[int, int]:
-    """(positions per unit, positions outside the group's live units) of the group's main dim.
-
-    The main dim is the member with the fewest positions outside live units (a conv's output
-    channels rather than a concatenation it feeds): its width is what the hardware sees.
-    """
-    best: tuple[int, int] | None = None
-    for m in group.members:
-        inside = int((m.unit_of >= 0).sum())
-        if inside == 0 or inside % group.num_units:
-            continue
-        cand = (inside // group.num_units, int(m.unit_of.size) - inside)
-        if best is None or cand[1] < best[1]:
-            best = cand
-    return best or (1, 0)
-
-
 def allowed_kept(group: Group, round_to: int) -> list[int]:
     """Kept-unit counts allowed for ``group``, descending, starting with all units.
 
-    With ``round_to=N`` the resulting width (``other + kept * positions_per_unit``) must be a
-    multiple of ``N``; keeping everything is always allowed, keeping nothing never is.
+    A count is allowed when ``graphprune.cut.round_keep`` leaves it unchanged, so the ladder
+    and ``compact(round_to=N)`` agree on which widths are hardware-friendly (a head of 64
+    features is a multiple of 8 by itself; a group too small to round is pruned unrounded).
     """
     n = group.num_units
     if round_to <= 1:
         return list(range(n, 0, -1))
-    u, other = _unit_positions(group)
-    return [n] + [k for k in range(n - 1, 0, -1) if (other + k * u) % round_to == 0]
+    return [n] + [k for k in range(n - 1, 0, -1) if round_keep(group, k, round_to) == k]
 
 
 class Ladder:
@@ -291,6 +276,8 @@ class _Search:
         importance: Any = "l2",
         ignored_layers: Any = (),
         prune_hidden: bool = False,
+        data: Any = None,
+        loss_fn: Any = None,
         runs: int = 20,
         warmup: int = 5,
         threads: int | None = None,
@@ -299,7 +286,9 @@ class _Search:
 
         self.model = model
         self.x = example_input
-        self.analysis, criterion = _prepare(model, example_input, importance, ignored_layers, prune_hidden)
+        self.analysis, criterion = _prepare(
+            model, example_input, importance, ignored_layers, prune_hidden, data=data, loss_fn=loss_fn
+        )
         self.criterion = _memo(criterion)
         self.importance = _importance_name(importance)
         self.params = count_params(model)
@@ -328,11 +317,11 @@ class _Search:
         extra: int | None = None,
     ) -> Plan:
         """A plan at a uniform ``ratio`` (``round_to`` 1) or at a ladder ``step`` (+ ``extra``)."""
-        if step is None and round_to == 1:
-            return build_plan(self.analysis, float(ratio or 0.0), self.criterion, self.importance)
+        if step is None:  # a uniform ratio, rounded the way compact(round_to=N) rounds
+            opts = CutOptions(round_to=round_to if round_to > 1 else None)
+            r = float(ratio or 0.0)
+            return build_plan(self.analysis, r, self.criterion, self.importance, options=opts)
         lad = self.ladder(round_to)
-        if step is None:
-            step = lad.step_for_ratio(float(ratio or 0.0))
         counts = lad.counts(step, extra)
         eff = sum(counts.values()) / lad.total_units if lad.total_units else 0.0
         return build_plan(self.analysis, min(eff, 0.999999), self.criterion, self.importance, counts=counts)
@@ -585,8 +574,10 @@ def _speed_search(
     """Least-pruned ladder step whose measured speed meets ``target`` (bisection on measurements).
 
     The first probe is the step whose FLOPs match the target's ideal (FLOPs fraction = 1 /
-    speed-up); later probes bisect between the fastest miss and the slowest hit until the
-    bracket is narrower than 2 % of the units or ``max_candidates`` were timed.
+    speed-up); while every probe misses, the next asks FLOPs for as much more as the last one
+    fell short; then probes bisect between the furthest miss and the nearest hit until the
+    bracket is narrower than 2 % of the ladder, the hit is within ``tolerance`` of the target,
+    or ``max_candidates`` were timed. Measurements are noisy: a miss beyond a hit is ignored.
     """
     lad = s.ladder(round_to)
 
@@ -611,39 +602,39 @@ def _speed_search(
         with _bar(None, "", False) as quiet:
             return _static_search(s, "flops", max(flops_frac, 1e-6), round_to, tolerance, quiet).step or 0
 
+    def need(c: Candidate) -> float:  # the speed-up this candidate's own baseline asks for
+        return target if kind == "speedup" else (c.baseline_ms or target) / target
+
+    def hit_is_close(step: int) -> bool:  # the hit is barely over the target: no need to go on
+        c = next(c for c in tried if c.step == step and c.round_to == round_to)
+        return c.speedup is not None and c.speedup <= need(c) * (1 + tolerance)
+
     # Probe 1: where FLOPs say the target should be (a latency target needs the original's time).
     base_ms = timed(0).baseline_ms if kind == "latency_ms" else None
     want = 1.0 / target if kind == "speedup" else target / (base_ms or target)
-    lo, hi = 0, None  # lo: a step that misses; hi: a step that meets
-    c = timed(ideal_step(min(1.0, want)))
-    if meets(c):
-        hi = c.step
-    else:
-        lo = c.step or 0
-        # Extrapolate once: ask FLOPs for as much more as the measurement fell short.
-        got = c.speedup or 1.0
-        need = target if kind == "speedup" else (c.baseline_ms or 1.0) / target
-        c2 = timed(ideal_step(c.flops_frac * got / need * 0.97))
-        if meets(c2):
-            hi = c2.step
-        else:
-            lo = max(lo, c2.step or 0)
-            c3 = timed(len(lad))
-            if meets(c3):
-                hi = c3.step
-    min_gap = max(1, int(0.02 * len(lad)))
-    while hi is not None and hi - lo > min_gap and len(tried) < max_candidates:
-        hit = next(c for c in tried if c.step == hi and c.round_to == round_to)
-        if kind == "speedup" and hit.speedup is not None and hit.speedup <= target * (1 + tolerance):
+    n_steps = len(lad)
+    min_gap = max(1, int(0.02 * n_steps))
+    lo, hi = 0, None  # lo: the furthest step that misses; hi: the nearest step that meets
+    probe = ideal_step(min(1.0, want))
+    for _ in range(3 * max_candidates):
+        if len(tried) >= max_candidates:
             break
-        if kind == "latency_ms" and hit.latency_ms is not None and hit.latency_ms >= target * (1 - tolerance):
-            break
-        mid = (lo + hi) // 2
-        c = timed(mid)
+        c = timed(probe)
+        step = c.step or 0
         if meets(c):
-            hi = mid
-        else:
-            lo = mid
+            hi = step if hi is None else min(hi, step)
+        elif hi is None or step < hi:  # a miss beyond a hit is noise: ignore it
+            lo = max(lo, step)
+        if hi is None:
+            if lo >= n_steps:
+                break
+            # Extrapolate: ask FLOPs for as much more as the measurement fell short, a bit beyond.
+            nxt = ideal_step(c.flops_frac * (c.speedup or 1.0) / need(c) * 0.95)
+            probe = nxt if nxt > lo else (lo + n_steps + 1) // 2
+            continue
+        if hi - lo <= min_gap or hit_is_close(hi):
+            break
+        probe = (lo + hi) // 2
     hits = [c for c in tried if c.round_to == round_to and meets(c)]
     if hits:
         return min(hits, key=lambda c: c.step or 0)
@@ -678,6 +669,8 @@ def compact_to_target(
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    data: Any = None,
+    loss_fn: Any = None,
     round_to: int | str = 1,
     tolerance: float = 0.02,
     runs: int = 20,
@@ -698,9 +691,10 @@ def compact_to_target(
       the fastest in onnxruntime (for FLOPs/params targets: each at the target; for speed
       targets: the best at the first probe, then searched with that one).
 
-    The model is analysed once; ``model`` is never modified. A target that cannot be met within
-    tolerance (a model too small to reach it, one group step too coarse) gives the closest
-    candidate, ``met=False`` and a warning.
+    ``importance`` (with ``data`` / ``loss_fn`` for data-driven criteria) scores units as in
+    :func:`graphprune.compact`. The model is analysed once; ``model`` is never modified. A
+    target that cannot be met within tolerance (a model too small to reach it, one group step
+    too coarse) gives the closest candidate, ``met=False`` and a warning.
     """
     goal = check_targets(
         target_flops=target_flops,
@@ -716,7 +710,8 @@ def compact_to_target(
         raise InputError(f"tolerance is relative, in (0, 1); got {tolerance!r}")
     choices = _round_choices(round_to)
     s = _Search(model, example_input, importance=importance, ignored_layers=ignored_layers,
-                prune_hidden=prune_hidden, runs=runs, warmup=warmup, threads=threads)
+                prune_hidden=prune_hidden, data=data, loss_fn=loss_fn, runs=runs, warmup=warmup,
+                threads=threads)
     tried: list[Candidate] = []
     note = ""
     try:
@@ -771,8 +766,52 @@ def compact_to_target(
     if verify:
         from graphprune.verify import verify_compact
 
-        verify_compact(s.analysis, plan, small, example_input)
+        verify_compact(s.analysis, plan, small, example_input, original=model)
     return TargetResult(small, plan, _describe(kind, value), met, s.params, s.flops, tried, note)
+
+
+def targeted(
+    model: nn.Module,
+    example_input: Any,
+    ratio: Any,
+    targets: dict[str, Any],
+    *,
+    importance: str | Criterion = "l2",
+    ignored_layers: Any = (),
+    prune_hidden: bool = False,
+    verify: bool = True,
+    data: Any = None,
+    loss_fn: Any = None,
+    global_pruning: bool = False,
+    max_ratio: float | None = None,
+    ratios: Any = None,
+    round_to: int | str | None = None,
+    progress: bool = False,
+) -> TargetResult:
+    """``graphprune.compact(..., target_*=...)``: check the combination, then search.
+
+    The search moves every group along one ladder, so it cannot honour per-module ``ratios`` or
+    global ranking; those combinations are refused instead of silently ignored.
+    """
+    check_targets(ratio, **targets)
+    if global_pruning or ratios or max_ratio is not None:
+        raise InputError(
+            "a target_... search sets every group's ratio itself; it cannot be combined with "
+            "global_pruning, max_ratio or ratios. Drop those, or use a ratio instead of the target."
+        )
+    return compact_to_target(
+        model,
+        example_input,
+        **targets,
+        importance=importance,
+        ignored_layers=ignored_layers,
+        prune_hidden=prune_hidden,
+        data=data,
+        loss_fn=loss_fn,
+        round_to=1 if round_to is None else round_to,
+        verify=verify,
+        progress=progress,
+    )
 
 
 def _choose_round_to_at(
@@ -818,7 +857,7 @@ def best_round_to(
     try:
         out = []
         for n in tqdm(list(choices), desc="graphprune round_to", disable=not progress):
-            plan = s.plan(ratio, round_to=n) if n > 1 else s.plan(ratio)
+            plan = s.plan(ratio, round_to=n)
             out.append(s.measure(s.evaluate(plan, ("r", n, ratio), round_to=n), plan=plan))
     finally:
         s.close()

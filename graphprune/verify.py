@@ -19,11 +19,14 @@ same numbers in both. Case by case:
    channel non-zero, and the next op must not see that (removal means it does not exist).
 2. In-place ops mutate their argument: the mutated argument is re-zeroed too, so later readers
    of it agree with the compact model.
-3. Statistics over a pruned dimension (LayerNorm/RMSNorm over pruned hidden channels with
-   ``prune_hidden=True``; mean/var/max/norm over channels; softmax): zeros *would* change the
-   statistic, so the reference computes these ops on the kept positions only (gathered), then
-   scatters the result back. This is exact whenever the kept positions form a rectangle along
-   the reduced dims, which is what the planner produces.
+3. Statistics over pruned channels the user allowed with ``prune_hidden=True`` (LayerNorm/RMSNorm
+   over the hidden size, mean/var/max/norm over channels -- the soft-frozen positions): zeros
+   *would* change the statistic, so the reference computes these ops on the kept positions
+   only (gathered), then scatters the result back. This is exact whenever the kept positions
+   form a rectangle along the reduced dims, which is what the planner produces. Positions the
+   analysis never allowed to be pruned through a statistic (softmax over channels, or a
+   statistic whose rule forgot to soft-freeze) are *not* gathered: their zeros change the
+   result, and the mismatch exposes the bug.
 4. Where no exact reference exists (a reduction over a pattern that is not a rectangle, a model
    on the ``meta`` device, graphs with effect tokens) the numeric check is skipped and the
    report says why; the shape check always runs.
@@ -96,7 +99,6 @@ _REDUCE_OPS = set(
         "sum.default",
     )
 )
-_ALONG_OPS = set(ops("softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default"))
 
 
 @dataclass
@@ -223,7 +225,7 @@ def _val_shape(val: Any) -> tuple[int, ...] | None:
     return None
 
 
-def build_masks(analysis: Analysis, removed: np.ndarray) -> dict[Node, Any]:
+def build_masks(analysis: Analysis, removed: np.ndarray, only: set[Node] | None = None) -> dict[Node, Any]:
     """Keep-masks (numpy bool, broadcastable) of every graph value that has removed positions.
 
     Activations use the labels the rules gave them; parameters and buffers use their own
@@ -237,6 +239,8 @@ def build_masks(analysis: Analysis, removed: np.ndarray) -> dict[Node, Any]:
         param_dims.setdefault(name, []).append((dim, ids))
     cls = analysis.unit_class
     for node in graph.nodes:
+        if only is not None and node not in only:
+            continue
         val = node.meta.get("val")
         if node.op == "placeholder":
             name = names.get(node.name)
@@ -276,6 +280,30 @@ def build_masks(analysis: Analysis, removed: np.ndarray) -> dict[Node, Any]:
     return masks
 
 
+def reference_masks(analysis: Analysis, removed: np.ndarray) -> tuple[dict[Node, Any], dict[Node, Any]]:
+    """All keep-masks, plus for inputs of statistics the masks of positions *not* soft-frozen.
+
+    A statistic may be computed over kept positions only where the analysis allowed pruning
+    through it (``prune_hidden``); anywhere else a removed position inside a reduction is a bug
+    the reference must expose, not paper over.
+    """
+    masks = build_masks(analysis, removed)
+    cls = analysis.unit_class
+    soft = np.zeros(len(removed), dtype=bool)
+    for ids, _ in analysis.coupler.soft_frozen:
+        soft[cls[ids]] = True
+    stat_inputs = {
+        n.args[0]
+        for n in analysis.traced.program.graph.nodes
+        if n.op == "call_function"
+        and (n.target in _NORM_OPS or n.target in _REDUCE_OPS)
+        and n.args
+        and isinstance(n.args[0], Node)
+    }
+    hard = build_masks(analysis, removed & ~soft, only=stat_inputs)
+    return masks, hard
+
+
 # ------------------------------------------------------------------------------------------
 # The masked interpreter
 # ------------------------------------------------------------------------------------------
@@ -291,9 +319,17 @@ def _storage_ptr(t: torch.Tensor) -> int | None:
 class _MaskedInterpreter(Interpreter):
     """Runs the traced program holding every removed position at zero (see module docstring)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, masks: dict[Node, Any], protected: set[int], record: bool):
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        masks: dict[Node, Any],
+        hard_masks: dict[Node, Any],
+        protected: set[int],
+        record: bool,
+    ):
         super().__init__(gm, garbage_collect_values=not record)
         self.masks = masks
+        self.hard_masks = hard_masks  # inputs of statistics: False only where pruning is not allowed
         self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
         self.protected = protected  # storages of the user's tensors: never written
         self.record = record
@@ -344,9 +380,7 @@ class _MaskedInterpreter(Interpreter):
 
     # -- execution -----------------------------------------------------------------------
     def run_node(self, n: Node) -> Any:
-        if n.op == "call_function" and (
-            n.target in _NORM_OPS or n.target in _REDUCE_OPS or n.target in _ALONG_OPS
-        ):
+        if n.op == "call_function" and (n.target in _NORM_OPS or n.target in _REDUCE_OPS):
             result = self._run_statistic(n)
         else:
             result = super().run_node(n)
@@ -357,6 +391,13 @@ class _MaskedInterpreter(Interpreter):
         if self.record:
             self.values[n] = result
         return result
+
+    def _hard_keep(self, node: Node, like: torch.Tensor) -> torch.Tensor | None:
+        entry = self.hard_masks.get(node)
+        if entry is None or isinstance(entry, list):
+            return None
+        t = torch.as_tensor(entry, device=like.device)
+        return t.reshape((1,) * (like.dim() - t.dim()) + tuple(t.shape)).expand(like.shape)
 
     def _remask_mutated(self, n: Node) -> None:
         schema = getattr(n.target, "_schema", None)
@@ -379,8 +420,8 @@ class _MaskedInterpreter(Interpreter):
         r = x.dim()
         dims = _reduced_dims(n, args, kwargs, r)
         plan = _gather_plan(keep.expand(x.shape), dims)
-        if plan is None:
-            return n.target(*args, **kwargs)
+        if plan is None or _mixes(self._hard_keep(src, x), dims):
+            return n.target(*args, **kwargs)  # nothing to gather, or a pruning no rule allowed
         args = list(args)
         args[0] = _gather(x, plan)
         kind = _NORM_OPS.get(n.target)
@@ -392,7 +433,7 @@ class _MaskedInterpreter(Interpreter):
                 if wi < len(args) and isinstance(args[wi], torch.Tensor):
                     args[wi] = _gather(args[wi], [(d - off, idx) for d, idx in plan])
         out = n.target(*args, **kwargs)
-        if kind is not None or n.target in _ALONG_OPS:
+        if kind is not None:
             if isinstance(out, (tuple, list)):
                 return type(out)([_scatter(out[0], plan, x.shape)] + list(out[1:]))
             return _scatter(out, plan, x.shape)
@@ -409,6 +450,13 @@ def _reduced_dims(n: Node, args: list[Any], kwargs: dict[str, Any], r: int) -> l
     if isinstance(dims, int):
         return [dims % r]
     return sorted({int(d) % r for d in dims})
+
+
+def _mixes(keep: torch.Tensor | None, dims: list[int]) -> bool:
+    """True if some row along ``dims`` has both kept and removed positions."""
+    if keep is None or not dims or keep.numel() == 0:
+        return False
+    return not torch.equal(keep.amax(dim=dims), keep.amin(dim=dims))
 
 
 def _gather_plan(keep: torch.Tensor, dims: list[int]) -> list[tuple[int, torch.Tensor]] | None:
@@ -508,14 +556,14 @@ def _protected(original: nn.Module, example_input: Any) -> set[int]:
 
 def _run_reference(
     analysis: Analysis,
-    masks: dict[Node, Any],
+    masks: tuple[dict[Node, Any], dict[Node, Any]],
     original: nn.Module,
     example_input: Any,
     record: bool = False,
 ) -> tuple[list[torch.Tensor], _MaskedInterpreter]:
     program = analysis.traced.program
     flat = _graph_inputs(analysis, original, example_input)
-    interp = _MaskedInterpreter(program.graph_module, masks, _protected(original, example_input), record)
+    interp = _MaskedInterpreter(program.graph_module, *masks, _protected(original, example_input), record)
     with torch.no_grad():
         outs = interp.run(*flat, enable_io_processing=False)
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
@@ -532,7 +580,7 @@ def reference_outputs(
     analysis: Analysis, removed: np.ndarray, original: nn.Module, example_input: Any
 ) -> list[torch.Tensor]:
     """The outputs the compact model must produce: the masked original program (see module doc)."""
-    return _run_reference(analysis, build_masks(analysis, removed), original, example_input)[0]
+    return _run_reference(analysis, reference_masks(analysis, removed), original, example_input)[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -621,7 +669,7 @@ def verify_compact(
             "Then verify with the same setting."
         )
     try:
-        masks = build_masks(analysis, removed)
+        masks = reference_masks(analysis, removed)
         ref, _ = _run_reference(analysis, masks, original, example_input)
     except _Inexact as why:
         report.skipped = f"no exact reference: {why}"
@@ -692,7 +740,7 @@ def _kept_view(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor |
 
 def _localize(
     analysis: Analysis,
-    masks: dict[Node, Any],
+    masks: tuple[dict[Node, Any], dict[Node, Any]],
     removed: np.ndarray,
     original: nn.Module,
     small: nn.Module,

@@ -358,7 +358,8 @@ class _MaskedInterpreter(Interpreter):
         if keep is None or not isinstance(t, torch.Tensor):
             return t
         drop = ~keep
-        if _storage_ptr(t) not in self.protected:
+        expanded = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+        if not expanded and _storage_ptr(t) not in self.protected:
             try:
                 return t.masked_fill_(drop, 0)  # in place: views of t see the zeros, as in the model
             except RuntimeError:  # expanded/overlapping memory

@@ -21,6 +21,7 @@ from torch.fx import Node
 from graphprune import rules
 from graphprune.labels import Coupler, TensorLabels
 from graphprune.rules import RuleContext, where
+from graphprune.rules import attention as attention_rules
 from graphprune.trace import Traced, check_model, eval_copy, trace
 
 rules.load_all()
@@ -218,6 +219,7 @@ def analyze_traced(
             labels[node] = fn(ctx, node)
         except Exception as exc:  # noqa: BLE001 - a rule bug must freeze, never crash or guess
             _boundary(ctx, node, f"rule for {node.target} failed ({type(exc).__name__}: {exc})", boundaries)
+    attention_rules.module_constraints(work, coupler)  # widths tied in Python (nn.MultiheadAttention)
     prefixes = _ignored_prefixes(work, ignored_layers) + list(ignored_names or [])
     for (name, _dim), ids in coupler.param_ids.items():
         if any(name == p or name.startswith(p + ".") for p in prefixes):

@@ -15,6 +15,7 @@ from graphprune.errors import GraphPruneError, InputError
 from graphprune.importance import Criterion, prepare_criterion, resolve
 from graphprune.inputs import flatten_outputs, normalize_inputs
 from graphprune.plan import AttrUpdate, Plan, build_plan, check_ratio
+from graphprune.rules.attention import head_count_updates
 from graphprune.shapes import Sizer, attribute_updates, graph_constant_changes
 from graphprune.surgery import apply_attr_updates, module_updates, replay, set_tensor, slice_tensors
 from graphprune.trace import check_model, no_cache
@@ -95,6 +96,7 @@ def _realize(analysis: Analysis, plan: Plan, example_input: Any, *, copy_model: 
     sizer = Sizer(analysis, removed)
     changes = graph_constant_changes(analysis, sizer)
     attr_ups, notes = attribute_updates(analysis, changes, work)
+    attr_ups += head_count_updates(analysis, sizer, work, attr_ups)
     plan.notes.extend(notes)
     slice_tensors(work, plan)
     mod_ups = module_updates(work)

@@ -22,6 +22,7 @@ SHAPE_ARG = ops("view.default", "reshape.default", "_unsafe_view.default", "expa
 SPLIT = ops("split.Tensor", "unsafe_split.Tensor")
 SPLIT_SIZES = ops("split_with_sizes.default")
 UNFLATTEN = ops("unflatten.int")
+NORM_SHAPE = ops("layer_norm.default", "native_layer_norm.default", "rms_norm.default")
 SLICE = ops("slice.Tensor")
 
 
@@ -76,9 +77,15 @@ def new_args(analysis: Analysis, sizer: Sizer, node: Node) -> tuple | None:
                     shape[i] = nv
                     changed = True
         args[1] = shape
+    elif node.target in NORM_SHAPE and isinstance(args[1], (list, tuple)) and isinstance(args[0], Node):
+        lab = _lab(analysis, args[0])  # normalized_shape: the input's trailing dims
+        rank = len(args[0].meta["val"].shape)
+        shape = [sizer.size(lab, rank - len(args[1]) + i, v) for i, v in enumerate(args[1])]
+        changed = shape != list(args[1])
+        args[1] = shape
     elif node.target in UNFLATTEN:
         lab = _lab(analysis, node)
-        dim = args[1] % len(val.shape)
+        dim = args[1] % (len(val.shape) - len(args[2]) + 1)  # a negative dim counts in the input
         sizes = list(args[2])
         for k, v in enumerate(sizes):
             if isinstance(v, int) and v >= 0:

@@ -105,7 +105,28 @@ def module_updates(model: nn.Module) -> list[AttrUpdate]:
             upd(path, mod, "embedding_dim", w[1])
         elif isinstance(mod, nn.PReLU) and w is not None:
             upd(path, mod, "num_parameters", w[0])
+        elif isinstance(mod, nn.MultiheadAttention):
+            _mha_updates(path, mod, upd)
+        elif isinstance(mod, nn.RNNBase) and mod.proj_size == 0:
+            upd(path, mod, "input_size", mod.weight_ih_l0.shape[1])
+            upd(path, mod, "hidden_size", mod.weight_hh_l0.shape[1])
+        elif type(mod).__name__ == "Conv1D" and w is not None and hasattr(mod, "nf"):
+            upd(path, mod, "nx", w[0])  # Hugging Face GPT-2's transposed Linear: weight (nx, nf)
+            upd(path, mod, "nf", w[1])
     return ups
+
+
+def _mha_updates(path: str, mod: nn.MultiheadAttention, upd: Any) -> None:
+    """nn.MultiheadAttention's sizes follow its (sliced) projection weights; heads keep their width."""
+    embed = mod.out_proj.weight.shape[0]
+    upd(path, mod, "embed_dim", embed)
+    upd(path, mod, "num_heads", embed // mod.head_dim)
+    if mod._qkv_same_embed_dim:
+        upd(path, mod, "kdim", embed)
+        upd(path, mod, "vdim", embed)
+    else:
+        upd(path, mod, "kdim", mod.k_proj_weight.shape[1])
+        upd(path, mod, "vdim", mod.v_proj_weight.shape[1])
 
 
 def apply_attr_updates(model: nn.Module, updates: list[AttrUpdate]) -> None:

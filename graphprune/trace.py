@@ -98,6 +98,21 @@ def reference_outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor
     return flatten_outputs(out)
 
 
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every name of a shared (tied) tensor -> its first name, the one ``named_parameters`` gives.
+
+    torch.export may give a tied weight (GPT-2's ``lm_head.weight`` is ``wte.weight``) one
+    placeholder per name; mapping them to one name makes the rules see one tensor, so both uses
+    are coupled and the tensor is sliced once.
+    """
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in tensors:
+        out[name] = first.setdefault(id(t), name)
+    return out
+
+
 def trace(model: nn.Module, example_input: Any) -> Traced:
     """Export ``model`` (already an eval-mode copy) with torch.export, non-strict."""
     args, kwargs = normalize_inputs(example_input)
@@ -117,9 +132,10 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
         ) from exc
     sig = program.graph_signature
     names: dict[str, str] = {}
+    canonical = _canonical_names(model)
     for spec in sig.input_specs:
         if spec.target is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
-            names[spec.arg.name] = spec.target
+            names[spec.arg.name] = canonical.get(spec.target, spec.target)
     user_outputs = [
         spec.arg.name
         for spec in sig.output_specs

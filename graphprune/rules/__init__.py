@@ -107,4 +107,4 @@ def where(node: Node) -> str:
 
 def load_all() -> None:
     """Import the rule modules so their decorators run."""
-    from graphprune.rules import attention, nn, pointwise, shape  # noqa: F401
+    from graphprune.rules import attention, nn, pointwise, recurrent, shape  # noqa: F401

@@ -130,3 +130,123 @@ def sdpa(ctx: RuleContext, node: Node):
     if isinstance(vals, (tuple, list)):
         return [out] + [None] * (len(vals) - 1)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Module-level constraints and attribute updates that no single ATen op can express
+# ---------------------------------------------------------------------------------------------
+
+
+def _mha_constraints(path: str, mod, coupler) -> None:
+    """nn.MultiheadAttention computes with one width, ``embed_dim``, everywhere.
+
+    ``F.multi_head_attention_forward`` asserts that the query's last dim equals ``embed_dim``, that
+    the packed ``in_proj_weight`` has ``3 * embed_dim`` rows and that ``out_proj`` maps back to
+    ``embed_dim``; ``head_dim = embed_dim // num_heads``. So the q rows (the heads' channels), the
+    query input channels and the output channels must be removed together, position by position.
+    Where the input is the residual stream (frozen unless ``prune_hidden=True``) the heads stay;
+    otherwise heads go together with the channels of the layer feeding the query.
+    """
+    prefix = f"{path}." if path else ""
+    e = mod.embed_dim
+    ids = coupler.param_ids
+    if mod._qkv_same_embed_dim:
+        rows = ids.get((prefix + "in_proj_weight", 0))
+        cols = ids.get((prefix + "in_proj_weight", 1))
+    else:
+        rows = ids.get((prefix + "q_proj_weight", 0))
+        cols = ids.get((prefix + "q_proj_weight", 1))
+    out_rows = ids.get((prefix + "out_proj.weight", 0))
+    if rows is None:
+        return
+    q_rows = rows[:e]
+    for other in (cols, out_rows):
+        if other is not None and len(other) == e:
+            coupler.union(q_rows, other)
+    if mod.bias_k is not None:  # add_bias_kv: (1, 1, E) tensors concatenated to k and v
+        for name in ("bias_k", "bias_v"):
+            bias = ids.get((prefix + name, 2))
+            if bias is not None:
+                coupler.union(q_rows, bias)
+
+
+def module_constraints(model, coupler) -> None:
+    """Constraints of modules whose Python code ties widths the traced ops do not tie."""
+    from torch import nn
+
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            _mha_constraints(path, mod, coupler)
+
+
+_HEAD_COUNT_WORDS = ("head",)
+_NOT_HEAD_COUNT_WORDS = ("dim", "size", "width", "mask", "idx", "index", "layer")
+
+
+def _head_count_attr(attr: str) -> bool:
+    a = attr.lower()
+    return any(w in a for w in _HEAD_COUNT_WORDS) and not any(w in a for w in _NOT_HEAD_COUNT_WORDS)
+
+
+def _head_dim_attr(attr: str) -> bool:
+    a = attr.lower()
+    return a in ("head_dim", "head_size", "d_head", "dim_head", "attention_head_size", "d_k", "d_v")
+
+
+ATTENTION_OPS = ops(
+    "scaled_dot_product_attention.default",
+    "_scaled_dot_product_flash_attention_for_cpu.default",
+    "_scaled_dot_product_efficient_attention.default",
+    "_scaled_dot_product_flash_attention.default",
+    "matmul.default",
+)
+
+
+def head_count_updates(analysis, sizer, model, known) -> list:
+    """``self.num_heads``-style attributes of modules running attention, for the new head count.
+
+    Reshapes often split heads with ``-1`` (``view(B, N, -1, self.head_dim)``) and merge them
+    with ``self.num_heads * self.head_dim``: the graph then holds no constant equal to
+    ``num_heads``, so the constant-driven search cannot find it. The head count is the size of
+    dim -3 of every attention operand (q, k, v); an integer attribute named like a head count
+    (``num_heads``, ``n_kv_heads``...) of the module running that op, holding the old count,
+    gets the new one. Likewise ``head_dim``-named attributes when heads lose channels inside.
+    ``known`` (updates found from graph constants) wins over these.
+    """
+    from graphprune.plan import AttrUpdate
+
+    per_module: dict[str, dict[tuple[int, bool], set[int]]] = {}
+    for node in analysis.traced.program.graph.nodes:
+        if node.op != "call_function" or node.target not in ATTENTION_OPS:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        for arg in node.args[:3]:
+            if not isinstance(arg, Node):
+                continue
+            shape = arg.meta.get("val").shape if hasattr(arg.meta.get("val"), "shape") else None
+            if shape is None or len(shape) != 4:
+                continue
+            lab = analysis.labels.get(arg)
+            if not isinstance(lab, TensorLabels):
+                continue
+            for dim, is_dim in ((1, False), (3, True)):
+                old = int(shape[dim])
+                new = sizer.size(lab, dim, old)
+                if new != old:
+                    per_module.setdefault(path, {}).setdefault((old, is_dim), set()).add(new)
+    taken = {(u.module, u.attr) for u in known}
+    ups = []
+    for path, mapping in per_module.items():
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        for attr, val in vars(mod).items():
+            if attr.startswith("_") or type(val) is not int or (path, attr) in taken:
+                continue
+            for (old, is_dim), news in mapping.items():
+                named = _head_dim_attr(attr) if is_dim else _head_count_attr(attr)
+                if val == old and named and len(news) == 1:
+                    ups.append(AttrUpdate(path, attr, old, next(iter(news))))
+    return ups

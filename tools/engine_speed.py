@@ -1,0 +1,299 @@
+"""How fast and light is the engine itself? Time trace / group / plan / surgery per model.
+
+Targets (issue "Measured speed"): a ResNet-50-sized CNN in under 2 s, a ViT-B / BERT-base-sized
+model in under 5 s, a LLaMA-style 7B model built on the ``meta`` device analysed to a plan in
+under 60 s and 4 GiB of RAM, and analysis cost growing linearly with depth.
+
+Every case runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own and a warm
+cache from an earlier case cannot flatter it. Each case runs the pipeline twice: the first
+("cold") pays one-time costs of torch.export in a fresh process (what a user's first call
+costs), the second ("warm") shows the steady state.
+
+    python tools/engine_speed.py                   # every case, table + JSON on stdout
+    python tools/engine_speed.py --cases resnet50 --profile   # cProfile hotspots per stage
+    python tools/engine_speed.py --json out.json   # also save the numbers
+    python tools/engine_speed.py --twin            # meta plan == real plan on a small LLaMA
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any
+
+import torch
+
+STAGES = ("trace", "group", "plan", "surgery")
+DEPTHS = (2, 4, 8, 16, 32)
+CASES: dict[str, dict[str, Any]] = {
+    "resnet50": {"target_s": 2.0, "what": "zoo ResNet-50 (25.6 M params), 1x3x224x224"},
+    "vit_b": {"target_s": 5.0, "what": "HF ViT-B/16 (86 M params, random weights), 1x3x224x224"},
+    "bert_base": {"target_s": 5.0, "what": "HF BERT-base (110 M params, random weights), 1x128 tokens"},
+    "llama7b_meta": {
+        "target_s": 60.0,
+        "target_gib": 4.0,
+        "what": "LLaMA-7B config (6.7 B params) on the meta device, 1x16 tokens",
+    },
+    **{
+        f"llama_meta_L{n}": {"what": f"LLaMA-7B widths, {n} blocks, meta device", "depth": n}
+        for n in DEPTHS
+    },
+}
+
+
+def _rss_gib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _llama_config(layers: int, small: bool = False) -> Any:
+    from transformers import LlamaConfig
+
+    if small:
+        return LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=layers,
+                           num_attention_heads=8, num_key_value_heads=8, vocab_size=256,
+                           max_position_embeddings=64, attn_implementation="eager")
+    # LLaMA-2-7B shapes. Eager attention: HF's SDPA mask helpers call .item(), which meta
+    # tensors cannot answer when the model is run eagerly (tracing itself would not need it).
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       max_position_embeddings=2048, attn_implementation="eager")
+
+
+def build(case: str) -> tuple[torch.nn.Module, Any]:
+    """The model and example input of a case (random weights; no downloads)."""
+    torch.manual_seed(0)
+    if case == "resnet50":
+        from graphprune import zoo
+
+        return zoo.build("resnet50", "bench")
+    if case == "vit_b":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        model = ViTForImageClassification(ViTConfig(num_labels=1000)).eval()
+        return model, torch.randn(1, 3, 224, 224)
+    if case == "bert_base":
+        from transformers import BertConfig, BertModel
+
+        model = BertModel(BertConfig()).eval()
+        ids = torch.randint(0, 30522, (1, 128))
+        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if case.startswith("llama"):
+        from transformers import LlamaForCausalLM
+
+        layers = CASES[case].get("depth", 32)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(_llama_config(layers))
+        model.eval()
+        ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
+        # attention_mask given: without it HF checks position_ids for packed sequences (.item()).
+        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    raise SystemExit(f"unknown case {case!r}; cases: {', '.join(CASES)}")
+
+
+def pipeline(model: torch.nn.Module, x: Any, ratio: float, profile: bool) -> dict[str, Any]:
+    """Run the four stages once; seconds per stage (and cProfile hotspots if asked)."""
+    from graphprune.analysis import analyze_traced
+    from graphprune.api import _realize
+    from graphprune.importance import resolve
+    from graphprune.plan import build_plan
+    from graphprune.trace import eval_copy, trace
+
+    out: dict[str, Any] = {}
+    hot: dict[str, str] = {}
+    state: dict[str, Any] = {}
+
+    def stage(name: str, fn: Any) -> None:
+        prof = cProfile.Profile() if profile else None
+        t0, c0 = time.perf_counter(), time.process_time()
+        if prof:
+            prof.enable()
+        state[name] = fn()
+        if prof:
+            prof.disable()
+        out[name] = time.perf_counter() - t0
+        out[name + "_cpu"] = time.process_time() - c0
+        if prof:
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
+            hot[name] = buf.getvalue()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stage("trace", lambda: (lambda w: (trace(w, x), w))(eval_copy(model)))
+        traced, work = state["trace"]
+        stage("group", lambda: analyze_traced(traced, work))
+        analysis = state["group"]
+        stage("plan", lambda: build_plan(analysis, ratio, resolve("l2"), "l2"))
+        plan = state["plan"]
+        stage("surgery", lambda: _realize(analysis, plan, x))
+    out["total"] = sum(out[s] for s in STAGES)
+    out["total_cpu"] = sum(out[s + "_cpu"] for s in STAGES)
+    out["groups"] = len(analysis.groups)
+    out["pruned_groups"] = sum(1 for g in plan.groups if g.removed)
+    out["graph_nodes"] = len(traced.program.graph.nodes)
+    out["result_class"] = type(state["surgery"]).__name__
+    if profile:
+        out["hotspots"] = hot
+    return out
+
+
+def run_case(case: str, ratio: float, profile: bool) -> dict[str, Any]:
+    """One case in this process: build, then the pipeline cold and warm."""
+    from graphprune.bench import count_params
+
+    rss0 = _rss_gib()
+    t0 = time.perf_counter()
+    model, x = build(case)
+    built = time.perf_counter() - t0
+    res: dict[str, Any] = {"case": case, **CASES[case], "build_s": built, "params": count_params(model)}
+    res["cold"] = pipeline(model, x, ratio, profile)
+    res["warm"] = pipeline(model, x, ratio, False)
+    res["peak_rss_gib"] = _rss_gib()
+    res["loadavg_1min"] = os.getloadavg()[0]  # other processes on the machine inflate wall times
+    res["rss_before_build_gib"] = rss0
+    return res
+
+
+def twin_check() -> dict[str, Any]:
+    """A plan made on the meta twin equals the plan made on the real-weights model.
+
+    Scores need weights, so both use the same seeded random importance; what is compared is
+    the structure (groups, sliced tensors, kept indices, attribute updates). Then the meta
+    twin's plan is replayed (``apply_plan``) on the real model and checked against compacting
+    the real model directly: identical outputs, and ``generate`` still works.
+    """
+    from transformers import LlamaForCausalLM
+
+    import graphprune
+    from graphprune.importance import random_importance
+
+    cfg = _llama_config(2, small=True)
+    torch.manual_seed(0)
+    real = LlamaForCausalLM(cfg).eval()
+    with torch.device("meta"):
+        twin = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    x_real = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    x_meta = {k: v.to("meta") for k, v in x_real.items()}
+    crit = random_importance(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p_real = graphprune.make_plan(real, x_real, 0.3, importance=crit)
+        p_meta = graphprune.make_plan(twin, x_meta, 0.3, importance=crit)
+        d_real, d_meta = p_real.to_dict(), p_meta.to_dict()
+        same = {k: d_real[k] == d_meta[k] for k in ("slices", "shapes", "groups", "attr_updates")}
+        replayed = graphprune.apply_plan(real, p_meta)
+        direct = graphprune.compact(real, x_real, 0.3, importance=crit)
+        with torch.no_grad():
+            a = replayed(**x_real).logits
+            b = direct(**x_real).logits
+        gen = replayed.generate(ids, max_new_tokens=4, do_sample=False)
+    return {
+        "plans_equal": same,
+        "replayed_vs_direct_max_abs_diff": float((a - b).abs().max()),
+        "params_real": graphprune.count_params(real),
+        "params_compact": graphprune.count_params(replayed),
+        "generate_tokens": gen.shape[-1] - ids.shape[-1],
+        "config_after": {
+            k: getattr(replayed.config, k, None)
+            for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+        },
+    }
+
+
+def _fmt_row(r: dict[str, Any], which: str) -> str:
+    s = r[which]
+    tgt = r.get("target_s")
+    verdict = "" if tgt is None else ("ok" if s["total"] < tgt else "SLOW")
+    return (
+        f"{r['case']:<15} {which:<5} " + " ".join(f"{s[k]:7.2f}" for k in STAGES)
+        + f" {s['total']:7.2f} {s['total_cpu']:7.2f} {'' if tgt is None else f'{tgt:5.0f}':>6} {verdict:<4}"
+        + f" {r['peak_rss_gib']:6.2f} {s['groups']:6d} {s['graph_nodes']:6d} {r['loadavg_1min']:5.1f}"
+    )
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = (f"{'case':<15} {'run':<5} " + " ".join(f"{s:>7}" for s in STAGES)
+            + f" {'total':>7} {'cpu':>7} {'target':>6} {'':<4} {'RSSGiB':>6} {'groups':>6} {'nodes':>6}"
+            + f" {'load':>5}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines += [_fmt_row(r, "cold"), _fmt_row(r, "warm")]
+    return "\n".join(lines)
+
+
+def scaling(results: list[dict[str, Any]]) -> str:
+    rows = [r for r in results if r.get("depth")]
+    if len(rows) < 2:
+        return ""
+    rows.sort(key=lambda r: r["depth"])
+    lines = ["analysis (trace + group) vs depth, warm:", f"{'blocks':>6} {'seconds':>8} {'s/block':>8}"]
+    for r in rows:
+        t = r["warm"]["trace"] + r["warm"]["group"]
+        lines.append(f"{r['depth']:>6} {t:8.2f} {t / r['depth']:8.3f}")
+    a, b = rows[0], rows[-1]
+    ta = a["warm"]["trace"] + a["warm"]["group"]
+    tb = b["warm"]["trace"] + b["warm"]["group"]
+    lines.append(
+        f"{b['depth'] // a['depth']}x the blocks -> {tb / ta:.1f}x the time "
+        f"(linear would be {b['depth'] / a['depth']:.0f}x; a fixed cost makes it less)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--profile", action="store_true", help="cProfile each stage (cold run), print hotspots")
+    p.add_argument("--json", help="save the results here")
+    p.add_argument("--twin", action="store_true", help="only the meta-vs-real plan check")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = p.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(run_case(args.one, args.ratio, args.profile)))
+        return 0
+    if args.twin:
+        print(json.dumps(twin_check(), indent=2))
+        return 0
+    from tqdm import tqdm
+
+    results = []
+    for case in tqdm(args.cases.split(","), desc="engine_speed", file=sys.stderr):
+        cmd = [sys.executable, __file__, "--one", case, "--ratio", str(args.ratio)]
+        if args.profile:
+            cmd.append("--profile")
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{case}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        r = json.loads(line[len("RESULT "):])
+        results.append(r)
+        if args.profile:
+            for stage_name, text in r["cold"].get("hotspots", {}).items():
+                print(f"==== {case} / {stage_name}\n{text}")
+    print(table(results))
+    text = scaling(results)
+    if text:
+        print()
+        print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

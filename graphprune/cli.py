@@ -255,6 +255,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     model, example, small, _plan = _compact(args)
     report = graphprune.benchmark(model, small, example, **_bench_kwargs(args))
     print(report)
+    if getattr(args, "plot", None):
+        from graphprune.report import plot_widths
+
+        print(f"wrote {plot_widths(model, small, args.plot)}")
     if args.json:
         payload = {"model": args.model, "ratio": args.ratio, "report": _report_to_data(report)}
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
@@ -419,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of both models.")
     _add_model_args(p)
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--plot", metavar="PNG", help="draw per-layer widths before/after to this PNG")
     _add_bench_args(p)
     p.set_defaults(func=cmd_benchmark)
 
@@ -433,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--describe", action="store_true", help="build each model and show its size")
     p.add_argument("--size", choices=("tiny", "bench"), default="tiny", help="size for --describe")
     p.set_defaults(func=cmd_zoo)
+
+    from graphprune.speed_cli import register as register_speed_commands
+
+    register_speed_commands(sub)  # sweep, target
     return parser
 
 

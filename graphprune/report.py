@@ -227,6 +227,9 @@ def plot_candidates(result: Any, path: str | os.PathLike = "search.png") -> Path
     chosen = [c for c in cands if c.chosen]
     for c in chosen:
         ax.plot([c.ratio], [100 * c.flops_frac], "o", ms=13, mfc="none", mec="red", mew=1.5)
+    kind, value = getattr(result, "kind", ""), getattr(result, "value", None)
+    if kind in ("flops", "params") and value is not None:
+        ax.axhline(100 * value, color="red", lw=0.8, ls=":", label=f"target ({kind})")
     ax.set_xlabel("ratio")
     ax.set_ylabel("% of the original kept")
     ax.set_ylim(0, 105)
@@ -241,6 +244,10 @@ def plot_candidates(result: Any, path: str | os.PathLike = "search.png") -> Path
         for c in chosen:
             if c.speedup is not None:
                 ax2.plot([c.ratio], [c.speedup], "o", ms=13, mfc="none", mec="red", mew=1.5)
+        if kind == "speedup" and value is not None:
+            ax2.axhline(value, color="red", lw=0.8, ls=":", label="target")
+        if max((c.ideal_speedup or 1.0) for c in pts) > 8:
+            ax2.set_yscale("log")
         ax2.set_xlabel("ratio")
         ax2.set_ylabel("speed-up (x)")
         ax2.grid(alpha=0.3)

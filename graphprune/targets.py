@@ -150,6 +150,8 @@ class TargetResult:
     original_flops: int
     candidates: list[Candidate] = field(default_factory=list)
     note: str = ""
+    kind: str = ""  # "flops", "params", "speedup" or "latency_ms"
+    value: float | None = None  # the target asked for
 
     @property
     def chosen(self) -> Candidate:
@@ -158,6 +160,8 @@ class TargetResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "target": self.target,
+            "kind": self.kind,
+            "value": self.value,
             "met": self.met,
             "original_params": self.original_params,
             "original_flops": self.original_flops,
@@ -767,7 +771,7 @@ def compact_to_target(
         from graphprune.verify import verify_compact
 
         verify_compact(s.analysis, plan, small, example_input, original=model)
-    return TargetResult(small, plan, _describe(kind, value), met, s.params, s.flops, tried, note)
+    return TargetResult(small, plan, _describe(kind, value), met, s.params, s.flops, tried, note, kind, value)
 
 
 def targeted(

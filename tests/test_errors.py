@@ -58,7 +58,7 @@ def _entry_points():
 
 
 @pytest.mark.parametrize("call", _entry_points_with_ratio())
-@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "abc", None])
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "abc", True])
 def test_ratio_outside_zero_one_is_rejected_with_the_value_and_the_valid_range(call, ratio) -> None:
     with pytest.raises(graphprune.GraphPruneError) as info:
         call(TinyConvNet().eval(), _x(), ratio)

@@ -26,11 +26,31 @@ def _matmul_letters(ra: int, rb: int) -> tuple[str, str, str]:
     return "".join(a), "".join(b), "".join(out)
 
 
+def _keep_contracted_whole(ctx: RuleContext, node: Node, args, letters, out_letters: str) -> None:
+    """Two activations contracted over a labelled dim (attention scores ``q @ k^T``): keep it whole.
+
+    The contraction itself survives pruning, but user code scales it by a constant computed from
+    that size (``self.head_dim ** -0.5``), which would change behind the graph's back once surgery
+    updates ``head_dim`` (single-head attention, found by fuzzing). Whole heads stay prunable.
+    """
+    if len(args) != 2 or any(a in ctx.param_names for a in args):
+        return
+    for arg, ls in zip(args, letters, strict=True):
+        lab = ctx.labels(arg)
+        if lab is None:
+            continue
+        for d, ch in enumerate(ls):
+            f = lab.factor_at(d)
+            if f is not None and ch not in out_letters and all(ch in other for other in letters):
+                ctx.coupler.require_intact(f, f.axis_of(d), f"{where(node)}: contracts two activations")
+
+
 @rule(*ops("matmul.default", "mm.default", "bmm.default"))
 def matmul(ctx: RuleContext, node: Node):
     a, b = node.args[0], node.args[1]
     sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
     la, lb, lo = _matmul_letters(len(sa), len(sb))
+    _keep_contracted_whole(ctx, node, [a, b], [la, lb], lo)
     operands = [(ctx.labels(a), sa, la), (ctx.labels(b), sb, lb)]
     return einsum_labels(ctx.coupler, operands, lo, so, where(node))
 
@@ -56,6 +76,7 @@ def einsum(ctx: RuleContext, node: Node):
             ctx.coupler.freeze_labels(ctx.labels(t), f"{where(node)}: implicit einsum")
         return TensorLabels(ctx.shape(node), [])
     lhs, out = eq.split("->")
+    _keep_contracted_whole(ctx, node, tensors, lhs.split(","), out)
     operands = [(ctx.labels(t), ctx.shape(t), spec) for t, spec in zip(tensors, lhs.split(","), strict=True)]
     return einsum_labels(ctx.coupler, operands, out, ctx.shape(node), where(node))
 

@@ -12,11 +12,12 @@ from torch import nn
 from graphprune.analysis import Analysis, analyze, param_tensor
 from graphprune.cut import CutOptions, check_options
 from graphprune.errors import GraphPruneError, InputError
+from graphprune.hf import update_config
 from graphprune.importance import Criterion, prepare_criterion, resolve
 from graphprune.inputs import flatten_outputs, normalize_inputs
 from graphprune.plan import AttrUpdate, Plan, build_plan, check_ratio
 from graphprune.rules.attention import head_count_updates
-from graphprune.shapes import Sizer, attribute_updates, graph_constant_changes
+from graphprune.shapes import Sizer, UncertainUpdate, attribute_updates, graph_constant_changes
 from graphprune.surgery import apply_attr_updates, module_updates, replay, set_tensor, slice_tensors
 from graphprune.trace import check_model, no_cache
 
@@ -103,7 +104,10 @@ def _realize(analysis: Analysis, plan: Plan, example_input: Any, *, copy_model: 
     apply_attr_updates(work, mod_ups)
     attr_ups = _choose_attr_updates(work, attr_ups, example_input, analysis.traced.output_shapes)
     plan.attr_updates = mod_ups + attr_ups
-    return _checked_or_fallback(work, analysis, plan, changes, example_input)
+    small = _checked_or_fallback(work, analysis, plan, changes, example_input)
+    if small is work:  # Hugging Face: model.config describes the new widths where it can
+        plan.notes.extend(update_config(small, plan, example_input))
+    return small
 
 
 def _output_shapes(model: nn.Module, example_input: Any) -> list[tuple[int, ...]]:
@@ -151,12 +155,15 @@ def _choose_attr_updates(work, ups: list[AttrUpdate], example_input, expected) -
     sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
     for u in ups:
         sets.setdefault((u.module, u.old, u.new), []).append(u)
-    sure = [u for g in sets.values() if len(g) == 1 for u in g]
-    ambiguous = [g for g in sets.values() if len(g) > 1]
+    sure = [u for g in sets.values() if len(g) == 1 and not isinstance(g[0], UncertainUpdate) for u in g]
+    ambiguous = [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
     apply_attr_updates(work, ups)
     if not ambiguous:
         return ups
-    options = [[list(g)] + [[u] for u in g] + [[]] for g in ambiguous]
+    options = [  # uncertain ones start from "leave it": applied only if the model needs them
+        [[]] + [[u] for u in g] if isinstance(g[0], UncertainUpdate) else [list(g)] + [[u] for u in g] + [[]]
+        for g in ambiguous
+    ]
     choice = [0] * len(ambiguous)
     revert = [AttrUpdate(u.module, u.attr, u.new, u.old) for u in ups]
     for _ in range(sum(len(o) for o in options) + 1):
@@ -337,6 +344,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         raise InputError(f"plan must be a graphprune.Plan, got {type(plan).__name__}")
     small = copy.deepcopy(model)
     replay(small, plan)
+    update_config(small, plan)
     return small
 
 

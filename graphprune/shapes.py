@@ -141,17 +141,29 @@ def _ints(value: Any) -> list[int]:
     return []
 
 
+class UncertainUpdate(AttrUpdate):
+    """An update whose old value also stays unchanged elsewhere in the same op.
+
+    In LLaMA's ``expand(batch, kv_heads, n_rep, ...)`` with 2 kv heads and ``n_rep == 2``, the 2
+    that changes is the kv head count, but an attribute holding 2 may be ``n_rep``. Such updates
+    are applied only when the model cannot run without them (see ``api._choose_attr_updates``).
+    """
+
+
 def attribute_updates(
     analysis: Analysis, changes: dict[Node, tuple], model
 ) -> tuple[list[AttrUpdate], list[str]]:
     """Integer attributes of the module that ran each changed op, holding an old value."""
     per_module: dict[str, dict[int, set[int]]] = {}
+    kept: dict[str, set[int]] = {}  # values also found unchanged in a changed op of the module
     for node, args in changes.items():
         stack = node.meta.get("nn_module_stack") or {}
         path = list(stack.values())[-1][0] if stack else ""
         for old, new in zip(_ints(node.args[1:]), _ints(args[1:]), strict=False):
             if old != new:
                 per_module.setdefault(path, {}).setdefault(old, set()).add(new)
+            else:
+                kept.setdefault(path, set()).add(old)
     ups: list[AttrUpdate] = []
     notes: list[str] = []
     for path, mapping in per_module.items():
@@ -164,7 +176,8 @@ def attribute_updates(
                 continue
             news = mapping[val]
             if len(news) == 1:
-                ups.append(AttrUpdate(path, attr, val, next(iter(news))))
+                cls = UncertainUpdate if val in kept.get(path, ()) else AttrUpdate
+                ups.append(cls(path, attr, val, next(iter(news))))
             else:
                 notes.append(
                     f"{path}.{attr}={val} is ambiguous (could become {sorted(news)}); left unchanged"

@@ -155,6 +155,9 @@ def _col(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
     return [float("nan") if r.get(key) is None else float(r[key]) for r in rows]
 
 
+_SERIES = ("#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#8c564b")
+
+
 def plot_sweep(
     rows: Sequence[Mapping[str, Any]],
     path: str | os.PathLike = "sweep.png",
@@ -165,47 +168,61 @@ def plot_sweep(
 
     Left: onnxruntime median latency with its p10-p90 band, and the original's latency (timed
     interleaved with each row) as a dashed line. Right: measured speed-up and the ideal one
-    (original FLOPs / compact FLOPs); the gap between them is what FLOPs do not buy. Rows
-    without latency (``sweep(latency=False)``) give a FLOPs/params-only picture.
+    (original FLOPs / compact FLOPs); the gap between them is what FLOPs do not buy. Rows from
+    sweeps with different ``round_to`` are drawn as separate series, so hardware-friendly widths
+    can be compared. Rows without latency (``sweep(latency=False)``) give a size-only picture.
     """
     if not rows:
         raise ValueError("no sweep rows to plot")
-    rows = sorted(rows, key=lambda r: r["ratio"])
-    ratio = _col(rows, "ratio")
+    series: dict[Any, list[Mapping[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: r["ratio"]):
+        series.setdefault(r.get("round_to", 1), []).append(r)
+    many = len(series) > 1
     timed = any(r.get("latency_ms") is not None for r in rows)
     fig = _figure(11.0, 4.4)
     left, right = fig.subplots(1, 2)
+    for k, (rt, rs) in enumerate(sorted(series.items(), key=lambda kv: str(kv[0]))):
+        color = _SERIES[k % len(_SERIES)]
+        tag = f"round_to={rt}: " if many else ""
+        ratio = _col(rs, "ratio")
+        if timed:
+            lat, p10, p90 = _col(rs, "latency_ms"), _col(rs, "p10_ms"), _col(rs, "p90_ms")
+            left.fill_between(ratio, p10, p90, color=color, alpha=0.15, lw=0,
+                              label=None if many else "p10-p90")
+            left.plot(ratio, lat, "o-", color=color, label=f"{tag}compact (median)")
+            if k == 0:
+                left.plot(ratio, _col(rs, "baseline_ms"), "--", color="#555555", label="original (median)")
+        else:
+            flops = [100 * v for v in _col(rs, "flops_frac")]
+            params = [100 * v for v in _col(rs, "params_frac")]
+            left.plot(ratio, flops, "o-", color=color, label=f"{tag}FLOPs")
+            left.plot(ratio, params, "s:", color=color, label=f"{tag}params")
+        right.plot(ratio, _col(rs, "ideal_speedup"), "s--", color=color if many else _IDEAL, alpha=0.7,
+                   label=f"{tag}ideal (FLOPs ratio)")
+        if timed:
+            right.plot(ratio, _col(rs, "speedup"), "o-", color=color, label=f"{tag}measured")
+            for x, sp, e in zip(ratio, _col(rs, "speedup"), _col(rs, "efficiency")):
+                if sp == sp and e == e and x > 0:  # not NaN; ratio 0 is 100 % by definition
+                    right.annotate(f"{e:.0%}", (x, sp), textcoords="offset points", xytext=(0, 6),
+                                   ha="center", fontsize=7, color=color)
     if timed:
-        lat, p10, p90 = _col(rows, "latency_ms"), _col(rows, "p10_ms"), _col(rows, "p90_ms")
-        left.fill_between(ratio, p10, p90, color=_AFTER, alpha=0.18, lw=0, label="p10-p90")
-        left.plot(ratio, lat, "o-", color=_AFTER, label="compact (median)")
-        left.plot(ratio, _col(rows, "baseline_ms"), "--", color="#555555", label="original (median)")
         left.set_ylabel("onnxruntime latency (ms)")
         left.set_ylim(bottom=0)
         left.set_title("latency vs ratio", fontsize=11)
     else:
-        left.plot(ratio, [100 * v for v in _col(rows, "flops_frac")], "o-", color=_AFTER, label="FLOPs")
-        left.plot(ratio, [100 * v for v in _col(rows, "params_frac")], "s-", color=_IDEAL, label="params")
         left.set_ylabel("% of the original kept")
         left.set_ylim(0, 105)
         left.set_title("size vs ratio", fontsize=11)
     left.set_xlabel("ratio (share of each group's units removed)")
     left.grid(alpha=0.3)
-    left.legend(fontsize=9, frameon=False)
-    right.plot(ratio, _col(rows, "ideal_speedup"), "s--", color=_IDEAL, label="ideal (FLOPs ratio)")
-    if timed:
-        right.plot(ratio, _col(rows, "speedup"), "o-", color=_AFTER, label="measured")
-        for x, s, e in zip(ratio, _col(rows, "speedup"), _col(rows, "efficiency")):
-            if s == s and e == e:  # not NaN
-                right.annotate(f"{e:.0%}", (x, s), textcoords="offset points", xytext=(0, -13),
-                               ha="center", fontsize=7, color=_AFTER)
+    left.legend(fontsize=8, frameon=False)
     right.axhline(1.0, color="#888888", lw=0.6)
     right.set_xlabel("ratio")
     right.set_ylabel("speed-up (x)")
     suffix = " (% = achieved of ideal)" if timed else ""
     right.set_title("speed-up: measured vs ideal" + suffix, fontsize=11)
     right.grid(alpha=0.3)
-    right.legend(fontsize=9, frameon=False)
+    right.legend(fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=12)
     return _save(fig, path)

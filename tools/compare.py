@@ -494,8 +494,10 @@ def onnx_mismatch(ort_model: OrtModel, torch_model: nn.Module, example_input: An
 
 
 def time_interleaved(models: dict[str, OrtModel], runs: int, warmup: int,
-                     budget_s: float = math.inf, min_runs: int = 10) -> dict[str, float]:
-    """Median latency (ms) of each session; rounds run every model once, in rotating order.
+                     budget_s: float = math.inf, min_runs: int = 10,
+                     ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median latency (ms) of each session, and all samples; rounds run every model once, in
+    rotating order.
 
     Stops after ``runs`` rounds, or earlier once ``min_runs`` rounds are done and ``budget_s``
     seconds have passed (heavy models have little run-to-run noise and cost the most time).
@@ -514,7 +516,7 @@ def time_interleaved(models: dict[str, OrtModel], runs: int, warmup: int,
             t0 = time.perf_counter()
             models[name].run()
             samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return {n: statistics.median(v) for n, v in samples.items()}, samples
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,6 +536,7 @@ class ToolResult:
     onnx_note: str = ""
     class_note: str = ""
     recipe_note: str = ""
+    latency_samples_ms: list[float] = dataclasses.field(default_factory=list)
 
     def params_kept(self, orig: ModelResult) -> float | None:
         return None if self.params is None else self.params / orig.params
@@ -562,6 +565,7 @@ class ModelResult:
     latency_ms: float | None = None
     error: str = ""
     onnx_note: str = ""
+    latency_samples_ms: list[float] = dataclasses.field(default_factory=list)
     tools: dict[str, ToolResult] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -711,10 +715,12 @@ def compare_model(name: str, builder: Builder, args: argparse.Namespace,
     if "original" not in sessions:
         return res
     log(f"  timing {', '.join(sessions)} ({args.runs} interleaved runs)")
-    medians = time_interleaved(sessions, args.runs, args.warmup, args.time_budget)
+    medians, samples = time_interleaved(sessions, args.runs, args.warmup, args.time_budget)
     res.latency_ms = medians.pop("original")
+    res.latency_samples_ms = [round(v, 4) for v in samples.pop("original")]
     for tool, ms in medians.items():
         res.tools[tool].latency_ms = ms
+        res.tools[tool].latency_samples_ms = [round(v, 4) for v in samples[tool]]
     return res
 
 
@@ -807,8 +813,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds of timing per model after which rounds stop early (>= 10 rounds)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="onnxruntime intra-op threads, same for every model (default: all cores)")
-    p.add_argument("--timeout", type=float, default=180.0,
-                   help="seconds one tool may spend pruning one model before it counts as failed")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds one tool may spend pruning one model before it counts as failed "
+                        "(default 120, --quick 30)")
     p.add_argument("--quick", action="store_true", help="tiny models and inputs: a smoke test")
     p.add_argument("--tools", default=",".join(TOOLS), help="subset of: " + ",".join(TOOLS))
     p.add_argument("--gp-prune-hidden", action="store_true",
@@ -823,6 +830,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.runs = 20 if args.quick else 30
     if args.warmup is None:
         args.warmup = 5
+    if args.timeout is None:
+        args.timeout = 30.0 if args.quick else 120.0
     args.tools = tuple(t.strip() for t in args.tools.split(",") if t.strip())
     unknown = [t for t in args.tools if t not in TOOLS]
     if unknown:

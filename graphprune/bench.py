@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from graphprune.inputs import run_model
+from graphprune.inputs import eval_mode, run_model
 from graphprune.onnx_export import ExportResult, _feed, export_onnx, onnx_session
 
 __all__ = [
@@ -74,17 +74,6 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def count_flops(model: nn.Module, example_input: Any) -> int:
     """FLOPs of one forward pass on ``example_input``, as counted by ``FlopCounterMode``.
 
@@ -92,7 +81,7 @@ def count_flops(model: nn.Module, example_input: Any) -> int:
     run in eval mode under ``torch.no_grad`` and its training flags are restored afterwards.
     """
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), counter:
+    with eval_mode(model), counter:
         run_model(model, example_input)
     return int(counter.get_total_flops())
 

@@ -8,8 +8,9 @@ tensors coming out. Keeping both conversions here means they cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,3 +64,19 @@ def run_model(model: torch.nn.Module, example_input: Any) -> Any:
     args, kwargs = normalize_inputs(example_input)
     with torch.no_grad():
         return model(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own flag afterwards.
+
+    ``model.train(old)`` would not do: a user may keep some submodules (frozen BN) in a mode of
+    their own, and measuring must not change that.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

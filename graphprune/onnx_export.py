@@ -44,7 +44,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphprune.errors import GraphPruneError, InputError, VerificationError
-from graphprune.inputs import flatten_outputs, normalize_inputs
+from graphprune.inputs import eval_mode, flatten_outputs, normalize_inputs
 
 Exporter = Literal["torchscript", "dynamo"]
 
@@ -204,18 +204,6 @@ def _output_names(output: Any, n: int) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 # Side-effect control
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @contextlib.contextmanager
@@ -460,7 +448,7 @@ def export_onnx(
     order: list[Exporter] = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     external = _param_bytes(model) > _EXTERNAL_DATA_BYTES
 
-    with _eval_mode(model):
+    with eval_mode(model):
         flat = _FlatModule(model, spec, leaves)
         args, kwargs = normalize_inputs(example_input)
         with torch.no_grad():

@@ -82,7 +82,7 @@ def _fields(config: Any) -> Iterator[tuple[Field, int]]:
     for key, val in vars(config).items():
         if key.startswith("_") or "token" in key:
             continue
-        if type(val) is int and val > 0:
+        if type(val) in (int, float) and val > 0:
             yield (key, None), val
         elif isinstance(val, (list, tuple)) and val and all(type(v) is int and v > 0 for v in val):
             for i, v in enumerate(val):
@@ -123,9 +123,19 @@ def _transitions(plan: Any, small: nn.Module) -> set[tuple[int, int]]:
     return out
 
 
-def _candidates(value: int, transitions: set[tuple[int, int]]) -> list[int]:
-    """New values a config field holding ``value`` could take: a changed size, or a unit count."""
-    cands = set()
+def _candidates(value: float, transitions: set[tuple[int, int]], ints: set[int]) -> list[float]:
+    """New values a config field holding ``value`` could take: a changed size, or a unit count.
+
+    A float field may be a width ratio (``mlp_ratio``: intermediate = int(hidden * ratio)); its
+    candidates make ``int(h * ratio)`` the new width for an integer ``h`` of the config.
+    """
+    cands: set[float] = set()
+    if type(value) is float:
+        for old, new in transitions:
+            for h in ints:
+                if h > 1 and int(h * value) == old:
+                    cands.update({new / h, (new + 0.5) / h})
+        return sorted(cands)
     for old, new in transitions:
         if old == value:
             cands.add(new)
@@ -196,10 +206,21 @@ def update_config(small: nn.Module, plan: Any, example_input: Any = None) -> lis
 
     The config object of the compact model is its own (``compact`` works on a deep copy), and its
     submodules that keep a reference to it see the edit. Nothing changes when no consistent edit
-    exists; the note then says why and what to use instead.
+    exists; the note then says why and what to use instead. Never raises: the compact model is
+    valid whatever happens to its config.
     """
     if not is_hf_model(small):
         return []
+    snapshot = copy.deepcopy(small.config)
+    try:
+        return _update_config(small, plan, example_input)
+    except Exception as exc:  # noqa: BLE001 - a config we cannot edit must not lose the compact model
+        small.config.__dict__.clear()
+        small.config.__dict__.update(snapshot.__dict__)
+        return [f"model.config left unchanged ({type(exc).__name__}: {exc}); use graphprune.save / load"]
+
+
+def _update_config(small: nn.Module, plan: Any, example_input: Any) -> list[str]:
     config = small.config
     transitions = _transitions(plan, small)
     if not transitions:
@@ -210,14 +231,18 @@ def update_config(small: nn.Module, plan: Any, example_input: Any = None) -> lis
         return []
     cur = copy.deepcopy(config)
     injected = _inject_head_dim(small, cur)
-    fields = [(f, _candidates(v, transitions)) for f, v in _fields(cur)]
+    ints = {v for _, v in _fields(cur) if type(v) is int}
+    fields = [(f, _candidates(v, transitions, ints)) for f, v in _fields(cur)]
     fields = [(f, c) for f, c in fields if c]
     for _ in range(4):  # coordinate descent; each pass tries every candidate of every field
         improved = False
         for field, cands in fields:
             old = _get(cur, field)
             for c in cands:
-                _set(cur, field, c)
+                try:
+                    _set(cur, field, c)
+                except Exception:  # noqa: BLE001 - typed configs refuse some values (int field, float)
+                    continue
                 s = _score(small, cur, target)
                 if s < best:
                     best, old, improved = s, c, True

@@ -1,0 +1,170 @@
+"""compact() on Hugging Face transformers built from tiny configs (tests/hf_models.py), no settings.
+
+Every model gets the generic oracles (ratio 0 identical, exactly dead units removed with outputs
+unchanged, onnxruntime agrees, input model untouched, same class, fewer parameters). Decoder LMs
+must still ``generate()`` (checked against a greedy loop without cache), and a compact model must
+reload with identical outputs: through ``save_pretrained``/``from_pretrained`` where graphprune
+could update ``model.config``, else through ``graphprune.save``/``graphprune.load``.
+
+A representative subset (a ViT, BERT, GPT-2 and LLaMA) runs by default; the other architectures
+are marked ``slow`` and run with ``pytest -m slow`` (or GRAPHPRUNE_SLOW=1).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import hf_models  # noqa: E402
+import torch  # noqa: E402
+from oracles import (  # noqa: E402
+    assert_same_outputs,
+    assert_untouched,
+    check_dead_channels,
+    check_onnx,
+    check_ratio_zero_identity,
+    snapshot,
+)
+from torch import nn  # noqa: E402
+
+import graphprune  # noqa: E402
+from graphprune.inputs import flatten_outputs, run_model  # noqa: E402
+
+RATIO = 0.3
+FAST = ("vit", "bert", "gpt2", "llama")
+# Architectures whose config can describe fewer heads: head_dim is (or can be made) a config field.
+# The others derive the head width from hidden_size / num_heads (BERT, GPT-2, CLIP, Whisper...) or
+# the MLP width from an integer ratio (DINOv2), so their compact widths cannot be written into the
+# config: they reload through graphprune.save / graphprune.load.
+CONFIG_ROUND_TRIP = {"vit", "deit", "llama", "qwen2", "mistral", "phi"}
+
+
+def _param(name: str) -> Any:
+    return pytest.param(name, id=name, marks=() if name in FAST else pytest.mark.slow)
+
+
+MODELS = [_param(n) for n in hf_models.BUILDERS]
+DECODERS = [_param(n) for n in hf_models.DECODERS]
+
+
+@pytest.fixture(autouse=True)
+def _slow_only_when_asked(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("slow") is None or os.environ.get("GRAPHPRUNE_SLOW"):
+        return
+    if "slow" not in (request.config.getoption("markexpr", "") or "").replace("not slow", ""):
+        pytest.skip("slow architecture: run with -m slow or GRAPHPRUNE_SLOW=1")
+
+
+_cache: dict[str, Any] = {}
+
+
+def _compacted(name: str) -> tuple[nn.Module, Any, nn.Module, graphprune.Plan, Any]:
+    """(model, input, compact model, plan, snapshot of the model before), once per session."""
+    if name not in _cache:
+        model, x = hf_models.build(name)
+        before = snapshot(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            small, plan = graphprune.compact_with_plan(model, x, ratio=RATIO)
+        _cache[name] = (model, x, small, plan, before)
+    return _cache[name]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ratio_zero_gives_bit_identical_outputs(name: str) -> None:
+    model, x = hf_models.build(name)
+    check_ratio_zero_identity(model, x)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_removing_exactly_dead_units_leaves_outputs_unchanged(name: str) -> None:
+    model, x = hf_models.build(name)
+    check_dead_channels(model, x, RATIO)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compact_is_the_same_class_smaller_and_leaves_the_input_model_alone(name: str) -> None:
+    model, x, small, _, before = _compacted(name)
+    assert_untouched(model, before)
+    assert type(small) is type(model), f"compact returned {type(small).__name__}"
+    got = [tuple(t.shape) for t in flatten_outputs(run_model(small, x))]
+    assert got == [tuple(t.shape) for t in flatten_outputs(run_model(model, x))]
+    assert graphprune.count_params(small) < graphprune.count_params(model)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_export_matches_compact_model_in_onnxruntime(name: str) -> None:
+    _, x, small, _, _ = _compacted(name)
+    check_onnx(small, x)
+
+
+def _greedy_without_cache(model: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_compact_decoder_generates_like_a_greedy_loop_without_cache(name: str) -> None:
+    _, x, small, _, _ = _compacted(name)
+    ids = x["input_ids"]
+    with torch.no_grad():
+        out = small.generate(ids, attention_mask=x["attention_mask"], max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, _greedy_without_cache(small, ids, 3))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compact_model_reloads_with_identical_outputs(name: str) -> None:
+    model, x, small, plan, _ = _compacted(name)
+    updated = [n for n in plan.notes if n.startswith("model.config updated")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if name in CONFIG_ROUND_TRIP:
+            assert updated, plan.notes
+            small.save_pretrained(tmp)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                again = type(small).from_pretrained(tmp).eval()
+        else:
+            assert not updated and small.config.to_dict() == model.config.to_dict()
+            graphprune.save(small, tmp, plan)
+            base, _ = hf_models.build(name, seed=1)  # same architecture, other weights
+            again = graphprune.load(tmp, base)
+    assert_same_outputs(again, small, x, rtol=0.0, what="reloaded vs compact")
+
+
+def test_llama_config_gets_the_new_head_counts_and_widths() -> None:
+    model, _, small, _, _ = _compacted("llama")
+    cfg, old = small.config, model.config
+    assert (old.num_attention_heads, old.num_key_value_heads) == (4, 2)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 1), "one kv group of 2 q heads goes"
+    assert cfg.intermediate_size == small.model.layers[0].mlp.gate_proj.out_features == 45
+    assert cfg.head_dim == old.head_dim and cfg.hidden_size == old.hidden_size
+
+
+def test_llama_with_prune_hidden_updates_hidden_size_and_still_generates() -> None:
+    model, x = hf_models.build("llama")
+    small = graphprune.compact(model, x, ratio=RATIO, prune_hidden=True)
+    assert small.config.hidden_size == small.model.embed_tokens.weight.shape[1] == 22
+    with tempfile.TemporaryDirectory() as tmp:
+        small.save_pretrained(tmp)
+        again = type(small).from_pretrained(tmp).eval()
+    assert_same_outputs(again, small, x, rtol=0.0, what="reloaded vs compact")
+    ids = x["input_ids"]
+    out = small.generate(ids, attention_mask=x["attention_mask"], max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, _greedy_without_cache(small, ids, 3))
+
+
+def test_gpt2_with_prune_hidden_keeps_its_lm_head_tied_to_the_embedding() -> None:
+    model, x = hf_models.build("gpt2")
+    small = graphprune.compact(model, x, ratio=RATIO, prune_hidden=True)
+    assert small.lm_head.weight is small.transformer.wte.weight
+    assert small.transformer.wte.weight.shape[1] < model.transformer.wte.weight.shape[1]
+    assert small(**x).logits.shape == model(**x).logits.shape

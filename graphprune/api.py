@@ -205,7 +205,9 @@ def _checked_or_fallback(work, analysis: Analysis, plan: Plan, changes, example_
         problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     # program.module() shares Parameter objects with analysis.model: copy, so that slicing the
     # fallback graph below cannot slice the analysis (reused for further plans) as well.
-    gm = copy.deepcopy(analysis.traced.program.module())
+    with warnings.catch_warnings():  # torch's own pytree deprecation noise while copying
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = copy.deepcopy(analysis.traced.program.module())
     by_name = {n.name: new for n, new in changes.items()}
     for node in gm.graph.nodes:
         if node.name in by_name:  # keep this graph's own Node objects, take the new constants

@@ -258,10 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="cProfile each stage (cold run), print hotspots")
     p.add_argument("--json", help="save the results here")
     p.add_argument("--twin", action="store_true", help="only the meta-vs-real plan check")
+    p.add_argument("--torch-threads", type=int,
+                   help="torch.set_num_threads in each case (default: torch's own, all cores); on a "
+                        "machine busy with other work, 1 avoids intra-op threads spinning against it")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     if args.one:
-        print("RESULT " + json.dumps(run_case(args.one, args.ratio, args.profile)))
+        res = run_case(args.one, args.ratio, args.profile)
+        res["torch_threads"] = torch.get_num_threads()
+        print("RESULT " + json.dumps(res))
         return 0
     if args.twin:
         print(json.dumps(twin_check(), indent=2))
@@ -273,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--one", case, "--ratio", str(args.ratio)]
         if args.profile:
             cmd.append("--profile")
+        if args.torch_threads:
+            cmd += ["--torch-threads", str(args.torch_threads)]
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -126,7 +126,10 @@ class Magnitude(Importance):
 
     Each member's per-position magnitudes are divided by that member's mean before summing, so
     a large consumer matrix does not drown a small producer. Buffers (BN running statistics)
-    say nothing about importance and are skipped.
+    say nothing about importance and are skipped, and so are biases/shifts (a large negative BN
+    shift marks a channel that ReLU silences, not an important one) unless a group has nothing
+    else. On the trained digits CNN (tools/accuracy.py) leaving shifts out raised accuracy right
+    after compaction from 43 % to 52 % at ratio 0.3 and from 10 % to 19 % at 0.5.
     """
 
     def __init__(self, p: int = 2) -> None:
@@ -137,11 +140,16 @@ class Magnitude(Importance):
         self.name = f"l{p}"
 
     def __call__(self, group: Group, model: nn.Module) -> np.ndarray:
-        total = np.zeros(group.num_units)
         params = dict(model.named_parameters(remove_duplicate=False))
-        for m in group.members:
-            if m.name in params:
-                _accumulate(total, m, _per_position(param_tensor(model, m.name), m.dim, self.p), True)
+        for with_shifts in (False, True):
+            total = np.zeros(group.num_units)
+            used = False
+            for m in group.members:
+                if m.name in params and (with_shifts or m.name.rpartition(".")[2] != "bias"):
+                    vals = _per_position(param_tensor(model, m.name), m.dim, self.p)
+                    used |= _accumulate(total, m, vals, True)
+            if used:
+                return total
         return total
 
 

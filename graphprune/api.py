@@ -99,10 +99,15 @@ def _realize(analysis: Analysis, plan: Plan, example_input: Any, *, copy_model: 
     attr_ups, notes = attribute_updates(analysis, changes, work)
     attr_ups += head_count_updates(analysis, sizer, work, attr_ups)
     plan.notes.extend(notes)
+    # ambiguous attribute choices are judged by the plan's reference outputs (computed on the
+    # unsliced weights), not by shapes alone: num_heads == head_dim == 2 runs either way
+    reference = _reference_if_ambiguous(analysis, removed, work, attr_ups, example_input)
     slice_tensors(work, plan)
     mod_ups = module_updates(work)
     apply_attr_updates(work, mod_ups)
-    attr_ups = _choose_attr_updates(work, attr_ups, example_input, analysis.traced.output_shapes)
+    attr_ups = _choose_attr_updates(
+        work, attr_ups, example_input, analysis.traced.output_shapes, reference=reference
+    )
     plan.attr_updates = mod_ups + attr_ups
     small = _checked_or_fallback(work, analysis, plan, changes, example_input)
     if small is work:  # Hugging Face: model.config describes the new widths where it can
@@ -144,7 +149,49 @@ def _failing_modules(model: nn.Module, example_input: Any, expected) -> list[str
             h.remove()
 
 
-def _choose_attr_updates(work, ups: list[AttrUpdate], example_input, expected) -> list[AttrUpdate]:
+def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
+    sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
+    for u in ups:
+        sets.setdefault((u.module, u.old, u.new), []).append(u)
+    return [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
+
+
+def _reference_if_ambiguous(analysis, removed, work, ups, example_input) -> list[torch.Tensor] | None:
+    """The plan's reference outputs (verify.py), only when attribute choices need judging."""
+    if not _ambiguous_sets(ups):
+        return None
+    from graphprune.verify import reference_outputs
+
+    try:
+        return reference_outputs(analysis, removed, work, example_input)
+    except Exception:  # noqa: BLE001 - no reference: choose by shapes as before
+        return None
+
+
+def _subsets(g: list[AttrUpdate], smallest_first: bool) -> list[list[AttrUpdate]]:
+    """Every subset of a small ambiguous set (sizes ascending or descending); else the old options."""
+    from itertools import combinations
+
+    if len(g) > 4:
+        return [[]] + [[u] for u in g] if smallest_first else [list(g)] + [[u] for u in g] + [[]]
+    sizes = range(len(g) + 1) if smallest_first else range(len(g), -1, -1)
+    return [list(c) for k in sizes for c in combinations(g, k)]
+
+
+def _matches(model: nn.Module, example_input: Any, reference: list[torch.Tensor]) -> bool:
+    from graphprune.verify import DEFAULT_RTOL, relative_error
+
+    args, kwargs = normalize_inputs(example_input)
+    with torch.no_grad(), no_cache(model):
+        got = flatten_outputs(model(*args, **kwargs))
+    return len(got) == len(reference) and all(
+        relative_error(g, r) <= DEFAULT_RTOL.get(r.dtype, 1e-4) for g, r in zip(got, reference)
+    )
+
+
+def _choose_attr_updates(
+    work, ups: list[AttrUpdate], example_input, expected, reference: list[torch.Tensor] | None = None
+) -> list[AttrUpdate]:
     """Apply the attribute updates found in the graph; resolve ambiguous ones by running the model.
 
     When two attributes of one module hold the same old value (GPT-2's Conv1D has ``nx == nf``)
@@ -160,10 +207,8 @@ def _choose_attr_updates(work, ups: list[AttrUpdate], example_input, expected) -
     apply_attr_updates(work, ups)
     if not ambiguous:
         return ups
-    options = [  # uncertain ones start from "leave it": applied only if the model needs them
-        [[]] + [[u] for u in g] if isinstance(g[0], UncertainUpdate) else [list(g)] + [[u] for u in g] + [[]]
-        for g in ambiguous
-    ]
+    # uncertain ones start from "leave it": applied only if the model needs them
+    options = [_subsets(g, smallest_first=isinstance(g[0], UncertainUpdate)) for g in ambiguous]
     choice = [0] * len(ambiguous)
     revert = [AttrUpdate(u.module, u.attr, u.new, u.old) for u in ups]
     for _ in range(sum(len(o) for o in options) + 1):
@@ -171,8 +216,9 @@ def _choose_attr_updates(work, ups: list[AttrUpdate], example_input, expected) -
         apply_attr_updates(work, revert)
         apply_attr_updates(work, trial)
         failing = _failing_modules(work, example_input, expected)
-        if failing is None:
+        if failing is None and (reference is None or _matches(work, example_input, reference)):
             return trial
+        failing = failing or [""]
         candidates = [
             k
             for k, g in enumerate(ambiguous)

@@ -74,6 +74,16 @@ REGRESSIONS = [
         0.5,
         False,
     ),
+    # num_heads == head_dim == num_kv_heads == 2: the view constants (2, 2) -> (1, 2) made every
+    # attribute holding 2 a candidate; the shape-only search accepted head_dim=1 (2 heads of
+    # width 1: runs, wrong numbers; caught by verify). Fixed in api._choose_attr_updates: all
+    # subsets of a small ambiguous set are tried and a choice must match the plan's reference.
+    (
+        "heads_equal_head_dim_sdpa",
+        _seq([{"op": "attn", "kind": "sdpa", "heads": 2, "pre_norm": True}], in_ch=4),
+        0.3,
+        True,
+    ),
 ]
 
 

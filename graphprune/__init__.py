@@ -35,6 +35,7 @@ from graphprune.pruner import Pruner
 from graphprune.recover import recover
 from graphprune.sensitivity import SensitivityTable, sensitivity
 from graphprune.sparsity import GroupLasso, bn_l1_penalty
+from graphprune.targets import TargetResult, compact_to_target, sweep
 from graphprune.verify import VerifyReport, verify_model
 
 __version__ = "0.1.0"
@@ -54,6 +55,7 @@ __all__ = [
     "PlanMismatchError",
     "Pruner",
     "SensitivityTable",
+    "TargetResult",
     "TraceError",
     "VerificationError",
     "VerifyReport",
@@ -63,6 +65,7 @@ __all__ = [
     "benchmark",
     "bn_l1_penalty",
     "compact",
+    "compact_to_target",
     "compact_with_plan",
     "count_flops",
     "count_params",
@@ -74,6 +77,7 @@ __all__ = [
     "recover",
     "save",
     "sensitivity",
+    "sweep",
     "unstructured",
     "verify_model",
 ]

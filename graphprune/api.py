@@ -284,12 +284,28 @@ def _checked_or_fallback(work, analysis: Analysis, plan: Plan, changes, example_
     return gm
 
 
-def _set_mode(model: nn.Module, training: bool) -> None:
-    """Give the result the input model's train/eval mode (graph fallbacks stay in eval)."""
+def _modes(model: Any) -> dict[str, bool] | bool:
+    """Train/eval flag of every submodule (a train-mode model may hold frozen, eval-mode BNs)."""
+    if not isinstance(model, nn.Module):
+        return False
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def _set_mode(model: nn.Module, training: bool | dict[str, bool]) -> None:
+    """Give the result the input model's train/eval modes, per submodule when given a dict.
+
+    Graph fallbacks stay in eval.
+    """
+    flags = training if isinstance(training, dict) else {"": bool(training)}
     try:
-        model.train(training)
+        model.train(flags.get("", False))
     except NotImplementedError:
-        pass
+        return
+    if isinstance(model, torch.fx.GraphModule) and isinstance(training, dict):
+        return
+    for name, m in model.named_modules():
+        if name and name in flags:
+            m.training = flags[name]
 
 
 def compact(
@@ -332,7 +348,7 @@ def compact(
     met within 2 %), ``target_speedup`` / ``target_latency_ms`` (measured in onnxruntime);
     ``round_to="measured"`` then picks 1/8/16/32 by measured latency; ``progress=True`` shows a bar.
     """
-    training = model.training if isinstance(model, nn.Module) else False
+    training = _modes(model)
     targets = {"target_flops": target_flops, "target_params": target_params,
                "target_speedup": target_speedup, "target_latency_ms": target_latency_ms}
     if any(v is not None for v in targets.values()):
@@ -399,7 +415,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Module, Plan]:
     """Like ``compact`` but also return the plan (for printing or saving)."""
     verify = kwargs.pop("verify", True)
-    training = model.training if isinstance(model, nn.Module) else False
+    training = _modes(model)
     targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
     progress = kwargs.pop("progress", False)
     if any(v is not None for v in targets.values()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import re
 import traceback
@@ -95,7 +96,36 @@ def reference_outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor
             + ". Pass an example_input the model accepts: a tensor, a tuple of positional inputs, "
             "or a dict of keyword inputs, with the shape and dtype used in training."
         ) from exc
+    _register_dataclasses(out)
     return flatten_outputs(out)
+
+
+def _register_dataclasses(output: Any) -> None:
+    """Make dataclass outputs exportable: torch.export only accepts pytree-registered types.
+
+    Registration is global and permanent (torch offers no scoped form); it only tells torch how
+    to take the dataclass apart, which it then does the same way everywhere.
+    """
+    from torch.utils import _pytree as pytree
+
+    if isinstance(output, torch.Tensor) or output is None:
+        return
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        cls = type(output)
+        if cls not in pytree.SUPPORTED_NODES:
+            try:
+                torch.export.register_dataclass(cls)
+            except Exception:  # noqa: BLE001 - export will then explain what it cannot handle
+                return
+        children = [getattr(output, f.name) for f in dataclasses.fields(output)]
+    elif isinstance(output, dict):
+        children = list(output.values())
+    elif isinstance(output, (list, tuple)):
+        children = list(output)
+    else:
+        return
+    for child in children:
+        _register_dataclasses(child)
 
 
 def _canonical_names(model: nn.Module) -> dict[str, str]:

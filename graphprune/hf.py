@@ -32,6 +32,7 @@ from torch import nn
 from graphprune.inputs import flatten_outputs, normalize_inputs
 
 _INF = (math.inf, math.inf)
+_MAX_BUILDS = 200  # meta-device model builds one config search may spend
 Field = tuple[str, int | None]  # (config attribute, index into a list-valued attribute or None)
 
 
@@ -209,8 +210,8 @@ def update_config(small: nn.Module, plan: Any, example_input: Any = None) -> lis
     exists; the note then says why and what to use instead. Never raises: the compact model is
     valid whatever happens to its config.
     """
-    if not is_hf_model(small):
-        return []
+    if not is_hf_model(small) or any(p.is_meta for p in small.parameters()):
+        return []  # meta twins (size searches) have no outputs to check and need no config
     snapshot = copy.deepcopy(small.config)
     try:
         return _update_config(small, plan, example_input)
@@ -234,11 +235,15 @@ def _update_config(small: nn.Module, plan: Any, example_input: Any) -> list[str]
     ints = {v for _, v in _fields(cur) if type(v) is int}
     fields = [(f, _candidates(v, transitions, ints)) for f, v in _fields(cur)]
     fields = [(f, c) for f, c in fields if c]
+    budget = _MAX_BUILDS
     for _ in range(4):  # coordinate descent; each pass tries every candidate of every field
         improved = False
         for field, cands in fields:
             old = _get(cur, field)
             for c in cands:
+                budget -= 1
+                if budget < 0:
+                    break
                 try:
                     _set(cur, field, c)
                 except Exception:  # noqa: BLE001 - typed configs refuse some values (int field, float)

@@ -14,7 +14,8 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 
 def test_there_are_examples():
-    assert {p.name for p in EXAMPLES} >= {"cnn_resnet.py", "hf_convnext.py", "mlp.py"}
+    assert {p.name for p in EXAMPLES} >= {"cnn_resnet.py", "hf_convnext.py", "mlp.py", "vit.py", "bert.py",
+                                          "llama.py"}
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)

@@ -137,7 +137,19 @@ def test_compact_model_reloads_with_identical_outputs(name: str) -> None:
             graphprune.save(small, tmp, plan)
             base, _ = hf_models.build(name, seed=1)  # same architecture, other weights
             again = graphprune.load(tmp, base)
-    assert_same_outputs(again, small, x, rtol=0.0, what="reloaded vs compact")
+    _assert_same_model(again, small, x)
+
+
+def _assert_same_model(again: nn.Module, small: nn.Module, x: Any) -> None:
+    """Bit-identical tensors and attributes; outputs equal up to float rounding.
+
+    Reloaded weights can sit at other memory alignments (safetensors maps the file), which may
+    change how a BLAS kernel orders its sums: a few ulps, not a different model.
+    """
+    a, b = again.state_dict(), small.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert repr(again) == repr(small)
+    assert_same_outputs(again, small, x, rtol=1e-6, what="reloaded vs compact")
 
 
 def test_llama_config_gets_the_new_head_counts_and_widths() -> None:
@@ -156,7 +168,7 @@ def test_llama_with_prune_hidden_updates_hidden_size_and_still_generates() -> No
     with tempfile.TemporaryDirectory() as tmp:
         small.save_pretrained(tmp)
         again = type(small).from_pretrained(tmp).eval()
-    assert_same_outputs(again, small, x, rtol=0.0, what="reloaded vs compact")
+    _assert_same_model(again, small, x)
     ids = x["input_ids"]
     out = small.generate(ids, attention_mask=x["attention_mask"], max_new_tokens=3, do_sample=False)
     assert torch.equal(out, _greedy_without_cache(small, ids, 3))

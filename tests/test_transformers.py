@@ -161,6 +161,14 @@ def test_multihead_attention_heads_go_only_with_the_hidden_size(name: str) -> No
     check_onnx(small, x)
 
 
+def test_cross_attention_heads_follow_the_query_projection_and_kdim_vdim_shrink() -> None:
+    model, x, small, _, _ = _compacted("mha_cross_kdim_vdim")
+    attn = small.attn
+    assert (attn.num_heads, attn.embed_dim, attn.head_dim) == (3, 24, 8)
+    assert (attn.kdim, attn.vdim) == (11, 14) and not attn._qkv_same_embed_dim
+    assert small.q_in.out_features == 24 and small.k_in.out_features == 11
+
+
 @pytest.mark.parametrize("name", ["lstm", "gru", "lstm_2layer_bidirectional"])
 def test_recurrent_hidden_units_go_gate_by_gate_in_every_layer(name: str) -> None:
     model, x, small, _, _ = _compacted(name)

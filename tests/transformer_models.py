@@ -192,6 +192,26 @@ class MHAEncoder(nn.Module):
         return self.head(x.mean(1 if self.batch_first else 0))
 
 
+class CrossAttention(nn.Module):
+    """``nn.MultiheadAttention`` across two sequences with ``kdim``/``vdim`` != ``embed_dim``.
+
+    Its heads are pruned with the width of the query projection feeding it (nothing normalises
+    that width), and the key and value widths separately.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_in = nn.Linear(12, DIM)
+        self.k_in = nn.Linear(10, 16)
+        self.v_in = nn.Linear(10, 20)
+        self.attn = nn.MultiheadAttention(DIM, 4, kdim=16, vdim=20, batch_first=True)
+        self.head = nn.Linear(DIM, 3)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        q, k, v = (torch.relu(f(t)) for f, t in ((self.q_in, x), (self.k_in, memory), (self.v_in, memory)))
+        return self.head(self.attn(q, k, v, need_weights=False)[0])
+
+
 class TinyLM(nn.Module):
     """Decoder LM: token embedding, LLaMA-style blocks, RMSNorm, LM head tied to the embedding."""
 
@@ -259,6 +279,7 @@ BUILDERS: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
     "sdpa": lambda: (_encoder(SdpaAttention, depth=2), _features()),
     "mha_batch_first": lambda: (MHAEncoder(batch_first=True), _features()),
     "mha_seq_first": lambda: (MHAEncoder(batch_first=False), _features()),
+    "mha_cross_kdim_vdim": lambda: (CrossAttention(), (_features(), torch.randn(2, 6, 10))),
     "gqa_repeat_interleave": lambda: (
         _encoder(lambda: GQAAttention("repeat_interleave"), gated=True), _features()),
     "gqa_expand": lambda: (_encoder(lambda: GQAAttention("expand"), gated=True), _features()),

@@ -84,6 +84,16 @@ REGRESSIONS = [
         0.3,
         True,
     ),
+    # one channel split off (x.split([1, C - 1])) into a Linear whose weight is (out, 1): the
+    # weight's size-1 in-dim was unlabelled, so removing that channel left the weight unsliced
+    # ("mat1 and mat2 shapes cannot be multiplied"). Fixed in rules/algebra.py: a labelled
+    # size-1 dim meeting an unlabelled size-1 dim keeps its size.
+    (
+        "single_channel_split_into_linear",
+        _seq([{"op": "group_scale", "groups": 4}, {"op": "split_lin", "first": 1, "out": 4}], seed=45252),
+        0.5,
+        True,
+    ),
 ]
 
 

@@ -5,7 +5,8 @@ input dimension gets a letter, letters shared between inputs are the same index,
 from the output are summed over. From that description alone we can say, for any such op:
 
 1. positions sharing a letter must be removed together (edges between the inputs' ids);
-2. a labelled letter meeting an *unlabelled* dimension of size > 1 must keep its size;
+2. a labelled letter meeting an *unlabelled* dimension of size > 1 must keep its size (and so
+   must one of size 1 meeting an unlabelled size-1 dim: a parameter's single-channel dim);
 3. a factor spanning both kept and summed letters (q's (head, head_dim) in ``q @ k.T``) is
    merged along the summed letters, so the output's kept letters get one id per position
    (whole attention heads become one unit);
@@ -65,7 +66,13 @@ def einsum_labels(
         if labels is not None:
             for f in labels.factors:
                 covered.update(f.dims)
-        fixed = {ch for d, ch in enumerate(letters) if shape[d] > 1 and d not in covered}
+        # an unlabelled size-1 dim is fixed too when the letter has size 1 everywhere: a labelled
+        # channel dim of size 1 (one channel split off) meeting a Linear weight's in-dim of size
+        # 1, which parameters leave unlabelled -- removing the channel would leave the weight
+        # unsliced (found by fuzzing)
+        fixed = {
+            ch for d, ch in enumerate(letters) if d not in covered and (shape[d] > 1 or sizes[ch] == 1)
+        }
         for k2, ls, f in entries:
             if k2 == k:
                 continue

@@ -320,6 +320,35 @@ def test_ops_without_a_rule_freeze_their_channels_and_are_reported() -> None:
     assert small.c1.out_channels == 4, "the custom autograd function traces to clamp: prunable"
 
 
+@torch.library.custom_op("graphprune_test::softsign_scale", mutates_args=())
+def softsign_scale(x: torch.Tensor, s: float) -> torch.Tensor:
+    """A user's custom op: torch.export keeps it as one opaque node, graphprune has no rule."""
+    return x / (1 + x.abs()) * s
+
+
+@softsign_scale.register_fake
+def _(x: torch.Tensor, s: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class CustomOpNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(softsign_scale(self.b(torch.relu(self.a(x))), 2.0))
+
+
+def test_custom_op_is_a_reported_boundary() -> None:
+    small, plan = _compact_checked(CustomOpNet().eval(), _img())
+    assert any("softsign_scale" in b for b in plan.boundaries), plan.boundaries
+    assert small.b.out_channels == 8, "channels into an opaque op must stay"
+    assert small.a.out_channels == 4, "channels elsewhere are still pruned"
+
+
 # ------------------------------------------------------------------------------------------
 # Degenerate ratios and models
 # ------------------------------------------------------------------------------------------

@@ -239,6 +239,13 @@ def _boundary(ctx: RuleContext, node: Node, why: str, boundaries: list[str]) -> 
         boundaries.append(f"{where(node)}: {why}")
 
 
+def _unique(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values, by sorting: numpy 2.4's hash-based ``np.unique`` took 1.6 s on
+    730k distinct int64 (the class/space pairs of an 8-block LLaMA); sort + compare takes 13 ms."""
+    s = np.sort(values)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+
+
 def _class_groups(coupler: Coupler, cls: np.ndarray, n_cls: int) -> np.ndarray:
     """Group the units that touch exactly the same parameter dimensions ("spaces").
 
@@ -251,7 +258,7 @@ def _class_groups(coupler: Coupler, cls: np.ndarray, n_cls: int) -> np.ndarray:
     if not len(cls):
         return np.zeros(0, dtype=np.int64)
     space_of = np.repeat(np.arange(len(coupler.space_sizes)), coupler.space_sizes)
-    pairs = np.unique(cls.astype(np.int64) * len(coupler.space_sizes) + space_of)
+    pairs = _unique(cls.astype(np.int64) * len(coupler.space_sizes) + space_of)
     p_cls, p_space = np.divmod(pairs, len(coupler.space_sizes))
     keys = np.random.default_rng(0).integers(0, 2**63, size=len(coupler.space_sizes), dtype=np.uint64)
     sig = np.zeros(n_cls, dtype=np.uint64)

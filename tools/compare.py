@@ -589,7 +589,9 @@ def _run_graphprune(model: nn.Module, x: Any, args: argparse.Namespace,
                     ref: Reference) -> tuple[nn.Module, str]:
     import graphprune
 
-    kwargs = {"prune_hidden": True} if args.gp_prune_hidden else {}
+    kwargs: dict[str, Any] = {"prune_hidden": True} if args.gp_prune_hidden else {}
+    if args.round_to:
+        kwargs["round_to"] = args.round_to
     small = graphprune.compact(model, x, ratio=args.ratio, **kwargs)
     check_pruned(small, x, ref.shapes, ref.params)
     return small, ""
@@ -606,7 +608,8 @@ def _run_tp(model: nn.Module, x: Any, args: argparse.Namespace,
     errors: list[str] = []
     for mode in modes:
         try:
-            small = prune_with_tp(copy.deepcopy(model), x, args.ratio, head_mode=mode)
+            small = prune_with_tp(copy.deepcopy(model), x, args.ratio, head_mode=mode,
+                                  round_to=args.round_to)
             check_pruned(small, x, ref.shapes, ref.params)
             note = "" if len(modes) == 1 else f"TP recipe: {mode}"
             if errors:
@@ -642,7 +645,8 @@ def time_limit(seconds: float):
         raise ToolTimeout(f"timed out after {seconds:.0f}s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # Re-fire every 2 s: a bare ``except:`` inside the tool may swallow the first alarm.
+    signal.setitimer(signal.ITIMER_REAL, seconds, 2.0)
     try:
         yield
     finally:
@@ -811,8 +815,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5)")
     p.add_argument("--time-budget", type=float, default=15.0,
                    help="seconds of timing per model after which rounds stop early (>= 10 rounds)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="onnxruntime intra-op threads, same for every model (default: all cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="onnxruntime intra-op threads, same for every model (default 1: on a shared "
+                        "machine multi-threaded runs measure the scheduler more than the model)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="both tools round kept widths to a multiple of this (graphprune round_to=, "
+                        "TP round_to=); default: off for both")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds one tool may spend pruning one model before it counts as failed "
                         "(default 120, --quick 30)")
@@ -854,7 +862,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     print(f"graphprune vs Torch-Pruning: ratio {args.ratio}, {'tiny' if args.quick else 'bench'} "
-          f"sizes, onnxruntime {args.threads} thread(s), {args.runs} interleaved runs, median")
+          f"sizes, onnxruntime {args.threads} thread(s), up to {args.runs} interleaved runs, median"
+          + (f", round_to {args.round_to}" if args.round_to else ""))
     results: list[ModelResult] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gp_compare_") as workdir:
@@ -878,6 +887,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(results, args.tools, args.ratio))
     if args.json:
         payload = {"ratio": args.ratio, "size": args.size, "runs": args.runs,
+                   "round_to": args.round_to, "gp_prune_hidden": args.gp_prune_hidden,
                    "threads": args.threads, "torch": torch.__version__,
                    "models": [r.to_json() for r in results]}
         Path(args.json).write_text(json.dumps(payload, indent=1))

@@ -216,12 +216,14 @@ def has_attention(model: nn.Module) -> bool:
 
 
 def prune_with_tp(model: nn.Module, example_input: Any, ratio: float,
-                  head_mode: str = "heads") -> nn.Module:
+                  head_mode: str = "heads", round_to: int | None = None) -> nn.Module:
     """Prune ``model`` *in place* with Torch-Pruning's documented recipe and return it.
 
     ``head_mode`` picks between the two attention settings TP's examples use: ``"heads"``
     (``prune_num_heads=True, prune_head_dims=False``: the BERT and LLM examples) and
     ``"head_dims"`` (``prune_num_heads=False, prune_head_dims=True``: the ViT example).
+    ``round_to`` is TP's own option (kept widths rounded to a multiple), off by default as in the
+    README's basic example.
     Callers pass a deep copy. Raises whatever TP raises; the caller decides whether the returned
     model is usable (runs, same output shapes, fewer parameters).
     """
@@ -249,6 +251,7 @@ def prune_with_tp(model: nn.Module, example_input: Any, ratio: float,
         prune_num_heads=bool(num_heads) and head_mode == "heads",
         prune_head_dims=head_mode == "head_dims",
         head_pruning_ratio=ratio if num_heads and head_mode == "heads" else 0.0,
+        round_to=round_to,
         # TP 1.6 mutates its default dict arguments (``out_channel_groups.update(num_heads)``);
         # fresh dicts keep one model's settings from leaking into the next pruner.
         in_channel_groups={},

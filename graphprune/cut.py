@@ -237,4 +237,7 @@ def choose_removed(
             continue
         order = np.argsort(scores(g), kind="stable")
         removed[gi] = sorted(int(u) for u in order[:n_remove])
+    if pool and opts.round_to:
+        after = sum(len(removed.get(g.index, [])) for g in pool)
+        notes.append(f"round_to={opts.round_to}: {after} units of the global pool removed after rounding")
     return removed, notes

@@ -142,6 +142,10 @@ def pipeline(model: torch.nn.Module, x: Any, ratio: float, profile: bool) -> dic
     out["pruned_groups"] = sum(1 for g in plan.groups if g.removed)
     out["graph_nodes"] = len(traced.program.graph.nodes)
     out["result_class"] = type(state["surgery"]).__name__
+    config = getattr(state["surgery"], "config", None)
+    if config is not None:  # Hugging Face: the config should describe the compact widths
+        keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+        out["config_after"] = {k: getattr(config, k) for k in keys if hasattr(config, k)}
     if profile:
         out["hotspots"] = hot
     return out
@@ -233,20 +237,25 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def scaling(results: list[dict[str, Any]]) -> str:
+    """Analysis (trace + group) cost per block, wall and CPU seconds, warm runs."""
     rows = [r for r in results if r.get("depth")]
     if len(rows) < 2:
         return ""
     rows.sort(key=lambda r: r["depth"])
-    lines = ["analysis (trace + group) vs depth, warm:", f"{'blocks':>6} {'seconds':>8} {'s/block':>8}"]
+
+    def cost(r: dict[str, Any], suffix: str) -> float:
+        return r["warm"]["trace" + suffix] + r["warm"]["group" + suffix]
+
+    lines = ["analysis (trace + group) vs depth, warm run:",
+             f"{'blocks':>6} {'wall s':>8} {'cpu s':>8} {'cpu s/block':>12}"]
     for r in rows:
-        t = r["warm"]["trace"] + r["warm"]["group"]
-        lines.append(f"{r['depth']:>6} {t:8.2f} {t / r['depth']:8.3f}")
+        lines.append(f"{r['depth']:>6} {cost(r, ''):8.2f} {cost(r, '_cpu'):8.2f} "
+                     f"{cost(r, '_cpu') / r['depth']:12.3f}")
     a, b = rows[0], rows[-1]
-    ta = a["warm"]["trace"] + a["warm"]["group"]
-    tb = b["warm"]["trace"] + b["warm"]["group"]
     lines.append(
-        f"{b['depth'] // a['depth']}x the blocks -> {tb / ta:.1f}x the time "
-        f"(linear would be {b['depth'] / a['depth']:.0f}x; a fixed cost makes it less)"
+        f"{b['depth'] // a['depth']}x the blocks -> {cost(b, '') / cost(a, ''):.1f}x the wall time, "
+        f"{cost(b, '_cpu') / cost(a, '_cpu'):.1f}x the CPU time (linear: {b['depth'] / a['depth']:.0f}x; "
+        "a fixed cost per model makes it less)"
     )
     return "\n".join(lines)
 

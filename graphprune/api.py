@@ -156,14 +156,14 @@ def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
     return [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
 
 
-def _reference_if_ambiguous(analysis, removed, work, ups, example_input) -> list[torch.Tensor] | None:
-    """The plan's reference outputs (verify.py), only when attribute choices need judging."""
+def _reference_if_ambiguous(analysis, removed, work, ups, example_input):
+    """The plan's reference (verify.py, per layer), only when attribute choices need judging."""
     if not _ambiguous_sets(ups):
         return None
-    from graphprune.verify import reference_outputs
+    from graphprune.verify import compute_reference
 
     try:
-        return reference_outputs(analysis, removed, work, example_input)
+        return compute_reference(analysis, removed, work, example_input, per_module=True)
     except Exception:  # noqa: BLE001 - no reference: choose by shapes as before
         return None
 
@@ -178,26 +178,17 @@ def _subsets(g: list[AttrUpdate], smallest_first: bool) -> list[list[AttrUpdate]
     return [list(c) for k in sizes for c in combinations(g, k)]
 
 
-def _matches(model: nn.Module, example_input: Any, reference: list[torch.Tensor]) -> bool:
-    from graphprune.verify import DEFAULT_RTOL, relative_error
-
-    args, kwargs = normalize_inputs(example_input)
-    with torch.no_grad(), no_cache(model):
-        got = flatten_outputs(model(*args, **kwargs))
-    return len(got) == len(reference) and all(
-        relative_error(g, r) <= DEFAULT_RTOL.get(r.dtype, 1e-4) for g, r in zip(got, reference)
-    )
-
-
 def _choose_attr_updates(
-    work, ups: list[AttrUpdate], example_input, expected, reference: list[torch.Tensor] | None = None
+    work, ups: list[AttrUpdate], example_input, expected, reference: Any = None
 ) -> list[AttrUpdate]:
     """Apply the attribute updates found in the graph; resolve ambiguous ones by running the model.
 
     When two attributes of one module hold the same old value (GPT-2's Conv1D has ``nx == nf``)
     only some of them may be sizes that changed. Starting from "update all", each failure is
     traced to the innermost running module with an ambiguous choice, whose next option is tried:
-    linear in the number of choices, not exponential.
+    linear in the number of choices, not exponential. With a ``reference`` (verify.Reference) a
+    trial that runs must also compute the plan's numbers; otherwise the first layer whose output
+    differs is the failure location.
     """
     sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
     for u in ups:
@@ -216,9 +207,13 @@ def _choose_attr_updates(
         apply_attr_updates(work, revert)
         apply_attr_updates(work, trial)
         failing = _failing_modules(work, example_input, expected)
-        if failing is None and (reference is None or _matches(work, example_input, reference)):
+        if failing is None and reference is not None:
+            from graphprune.verify import first_mismatch
+
+            wrong = first_mismatch(reference, work, example_input)  # runs, but are the numbers right?
+            failing = None if wrong is None else ["", wrong[0]]
+        if failing is None:
             return trial
-        failing = failing or [""]
         candidates = [
             k
             for k, g in enumerate(ambiguous)

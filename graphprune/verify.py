@@ -325,15 +325,15 @@ class _MaskedInterpreter(Interpreter):
         masks: dict[Node, Any],
         hard_masks: dict[Node, Any],
         protected: set[int],
-        record: bool,
+        record: set[Node] | None = None,
     ):
-        super().__init__(gm, garbage_collect_values=not record)
+        super().__init__(gm)
         self.masks = masks
         self.hard_masks = hard_masks  # inputs of statistics: False only where pruning is not allowed
         self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
         self.protected = protected  # storages of the user's tensors: never written
-        self.record = record
-        self.values: dict[Node, Any] = {}
+        self.record = record or set()
+        self.values: dict[Node, Any] = {}  # the recorded nodes' (masked) values
 
     # -- masks ---------------------------------------------------------------------------
     def _keep(self, node: Node, k: int | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -389,7 +389,7 @@ class _MaskedInterpreter(Interpreter):
             result = self._mask_value(n, result)
         if n.op == "call_function":
             self._remask_mutated(n)
-        if self.record:
+        if n in self.record:
             self.values[n] = result
         return result
 
@@ -560,7 +560,7 @@ def _run_reference(
     masks: tuple[dict[Node, Any], dict[Node, Any]],
     original: nn.Module,
     example_input: Any,
-    record: bool = False,
+    record: set[Node] | None = None,
 ) -> tuple[list[torch.Tensor], _MaskedInterpreter]:
     program = analysis.traced.program
     flat = _graph_inputs(analysis, original, example_input)
@@ -575,6 +575,100 @@ def _run_reference(
         return flatten_outputs(tree), interp
     except Exception:  # noqa: BLE001 - structure mismatch: compare the flat tensors in order
         return [u for u in user if isinstance(u, torch.Tensor)], interp
+
+
+@dataclass
+class Reference:
+    """The plan's reference: model outputs and, optionally, every module's output (compact layout).
+
+    ``modules[path]`` holds the reference values leaving module ``path`` (first call), restricted
+    to the kept positions, so they compare directly with the compact model's module outputs
+    (None where the kept positions are not a grid). ``order`` is their position in the graph.
+    """
+
+    outputs: list[torch.Tensor]
+    modules: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    order: dict[str, int] = field(default_factory=dict)
+
+
+def compute_reference(
+    analysis: Analysis,
+    removed: np.ndarray,
+    original: nn.Module,
+    example_input: Any,
+    *,
+    per_module: bool = False,
+) -> Reference:
+    """Run the masked reference once (see module docstring); ``per_module`` also keeps layer outputs."""
+    masks = reference_masks(analysis, removed)
+    graph = analysis.traced.program.graph
+    outs_of = _module_outputs(graph) if per_module else {}
+    wanted = {n for nodes in outs_of.values() for n in nodes}
+    outputs, interp = _run_reference(analysis, masks, original, example_input, record=wanted)
+    ref = Reference(outputs)
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    for path, nodes in outs_of.items():
+        views = []
+        for node in nodes:
+            value = interp.values.get(node)
+            if isinstance(value, torch.Tensor):
+                views.append(_kept_view(value, interp._keep(node, None, value)))
+            else:
+                views.append(None)
+        if nodes:
+            ref.modules[path] = views
+            ref.order[path] = index[nodes[0]]
+    return ref
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, rtol: float | None) -> tuple[bool, float]:
+    if got.dtype != expected.dtype or tuple(got.shape) != tuple(expected.shape):
+        return False, math.inf
+    err = relative_error(got, expected.to(got.device))
+    return err <= _tolerance(expected, rtol), err
+
+
+def first_mismatch(
+    reference: Reference, small: nn.Module, example_input: Any, rtol: float | None = None
+) -> tuple[str, float] | None:
+    """None if ``small``'s outputs match the reference; else ``(first differing layer, its error)``.
+
+    The layer is the module (in graph order) whose output first differs from the reference;
+    ``""`` when outputs differ but no module output could be compared.
+    """
+    recorded: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    if reference.modules:
+        for path, mod in small.named_modules():
+            if path in reference.modules:
+
+                def hook(m: nn.Module, a: Any, out: Any, path: str = path) -> None:
+                    recorded.setdefault(path, flatten_outputs(out))
+
+                handles.append(mod.register_forward_hook(hook))
+    try:
+        got = _small_outputs(small, example_input)
+    except Exception:  # noqa: BLE001 - a model that does not run matches nothing
+        return "", math.inf
+    finally:
+        for h in handles:
+            h.remove()
+    results = [_close(g, e, rtol) for g, e in zip(got, reference.outputs)]
+    if len(got) == len(reference.outputs) and all(ok for ok, _ in results):
+        return None
+    worst = max((err for _, err in results), default=math.inf)
+    for path in sorted(reference.modules, key=reference.order.__getitem__):
+        mine = recorded.get(path)
+        refs = reference.modules[path]
+        if not mine or len(mine) != len(refs):
+            continue
+        for g, e in zip(mine, refs):
+            if e is None or tuple(e.shape) != tuple(g.shape) or e.dtype != g.dtype:
+                continue
+            ok, err = _close(g, e, rtol)
+            if not ok:
+                return path, err
+    return "", worst
 
 
 def reference_outputs(
@@ -686,7 +780,7 @@ def verify_compact(
         if not err <= tol:
             bad.append((i, err, tol, g.dtype, e.dtype))
     if bad:
-        where = _localize(analysis, masks, removed, original, small, example_input, rtol)
+        where = _localize(analysis, removed, original, small, example_input, rtol)
         details = ", ".join(
             f"output {i}: relative error {err:.3g} > {tol:g}" + (f" (dtype {gd} vs {ed})" if gd != ed else "")
             for i, err, tol, gd, ed in bad
@@ -741,7 +835,6 @@ def _kept_view(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor |
 
 def _localize(
     analysis: Analysis,
-    masks: tuple[dict[Node, Any], dict[Node, Any]],
     removed: np.ndarray,
     original: nn.Module,
     small: nn.Module,
@@ -750,66 +843,29 @@ def _localize(
 ) -> str:
     """Name the first layer whose output differs from the reference, and its pruned groups."""
     pruned_groups = _groups_of_classes(analysis, np.flatnonzero(removed))
-    fallback = (
-        "Pruned groups: "
-        + "; ".join(f"group {g} ({analysis.groups[g].describe()})" for g in pruned_groups[:6])
-        + "."
-        if pruned_groups
-        else ""
-    )
+
+    def describe(groups: list[int]) -> str:
+        return "; ".join(f"group {g} ({analysis.groups[g].describe()})" for g in groups[:6])
+
+    fallback = f"Pruned groups: {describe(pruned_groups)}." if pruned_groups else ""
     try:
-        _, interp = _run_reference(analysis, masks, original, example_input, record=True)
-        recorded: dict[str, list[torch.Tensor]] = {}
-        handles = []
-        for path, mod in small.named_modules():
-            if not path:
-                continue
-
-            def hook(m: nn.Module, a: Any, out: Any, path: str = path) -> None:
-                recorded.setdefault(path, flatten_outputs(out))
-
-            handles.append(mod.register_forward_hook(hook))
-        try:
-            _small_outputs(small, example_input)
-        finally:
-            for h in handles:
-                h.remove()
-        order = {n: i for i, n in enumerate(analysis.traced.program.graph.nodes)}
-        bad: list[tuple[int, str, float]] = []
-        for path, nodes in _module_outputs(analysis.traced.program.graph).items():
-            got = recorded.get(path)
-            if not got or not nodes or len(nodes) != len(got):
-                continue
-            for node, g in zip(nodes, got):
-                ref = interp.values.get(node)
-                if not isinstance(ref, torch.Tensor):
-                    continue
-                keep = interp._keep(node, None, ref)
-                view = _kept_view(ref, keep)
-                if view is None or tuple(view.shape) != tuple(g.shape) or view.dtype != g.dtype:
-                    continue
-                err = relative_error(g, view.to(g.device))
-                if not err <= _tolerance(view, rtol):
-                    bad.append((order[node], path, err))
-                break
-        if not bad:
-            return fallback
-        _, path, err = min(bad)
-        touching = [
-            g
-            for g in pruned_groups
-            if any(m.name == path or m.name.startswith(path + ".") for m in analysis.groups[g].members)
-        ]
-        kind = type(small.get_submodule(path)).__name__
-        groups = "; ".join(
-            f"group {g} ({analysis.groups[g].describe()})" for g in (touching or pruned_groups)[:6]
-        )
-        return (
-            f"First layer that differs: {path} ({kind}, relative error {err:.3g}); "
-            f"groups pruned there: {groups}."
-        )
+        ref = compute_reference(analysis, removed, original, example_input, per_module=True)
+        found = first_mismatch(ref, small, example_input, rtol)
     except Exception:  # noqa: BLE001 - localisation is best effort; the mismatch itself is the error
         return fallback
+    if not found or not found[0]:
+        return fallback
+    path, err = found
+    touching = [
+        g
+        for g in pruned_groups
+        if any(m.name == path or m.name.startswith(path + ".") for m in analysis.groups[g].members)
+    ]
+    kind = type(small.get_submodule(path)).__name__
+    return (
+        f"First layer that differs: {path} ({kind}, relative error {err:.3g}); "
+        f"groups pruned there: {describe(touching or pruned_groups)}."
+    )
 
 
 # ------------------------------------------------------------------------------------------

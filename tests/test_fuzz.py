@@ -94,6 +94,24 @@ REGRESSIONS = [
         0.5,
         True,
     ),
+    # two ambiguous attribute sets (sdpa num_heads == head_dim == 2, MultiheadAttention 4 -> 1):
+    # a choice that ran but computed wrong numbers sent the search to the other module, it never
+    # came back, and the user got a batch-specialised GraphModule fallback. Fixed: a numeric
+    # mismatch is located at the first differing layer (verify.first_mismatch).
+    (
+        "two_ambiguous_attention_modules",
+        _seq(
+            [
+                {"op": "attn", "kind": "sdpa", "heads": 2, "pre_norm": True},
+                {"op": "linear", "out": 4, "bias": False},
+                {"op": "attn", "kind": "mha", "heads": 4, "pre_norm": False},
+            ],
+            in_ch=4,
+            seed=25995,
+        ),
+        0.9,
+        False,
+    ),
 ]
 
 

@@ -5,9 +5,11 @@
 
 Pruning keeps grouped-query attention valid: a kv head goes together with the q heads that share
 it. graphprune updates ``model.config`` (``num_attention_heads``, ``num_key_value_heads``,
-``intermediate_size``), so the compact ``LlamaForCausalLM`` generates with its KV cache and
-round-trips through ``save_pretrained`` / ``from_pretrained``. ONNX export and the benchmark use
-the forward pass without cache.
+``intermediate_size``) when ``LlamaConfig`` accepts the new values, so the compact
+``LlamaForCausalLM`` generates with its KV cache and round-trips through ``save_pretrained`` /
+``from_pretrained``; when it does not (LlamaConfig wants hidden_size % heads == 0), the plan says
+so and ``graphprune.save`` / ``graphprune.load`` store and rebuild the model instead. ONNX export
+and the benchmark use the forward pass without cache.
 """
 
 from __future__ import annotations
@@ -35,6 +37,20 @@ def build(tiny: bool) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor]]:
     return LlamaForCausalLM(config).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def save_and_reload(model: LlamaForCausalLM, small: LlamaForCausalLM, plan: graphprune.Plan, path: Path):
+    """``save_pretrained`` when graphprune could write the new widths into ``small.config``.
+
+    Otherwise (the config class refuses them, e.g. LLaMA wants hidden_size % heads == 0) the
+    weights and the plan go through ``graphprune.save`` and come back with ``graphprune.load`` on
+    a freshly built base model of the original config.
+    """
+    if any(note.startswith("model.config updated") for note in plan.notes):
+        small.save_pretrained(path)
+        return LlamaForCausalLM.from_pretrained(path).eval(), "save_pretrained -> from_pretrained"
+    graphprune.save(small, path, plan)
+    return graphprune.load(path, LlamaForCausalLM(model.config)).eval(), "graphprune.save -> graphprune.load"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny config and input (smoke test)")
@@ -48,10 +64,11 @@ def main() -> None:
         model, inputs, ratio=args.ratio, prune_hidden=args.prune_hidden
     )
     print(plan)
-    old, new = model.config, small.config
-    print(f"{type(small).__name__}: q/kv heads {new.num_attention_heads}/{new.num_key_value_heads} "
-          f"(was {old.num_attention_heads}/{old.num_key_value_heads}), MLP {new.intermediate_size} "
-          f"(was {old.intermediate_size}), hidden {new.hidden_size}")
+    for name, m in (("was", model), ("now", small)):  # read off the modules of layer 0
+        attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+        print(f"{name}: q/kv heads {attn.q_proj.out_features // attn.head_dim}/"
+              f"{attn.k_proj.out_features // attn.head_dim}, MLP {mlp.gate_proj.out_features}, "
+              f"hidden {m.model.embed_tokens.embedding_dim}")
 
     with torch.no_grad():
         tokens = small.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -60,8 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = graphprune.export_onnx(small, inputs, Path(tmp) / "llama_small.onnx")
         print(f"ONNX export ({result.exporter}) checked in onnxruntime: max rel err {result.max_rel_err:.1e}")
-        small.save_pretrained(Path(tmp) / "llama_small")
-        again = LlamaForCausalLM.from_pretrained(Path(tmp) / "llama_small").eval()
+        again, how = save_and_reload(model, small, plan, Path(tmp) / "llama_small")
     # Same tensors bit for bit; outputs equal up to float rounding (safetensors' memory-mapped
     # weights are aligned differently, which can change the order of a BLAS kernel's sums).
     pairs = zip(again.state_dict().values(), small.state_dict().values())
@@ -69,7 +85,7 @@ def main() -> None:
     with torch.no_grad():
         logits, expected = again(**inputs).logits, small(**inputs).logits
     same = same_weights and torch.allclose(logits, expected, rtol=1e-5, atol=1e-6)
-    print(f"save_pretrained -> from_pretrained: identical weights and logits: {same}")
+    print(f"{how}: identical weights and logits: {same}")
     if not same:
         raise SystemExit("reloaded model differs")
     print(graphprune.benchmark(model, small, inputs, runs=5 if args.tiny else 20))

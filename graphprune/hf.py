@@ -162,6 +162,19 @@ def _inject_head_dim(small: nn.Module, config: Any) -> bool:
     return True
 
 
+def _refused_by_validators(config: Any) -> str | None:
+    """The config class's own checks, which ``save_pretrained`` runs (LLaMA: hidden % heads == 0)."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return None
+    try:
+        validate()
+    except Exception as exc:  # noqa: BLE001 - any refusal means save_pretrained would fail too
+        cause = exc.__cause__ or exc
+        return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return None
+
+
 def _assign_tensors(fresh: nn.Module, small: nn.Module) -> None:
     """Make ``fresh`` (meta) hold ``small``'s tensors (shared, not copied)."""
     named = [*small.named_parameters(remove_duplicate=False), *small.named_buffers(remove_duplicate=False)]
@@ -271,6 +284,12 @@ def _update_config(small: nn.Module, plan: Any, example_input: Any) -> list[str]
             f"model.config left unchanged: no edit of {type(config).__name__} describes the compact "
             "widths (not uniform across layers, or derived from each other); save with "
             "graphprune.save and reload with graphprune.load instead of save_pretrained"
+        ]
+    refused = _refused_by_validators(cur)
+    if refused:
+        return [
+            f"model.config left unchanged: {type(config).__name__} refuses the edit {changed} ({refused}); "
+            "save with graphprune.save and reload with graphprune.load instead of save_pretrained"
         ]
     before = _outputs(small, example_input) if example_input is not None else None
     if example_input is not None and not _rebuilds(small, cur, example_input):

@@ -45,6 +45,7 @@ import torch.utils._pytree as pytree
 
 from graphprune.errors import GraphPruneError, InputError, VerificationError
 from graphprune.inputs import eval_mode, flatten_outputs, normalize_inputs
+from graphprune.trace import no_cache
 
 Exporter = Literal["torchscript", "dynamo"]
 
@@ -448,7 +449,7 @@ def export_onnx(
     order: list[Exporter] = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     external = _param_bytes(model) > _EXTERNAL_DATA_BYTES
 
-    with eval_mode(model):
+    with eval_mode(model), no_cache(model):  # decoder LMs: the forward pass without KV cache
         flat = _FlatModule(model, spec, leaves)
         args, kwargs = normalize_inputs(example_input)
         with torch.no_grad():

@@ -180,3 +180,22 @@ def test_gpt2_with_prune_hidden_keeps_its_lm_head_tied_to_the_embedding() -> Non
     assert small.lm_head.weight is small.transformer.wte.weight
     assert small.transformer.wte.weight.shape[1] < model.transformer.wte.weight.shape[1]
     assert small(**x).logits.shape == model(**x).logits.shape
+
+
+def test_config_left_alone_when_its_own_validation_refuses_and_graphprune_load_rebuilds() -> None:
+    """LlamaConfig wants hidden_size % num_attention_heads == 0: 8 -> 6 heads at hidden 64 fails."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=hf_models.VOCAB, hidden_size=64, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=4,
+                         max_position_embeddings=32)
+    torch.manual_seed(0)
+    model, x = LlamaForCausalLM(config).eval(), {"input_ids": hf_models._tokens()}
+    small, plan = graphprune.compact_with_plan(model, x, ratio=RATIO)
+    assert small.model.layers[0].self_attn.q_proj.out_features == 6 * 8
+    assert small.config.to_dict() == model.config.to_dict()
+    assert any("refuses" in n and "not a multiple" in n for n in plan.notes), plan.notes
+    with tempfile.TemporaryDirectory() as tmp:
+        graphprune.save(small, tmp, plan)
+        again = graphprune.load(tmp, LlamaForCausalLM(config))
+    _assert_same_model(again.eval(), small, x)

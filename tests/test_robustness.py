@@ -385,3 +385,22 @@ def test_huge_ratio_keeps_at_least_one_unit_per_group(ratio: float) -> None:
     assert small.conv1.out_channels == 1 and small.conv2.out_channels == 1
     heads, _ = _compact_checked(HeadsNet().eval(), torch.randn(2, 5, 16), ratio=ratio)
     assert heads.num_heads == 1 and heads.qkv.out_features == 3 * heads.head_dim
+
+
+class L2Normalized(nn.Module):
+    """Features divided by their L2 norm (torch.linalg.vector_norm / torch.norm take dim third)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h / torch.linalg.vector_norm(h, dim=-1, keepdim=True)) + torch.norm(h, 2, 1, True)
+
+
+def test_norm_over_features_is_kept_whole_by_default_and_pruned_with_prune_hidden() -> None:
+    model, x = L2Normalized().eval(), torch.randn(3, 4)
+    assert _compact_checked(model, x)[0].a.out_features == 8
+    assert _compact_checked(model, x, prune_hidden=True)[0].a.out_features == 4

@@ -205,6 +205,8 @@ def reduction(ctx: RuleContext, node: Node):
     dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if node.target in ops("var.correction", "std.correction", "var_mean.correction"):
         dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if node.target in ops("linalg_vector_norm.default", "norm.ScalarOpt_dim"):  # (x, ord/p, dim, ...)
+        dims_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
     if dims_arg is None or dims_arg == []:
         reduced = set(range(rank))
     elif isinstance(dims_arg, int):

@@ -231,33 +231,46 @@ def plot_sweep(
 def plot_candidates(result: Any, path: str | os.PathLike = "search.png") -> Path:
     """The candidates a target search tried (``graphprune.targets.TargetResult``), chosen one ringed.
 
-    FLOPs and params fractions vs ratio; for speed targets the measured speed-up as well.
+    Left: FLOPs (solid) and params (dotted) fractions vs ratio, one colour per ``round_to`` when
+    several were tried. Right, when candidates were timed: measured vs ideal speed-up, each
+    measured point labelled with its ``round_to`` if there were several.
     """
-    cands = sorted(result.candidates, key=lambda c: c.ratio)
-    ratio = [c.ratio for c in cands]
+    cands = sorted(result.candidates, key=lambda c: (c.round_to, c.ratio))
+    rounds = sorted({c.round_to for c in cands})
+    many = len(rounds) > 1
     timed = any(c.speedup is not None for c in cands)
-    fig = _figure(10.0 if timed else 6.0, 4.2)
+    fig = _figure(10.5 if timed else 6.0, 4.2)
     axes = fig.subplots(1, 2 if timed else 1)
     ax = axes[0] if timed else axes
-    ax.plot(ratio, [100 * c.flops_frac for c in cands], "o-", color=_AFTER, label="FLOPs")
-    ax.plot(ratio, [100 * c.params_frac for c in cands], "s-", color=_IDEAL, label="params")
+    for k, rt in enumerate(rounds):
+        rs = [c for c in cands if c.round_to == rt]
+        color = _SERIES[k % len(_SERIES)] if many else _AFTER
+        tag = f"round_to={rt}: " if many else ""
+        xs = [c.ratio for c in rs]
+        ax.plot(xs, [100 * c.flops_frac for c in rs], "o-", color=color, label=f"{tag}FLOPs")
+        ax.plot(xs, [100 * c.params_frac for c in rs], "s:", ms=4, color=color if many else _IDEAL,
+                label=f"{tag}params")
     chosen = [c for c in cands if c.chosen]
     for c in chosen:
         ax.plot([c.ratio], [100 * c.flops_frac], "o", ms=13, mfc="none", mec="red", mew=1.5)
     kind, value = getattr(result, "kind", ""), getattr(result, "value", None)
     if kind in ("flops", "params") and value is not None:
         ax.axhline(100 * value, color="red", lw=0.8, ls=":", label=f"target ({kind})")
-    ax.set_xlabel("ratio")
+    ax.set_xlabel("ratio (share of prunable units removed)")
     ax.set_ylabel("% of the original kept")
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, frameon=False)
+    ax.legend(fontsize=8, frameon=False)
     ax.set_title(f"{len(cands)} candidates for: {result.target}", fontsize=10)
     if timed:
         ax2 = axes[1]
         pts = [c for c in cands if c.speedup is not None]
         ax2.plot([c.ratio for c in pts], [c.speedup for c in pts], "o", color=_AFTER, label="measured")
         ax2.plot([c.ratio for c in pts], [c.ideal_speedup for c in pts], "s", color=_IDEAL, label="ideal")
+        if many:
+            for c in pts:
+                ax2.annotate(f"round_to {c.round_to}", (c.ratio, c.speedup), textcoords="offset points",
+                             xytext=(0, -13), ha="center", fontsize=7, color=_AFTER)
         for c in chosen:
             if c.speedup is not None:
                 ax2.plot([c.ratio], [c.speedup], "o", ms=13, mfc="none", mec="red", mew=1.5)
@@ -265,9 +278,10 @@ def plot_candidates(result: Any, path: str | os.PathLike = "search.png") -> Path
             ax2.axhline(value, color="red", lw=0.8, ls=":", label="target")
         if max((c.ideal_speedup or 1.0) for c in pts) > 8:
             ax2.set_yscale("log")
+        ax2.margins(x=0.15, y=0.1)  # room for the labels at the edges
         ax2.set_xlabel("ratio")
         ax2.set_ylabel("speed-up (x)")
         ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=9, frameon=False)
+        ax2.legend(fontsize=8, frameon=False)
         ax2.set_title("measured in onnxruntime (red ring: chosen)", fontsize=10)
     return _save(fig, path)

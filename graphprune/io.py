@@ -8,6 +8,8 @@ attributes changed. So a saved directory holds::
     graphprune.json      manifest: format version, model class, versions (for humans and checks)
     plan.json            the Plan (Plan.to_json), replayed by load()
     model.safetensors    the compact model's weights
+    config.json          (Hugging Face models) the compact model's ``config``, so the loaded
+                         model describes its new widths too (plain JSON values only)
 
 and ``load(directory, base_model)`` replays the plan on a freshly built base model (the same
 architecture, any weights) and then loads the weights. Nothing in the directory is executable:
@@ -38,6 +40,7 @@ FORMAT = "graphprune-saved/1"
 MANIFEST = "graphprune.json"
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
 
 
 def _class_name(model: nn.Module) -> str:
@@ -99,15 +102,68 @@ def save(model: nn.Module, directory: str | Path, plan: Plan) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / WEIGHTS), metadata={"format": FORMAT})
     (out / PLAN).write_text(plan.to_json())
+    files = {"plan": PLAN, "weights": WEIGHTS}
+    config = _config_dict(model)
+    if config is not None:
+        (out / CONFIG).write_text(json.dumps(config, indent=1))
+        files["config"] = CONFIG
     manifest = {
         "format": FORMAT,
         "model_class": _class_name(model),
         "graphprune_version": _version(),
         "torch_version": torch.__version__,
-        "files": {"plan": PLAN, "weights": WEIGHTS},
+        "files": files,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any] | None:
+    """The model's Hugging Face-style config as JSON data (plain values only), if it has one."""
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return None
+    try:
+        data = to_dict()
+    except Exception:  # noqa: BLE001 - a config we cannot read is simply not saved
+        return None
+    return {k: v for k, v in data.items() if _plain(v)}
+
+
+def _plain(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    return False
+
+
+def _apply_config(model: nn.Module, directory: Path) -> None:
+    """Give the loaded model the saved config's values (data only: no code, no nested objects)."""
+    path = directory / CONFIG
+    config = getattr(model, "config", None)
+    if not path.is_file() or config is None:
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(saved, dict):
+        raise InputError(f"{path} does not hold a config object")
+    for key, value in saved.items():
+        if not isinstance(key, str) or key.startswith("_") or not _plain(value):
+            continue
+        current = getattr(config, key, None)
+        if callable(current):
+            continue
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if current != value:
+            try:
+                setattr(config, key, value)
+            except (AttributeError, TypeError, ValueError):
+                continue
 
 
 def _version() -> str:
@@ -245,6 +301,7 @@ def load(
             f"({first[0] if first else type(exc).__name__}{' ...' if len(first) > 1 else ''}); "
             "the directory's weights and plan do not belong to this architecture."
         ) from exc
+    _apply_config(small, directory)
     small.train(base_model.training)
     if example_input is not None:
         _check_runs(base_model, small, example_input)

@@ -52,15 +52,19 @@ def test_cnn_round_trip_gives_identical_outputs_on_a_freshly_built_base(resnet) 
     assert_untouched(base, before)
 
 
-def test_hf_round_trip_keeps_tied_weights_and_outputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prune_hidden", [False, True])
+def test_hf_round_trip_keeps_tied_weights_outputs_and_config(tmp_path: Path, prune_hidden: bool) -> None:
     model = _gpt2(0)
     x = {"input_ids": torch.randint(0, 64, (2, 8))}
-    small, plan = graphprune.compact_with_plan(model, x, ratio=0.5)
+    small, plan = graphprune.compact_with_plan(model, x, ratio=0.5, prune_hidden=prune_hidden)
     graphprune.save(small, tmp_path, plan)
+    assert (tmp_path / "config.json").is_file()
     loaded = graphprune.load(tmp_path, _gpt2(1), example_input=x)
     compare_outputs(_outputs(loaded, x), _outputs(small, x), 0.0, "loaded vs saved GPT-2")
     assert loaded.lm_head.weight is loaded.transformer.wte.weight, "tied embedding came back untied"
-    assert loaded.config.n_embd == small.config.n_embd
+    assert loaded.config.to_dict() == small.config.to_dict(), "the loaded config does not describe the model"
+    if prune_hidden:
+        assert loaded.config.n_embd == loaded.transformer.wte.weight.shape[1] < model.config.n_embd
 
 
 def test_saved_directory_holds_only_json_and_safetensors(resnet) -> None:

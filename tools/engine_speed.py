@@ -192,12 +192,12 @@ def twin_check() -> dict[str, Any]:
     crit = random_importance(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p_real = graphprune.make_plan(real, x_real, 0.3, importance=crit)
-        p_meta = graphprune.make_plan(twin, x_meta, 0.3, importance=crit)
+        p_real = graphprune.make_plan(real, x_real, 0.5, importance=crit)
+        p_meta = graphprune.make_plan(twin, x_meta, 0.5, importance=crit)
         d_real, d_meta = p_real.to_dict(), p_meta.to_dict()
         same = {k: d_real[k] == d_meta[k] for k in ("slices", "shapes", "groups", "attr_updates")}
         replayed = graphprune.apply_plan(real, p_meta)
-        direct = graphprune.compact(real, x_real, 0.3, importance=crit)
+        direct = graphprune.compact(real, x_real, 0.5, importance=crit)
         with torch.no_grad():
             a = replayed(**x_real).logits
             b = direct(**x_real).logits
@@ -208,11 +208,14 @@ def twin_check() -> dict[str, Any]:
         "params_real": graphprune.count_params(real),
         "params_compact": graphprune.count_params(replayed),
         "generate_tokens": gen.shape[-1] - ids.shape[-1],
-        "config_after": {
-            k: getattr(replayed.config, k, None)
-            for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-        },
+        "config_after_apply_plan": _config(replayed),
+        "config_after_compact": _config(direct),
     }
+
+
+def _config(model: torch.nn.Module) -> dict[str, Any]:
+    keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    return {k: getattr(model.config, k, None) for k in keys}
 
 
 def _fmt_row(r: dict[str, Any], which: str) -> str:

@@ -167,3 +167,32 @@ def test_flatten_into_linear_removes_blocks_of_features() -> None:
     model, x = _build("flatten_linear")
     small = graphprune.compact(model, x, 0.5)
     assert small.c.out_channels == 4 and small.fc.in_features == 4 * 16
+
+
+class BiasedAttention(nn.Module):
+    """SDPA with a learned per-head additive bias (Swin's relative position bias) as attn_mask."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 5) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias.unsqueeze(0))
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_per_head_attention_bias_is_removed_with_its_head() -> None:
+    # Regression (found by verify on Swin): the bias passed as attn_mask formed a group of its
+    # own, so head 1 and bias column 0 could be removed; verify=True must now pass.
+    torch.manual_seed(0)
+    model, x = BiasedAttention().eval(), torch.randn(2, 5, 16)
+    plan = graphprune.make_plan(model, x, 0.5)
+    small = graphprune.compact(model, x, 0.5)  # verify=True compares with the plan's reference
+    assert small.bias.shape[0] == small.heads == 2
+    kept = plan.slices["bias"][0]
+    assert plan.slices["qkv.weight"][0][: len(kept) * 4] == [h * 4 + i for h in kept for i in range(4)]

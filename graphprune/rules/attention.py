@@ -134,11 +134,19 @@ def sdpa(ctx: RuleContext, node: Node):
     ctx.coupler.union(k_rep, v_rep)
     ctx.coupler.union(q_rep.reshape(hk, r), k_rep[:, None])
     smask = ctx.shape(mask)
-    if smask is not None and len(smask) >= 3 and smask[-3] == hq and hq > 1:
-        mlab = ctx.labels(mask)
-        mf = mlab.factor_at(len(smask) - 3) if mlab else None
+    mlab = ctx.labels(mask)
+    head_dim_of_mask = len(smask) - 3 if smask is not None and len(smask) >= 3 else None
+    if head_dim_of_mask is not None and smask[-3] == hq and hq > 1:
+        mf = mlab.factor_at(head_dim_of_mask) if mlab else None
         if mf is None:
             ctx.coupler.freeze(q_rep, f"{why}: per-head attention mask of fixed size")
+        else:
+            # a per-head additive bias (Swin's relative position bias) belongs to its head
+            ctx.coupler.union(ctx.coupler.coarsen(mf, [mf.axis_of(head_dim_of_mask)]).ids, q_rep)
+    if mlab is not None:
+        for f in mlab.factors:
+            if head_dim_of_mask is None or head_dim_of_mask not in f.dims or smask[-3] != hq:
+                ctx.coupler.freeze(f.ids, f"{why}: attention mask labelled off the head dim")
     # output (..., Hq, L, Ev): heads repeat kv ids; head_dim keeps v's labels per position
     out_factors: list[Factor] = []
     if lv is not None:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.fx import Node
 
 from graphprune import rules
+from graphprune.errors import InputError
 from graphprune.labels import Coupler, TensorLabels
 from graphprune.rules import RuleContext, where
 from graphprune.rules import attention as attention_rules
@@ -158,9 +159,10 @@ def analyze(
 ) -> Analysis:
     """Trace ``model`` and find its coupled groups. Never modifies ``model``."""
     check_model(model)
+    names = _ignored_prefixes(model, ignored_layers)  # module objects belong to the user's model
     work = eval_copy(model)
     traced = trace(work, example_input)
-    return analyze_traced(traced, work, ignored_layers=ignored_layers, prune_hidden=prune_hidden)
+    return analyze_traced(traced, work, prune_hidden=prune_hidden, ignored_names=names)
 
 
 def _ignored_prefixes(model: nn.Module, ignored: Any) -> list[str]:
@@ -169,14 +171,27 @@ def _ignored_prefixes(model: nn.Module, ignored: Any) -> list[str]:
     if isinstance(ignored, (str, nn.Module)):
         ignored = [ignored]
     names = {id(m): n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
     out = []
     for item in ignored:
         if isinstance(item, str):
+            if item not in modules and not any(n.startswith(item + ".") for n in modules):
+                raise InputError(
+                    f"ignored_layers entry {item!r} is not a module of the model; use dotted names "
+                    "from model.named_modules() (e.g. 'layer1.0.conv1') or the module objects."
+                )
             out.append(item)
         elif isinstance(item, nn.Module):
             if id(item) not in names:
-                continue  # a module of the user's original model: resolved by the caller
+                raise InputError(
+                    f"ignored_layers entry {type(item).__name__} is not a submodule of the model given to "
+                    "graphprune; pass modules of that model (or their dotted names)."
+                )
             out.append(names[id(item)])
+        else:
+            raise InputError(
+                f"ignored_layers entries must be modules or dotted names, got {type(item).__name__}"
+            )
     return out
 
 

@@ -83,3 +83,16 @@ def test_group_graph_exports_to_networkx() -> None:
     g = to_networkx(graphprune.analyze(model, x))
     groups = [n for n in g.nodes if n.startswith("group:")]
     assert groups and all(g.degree(n) >= 1 for n in groups)
+
+
+def test_ignored_layers_accepts_module_objects_and_names_and_rejects_strangers() -> None:
+    model, x = zoo.build("mlp", "tiny")
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    name = next(n for n, m in model.named_modules() if m is first)
+    for ignored in ([first], [name]):
+        small = graphprune.compact(model, x, 0.5, ignored_layers=ignored)
+        assert small.get_submodule(name).weight.shape == first.weight.shape, ignored
+    with pytest.raises(graphprune.InputError, match="not a submodule"):
+        graphprune.compact(model, x, 0.5, ignored_layers=[torch.nn.Linear(2, 2)])
+    with pytest.raises(graphprune.InputError, match="not a module of the model"):
+        graphprune.compact(model, x, 0.5, ignored_layers=["no.such.layer"])

@@ -108,6 +108,7 @@ class VerifyReport:
     errors: list[float] = field(default_factory=list)
     tolerances: list[float] = field(default_factory=list)
     skipped: str | None = None  # reason the numeric comparison did not run
+    notes: list[str] = field(default_factory=list)  # e.g. a difference explained by rounding
 
     @property
     def exact(self) -> bool:
@@ -780,6 +781,16 @@ def verify_compact(
         if not err <= tol:
             bad.append((i, err, tol, g.dtype, e.dtype))
     if bad:
+        noise = _rounding_amplification(original, example_input)
+        if noise is not None and all(err <= max(tol, 10 * noise) for _, err, tol, _, _ in bad):
+            # The model itself turns float32 rounding into errors this large (random-weight
+            # models with extreme BatchNorm statistics do): a different summation order in the
+            # smaller layers explains the difference, not a wrong plan.
+            report.notes.append(
+                f"outputs differ by up to {max(e for _, e, _, _, _ in bad):.3g} (relative), within 10x "
+                f"of the model's own float32 rounding error {noise:.3g} (measured against float64)"
+            )
+            return report
         where = _localize(analysis, removed, original, small, example_input, rtol)
         details = ", ".join(
             f"output {i}: relative error {err:.3g} > {tol:g}" + (f" (dtype {gd} vs {ed})" if gd != ed else "")
@@ -791,6 +802,34 @@ def verify_compact(
             "the named layers in ignored_layers=[...] to leave them unpruned."
         )
     return report
+
+
+def _rounding_amplification(original: nn.Module, example_input: Any) -> float | None:
+    """Relative error of the model's float32 outputs against float64: its conditioning.
+
+    Removal changes the summation order inside every pruned layer, so compact and reference
+    can only agree to about the model's own float32 rounding error. Returns None when the
+    model is not float32 or cannot run in float64.
+    """
+    import copy
+
+    try:
+        if any(p.dtype != torch.float32 for p in original.parameters()):
+            return None
+        args, kwargs = normalize_inputs(example_input)
+
+        def to64(v: Any) -> Any:
+            return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        model64 = copy.deepcopy(original).double().eval()
+        with torch.no_grad(), no_cache(original), no_cache(model64):
+            out32 = flatten_outputs(copy.deepcopy(original).eval()(*args, **kwargs))
+            kwargs64 = {k: to64(v) for k, v in kwargs.items()}
+            out64 = flatten_outputs(model64(*[to64(a) for a in args], **kwargs64))
+        errs = [relative_error(a.double(), b) for a, b in zip(out32, out64) if a.is_floating_point()]
+        return max(errs) if errs else None
+    except Exception:  # noqa: BLE001 - no float64 run, no excuse: the mismatch is reported
+        return None
 
 
 # ------------------------------------------------------------------------------------------

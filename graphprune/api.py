@@ -178,6 +178,27 @@ def _subsets(g: list[AttrUpdate], smallest_first: bool) -> list[list[AttrUpdate]
     return [list(c) for k in sizes for c in combinations(g, k)]
 
 
+def _per_module(ambiguous: list[list[AttrUpdate]], options: list[list[list[AttrUpdate]]]):
+    """Merge the ambiguous sets of one module into one choice over their joint options.
+
+    GQA with 4 q heads of width 4 and 2 kv heads: ``4 -> 2`` (num_heads or head_dim) and
+    ``2 -> 1`` (num_kv_heads) must be chosen together; a walk that changes one set at a time
+    can miss the only right pair (found by fuzzing). Joint options are ordered by how far they
+    are from each set's first option, and capped.
+    """
+    from itertools import product
+
+    by_module: dict[str, list[int]] = {}
+    for k, g in enumerate(ambiguous):
+        by_module.setdefault(g[0].module, []).append(k)
+    groups, opts = [], []
+    for ks in by_module.values():
+        combos = sorted(product(*[range(len(options[k])) for k in ks]), key=sum)[:256]
+        groups.append([u for k in ks for u in ambiguous[k]])
+        opts.append([[u for k, i in zip(ks, c) for u in options[k][i]] for c in combos])
+    return groups, opts
+
+
 def _choose_attr_updates(
     work, ups: list[AttrUpdate], example_input, expected, reference: Any = None
 ) -> list[AttrUpdate]:
@@ -200,6 +221,7 @@ def _choose_attr_updates(
         return ups
     # uncertain ones start from "leave it": applied only if the model needs them
     options = [_subsets(g, smallest_first=isinstance(g[0], UncertainUpdate)) for g in ambiguous]
+    ambiguous, options = _per_module(ambiguous, options)
     choice = [0] * len(ambiguous)
     revert = [AttrUpdate(u.module, u.attr, u.new, u.old) for u in ups]
     for _ in range(sum(len(o) for o in options) + 1):

@@ -112,6 +112,24 @@ REGRESSIONS = [
         0.9,
         False,
     ),
+    # GQA, 4 q heads of width 4, 2 kv heads, one kv group removed: num_heads 4 -> 2 (not
+    # head_dim, also 4) and num_kv_heads 2 -> 1 must be chosen together; the one-set-at-a-time
+    # walk missed the pair and returned a batch-specialised GraphModule. Fixed: the ambiguous
+    # sets of one module are searched jointly (api._per_module).
+    (
+        "gqa_heads_equal_head_dim",
+        _seq(
+            [
+                {"op": "linear", "out": 16, "bias": False},
+                {"op": "attn", "kind": "gqa", "heads": 4, "pre_norm": False},
+            ],
+            in_ch=4,
+            tokens=5,
+            seed=65460,
+        ),
+        0.3,
+        True,
+    ),
 ]
 
 

@@ -178,8 +178,6 @@ def attribute_updates(
             if len(news) == 1:
                 cls = UncertainUpdate if val in kept.get(path, ()) else AttrUpdate
                 ups.append(cls(path, attr, val, next(iter(news))))
-            else:
-                notes.append(
-                    f"{path}.{attr}={val} is ambiguous (could become {sorted(news)}); left unchanged"
-                )
+            else:  # split([9, 9]) -> [7, 8]: one of them, or neither; chosen by running the model
+                ups.extend(UncertainUpdate(path, attr, val, new) for new in sorted(news))
     return ups, notes

@@ -57,6 +57,7 @@ from graphprune.inputs import flatten_outputs, normalize_inputs
 from graphprune.labels import TensorLabels
 from graphprune.plan import Plan
 from graphprune.rules import ops
+from graphprune.rules.pointwise import REDUCE_EXACT, REDUCE_STAT, reduced_dims
 from graphprune.trace import no_cache
 
 # relative tolerance (max|a - b| / max|b| per output tensor) by output dtype
@@ -75,30 +76,7 @@ _NORM_OPS = {
     )
     for op in ops(*names)
 }
-_DIM_AT_2 = set(ops("linalg_vector_norm.default", "norm.ScalarOpt_dim"))
-_REDUCE_OPS = set(
-    ops(
-        "mean.dim",
-        "mean.default",
-        "var.correction",
-        "var.dim",
-        "std.correction",
-        "std.dim",
-        "amax.default",
-        "amin.default",
-        "max.dim",
-        "min.dim",
-        "logsumexp.default",
-        "norm.ScalarOpt_dim",
-        "linalg_vector_norm.default",
-        "var_mean.correction",
-        "argmax.default",
-        "argmin.default",
-        "prod.dim_int",
-        "sum.dim_IntList",
-        "sum.default",
-    )
-)
+_REDUCE_OPS = set(REDUCE_EXACT) | set(REDUCE_STAT)
 
 
 @dataclass
@@ -445,13 +423,7 @@ class _MaskedInterpreter(Interpreter):
 def _reduced_dims(n: Node, args: list[Any], kwargs: dict[str, Any], r: int) -> list[int]:
     if n.target in _NORM_OPS:
         return list(range(r - len(args[1]), r))
-    pos = 2 if n.target in _DIM_AT_2 else 1
-    dims = args[pos] if len(args) > pos else kwargs.get("dim")
-    if dims is None or dims == [] or dims == ():
-        return list(range(r))
-    if isinstance(dims, int):
-        return [dims % r]
-    return sorted({int(d) % r for d in dims})
+    return reduced_dims(n.target, args, kwargs, r)
 
 
 def _mixes(keep: torch.Tensor | None, dims: list[int]) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from torch.fx import Node
 
 from graphprune.labels import TensorLabels
@@ -189,6 +192,23 @@ REDUCE_STAT = ops(
 )
 
 
+DIM_AT_2 = set(ops("linalg_vector_norm.default", "norm.ScalarOpt_dim"))  # (x, ord/p, dim, ...)
+
+
+def reduced_dims(target: Any, args: Sequence[Any], kwargs: dict[str, Any], rank: int) -> list[int]:
+    """Dims a reduction call reduces (positional or keyword ``dim``; none given = all dims).
+
+    Shared by the rule and by verify's exact statistics, so both read an op the same way.
+    """
+    pos = 2 if target in DIM_AT_2 else 1
+    dims = args[pos] if len(args) > pos else kwargs.get("dim")
+    if dims is None or dims == [] or dims == ():
+        return list(range(rank))
+    if isinstance(dims, int):
+        return [dims % rank]
+    return sorted({int(d) % rank for d in dims})
+
+
 @rule(*REDUCE_EXACT, *REDUCE_STAT)
 def reduction(ctx: RuleContext, node: Node):
     """Reductions over dims: a joint factor partly reduced is merged along the reduced axes.
@@ -202,17 +222,7 @@ def reduction(ctx: RuleContext, node: Node):
     if lab is None or shape is None:
         return None
     rank = len(shape)
-    dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if node.target in ops("var.correction", "std.correction", "var_mean.correction"):
-        dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if node.target in ops("linalg_vector_norm.default", "norm.ScalarOpt_dim"):  # (x, ord/p, dim, ...)
-        dims_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-    if dims_arg is None or dims_arg == []:
-        reduced = set(range(rank))
-    elif isinstance(dims_arg, int):
-        reduced = {dims_arg % rank}
-    else:
-        reduced = {int(d) % rank for d in dims_arg}
+    reduced = set(reduced_dims(node.target, node.args, node.kwargs, rank))
     keepdim = bool(node.kwargs.get("keepdim", False))
     for a in node.args[2:]:
         if isinstance(a, bool):

@@ -19,7 +19,8 @@ import fuzzgen  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-CI_EXAMPLES = 30
+CI_EXAMPLES = 40
+SEEDED_CASES = 12  # plus the first cases of tools/fuzz.py's default run: bigger, more attention
 
 
 def _report(res: fuzzgen.CaseResult) -> str:
@@ -38,6 +39,20 @@ def _report(res: fuzzgen.CaseResult) -> str:
 @given(spec=fuzzgen.specs(max_ops=4), ratio=st.sampled_from([0.2, 0.5, 0.8]), prune_hidden=st.booleans())
 def test_random_architectures_pass_every_oracle(spec, ratio, prune_hidden) -> None:
     res = fuzzgen.run_case(spec, ratio, prune_hidden, onnx=True)
+    assert not res.failures, _report(res)
+
+
+@pytest.mark.parametrize("seed", range(SEEDED_CASES))
+def test_seeded_random_architectures_pass_every_oracle(seed: int) -> None:
+    """The first cases of ``tools/fuzz.py --seed 0`` (same specs, ratios and prune_hidden)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from fuzz import case_params
+
+    ratio, prune_hidden = case_params(seed)
+    res = fuzzgen.run_case(fuzzgen.random_spec(seed), ratio, prune_hidden, onnx=True)
     assert not res.failures, _report(res)
 
 

@@ -158,8 +158,8 @@ def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
 
 def _reference_if_ambiguous(analysis, removed, work, ups, example_input):
     """The plan's reference (verify.py, per layer), only when attribute choices need judging."""
-    if not _ambiguous_sets(ups):
-        return None
+    if not _ambiguous_sets(ups) or any(p.is_meta for p in work.parameters()):
+        return None  # nothing to choose, or no values to compare (meta: shapes decide)
     from graphprune.verify import compute_reference
 
     try:

@@ -199,13 +199,11 @@ def repeat(ctx: RuleContext, node: Node):
     factors = []
     for f in lab.factors:
         tiles = [reps[d + lead] for d in f.dims]
-        ids = np.tile(f.ids, tiles) if any(t > 1 for t in tiles) else f.ids
-        nf = (
-            new_joint(ctx.coupler, tuple(d + lead for d in f.dims), ids, where(node))
-            if any(t > 1 for t in tiles)
-            else f.with_dims(tuple(d + lead for d in f.dims))
-        )
-        factors.append(nf)
+        dims = tuple(d + lead for d in f.dims)
+        if any(t > 1 for t in tiles):
+            factors.append(new_joint(ctx.coupler, dims, np.tile(f.ids, tiles), where(node)))
+        else:
+            factors.append(f.with_dims(dims))
     return TensorLabels(oshape, factors)
 
 
@@ -217,20 +215,17 @@ def repeat_interleave(ctx: RuleContext, node: Node):
         return None
     reps = int(node.args[1])
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-    if dim is None:
-        return (
-            reshape_labels(ctx, lab, shape, (int(np.prod(shape)),), where(node))
-            if reps == 1
-            else (ctx.coupler.freeze_labels(lab, where(node)) or TensorLabels(oshape, []))
-        )
+    if dim is None:  # flattens, then repeats every element
+        if reps == 1:
+            return reshape_labels(ctx, lab, shape, (int(np.prod(shape)),), where(node))
+        ctx.coupler.freeze_labels(lab, where(node))
+        return TensorLabels(oshape, [])
     dim %= len(shape)
     factors = []
     for f in lab.factors:
         if dim in f.dims:
             ids = np.repeat(f.ids, reps, axis=f.axis_of(dim))
-            factors.append(
-                new_joint(ctx.coupler, f.dims, ids, where(node)) if ids.ndim > 1 else Factor(f.dims, ids)
-            )
+            factors.append(new_joint(ctx.coupler, f.dims, ids, where(node)))  # plain Factor if 1-D
         else:
             factors.append(f)
     return TensorLabels(oshape, factors)
@@ -260,7 +255,7 @@ def cat(ctx: RuleContext, node: Node):
             else:
                 pieces.append(f.ids)
         ids = np.concatenate(pieces, axis=fdims.index(dim))
-        out.append(new_joint(ctx.coupler, fdims, ids, why) if ids.ndim > 1 else Factor(fdims, ids))
+        out.append(new_joint(ctx.coupler, fdims, ids, why))
     # dims other than the concatenation dim must agree between inputs
     others: dict[tuple[int, ...], Factor] = {}
     for lab in labs:

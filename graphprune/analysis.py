@@ -74,6 +74,7 @@ class Analysis:
     class_unit: dict[int, tuple[int, int]]  # class -> (group index, unit index)
     boundaries: list[str] = field(default_factory=list)
     frozen_reasons: dict[int, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # prune_hidden, attention (kept in plans)
 
 
 def to_networkx(analysis: Analysis):
@@ -156,13 +157,36 @@ def analyze(
     *,
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    attention: str = "heads",
 ) -> Analysis:
-    """Trace ``model`` and find its coupled groups. Never modifies ``model``."""
+    """Trace ``model`` and find its coupled groups. Never modifies ``model``.
+
+    ``attention`` says what an attention layer loses (see ``ATTENTION_MODES``).
+    """
     check_model(model)
+    check_attention(attention)
     names = _ignored_prefixes(model, ignored_layers)  # module objects belong to the user's model
     work = eval_copy(model)
     traced = trace(work, example_input)
-    return analyze_traced(traced, work, prune_hidden=prune_hidden, ignored_names=names)
+    return analyze_traced(traced, work, prune_hidden=prune_hidden, attention=attention, ignored_names=names)
+
+
+ATTENTION_MODES = {
+    "heads": "whole heads; with grouped-query attention whole KV groups with their q heads "
+    "(multi-query attention: q heads, the single KV head stays)",
+    "q_heads": "q heads evenly within every KV group (the KV heads and the KV cache stay); "
+    "plain multi-head attention: whole heads",
+    "head_dim": "channels inside every head, the same positions in each head (the head count stays); "
+    "needs a constant attention scale, else whole heads",
+}
+
+
+def check_attention(attention: Any) -> str:
+    """Refuse an unknown ``attention`` mode with the list of valid ones."""
+    if attention not in ATTENTION_MODES:
+        modes = "; ".join(f"{k!r}: {v}" for k, v in ATTENTION_MODES.items())
+        raise InputError(f"attention must be one of {modes}. Got {attention!r}.")
+    return attention
 
 
 def _ignored_prefixes(model: nn.Module, ignored: Any) -> list[str]:
@@ -201,6 +225,7 @@ def analyze_traced(
     *,
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    attention: str = "heads",
     ignored_names: list[str] | None = None,
 ) -> Analysis:
     graph = traced.program.graph
@@ -211,7 +236,8 @@ def analyze_traced(
         for n in graph.nodes
         if n.op == "placeholder" and n.name in traced.param_names
     }
-    ctx = RuleContext(coupler, labels, param_nodes, {"prune_hidden": prune_hidden})
+    options = {"prune_hidden": bool(prune_hidden), "attention": check_attention(attention)}
+    ctx = RuleContext(coupler, labels, param_nodes, options)
     boundaries: list[str] = []
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -239,7 +265,9 @@ def analyze_traced(
     for (name, _dim), ids in coupler.param_ids.items():
         if any(name == p or name.startswith(p + ".") for p in prefixes):
             coupler.freeze(ids, f"ignored_layers: {name}")
-    return _group(traced, work, labels, coupler, boundaries, prune_hidden)
+    analysis = _group(traced, work, labels, coupler, boundaries, prune_hidden)
+    analysis.options = options
+    return analysis
 
 
 def _boundary(ctx: RuleContext, node: Node, why: str, boundaries: list[str]) -> None:

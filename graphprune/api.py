@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphprune.analysis import Analysis, analyze, param_tensor
+from graphprune.analysis import Analysis, analyze, check_attention, param_tensor
 from graphprune.cut import CutOptions, check_options
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.hf import update_config
@@ -45,7 +45,7 @@ def _plan_and_model(
     ratio: float,
     importance: str | Criterion,
     ignored_layers: Any,
-    prune_hidden: bool,
+    structure: dict[str, Any],
     *,
     data: Any = None,
     loss_fn: Any = None,
@@ -56,7 +56,7 @@ def _plan_and_model(
     if options is not None:
         check_options(options)
     analysis, criterion = _prepare(
-        model, example_input, importance, ignored_layers, prune_hidden, data=data, loss_fn=loss_fn
+        model, example_input, importance, ignored_layers, structure, data=data, loss_fn=loss_fn
     )
     plan = build_plan(analysis, ratio, criterion, _importance_name(importance), options=options)
     return plan, _realize(analysis, plan, example_input), analysis
@@ -67,7 +67,7 @@ def _prepare(
     example_input: Any,
     importance: str | Criterion,
     ignored_layers: Any,
-    prune_hidden: bool,
+    structure: dict[str, Any],
     *,
     data: Any = None,
     loss_fn: Any = None,
@@ -76,11 +76,13 @@ def _prepare(
 
     Data-driven criteria (taylor, hessian, activation...) refuse early when ``data`` is missing,
     then measure on the analysis' copy of the model (same parameter names as the plan uses).
+    ``structure`` holds the analysis options (``prune_hidden``, ``attention``).
     """
     check_model(model)
+    check_attention(structure.get("attention", "heads"))
     criterion = resolve(importance, data=data, loss_fn=loss_fn, check_data=True)
     normalize_inputs(example_input)
-    analysis = analyze(model, example_input, ignored_layers=ignored_layers, prune_hidden=prune_hidden)
+    analysis = analyze(model, example_input, ignored_layers=ignored_layers, **structure)
     prepare_criterion(criterion, analysis.model, data, loss_fn)
     return analysis, criterion
 
@@ -333,6 +335,7 @@ def compact(
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    attention: str = "heads",
     verify: bool = True,
     data: Any = None,
     loss_fn: Any = None,
@@ -356,6 +359,10 @@ def compact(
     ``importance``: "l1", "l2" (default), "random", "fpgm", "bn_scale", "lamp", or measured on
     calibration ``data`` (an iterable of ``(inputs, target)`` batches): "taylor" and "hessian"
     (need ``loss_fn(output, target)``), "activation", "apoz"; or any callable(group, model).
+    ``prune_hidden=True`` also prunes the residual stream (hidden size) of transformers.
+    ``attention`` says what attention layers lose: "heads" (default; grouped-query attention loses
+    whole KV groups with their q heads), "q_heads" (q heads evenly within each KV group, KV heads
+    kept) or "head_dim" (the same channels inside every head; heads kept).
     ``global_pruning=True`` ranks all groups together (at most ``max_ratio`` of any group, 0.9 by
     default); ``ratios={"layer1": 0.5}`` sets per-module ratios; ``round_to=8`` keeps widths
     multiples of 8. See graphprune.cut and graphprune.importance.
@@ -372,7 +379,8 @@ def compact(
         from graphprune.targets import targeted
 
         small = targeted(model, example_input, ratio, targets, importance=importance,
-                         ignored_layers=ignored_layers, prune_hidden=prune_hidden, verify=verify,
+                         ignored_layers=ignored_layers, prune_hidden=prune_hidden, attention=attention,
+                         verify=verify,
                          data=data, loss_fn=loss_fn, global_pruning=global_pruning, max_ratio=max_ratio,
                          ratios=ratios, round_to=round_to, progress=progress).model
         _set_mode(small, training)
@@ -384,7 +392,7 @@ def compact(
         ratio,
         importance,
         ignored_layers,
-        prune_hidden,
+        {"prune_hidden": prune_hidden, "attention": attention},
         data=data,
         loss_fn=loss_fn,
         options=CutOptions(bool(global_pruning), max_ratio, ratios, round_to),
@@ -405,6 +413,7 @@ def make_plan(
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    attention: str = "heads",
     **where: Any,
 ) -> Plan:
     """Analyse and plan without returning a model (the plan replays with ``apply_plan``).
@@ -415,7 +424,8 @@ def make_plan(
     cut = _where_to_cut(where)
     if where:
         raise InputError(f"unexpected arguments: {sorted(where)}")
-    return _plan_and_model(model, example_input, ratio, importance, ignored_layers, prune_hidden, **cut)[0]
+    structure = {"prune_hidden": prune_hidden, "attention": attention}
+    return _plan_and_model(model, example_input, ratio, importance, ignored_layers, structure, **cut)[0]
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -448,7 +458,7 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
         ratio,
         kwargs.pop("importance", "l2"),
         kwargs.pop("ignored_layers", ()),
-        kwargs.pop("prune_hidden", False),
+        {"prune_hidden": kwargs.pop("prune_hidden", False), "attention": kwargs.pop("attention", "heads")},
         **_where_to_cut(kwargs),
     )
     if kwargs:

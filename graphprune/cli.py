@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 import graphprune
+from graphprune.analysis import ATTENTION_MODES
 from graphprune.errors import GraphPruneError, InputError
 
 PROG = "graphprune"
@@ -195,6 +196,8 @@ def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "ratio": args.ratio,
         "importance": args.importance,
         "ignored_layers": tuple(args.ignore),
+        "prune_hidden": args.prune_hidden,
+        "attention": args.attention,
     }
 
 
@@ -370,8 +373,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="size of a zoo: model: 'tiny' (default, seconds) or 'bench' (real widths)")
     p.add_argument("--importance", choices=("l1", "l2"), default="l2",
                    help="channel importance criterion (default l2)")
+    add_structure_args(p)
+
+
+def add_structure_args(p: argparse.ArgumentParser) -> None:
+    """What may be pruned: shared by every sub-command that analyses a model."""
     p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
                    help="module name to keep whole (repeatable)")
+    p.add_argument("--prune-hidden", action="store_true",
+                   help="also prune the residual stream (hidden size) of transformers")
+    p.add_argument("--attention", choices=tuple(ATTENTION_MODES), default="heads",
+                   help="what attention layers lose: whole heads (default), q heads within each "
+                        "KV group, or channels inside every head (head_dim)")
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:

@@ -50,6 +50,7 @@ class Plan:
     attr_updates: list[AttrUpdate] = field(default_factory=list)
     boundaries: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    structure: dict[str, Any] = field(default_factory=dict)  # analysis options: prune_hidden, attention
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +81,7 @@ class Plan:
             attr_updates=[AttrUpdate(**a) for a in d.get("attr_updates", [])],
             boundaries=list(d.get("boundaries", [])),
             notes=list(d.get("notes", [])),
+            structure=dict(d.get("structure", {})),
         )
 
     @classmethod
@@ -145,7 +147,12 @@ def build_plan(
     n_cls = len(analysis.frozen_class)
     removed_class = np.zeros(n_cls, dtype=bool)
     unit_to_class: dict[tuple[int, int], int] = {v: c for c, v in analysis.class_unit.items()}
-    plan = Plan(ratio=ratio, importance=importance_name, boundaries=list(analysis.boundaries))
+    plan = Plan(
+        ratio=ratio,
+        importance=importance_name,
+        boundaries=list(analysis.boundaries),
+        structure=dict(analysis.options),
+    )
     opts = options or CutOptions()
     if counts is not None:
         opts = dataclasses.replace(opts, counts={**(opts.counts or {}), **counts})

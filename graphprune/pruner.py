@@ -119,6 +119,7 @@ class Pruner:
         accumulate: bool = True,
         ignored_layers: Any = (),
         prune_hidden: bool = False,
+        attention: str = "heads",
         global_pruning: bool = False,
         max_ratio: float | None = None,
         ratios: dict[str | int, float] | None = None,
@@ -148,7 +149,8 @@ class Pruner:
         self.data, self.loss_fn = data, loss_fn
         self.finetune = finetune
         self.soft = bool(soft)
-        self.ignored_layers, self.prune_hidden = ignored_layers, prune_hidden
+        self.ignored_layers = ignored_layers
+        self.structure = {"prune_hidden": prune_hidden, "attention": attention}
         self.options = check_options(CutOptions(bool(global_pruning), max_ratio, ratios, round_to))
         self.verify = verify
         self._training = model.training
@@ -156,7 +158,7 @@ class Pruner:
         self.step_count = 0
         self.history: list[StepRecord] = []
         self.plans: list[Plan] = []
-        analysis = analyze(model, example_input, ignored_layers=ignored_layers, prune_hidden=prune_hidden)
+        analysis = analyze(model, example_input, ignored_layers=ignored_layers, **self.structure)
         self._analysis = analysis  # soft mode keeps using it (shapes never change until the end)
         prunable = [g for g in analysis.groups if g.members and g.num_units > 1]
         self._units0 = {_signature(g): g.num_units for g in prunable}
@@ -250,7 +252,7 @@ class Pruner:
             self.example_input,
             criterion,
             self.ignored_layers,
-            self.prune_hidden,
+            self.structure,
             data=None if soft_final else self.data,
             loss_fn=self.loss_fn,
         )

@@ -177,6 +177,7 @@ def sensitivity(
     loss_fn: Any = None,
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    attention: str = "heads",
     mode: str = "mask",
     higher_is_better: bool = True,
     metric_name: str = "metric",
@@ -197,7 +198,13 @@ def sensitivity(
     if not ratios or any(r == 0 for r in ratios):
         raise InputError("ratios must be a non-empty list of fractions in (0, 1)")
     analysis, criterion = _prepare(
-        model, example_input, importance, ignored_layers, prune_hidden, data=data, loss_fn=loss_fn
+        model,
+        example_input,
+        importance,
+        ignored_layers,
+        {"prune_hidden": prune_hidden, "attention": attention},
+        data=data,
+        loss_fn=loss_fn,
     )
     groups = [g for g in analysis.groups if g.members and g.num_units > 1]
     work = copy.deepcopy(model).eval()

@@ -70,9 +70,11 @@ class GroupLasso:
         *,
         ignored_layers: Any = (),
         prune_hidden: bool = False,
+        attention: str = "heads",
         eps: float = 1e-12,
     ) -> None:
-        analysis = analyze(model, example_input, ignored_layers=ignored_layers, prune_hidden=prune_hidden)
+        structure = {"prune_hidden": prune_hidden, "attention": attention}
+        analysis = analyze(model, example_input, ignored_layers=ignored_layers, **structure)
         params = dict(analysis.model.named_parameters(remove_duplicate=False))
         self.strength = float(strength)
         self.eps = float(eps)

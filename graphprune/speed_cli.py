@@ -44,7 +44,7 @@ def _round_to(text: str) -> int | str:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from graphprune.cli import MODEL_HELP, _shape
+    from graphprune.cli import MODEL_HELP, _shape, add_structure_args
 
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
@@ -52,8 +52,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default=None, help="size of a zoo: model: 'tiny' (default) or 'bench'")
     p.add_argument("--importance", choices=("l1", "l2", "random"), default="l2",
                    help="unit importance criterion (default l2)")
-    p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
-                   help="module name to keep whole (repeatable)")
+    add_structure_args(p)
     p.add_argument("--runs", type=int, default=20, help="timed onnxruntime runs per model (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per model (default 5)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all usable cores)")
@@ -79,7 +78,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model, example = _load(args)
     t0 = time.perf_counter()
     rows = sweep(model, example, args.ratios, importance=args.importance, ignored_layers=tuple(args.ignore),
-                 round_to=args.round_to, latency=not args.no_latency, runs=args.runs, warmup=args.warmup,
+                 prune_hidden=args.prune_hidden, attention=args.attention, round_to=args.round_to,
+                 latency=not args.no_latency, runs=args.runs, warmup=args.warmup,
                  threads=args.threads, progress=not args.quiet)
     print(_rows_table(rows))
     print(f"swept {len(rows)} ratios in {time.perf_counter() - t0:.1f}s "
@@ -108,7 +108,8 @@ def cmd_target(args: argparse.Namespace) -> int:
     model, example = _load(args)
     t0 = time.perf_counter()
     result = compact_to_target(model, example, **targets, importance=args.importance,
-                               ignored_layers=tuple(args.ignore), round_to=args.round_to,
+                               ignored_layers=tuple(args.ignore), prune_hidden=args.prune_hidden,
+                               attention=args.attention, round_to=args.round_to,
                                tolerance=args.tolerance, runs=args.runs, warmup=args.warmup,
                                threads=args.threads, max_candidates=args.max_candidates,
                                progress=not args.quiet)

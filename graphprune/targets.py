@@ -280,6 +280,7 @@ class _Search:
         importance: Any = "l2",
         ignored_layers: Any = (),
         prune_hidden: bool = False,
+        attention: str = "heads",
         data: Any = None,
         loss_fn: Any = None,
         runs: int = 20,
@@ -291,7 +292,13 @@ class _Search:
         self.model = model
         self.x = example_input
         self.analysis, criterion = _prepare(
-            model, example_input, importance, ignored_layers, prune_hidden, data=data, loss_fn=loss_fn
+            model,
+            example_input,
+            importance,
+            ignored_layers,
+            {"prune_hidden": prune_hidden, "attention": attention},
+            data=data,
+            loss_fn=loss_fn,
         )
         self.criterion = _memo(criterion)
         self.importance = _importance_name(importance)
@@ -673,6 +680,7 @@ def compact_to_target(
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    attention: str = "heads",
     data: Any = None,
     loss_fn: Any = None,
     round_to: int | str = 1,
@@ -714,7 +722,8 @@ def compact_to_target(
         raise InputError(f"tolerance is relative, in (0, 1); got {tolerance!r}")
     choices = _round_choices(round_to)
     s = _Search(model, example_input, importance=importance, ignored_layers=ignored_layers,
-                prune_hidden=prune_hidden, data=data, loss_fn=loss_fn, runs=runs, warmup=warmup,
+                prune_hidden=prune_hidden, attention=attention, data=data, loss_fn=loss_fn, runs=runs,
+                warmup=warmup,
                 threads=threads)
     tried: list[Candidate] = []
     note = ""
@@ -783,6 +792,7 @@ def targeted(
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    attention: str = "heads",
     verify: bool = True,
     data: Any = None,
     loss_fn: Any = None,
@@ -810,6 +820,7 @@ def targeted(
         importance=importance,
         ignored_layers=ignored_layers,
         prune_hidden=prune_hidden,
+        attention=attention,
         data=data,
         loss_fn=loss_fn,
         round_to=1 if round_to is None else round_to,
@@ -845,6 +856,7 @@ def best_round_to(
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    attention: str = "heads",
     runs: int = 20,
     warmup: int = 5,
     threads: int | None = None,
@@ -857,7 +869,8 @@ def best_round_to(
     the measured candidates (compare ``latency_ms`` and ``efficiency``).
     """
     s = _Search(model, example_input, importance=importance, ignored_layers=ignored_layers,
-                prune_hidden=prune_hidden, runs=runs, warmup=warmup, threads=threads)
+                prune_hidden=prune_hidden, attention=attention, runs=runs, warmup=warmup,
+                threads=threads)
     try:
         out = []
         for n in tqdm(list(choices), desc="graphprune round_to", disable=not progress):
@@ -878,6 +891,7 @@ def sweep(
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
     prune_hidden: bool = False,
+    attention: str = "heads",
     round_to: int = 1,
     latency: bool = True,
     runs: int = 20,
@@ -900,7 +914,8 @@ def sweep(
         raise InputError("sweep needs at least one ratio")
     (n_round,) = _round_choices(round_to)
     s = _Search(model, example_input, importance=importance, ignored_layers=ignored_layers,
-                prune_hidden=prune_hidden, runs=runs, warmup=warmup, threads=threads)
+                prune_hidden=prune_hidden, attention=attention, runs=runs, warmup=warmup,
+                threads=threads)
     rows: list[dict[str, Any]] = []
     try:
         for r in tqdm(ratios, desc="graphprune sweep", disable=not progress, dynamic_ncols=True):

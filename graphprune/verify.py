@@ -890,7 +890,7 @@ def verify_model(
     example_input: Any,
     plan: Plan,
     *,
-    prune_hidden: bool = False,
+    prune_hidden: bool | None = None,
     rtol: float | None = None,
 ) -> VerifyReport:
     """Check that ``small`` is ``original`` with exactly the units of ``plan`` removed.
@@ -902,5 +902,8 @@ def verify_model(
     """
     from graphprune.analysis import analyze
 
-    analysis = analyze(original, example_input, prune_hidden=prune_hidden)
+    structure = dict(plan.structure)  # the plan knows how it was grouped; an explicit flag wins
+    if prune_hidden is not None:
+        structure["prune_hidden"] = prune_hidden
+    analysis = analyze(original, example_input, **structure)
     return verify_compact(analysis, plan, small, example_input, original=original, rtol=rtol)

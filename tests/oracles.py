@@ -227,16 +227,19 @@ def check_groups_consistent(analysis: Any, model: nn.Module) -> None:
             )
 
 
-def make_dead(model: nn.Module, example_input: Any, ratio: float, seed: int = 0) -> DeadChannels:
+def make_dead(
+    model: nn.Module, example_input: Any, ratio: float, seed: int = 0, **structure: Any
+) -> DeadChannels:
     """Copy ``model`` and make ``ceil(ratio * num_units)`` units of every prunable group exactly dead.
 
     Every member slice of a dead unit that is a *parameter* is zeroed: producer weights and biases,
     norm scale and shift, consumer input weights. BN running statistics are left alone on
     purpose: with zero scale and shift a BN channel outputs exactly 0 whatever its statistics, and
-    keeping them non-trivial checks that the engine slices them consistently.
+    keeping them non-trivial checks that the engine slices them consistently. ``structure``
+    (``prune_hidden``, ``attention``) is passed to ``analyze``: it decides what a unit is.
     """
     dead_model = copy.deepcopy(model)
-    analysis = graphprune.analyze(dead_model, example_input)
+    analysis = graphprune.analyze(dead_model, example_input, **structure)
     check_groups_consistent(analysis, dead_model)
     params = dict(dead_model.named_parameters())
     rng = np.random.default_rng(seed)
@@ -264,17 +267,17 @@ def make_dead(model: nn.Module, example_input: Any, ratio: float, seed: int = 0)
 
 
 def check_dead_channels(
-    model: nn.Module, example_input: Any, ratio: float, rtol: float = 1e-5
+    model: nn.Module, example_input: Any, ratio: float, rtol: float = 1e-5, **structure: Any
 ) -> nn.Module:
     """Kill ``ratio`` of every prunable group, compact exactly those units away, compare outputs.
 
     The compact model must match the dead model (not the original: killing units changes it)
     within ``rtol`` and have fewer parameters. Returns the compact model.
     """
-    dead = make_dead(model, example_input, ratio)
+    dead = make_dead(model, example_input, ratio, **structure)
     assert dead.dead, "analyze() found no prunable group, so the dead-channel check tests nothing"
     assert dead.zeroed > 0, "no parameter slice was zeroed: every prunable group has < 2 units?"
-    small = graphprune.compact(dead.model, example_input, ratio=ratio, importance=dead.importance)
+    small = graphprune.compact(dead.model, example_input, ratio=ratio, importance=dead.importance, **structure)
     assert_same_outputs(
         small, dead.model, example_input, rtol=rtol,
         what=f"compact(ratio={ratio}) of exactly dead channels vs the dead model",

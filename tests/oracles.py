@@ -11,6 +11,9 @@ the engine against a reference it cannot influence:
   the compact torch model.
 * ``check_input_untouched``: the user's model is bit-identical after compaction.
 
+``OracleSuite`` runs all of them, as tests, on every model of a family: a test file subclasses it
+once and states only its models and what it expects beyond the generic oracles.
+
 "Relative" error throughout means ``max|a - b| / max|b|`` over each output tensor: one number per
 tensor, insensitive to individual near-zero elements, which is what a user means by "the same
 outputs up to 1e-5".
@@ -21,9 +24,11 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -277,7 +282,9 @@ def check_dead_channels(
     dead = make_dead(model, example_input, ratio, **structure)
     assert dead.dead, "analyze() found no prunable group, so the dead-channel check tests nothing"
     assert dead.zeroed > 0, "no parameter slice was zeroed: every prunable group has < 2 units?"
-    small = graphprune.compact(dead.model, example_input, ratio=ratio, importance=dead.importance, **structure)
+    small = graphprune.compact(
+        dead.model, example_input, ratio=ratio, importance=dead.importance, **structure
+    )
     assert_same_outputs(
         small, dead.model, example_input, rtol=rtol,
         what=f"compact(ratio={ratio}) of exactly dead channels vs the dead model",
@@ -292,8 +299,10 @@ def check_dead_channels(
 # ------------------------------------------------------------------------------------------
 
 
-def check_shape_params_flops(model: nn.Module, small: nn.Module, example_input: Any) -> None:
-    """The compact model keeps every output shape and has fewer parameters and FLOPs."""
+def check_shape_params_flops(
+    model: nn.Module, small: nn.Module, example_input: Any, flops: bool = True
+) -> None:
+    """The compact model keeps every output shape and has fewer parameters and (``flops``) FLOPs."""
     outs = flatten_outputs(run_model(model, example_input))
     small_outs = flatten_outputs(run_model(small, example_input))
     assert [tuple(t.shape) for t in small_outs] == [tuple(t.shape) for t in outs], (
@@ -302,6 +311,8 @@ def check_shape_params_flops(model: nn.Module, small: nn.Module, example_input: 
     )
     p0, p1 = graphprune.count_params(model), graphprune.count_params(small)
     assert p1 < p0, f"parameters did not go down: {p0} -> {p1}"
+    if not flops:
+        return
     f0 = graphprune.count_flops(model, example_input)
     f1 = graphprune.count_flops(small, example_input)
     assert f1 < f0, f"FLOPs did not go down: {f0} -> {f1}"
@@ -348,3 +359,107 @@ def check_onnx(
     compare_outputs([torch.from_numpy(np.asarray(o)) for o in ort_outs], expected, rtol,
                     "onnxruntime vs torch (compact model)")
     return result
+
+
+# ------------------------------------------------------------------------------------------
+# One compaction per model, shared by every test that looks at it
+# ------------------------------------------------------------------------------------------
+
+Builder = Callable[[str], tuple[nn.Module, Any]]
+
+
+@dataclass
+class Compacted:
+    """A model, its example input, a snapshot taken before compaction, and what compact returned."""
+
+    name: str
+    ratio: float
+    model: nn.Module
+    example_input: Any
+    before: Snapshot
+    small: nn.Module
+    plan: graphprune.Plan
+    warnings: list[str]  # graphprune's own warnings while compacting (e.g. the graph fallback)
+
+
+_COMPACTED: dict[tuple[Builder, str, float], Compacted | BaseException] = {}
+
+
+def compacted(build: Builder, name: str, ratio: float) -> Compacted:
+    """``build(name)`` compacted at ``ratio`` (``compact_with_plan``, verification on), once per session.
+
+    Compacting (tracing, planning, surgery, verification) is the slow part of every test, and
+    several oracles look at the same compact model, so each (builder, name, ratio) is compacted
+    once and the result handed out again. A failure is cached too and re-raised for every test
+    that asks, so a broken model costs one compaction, not one per oracle.
+    """
+    key = (build, name, ratio)
+    if key not in _COMPACTED:
+        model, x = build(name)
+        before = snapshot(model)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                small, plan = graphprune.compact_with_plan(model, x, ratio=ratio)
+            msgs = [str(w.message) for w in caught if str(w.message).startswith("graphprune")]
+            _COMPACTED[key] = Compacted(name, ratio, model, x, before, small, plan, msgs)
+        except Exception as e:  # noqa: BLE001 - re-raised below, for every test that asks
+            _COMPACTED[key] = e
+    hit = _COMPACTED[key]
+    if isinstance(hit, BaseException):
+        raise hit
+    return hit
+
+
+# ------------------------------------------------------------------------------------------
+# Every oracle above, as tests over a family of models
+# ------------------------------------------------------------------------------------------
+
+
+class OracleSuite:
+    """The generic oracles as a test class; a test file subclasses it once for its models::
+
+        @pytest.mark.parametrize("name", MODELS)
+        class TestGenericOracles(OracleSuite):
+            build = zoo.build     # name -> (model in eval mode, example input)
+
+    Every test below then runs on every model: ratio 0 is bit-identical, exactly dead units are
+    removed without changing the outputs, the input model is untouched, output shapes stay while
+    parameters (and, with ``flops``, FLOPs) go down, the result is the user's class, and
+    onnxruntime agrees with it. A subclass may override a test to expect something else for some
+    models (calling ``super()`` for the rest). This class itself is not collected: its name does
+    not start with ``Test``.
+    """
+
+    build: ClassVar[Builder]  # read as type(self).build: a plain function needs no staticmethod
+    ratio: ClassVar[float] = 0.3
+    flops: ClassVar[bool] = True
+
+    def compacted(self, name: str) -> Compacted:
+        """The model ``name`` compacted at ``self.ratio``, shared with every other test."""
+        return compacted(type(self).build, name, self.ratio)
+
+    def test_ratio_zero_gives_bit_identical_outputs(self, name: str) -> None:
+        check_ratio_zero_identity(*type(self).build(name))
+
+    def test_removing_exactly_dead_units_leaves_outputs_unchanged(self, name: str) -> None:
+        check_dead_channels(*type(self).build(name), self.ratio)
+
+    def test_input_model_is_bit_identical_after_compact(self, name: str) -> None:
+        c = self.compacted(name)
+        assert_untouched(c.model, c.before)
+
+    def test_compact_keeps_output_shapes_and_cuts_params(self, name: str) -> None:
+        c = self.compacted(name)
+        check_shape_params_flops(c.model, c.small, c.example_input, flops=self.flops)
+
+    def test_compact_model_is_the_users_class(self, name: str) -> None:
+        c = self.compacted(name)
+        assert type(c.small) is type(c.model), (
+            f"compact returned {type(c.small).__name__}, expected the user's "
+            f"{type(c.model).__name__}; graphprune warnings: {c.warnings}"
+        )
+
+    def test_onnx_export_matches_compact_model_in_onnxruntime(self, name: str) -> None:
+        c = self.compacted(name)
+        check_onnx(c.small, c.example_input)

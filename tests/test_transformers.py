@@ -2,31 +2,23 @@
 
 Each model writes attention, grouped-query attention, gated MLPs, norms, tied embeddings or
 recurrent layers in one of the ways people write them outside Hugging Face. Generic oracles
-(ratio 0 identical, exactly dead units removed without changing the outputs, onnxruntime agrees,
-input model untouched) run on every model; the structural tests check what the engine must see:
-whole heads, q/kv ratios, gates sharing units, nn.MultiheadAttention's single width, ties.
+(``oracles.OracleSuite``: ratio 0 identical, exactly dead units removed without changing the
+outputs, onnxruntime agrees, input model untouched) run on every model; the structural tests
+check what the engine must see: whole heads, q/kv ratios, gates sharing units,
+nn.MultiheadAttention's single width, ties.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import pytest
 import torch
 import transformer_models as tm
-from oracles import (
-    assert_same_outputs,
-    assert_untouched,
-    check_dead_channels,
-    check_onnx,
-    check_ratio_zero_identity,
-    snapshot,
-)
+from oracles import OracleSuite, assert_same_outputs, check_onnx, compacted
 from torch import nn
 
 import graphprune
-from graphprune.inputs import flatten_outputs, run_model
 
 MODELS = list(tm.BUILDERS)
 RATIO = 0.3
@@ -34,51 +26,25 @@ RATIO = 0.3
 # class run with fewer heads, so graphprune returns its graph fallback (with a warning).
 GRAPH_FALLBACK = {"timm_attention_merge_C"}
 
-_cache: dict[str, Any] = {}
 
-
-def _compacted(name: str) -> tuple[nn.Module, Any, nn.Module, Any, list[str]]:
-    """(model, input, compact model, snapshot before, graphprune warnings), once per session."""
-    if name not in _cache:
-        model, x = tm.build(name)
-        before = snapshot(model)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            small = graphprune.compact(model, x, ratio=RATIO)
-        msgs = [str(w.message) for w in caught if str(w.message).startswith("graphprune")]
-        _cache[name] = (model, x, small, before, msgs)
-    return _cache[name]
+def _compacted(name: str) -> tuple[nn.Module, Any, nn.Module]:
+    """(model, input, compact model), compacted once per session for the suite and the tests below."""
+    c = compacted(tm.build, name, RATIO)
+    return c.model, c.example_input, c.small
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_ratio_zero_gives_bit_identical_outputs(name: str) -> None:
-    model, x = tm.build(name)
-    check_ratio_zero_identity(model, x)
+class TestGenericOracles(OracleSuite):
+    build = tm.build
+    ratio = RATIO
+    flops = False
 
-
-@pytest.mark.parametrize("name", MODELS)
-def test_removing_exactly_dead_units_leaves_outputs_unchanged(name: str) -> None:
-    model, x = tm.build(name)
-    check_dead_channels(model, x, RATIO)
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_compact_keeps_shapes_cuts_params_and_leaves_the_input_model_alone(name: str) -> None:
-    model, x, small, before, msgs = _compacted(name)
-    assert_untouched(model, before)
-    got = [tuple(t.shape) for t in flatten_outputs(run_model(small, x))]
-    assert got == [tuple(t.shape) for t in flatten_outputs(run_model(model, x))]
-    assert graphprune.count_params(small) < graphprune.count_params(model)
-    if name in GRAPH_FALLBACK:
-        assert isinstance(small, torch.fx.GraphModule)
-        assert any("cannot run at the new sizes" in m for m in msgs), msgs
-    else:
-        assert type(small) is type(model), f"got {type(small).__name__}; warnings: {msgs}"
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_onnx_export_matches_compact_model_in_onnxruntime(name: str) -> None:
-    check_onnx(_compacted(name)[2], _compacted(name)[1])
+    def test_compact_model_is_the_users_class(self, name: str) -> None:
+        if name not in GRAPH_FALLBACK:
+            return super().test_compact_model_is_the_users_class(name)
+        c = self.compacted(name)
+        assert isinstance(c.small, torch.fx.GraphModule)
+        assert any("cannot run at the new sizes" in m for m in c.warnings), c.warnings
 
 
 # ------------------------------------------------------------------------------------------
@@ -87,7 +53,7 @@ def test_onnx_export_matches_compact_model_in_onnxruntime(name: str) -> None:
 
 
 def test_hand_written_attention_loses_whole_heads_and_its_attributes_follow() -> None:
-    model, x, small, _, _ = _compacted("hand_attention")
+    model, x, small = _compacted("hand_attention")
     attn = small.blocks[0].attn
     assert (attn.num_heads, attn.head_dim) == (3, 8), "one of 4 heads of width 8 should go"
     assert attn.qkv.out_features == 3 * 3 * 8 and attn.proj.in_features == 3 * 8
@@ -104,14 +70,14 @@ def test_timm_style_merge_falls_back_to_a_graph_that_computes_the_same() -> None
 
 def test_sdpa_attention_with_minus_one_head_split_gets_num_heads_updated() -> None:
     """``view(B, N, -1, head_dim)`` holds no head count: it comes from the SDPA operands."""
-    _, _, small, _, _ = _compacted("sdpa")
+    _, _, small = _compacted("sdpa")
     for blk in small.blocks:
         assert blk.attn.num_heads == 3 and blk.attn.q.out_features == 24
 
 
 @pytest.mark.parametrize("name", ["gqa_repeat_interleave", "gqa_expand", "gqa_enable_gqa"])
 def test_grouped_query_attention_keeps_the_q_per_kv_ratio(name: str) -> None:
-    model, x, small, _, _ = _compacted(name)
+    model, x, small = _compacted(name)
     attn, old = small.blocks[0].attn, model.blocks[0].attn
     assert attn.num_kv_heads == 1 and attn.num_heads == 2, "one whole kv group (1 kv + 2 q heads) goes"
     assert attn.num_heads * old.num_kv_heads == old.num_heads * attn.num_kv_heads
@@ -150,7 +116,7 @@ def test_tied_embeddings_stay_tied_when_the_hidden_size_shrinks() -> None:
 @pytest.mark.parametrize("name", ["mha_batch_first", "mha_seq_first"])
 def test_multihead_attention_heads_go_only_with_the_hidden_size(name: str) -> None:
     """nn.MultiheadAttention has one width (``embed_dim``) for its input, heads and output."""
-    model, x, small, _, _ = _compacted(name)
+    model, x, small = _compacted(name)
     assert small.attn.embed_dim == model.attn.embed_dim, "heads must stay while the hidden size does"
     assert small.mlp[0].out_features < model.mlp[0].out_features
     small = graphprune.compact(model, x, ratio=RATIO, prune_hidden=True)
@@ -162,7 +128,7 @@ def test_multihead_attention_heads_go_only_with_the_hidden_size(name: str) -> No
 
 
 def test_cross_attention_heads_follow_the_query_projection_and_kdim_vdim_shrink() -> None:
-    model, x, small, _, _ = _compacted("mha_cross_kdim_vdim")
+    model, x, small = _compacted("mha_cross_kdim_vdim")
     attn = small.attn
     assert (attn.num_heads, attn.embed_dim, attn.head_dim) == (3, 24, 8)
     assert (attn.kdim, attn.vdim) == (11, 14) and not attn._qkv_same_embed_dim
@@ -171,7 +137,7 @@ def test_cross_attention_heads_follow_the_query_projection_and_kdim_vdim_shrink(
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "lstm_2layer_bidirectional"])
 def test_recurrent_hidden_units_go_gate_by_gate_in_every_layer(name: str) -> None:
-    model, x, small, _, _ = _compacted(name)
+    model, x, small = _compacted(name)
     rnn, gates = small.rnn, 4 if isinstance(small.rnn, nn.LSTM) else 3
     assert rnn.hidden_size == 17  # round(0.3 * 24) = 7 units removed
     for pname, p in rnn.named_parameters():

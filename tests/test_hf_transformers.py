@@ -1,7 +1,8 @@
 """compact() on Hugging Face transformers built from tiny configs (tests/hf_models.py), no settings.
 
-Every model gets the generic oracles (ratio 0 identical, exactly dead units removed with outputs
-unchanged, onnxruntime agrees, input model untouched, same class, fewer parameters). Decoder LMs
+Every model gets the generic oracles (``oracles.OracleSuite``: ratio 0 identical, exactly dead
+units removed with outputs unchanged, onnxruntime agrees, input model untouched, same class,
+fewer parameters). Decoder LMs
 must still ``generate()`` (checked against a greedy loop without cache), and a compact model must
 reload with identical outputs: through ``save_pretrained``/``from_pretrained`` where graphprune
 could update ``model.config``, else through ``graphprune.save``/``graphprune.load``.
@@ -23,18 +24,10 @@ pytest.importorskip("transformers")
 
 import hf_models  # noqa: E402
 import torch  # noqa: E402
-from oracles import (  # noqa: E402
-    assert_same_outputs,
-    assert_untouched,
-    check_dead_channels,
-    check_onnx,
-    check_ratio_zero_identity,
-    snapshot,
-)
+from oracles import OracleSuite, assert_same_outputs, compacted  # noqa: E402
 from torch import nn  # noqa: E402
 
 import graphprune  # noqa: E402
-from graphprune.inputs import flatten_outputs, run_model  # noqa: E402
 
 RATIO = 0.3
 FAST = ("vit", "bert", "gpt2", "llama")
@@ -61,47 +54,17 @@ def _slow_only_when_asked(request: pytest.FixtureRequest) -> None:
         pytest.skip("slow architecture: run with -m slow or GRAPHPRUNE_SLOW=1")
 
 
-_cache: dict[str, Any] = {}
-
-
-def _compacted(name: str) -> tuple[nn.Module, Any, nn.Module, graphprune.Plan, Any]:
-    """(model, input, compact model, plan, snapshot of the model before), once per session."""
-    if name not in _cache:
-        model, x = hf_models.build(name)
-        before = snapshot(model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            small, plan = graphprune.compact_with_plan(model, x, ratio=RATIO)
-        _cache[name] = (model, x, small, plan, before)
-    return _cache[name]
+def _compacted(name: str) -> tuple[nn.Module, Any, nn.Module, graphprune.Plan]:
+    """(model, input, compact model, plan), compacted once per session for the suite and the tests."""
+    c = compacted(hf_models.build, name, RATIO)
+    return c.model, c.example_input, c.small, c.plan
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_ratio_zero_gives_bit_identical_outputs(name: str) -> None:
-    model, x = hf_models.build(name)
-    check_ratio_zero_identity(model, x)
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_removing_exactly_dead_units_leaves_outputs_unchanged(name: str) -> None:
-    model, x = hf_models.build(name)
-    check_dead_channels(model, x, RATIO)
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_compact_is_the_same_class_smaller_and_leaves_the_input_model_alone(name: str) -> None:
-    model, x, small, _, before = _compacted(name)
-    assert_untouched(model, before)
-    assert type(small) is type(model), f"compact returned {type(small).__name__}"
-    got = [tuple(t.shape) for t in flatten_outputs(run_model(small, x))]
-    assert got == [tuple(t.shape) for t in flatten_outputs(run_model(model, x))]
-    assert graphprune.count_params(small) < graphprune.count_params(model)
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_onnx_export_matches_compact_model_in_onnxruntime(name: str) -> None:
-    _, x, small, _, _ = _compacted(name)
-    check_onnx(small, x)
+class TestGenericOracles(OracleSuite):
+    build = hf_models.build
+    ratio = RATIO
+    flops = False
 
 
 def _greedy_without_cache(model: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -114,7 +77,7 @@ def _greedy_without_cache(model: nn.Module, ids: torch.Tensor, steps: int) -> to
 
 @pytest.mark.parametrize("name", DECODERS)
 def test_compact_decoder_generates_like_a_greedy_loop_without_cache(name: str) -> None:
-    _, x, small, _, _ = _compacted(name)
+    _, x, small, _ = _compacted(name)
     ids = x["input_ids"]
     with torch.no_grad():
         out = small.generate(ids, attention_mask=x["attention_mask"], max_new_tokens=3, do_sample=False)
@@ -123,7 +86,7 @@ def test_compact_decoder_generates_like_a_greedy_loop_without_cache(name: str) -
 
 @pytest.mark.parametrize("name", MODELS)
 def test_compact_model_reloads_with_identical_outputs(name: str) -> None:
-    model, x, small, plan, _ = _compacted(name)
+    model, x, small, plan = _compacted(name)
     updated = [n for n in plan.notes if n.startswith("model.config updated")]
     with tempfile.TemporaryDirectory() as tmp:
         if name in CONFIG_ROUND_TRIP:
@@ -153,7 +116,7 @@ def _assert_same_model(again: nn.Module, small: nn.Module, x: Any) -> None:
 
 
 def test_llama_config_gets_the_new_head_counts_and_widths() -> None:
-    model, _, small, _, _ = _compacted("llama")
+    model, _, small, _ = _compacted("llama")
     cfg, old = small.config, model.config
     assert (old.num_attention_heads, old.num_key_value_heads) == (4, 2)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 1), "one kv group of 2 q heads goes"

@@ -12,13 +12,28 @@ from torch import nn
 from graphprune.analysis import Analysis, analyze, check_attention, param_tensor
 from graphprune.cut import CutOptions, check_options
 from graphprune.errors import GraphPruneError, InputError
+from graphprune.fallback import (
+    MAX_ROUNDS,
+    Failure,
+    Frozen,
+    Replan,
+    check_fallback,
+    culprit,
+    describe,
+    error_message,
+    find_failure,
+    freeze_warning,
+    graph_fallback,
+    restrict_plan,
+    same_class,
+)
 from graphprune.hf import update_config
 from graphprune.importance import Criterion, prepare_criterion, resolve
 from graphprune.inputs import flatten_outputs, normalize_inputs
 from graphprune.plan import AttrUpdate, Plan, build_plan, check_ratio
 from graphprune.rules.attention import head_count_updates
 from graphprune.shapes import Sizer, UncertainUpdate, attribute_updates, graph_constant_changes
-from graphprune.surgery import apply_attr_updates, module_updates, replay, set_tensor, slice_tensors
+from graphprune.surgery import apply_attr_updates, module_updates, replay, slice_tensors
 from graphprune.trace import check_model, no_cache
 
 
@@ -50,16 +65,36 @@ def _plan_and_model(
     data: Any = None,
     loss_fn: Any = None,
     options: CutOptions | None = None,
+    fallback: str = "freeze",
 ) -> tuple[Plan, nn.Module, Analysis]:
     check_model(model)
     ratio = check_ratio(ratio)
+    fallback = check_fallback(fallback)
     if options is not None:
         check_options(options)
     analysis, criterion = _prepare(
         model, example_input, importance, ignored_layers, structure, data=data, loss_fn=loss_fn
     )
-    plan = build_plan(analysis, ratio, criterion, _importance_name(importance), options=options)
-    return plan, _realize(analysis, plan, example_input), analysis
+    name = _importance_name(importance)
+    plan = build_plan(analysis, ratio, criterion, name, options=options)
+
+    def replan(prefixes: list[str]) -> tuple[Analysis, Plan]:
+        """The same plan with ``prefixes`` frozen, as if the user had listed them in ignored_layers
+        (a fresh analysis of the untouched user model; the criterion's measurements are reused)."""
+        ignored = [*_as_list(ignored_layers), *prefixes]
+        again = analyze(model, example_input, ignored_layers=ignored, **structure)
+        return again, build_plan(again, ratio, criterion, name, options=options)
+
+    small, plan, analysis = _realize_full(analysis, plan, example_input, fallback=fallback, replan=replan)
+    return plan, small, analysis
+
+
+def _as_list(ignored: Any) -> list[Any]:
+    if ignored is None:
+        return []
+    if isinstance(ignored, (str, nn.Module)):
+        return [ignored]
+    return list(ignored)
 
 
 def _prepare(
@@ -87,12 +122,62 @@ def _prepare(
     return analysis, criterion
 
 
-def _realize(analysis: Analysis, plan: Plan, example_input: Any, *, copy_model: bool = False) -> nn.Module:
+def _realize(
+    analysis: Analysis, plan: Plan, example_input: Any, *, copy_model: bool = False, fallback: str = "freeze"
+) -> nn.Module:
     """Surgery for ``plan``: on ``analysis.model`` itself, or on a copy when more plans will follow.
 
     ``copy_model=True`` leaves the analysis reusable (its weights unsliced), which is what a search
-    over ratios needs: analyse once, then build and realise a plan per candidate.
+    over ratios needs: analyse once, then build and realise a plan per candidate. When modules
+    had to be kept whole (``fallback="freeze"``) ``plan`` is updated in place to describe the
+    model returned; callers without a re-plan (the target search, Pruner, sensitivity) cut each
+    group on its own, for which dropping the frozen units from the plan is the same as re-planning.
     """
+    small, new_plan, _ = _realize_full(
+        analysis, plan, example_input, copy_model=copy_model, fallback=fallback
+    )
+    if new_plan is not plan:
+        plan.__dict__.update(new_plan.__dict__)
+    return small
+
+
+def _realize_full(
+    analysis: Analysis,
+    plan: Plan,
+    example_input: Any,
+    *,
+    copy_model: bool = False,
+    fallback: str = "freeze",
+    replan: Replan | None = None,
+) -> tuple[nn.Module, Plan, Analysis]:
+    """Surgery, then the ``fallback`` if the user's class cannot run: (model, plan, analysis).
+
+    ``replan(prefixes)`` returns a fresh (analysis, plan) with those modules frozen and every
+    other option as before; without it the plan is restricted (``fallback.restrict_plan``),
+    which needs the analysis' weights unsliced, so the surgery then works on a copy.
+    """
+    fallback = check_fallback(fallback)
+    if fallback == "freeze" and replan is None:
+        copy_model = True
+    work, changes, failure = _surgery(analysis, plan, example_input, copy_model)
+    if failure is None:
+        return _finish(work, plan, example_input), plan, analysis
+    model_cls = type(work).__name__
+    if fallback == "error":
+        path = culprit(work, failure.stack, set())
+        raise GraphPruneError(error_message(model_cls, failure, path, work))
+    why_not = ""
+    if fallback == "freeze":
+        got = _freeze(analysis, plan, example_input, work, failure, copy_model, replan)
+        if not isinstance(got, str):
+            return got
+        why_not = got
+    gm = graph_fallback(analysis, plan, changes, work, example_input, failure, why_not_freeze=why_not)
+    return gm, plan, analysis
+
+
+def _surgery(analysis: Analysis, plan: Plan, example_input: Any, copy_model: bool):
+    """Slice, update attributes, run: (model, graph constant changes, Failure or None)."""
     work = copy.deepcopy(analysis.model) if copy_model else analysis.model
     plan.shapes = {name: list(param_tensor(work, name).shape) for name in plan.slices}
     removed = plan._removed_class  # type: ignore[attr-defined]
@@ -111,10 +196,42 @@ def _realize(analysis: Analysis, plan: Plan, example_input: Any, *, copy_model: 
         work, attr_ups, example_input, analysis.traced.output_shapes, reference=reference
     )
     plan.attr_updates = mod_ups + attr_ups
-    small = _checked_or_fallback(work, analysis, plan, changes, example_input)
-    if small is work:  # Hugging Face: model.config describes the new widths where it can
-        plan.notes.extend(update_config(small, plan, example_input))
+    return work, changes, find_failure(work, example_input, analysis.traced.output_shapes)
+
+
+def _finish(small: nn.Module, plan: Plan, example_input: Any) -> nn.Module:
+    """Hugging Face: model.config describes the new widths where it can."""
+    plan.notes.extend(update_config(small, plan, example_input))
     return small
+
+
+def _freeze(analysis, plan, example_input, work, failure: Failure, copy_model: bool, replan):
+    """Keep the failing modules' classes whole, round by round, until the user's class runs.
+
+    Returns (model, plan, analysis), or a string saying why freezing did not help (the caller
+    then falls back to the graph).
+    """
+    if replan is None:
+        def replan(prefixes: list[str]) -> tuple[Analysis, Plan]:
+            return analysis, restrict_plan(analysis, plan, prefixes)
+
+    frozen: list[Frozen] = []
+    for _ in range(MAX_ROUNDS):
+        path = culprit(work, failure.stack, {f.cls for f in frozen})
+        if path is None:
+            if not frozen:
+                return f"the failure is in {type(work).__name__}'s own forward, which cannot be kept whole"
+            return f"keeping {describe(frozen)} whole was not enough: {failure.problem}"
+        cls = type(work.get_submodule(path))
+        frozen.append(Frozen(cls, path, failure.problem, same_class(work, cls)))
+        new_analysis, new_plan = replan([p for f in frozen for p in f.paths])
+        work, _, failure = _surgery(new_analysis, new_plan, example_input, copy_model)
+        if failure is None:
+            warnings.warn(freeze_warning(type(work).__name__, frozen), stacklevel=5)
+            new_plan.notes.append(f"kept whole so that {type(work).__name__} runs at the new sizes: "
+                                  f"{describe(frozen)}")
+            return _finish(work, new_plan, example_input), new_plan, new_analysis
+    return f"still failing after keeping {describe(frozen)} whole: {failure.problem}"
 
 
 def _output_shapes(model: nn.Module, example_input: Any) -> list[tuple[int, ...]]:
@@ -258,51 +375,6 @@ def _choose_attr_updates(
     return ups
 
 
-def _checked_or_fallback(work, analysis: Analysis, plan: Plan, changes, example_input) -> nn.Module:
-    """Run the compact model; if the user's class cannot run at the new sizes, return a graph."""
-    expected = analysis.traced.output_shapes
-    try:
-        got = _output_shapes(work, example_input)
-        if got == expected:
-            return work
-        problem = f"output shapes {got} != {expected}"
-    except Exception as exc:  # noqa: BLE001
-        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    # program.module() shares Parameter objects with analysis.model: copy, so that slicing the
-    # fallback graph below cannot slice the analysis (reused for further plans) as well.
-    with warnings.catch_warnings():  # torch's own pytree deprecation noise while copying
-        warnings.simplefilter("ignore", FutureWarning)
-        gm = copy.deepcopy(analysis.traced.program.module())
-    by_name = {n.name: new for n, new in changes.items()}
-    for node in gm.graph.nodes:
-        if node.name in by_name:  # keep this graph's own Node objects, take the new constants
-            node.args = tuple(
-                old if isinstance(old, torch.fx.Node) else new
-                for old, new in zip(node.args, by_name[node.name], strict=True)
-            )
-    gm.recompile()
-    for name in plan.slices:
-        set_tensor(gm, name, param_tensor(work, name).detach().clone())
-    try:
-        got = _output_shapes(gm, example_input)
-    except Exception as exc:  # noqa: BLE001
-        raise GraphPruneError(
-            f"the compact model does not run ({problem}) and the graph fallback failed too "
-            f"({type(exc).__name__}: {exc}). Please report this with the model; meanwhile pass the "
-            "offending module in ignored_layers."
-        ) from exc
-    if got != expected:
-        raise GraphPruneError(f"compact model output shapes {got} differ from the original {expected}")
-    warnings.warn(
-        f"graphprune: the compact model of class {type(work).__name__} cannot run at the new sizes "
-        f"({problem}); returning an fx GraphModule with the same behaviour instead. Make the module read "
-        "sizes from its attributes or from tensor shapes to get your own class back.",
-        stacklevel=3,
-    )
-    plan.notes.append(f"returned an fx GraphModule: {problem}")
-    return gm
-
-
 def _modes(model: Any) -> dict[str, bool] | bool:
     """Train/eval flag of every submodule (a train-mode model may hold frozen, eval-mode BNs)."""
     if not isinstance(model, nn.Module):
@@ -348,11 +420,11 @@ def compact(
     target_speedup: float | None = None,
     target_latency_ms: float | None = None,
     progress: bool = False,
+    fallback: str = "freeze",
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
-    ``model`` is never modified. The result is the model's own class (an fx GraphModule, with a
-    warning, only when the class cannot run at the new sizes). ``ratio`` is the fraction of
+    ``model`` is never modified. The result is the model's own class. ``ratio`` is the fraction of
     units (channels, heads, ...) removed from each coupled group, like torch.nn.utils.prune's
     ``amount``; each group keeps at least one unit.
 
@@ -371,7 +443,13 @@ def compact(
     (graphprune.targets): ``target_flops`` / ``target_params`` (fraction of the original kept,
     met within 2 %), ``target_speedup`` / ``target_latency_ms`` (measured in onnxruntime);
     ``round_to="measured"`` then picks 1/8/16/32 by measured latency; ``progress=True`` shows a bar.
+
+    ``fallback`` says what happens when a module's code cannot run at the new sizes (timm-style
+    ``reshape(B, N, C)`` with ``C`` read off the input): "freeze" (default) keeps every module
+    of its class whole, prunes the rest and warns; "graph" prunes everything and returns an fx
+    GraphModule instead of your class; "error" raises GraphPruneError naming the module.
     """
+    check_fallback(fallback)
     training = _modes(model)
     targets = {"target_flops": target_flops, "target_params": target_params,
                "target_speedup": target_speedup, "target_latency_ms": target_latency_ms}
@@ -382,7 +460,7 @@ def compact(
                          ignored_layers=ignored_layers, prune_hidden=prune_hidden, attention=attention,
                          verify=verify,
                          data=data, loss_fn=loss_fn, global_pruning=global_pruning, max_ratio=max_ratio,
-                         ratios=ratios, round_to=round_to, progress=progress).model
+                         ratios=ratios, round_to=round_to, progress=progress, fallback=fallback).model
         _set_mode(small, training)
         return small
     ratio = 0.3 if ratio is None else ratio
@@ -396,6 +474,7 @@ def compact(
         data=data,
         loss_fn=loss_fn,
         options=CutOptions(bool(global_pruning), max_ratio, ratios, round_to),
+        fallback=fallback,
     )
     if verify:
         from graphprune.verify import verify_compact
@@ -414,18 +493,23 @@ def make_plan(
     ignored_layers: Any = (),
     prune_hidden: bool = False,
     attention: str = "heads",
+    fallback: str = "freeze",
     **where: Any,
 ) -> Plan:
     """Analyse and plan without returning a model (the plan replays with ``apply_plan``).
 
     ``where`` takes compact's data / where-to-cut keywords (data, loss_fn, global_pruning,
-    max_ratio, ratios, round_to).
+    max_ratio, ratios, round_to). ``fallback="freeze"`` (default) returns the plan whose
+    replay runs in your class (modules that cannot run smaller kept whole, see ``compact``).
     """
+    check_fallback(fallback)
     cut = _where_to_cut(where)
     if where:
         raise InputError(f"unexpected arguments: {sorted(where)}")
     structure = {"prune_hidden": prune_hidden, "attention": attention}
-    return _plan_and_model(model, example_input, ratio, importance, ignored_layers, structure, **cut)[0]
+    return _plan_and_model(
+        model, example_input, ratio, importance, ignored_layers, structure, fallback=fallback, **cut
+    )[0]
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -442,13 +526,15 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Module, Plan]:
     """Like ``compact`` but also return the plan (for printing or saving)."""
     verify = kwargs.pop("verify", True)
+    fallback = check_fallback(kwargs.pop("fallback", "freeze"))
     training = _modes(model)
     targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
     progress = kwargs.pop("progress", False)
     if any(v is not None for v in targets.values()):
         from graphprune.targets import targeted
 
-        result = targeted(model, example_input, ratio, targets, verify=verify, progress=progress, **kwargs)
+        result = targeted(model, example_input, ratio, targets, verify=verify, progress=progress,
+                          fallback=fallback, **kwargs)
         _set_mode(result.model, training)
         return result.model, result.plan
     ratio = 0.3 if ratio is None else ratio
@@ -460,6 +546,7 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
         kwargs.pop("ignored_layers", ()),
         {"prune_hidden": kwargs.pop("prune_hidden", False), "attention": kwargs.pop("attention", "heads")},
         **_where_to_cut(kwargs),
+        fallback=fallback,
     )
     if kwargs:
         raise InputError(f"unexpected arguments: {sorted(kwargs)}")

@@ -44,6 +44,7 @@ from graphprune.analysis import Analysis, Group
 from graphprune.bench import _interleaved_latency, count_flops, count_params, default_threads
 from graphprune.cut import CutOptions, round_keep
 from graphprune.errors import InputError
+from graphprune.fallback import check_fallback
 from graphprune.importance import Criterion
 from graphprune.plan import Plan, build_plan
 
@@ -286,9 +287,11 @@ class _Search:
         runs: int = 20,
         warmup: int = 5,
         threads: int | None = None,
+        fallback: str = "freeze",
     ) -> None:
         from graphprune.api import _importance_name, _prepare
 
+        self.fallback = fallback  # what _realize does when the user's class cannot run smaller
         self.model = model
         self.x = example_input
         self.analysis, criterion = _prepare(
@@ -344,7 +347,7 @@ class _Search:
         with warnings.catch_warnings():
             if quiet:
                 warnings.simplefilter("ignore")
-            return _realize(self.analysis, plan, self.x, copy_model=True)
+            return _realize(self.analysis, plan, self.x, copy_model=True, fallback=self.fallback)
 
     def plan_of(self, c: Candidate) -> Plan:
         return self.plan(c.ratio, round_to=c.round_to, step=c.step, extra=c.extra)
@@ -374,7 +377,7 @@ class _Search:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    small = _realize(analysis, plan, x, copy_model=True)
+                    small = _realize(analysis, plan, x, copy_model=True, fallback=self.fallback)
                 if any(p.is_meta for p in small.parameters()):
                     return count_params(small), count_flops(small, x)
             except Exception:  # noqa: BLE001 - data-dependent ops may need real tensors
@@ -691,6 +694,7 @@ def compact_to_target(
     max_candidates: int = 8,
     verify: bool = True,
     progress: bool = False,
+    fallback: str = "freeze",
 ) -> TargetResult:
     """Find the compaction that meets one target; return it with every candidate tried.
 
@@ -724,7 +728,7 @@ def compact_to_target(
     s = _Search(model, example_input, importance=importance, ignored_layers=ignored_layers,
                 prune_hidden=prune_hidden, attention=attention, data=data, loss_fn=loss_fn, runs=runs,
                 warmup=warmup,
-                threads=threads)
+                threads=threads, fallback=check_fallback(fallback))
     tried: list[Candidate] = []
     note = ""
     try:
@@ -801,6 +805,7 @@ def targeted(
     ratios: Any = None,
     round_to: int | str | None = None,
     progress: bool = False,
+    fallback: str = "freeze",
 ) -> TargetResult:
     """``graphprune.compact(..., target_*=...)``: check the combination, then search.
 
@@ -826,6 +831,7 @@ def targeted(
         round_to=1 if round_to is None else round_to,
         verify=verify,
         progress=progress,
+        fallback=fallback,
     )
 
 

@@ -66,16 +66,30 @@ def test_unknown_op_is_a_boundary_reported_in_the_plan() -> None:
 
 def test_class_that_cannot_run_smaller_falls_back_to_a_working_graph_with_a_warning() -> None:
     # timm-style attention merges heads with reshape(B, N, C), C read off the *input*: after
-    # head pruning the user's class cannot run, so a GraphModule with the same weights is returned.
+    # head pruning the user's class cannot run. fallback="graph" prunes everything anyway and
+    # returns a GraphModule with the same weights (re-exported with a dynamic batch dimension).
     model, x = zoo.build("vit_tiny", "tiny")
     model.eval()
     with pytest.warns(UserWarning, match="GraphModule"):
-        small, plan = graphprune.compact_with_plan(model, x, 0.5)
+        small, plan = graphprune.compact_with_plan(model, x, 0.5, fallback="graph")
     assert isinstance(small, torch.fx.GraphModule)
     assert any("GraphModule" in n for n in plan.notes)
     assert graphprune.count_params(small) < graphprune.count_params(model)
     out = flatten_outputs(run_model(small, x))[0]
     assert out.shape == model(x).shape and torch.isfinite(out).all()
+    x3 = torch.cat([x, x[:1]])  # another batch size: rows computed as at batch 2
+    torch.testing.assert_close(small(x3)[:2], out, rtol=1e-5, atol=1e-6)
+
+
+def test_class_that_cannot_run_smaller_keeps_that_code_whole_by_default() -> None:
+    model, x = zoo.build("vit_tiny", "tiny")
+    model.eval()
+    with pytest.warns(UserWarning, match="kept whole"):
+        small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert type(small) is type(model)
+    assert all(b.attn.qkv.out_features == 3 * 32 for b in small.blocks), "attention kept whole"
+    assert all(b.fc1.out_features < model.blocks[0].fc1.out_features for b in small.blocks)
+    assert small(torch.cat([x, x[:1]])).shape[0] == 3
 
 
 def test_group_graph_exports_to_networkx() -> None:

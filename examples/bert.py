@@ -11,10 +11,10 @@ rebuilt with ``graphprune.load`` on a freshly built base model.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+import _common
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -35,10 +35,7 @@ def build(tiny: bool) -> tuple[BertConfig, dict[str, torch.Tensor]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny config and input (smoke test)")
-    parser.add_argument("--ratio", type=float, default=0.3)
-    args = parser.parse_args()
+    args = _common.parse_args(__doc__)
 
     torch.manual_seed(0)
     config, inputs = build(args.tiny)
@@ -52,19 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = graphprune.export_onnx(small, inputs, Path(tmp) / "bert_small.onnx")
         print(f"ONNX export ({result.exporter}) checked in onnxruntime: max rel err {result.max_rel_err:.1e}")
-        graphprune.save(small, Path(tmp) / "bert_small", plan)
-        base = BertForSequenceClassification(config)  # same architecture; its weights do not matter
-        again = graphprune.load(Path(tmp) / "bert_small", base).eval()
-    # Same tensors bit for bit; outputs equal up to float rounding (safetensors' memory-mapped
-    # weights are aligned differently, which can change the order of a BLAS kernel's sums).
-    pairs = zip(again.state_dict().values(), small.state_dict().values())
-    same_weights = all(torch.equal(a, b) for a, b in pairs)
-    with torch.no_grad():
-        logits, expected = again(**inputs).logits, small(**inputs).logits
-    same = same_weights and torch.allclose(logits, expected, rtol=1e-5, atol=1e-6)
-    print(f"graphprune.save -> graphprune.load: identical weights and logits: {same}")
-    if not same:
-        raise SystemExit("reloaded model differs")
+        _common.check_reload(model, small, plan, inputs, Path(tmp) / "bert_small")  # graphprune.save/load
     print(graphprune.benchmark(model, small, inputs, runs=5 if args.tiny else 20))
 
 

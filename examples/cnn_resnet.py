@@ -9,10 +9,10 @@ convolutions together. graphprune finds those ties itself; nothing here tells it
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+import _common
 import torch
 from torch import nn
 
@@ -57,10 +57,7 @@ class ResNet(nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny model and input (smoke test)")
-    parser.add_argument("--ratio", type=float, default=0.3)
-    args = parser.parse_args()
+    args = _common.parse_args(__doc__)
 
     torch.manual_seed(0)
     if args.tiny:

@@ -9,10 +9,10 @@ The result is still a ``ConvNextForImageClassification``; graphprune updates the
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+import _common
 import torch
 from transformers import ConvNextConfig, ConvNextForImageClassification
 
@@ -20,10 +20,7 @@ import graphprune
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny config and input (smoke test)")
-    parser.add_argument("--ratio", type=float, default=0.3)
-    args = parser.parse_args()
+    args = _common.parse_args(__doc__)
 
     torch.manual_seed(0)
     if args.tiny:

@@ -14,10 +14,10 @@ and the benchmark use the forward pass without cache.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+import _common
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -37,26 +37,8 @@ def build(tiny: bool) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor]]:
     return LlamaForCausalLM(config).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def save_and_reload(model: LlamaForCausalLM, small: LlamaForCausalLM, plan: graphprune.Plan, path: Path):
-    """``save_pretrained`` when graphprune could write the new widths into ``small.config``.
-
-    Otherwise (the config class refuses them, e.g. LLaMA wants hidden_size % heads == 0) the
-    weights and the plan go through ``graphprune.save`` and come back with ``graphprune.load`` on
-    a freshly built base model of the original config.
-    """
-    if any(note.startswith("model.config updated") for note in plan.notes):
-        small.save_pretrained(path)
-        return LlamaForCausalLM.from_pretrained(path).eval(), "save_pretrained -> from_pretrained"
-    graphprune.save(small, path, plan)
-    return graphprune.load(path, LlamaForCausalLM(model.config)).eval(), "graphprune.save -> graphprune.load"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny config and input (smoke test)")
-    parser.add_argument("--ratio", type=float, default=0.3)
-    parser.add_argument("--prune-hidden", action="store_true", help="also shrink the hidden size")
-    args = parser.parse_args()
+    args = _common.parse_args(__doc__, prune_hidden=True)
 
     torch.manual_seed(0)
     model, inputs = build(args.tiny)
@@ -77,17 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = graphprune.export_onnx(small, inputs, Path(tmp) / "llama_small.onnx")
         print(f"ONNX export ({result.exporter}) checked in onnxruntime: max rel err {result.max_rel_err:.1e}")
-        again, how = save_and_reload(model, small, plan, Path(tmp) / "llama_small")
-    # Same tensors bit for bit; outputs equal up to float rounding (safetensors' memory-mapped
-    # weights are aligned differently, which can change the order of a BLAS kernel's sums).
-    pairs = zip(again.state_dict().values(), small.state_dict().values())
-    same_weights = all(torch.equal(a, b) for a, b in pairs)
-    with torch.no_grad():
-        logits, expected = again(**inputs).logits, small(**inputs).logits
-    same = same_weights and torch.allclose(logits, expected, rtol=1e-5, atol=1e-6)
-    print(f"{how}: identical weights and logits: {same}")
-    if not same:
-        raise SystemExit("reloaded model differs")
+        _common.check_reload(model, small, plan, inputs, Path(tmp) / "llama_small")
     print(graphprune.benchmark(model, small, inputs, runs=5 if args.tiny else 20))
 
 

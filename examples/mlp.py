@@ -8,10 +8,10 @@ Also shows the two-step API: make a plan, look at it (or save it as JSON), then 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+import _common
 import torch
 from torch import nn
 
@@ -31,10 +31,7 @@ class MLP(nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny model and input (smoke test)")
-    parser.add_argument("--ratio", type=float, default=0.5)
-    args = parser.parse_args()
+    args = _common.parse_args(__doc__, ratio=0.5)
 
     torch.manual_seed(0)
     sizes, batch, runs = ((16, 32, 32, 4), 2, 5) if args.tiny else ((784, 2048, 2048, 10), 64, 50)

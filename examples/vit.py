@@ -12,10 +12,10 @@ is still a ``ViTForImageClassification`` that ``save_pretrained`` / ``from_pretr
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+import _common
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
@@ -32,28 +32,8 @@ def build(tiny: bool) -> tuple[ViTForImageClassification, torch.Tensor]:
     return ViTForImageClassification(config).eval(), torch.randn(1, 3, config.image_size, config.image_size)
 
 
-def save_and_reload(
-    model: ViTForImageClassification, small: ViTForImageClassification, plan: graphprune.Plan, path: Path
-):
-    """``save_pretrained`` when graphprune could write the new widths into ``small.config``.
-
-    Otherwise (the config class refuses them, e.g. LLaMA wants hidden_size % heads == 0) the
-    weights and the plan go through ``graphprune.save`` and come back with ``graphprune.load`` on
-    a freshly built base model of the original config.
-    """
-    if any(note.startswith("model.config updated") for note in plan.notes):
-        small.save_pretrained(path)
-        return ViTForImageClassification.from_pretrained(path).eval(), "save_pretrained -> from_pretrained"
-    graphprune.save(small, path, plan)
-    base = ViTForImageClassification(model.config)  # the original architecture; weights do not matter
-    return graphprune.load(path, base).eval(), "graphprune.save -> graphprune.load"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny config and input (smoke test)")
-    parser.add_argument("--ratio", type=float, default=0.3)
-    args = parser.parse_args()
+    args = _common.parse_args(__doc__)
 
     torch.manual_seed(0)
     model, pixels = build(args.tiny)
@@ -67,17 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = graphprune.export_onnx(small, pixels, Path(tmp) / "vit_small.onnx")
         print(f"ONNX export ({result.exporter}) checked in onnxruntime: max rel err {result.max_rel_err:.1e}")
-        again, how = save_and_reload(model, small, plan, Path(tmp) / "vit_small")
-    # Same tensors bit for bit; outputs equal up to float rounding (safetensors' memory-mapped
-    # weights are aligned differently, which can change the order of a BLAS kernel's sums).
-    pairs = zip(again.state_dict().values(), small.state_dict().values())
-    same_weights = all(torch.equal(a, b) for a, b in pairs)
-    with torch.no_grad():
-        logits, expected = again(pixels).logits, small(pixels).logits
-    same = same_weights and torch.allclose(logits, expected, rtol=1e-5, atol=1e-6)
-    print(f"{how}: identical weights and logits: {same}")
-    if not same:
-        raise SystemExit("reloaded model differs")
+        _common.check_reload(model, small, plan, pixels, Path(tmp) / "vit_small")
     print(graphprune.benchmark(model, small, pixels, runs=5 if args.tiny else 20))
 
 

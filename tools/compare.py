@@ -41,7 +41,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tp_baseline import HEAD_MODES, has_attention, prune_with_tp  # noqa: E402
+from tp_baseline import HEAD_MODES, call_model, flat_tensors, has_attention, prune_with_tp  # noqa: E402
 
 TOOLS = ("graphprune", "torch-pruning")
 Builder = Callable[[str], tuple[nn.Module, Any]]
@@ -384,23 +384,7 @@ def all_models() -> dict[str, Builder]:
 
 def _call(model: nn.Module, example_input: Any) -> Any:
     with torch.no_grad():
-        if isinstance(example_input, dict):
-            return model(**example_input)
-        if isinstance(example_input, (tuple, list)):
-            return model(*example_input)
-        return model(example_input)
-
-
-def _flat(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):  # includes HF ModelOutput
-        return [t for v in out.values() for t in _flat(v)]
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):
-        return [t for f in dataclasses.fields(out) for t in _flat(getattr(out, f.name))]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat(v)]
-    return []
+        return call_model(model, example_input)
 
 
 def count_params(model: nn.Module) -> int:
@@ -422,7 +406,7 @@ def count_flops(model: nn.Module, example_input: Any) -> int:
 
 
 def output_shapes(model: nn.Module, example_input: Any) -> list[tuple[int, ...]]:
-    return [tuple(t.shape) for t in _flat(_call(model, example_input))]
+    return [tuple(t.shape) for t in flat_tensors(_call(model, example_input))]
 
 
 def check_pruned(model: nn.Module, example_input: Any, ref_shapes: list[tuple[int, ...]],
@@ -482,7 +466,7 @@ class OrtModel:
 
 def onnx_mismatch(ort_model: OrtModel, torch_model: nn.Module, example_input: Any) -> float:
     """Largest relative difference between onnxruntime's and torch's outputs (0 = identical)."""
-    ref = [t.detach().numpy() for t in _flat(_call(torch_model, example_input))]
+    ref = [t.detach().numpy() for t in flat_tensors(_call(torch_model, example_input))]
     got = ort_model.run()
     worst = 0.0
     for r, g in zip(ref, got, strict=False):

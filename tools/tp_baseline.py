@@ -21,6 +21,7 @@ the original output shapes and have fewer parameters), so TP's failures are repo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,7 +30,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 __all__ = [
-    "HEAD_MODES", "find_attention_heads", "find_output_layers", "has_attention", "prune_with_tp",
+    "HEAD_MODES", "call_model", "find_attention_heads", "find_output_layers", "flat_tensors",
+    "has_attention", "prune_with_tp",
 ]
 
 # Names under which attention modules keep their query/key/value projections (HF and hand-written).
@@ -57,7 +59,11 @@ def _as_tp_inputs(example_input: Any) -> Any:
     return example_input
 
 
-def _call(model: nn.Module, example_input: Any) -> Any:
+def call_model(model: nn.Module, example_input: Any) -> Any:
+    """``model(**x)`` for a dict, ``model(*x)`` for a tuple or list, else ``model(x)``.
+
+    Also used by tools/compare.py, which runs every tool's model through this same neutral code.
+    """
     if isinstance(example_input, dict):
         return model(**example_input)
     if isinstance(example_input, (tuple, list)):
@@ -65,13 +71,16 @@ def _call(model: nn.Module, example_input: Any) -> Any:
     return model(example_input)
 
 
-def _flat_tensors(out: Any) -> list[torch.Tensor]:
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output: tensors, dicts (HF ModelOutput), dataclasses, tuples, lists."""
     if isinstance(out, torch.Tensor):
         return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat_tensors(v)]
+    if isinstance(out, dict):  # includes HF ModelOutput
+        return [t for v in out.values() for t in flat_tensors(v)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out) for t in flat_tensors(getattr(out, f.name))]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat_tensors(v)]
+        return [t for v in out for t in flat_tensors(v)]
     return []
 
 
@@ -93,13 +102,13 @@ def find_output_layers(model: nn.Module, example_input: Any) -> list[nn.Module]:
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     try:
         with torch.enable_grad():
-            out = _call(model, example_input)
+            out = call_model(model, example_input)
     finally:
         for h in handles:
             h.remove()
     found: list[nn.Module] = []
     seen: set[int] = set()
-    stack = [t.grad_fn for t in _flat_tensors(out) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in flat_tensors(out) if t.grad_fn is not None]
     while stack:
         fn = stack.pop()
         if fn is None or id(fn) in seen:

@@ -238,6 +238,7 @@ def analyze_traced(
     }
     options = {"prune_hidden": bool(prune_hidden), "attention": check_attention(attention)}
     ctx = RuleContext(coupler, labels, param_nodes, options)
+    coupler.inner_tables = options["attention"] == "head_dim"
     boundaries: list[str] = []
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -250,16 +251,8 @@ def analyze_traced(
                 if isinstance(o, Node) and o.name in traced.user_outputs:
                     coupler.freeze_labels(ctx.labels(o), "model output: its size is kept")
             continue
-        if node.op != "call_function":
-            continue
-        fn = rules.lookup(node.target)
-        if fn is None:
-            _boundary(ctx, node, f"no rule for {node.target}", boundaries)
-            continue
-        try:
-            labels[node] = fn(ctx, node)
-        except Exception as exc:  # noqa: BLE001 - a rule bug must freeze, never crash or guess
-            _boundary(ctx, node, f"rule for {node.target} failed ({type(exc).__name__}: {exc})", boundaries)
+        if node.op == "call_function":
+            _apply_rule(ctx, node, boundaries)
     attention_rules.module_constraints(work, coupler)  # widths tied in Python (nn.MultiheadAttention)
     prefixes = _ignored_prefixes(work, ignored_layers) + list(ignored_names or [])
     for (name, _dim), ids in coupler.param_ids.items():
@@ -268,6 +261,62 @@ def analyze_traced(
     analysis = _group(traced, work, labels, coupler, boundaries, prune_hidden)
     analysis.options = options
     return analysis
+
+
+_WRAPPERS = tuple(
+    op
+    for name in ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+    if (op := getattr(torch.ops.higher_order, name, None)) is not None
+)
+
+
+def _apply_rule(ctx: RuleContext, node: Node, boundaries: list[str]) -> None:
+    if node.target in _WRAPPERS:
+        ctx.labels_of[node] = _walk_wrapped(ctx, node, boundaries)
+        return
+    fn = rules.lookup(node.target)
+    if fn is None:
+        _boundary(ctx, node, f"no rule for {node.target}", boundaries)
+        return
+    try:
+        ctx.labels_of[node] = fn(ctx, node)
+    except Exception as exc:  # noqa: BLE001 - a rule bug must freeze, never crash or guess
+        _boundary(ctx, node, f"rule for {node.target} failed ({type(exc).__name__}: {exc})", boundaries)
+
+
+def _walk_wrapped(ctx: RuleContext, node: Node, boundaries: list[str]) -> Any:
+    """A ``no_grad`` / ``autocast`` region (a higher-order op around a subgraph): walk it.
+
+    torch.export keeps such regions as ``wrap_with_set_grad_enabled(enabled, submod, *args)``;
+    Hugging Face computes its rotary tables in one. Treating the region as a boundary froze the
+    tables, and with them every head_dim position they touch. The subgraph's placeholders take
+    the labels of the operands (parameters stay parameters), its ops get the usual rules, and the
+    output's labels are the region's.
+    """
+    at = next((i for i, a in enumerate(node.args) if isinstance(a, Node) and a.op == "get_attr"), None)
+    owner = node.graph.owning_module
+    sub = getattr(owner, node.args[at].target, None) if at is not None and owner is not None else None
+    if sub is None or not hasattr(sub, "graph"):
+        _boundary(ctx, node, "wrapped region without a readable subgraph", boundaries)
+        return None
+    operands = list(node.args[at + 1 :])
+    result: Any = None
+    for inner in sub.graph.nodes:
+        if inner.op == "placeholder":
+            src = operands.pop(0) if operands else None
+            if isinstance(src, Node) and src in ctx.param_names:
+                ctx.param_names[inner] = ctx.param_names[src]
+            else:
+                ctx.labels_of[inner] = ctx.labels(src)
+        elif inner.op == "call_function":
+            _apply_rule(ctx, inner, boundaries)
+        elif inner.op == "output":
+            outs = inner.args[0]
+            if isinstance(outs, (tuple, list)):
+                result = [ctx.labels(o) if isinstance(o, Node) else None for o in outs]
+            else:
+                result = ctx.labels(outs)
+    return result
 
 
 def _boundary(ctx: RuleContext, node: Node, why: str, boundaries: list[str]) -> None:

@@ -184,7 +184,9 @@ def _surgery(analysis: Analysis, plan: Plan, example_input: Any, copy_model: boo
     sizer = Sizer(analysis, removed)
     changes = graph_constant_changes(analysis, sizer)
     attr_ups, notes = attribute_updates(analysis, changes, work)
-    attr_ups += head_count_updates(analysis, sizer, work, attr_ups)
+    heads = head_count_updates(analysis, sizer, work, attr_ups)
+    settled = {(u.module, u.attr) for u in heads}
+    attr_ups = [u for u in attr_ups if (u.module, u.attr) not in settled] + heads
     plan.notes.extend(notes)
     # ambiguous attribute choices are judged by the plan's reference outputs (computed on the
     # unsliced weights), not by shapes alone: num_heads == head_dim == 2 runs either way

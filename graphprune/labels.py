@@ -98,6 +98,10 @@ class Coupler:
         self.soft_frozen: list[tuple[np.ndarray, str]] = []
         self.param_ids: dict[tuple[str, int], np.ndarray] = {}
         self.joints: list[JointRecord] = []
+        # attention="head_dim": a table over the inner axis of a joint layout (RoPE's cos/sin over
+        # head_dim, broadcast across heads) goes with that position in every head (the heads
+        # stay); otherwise such a table keeps its size
+        self.inner_tables = False
 
     # -- ids ---------------------------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:

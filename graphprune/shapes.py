@@ -50,9 +50,11 @@ class Sizer:
     def prefix(self, lab: TensorLabels | None, dim: int, pos: int) -> int:
         """How many positions before ``pos`` along ``dim`` survive (for slice bounds)."""
         f = lab.factor_at(dim) if lab else None
-        if f is None or f.ids.ndim != 1:
+        if f is None:
             return pos
-        return int(self.keep_mask(f.ids[:pos]).sum())
+        ax = f.axis_of(dim)  # joint layouts lose whole slices: a position is kept if any of it is
+        keep = np.moveaxis(self.keep_mask(f.ids), ax, 0).reshape(f.ids.shape[ax], -1).any(axis=1)
+        return int(keep[:pos].sum())
 
 
 def _lab(analysis: Analysis, node: Any, index: int | None = None) -> TensorLabels | None:

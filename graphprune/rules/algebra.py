@@ -102,6 +102,15 @@ def einsum_labels(
                     sub, small[1].ids.reshape(small[1].ids.shape + (1,) * (sub.ndim - small[1].ids.ndim))
                 )
                 continue
+            if coupler.inner_tables and set(small[0]) < set(big[0]):
+                # a table over the inner letters, broadcast across the outer ones (RoPE's cos
+                # over head_dim, across heads): position by position, the outer axes stay whole
+                outer = [c for c in big[0] if c not in small[0]]
+                sub = _aligned(big[1].ids, big[0], outer + list(small[0]))
+                coupler.union(sub, small[1].ids)
+                for c in outer:
+                    coupler.require_intact(big[1], big[0].index(c), f"{reason}: table shared by every head")
+                continue
             for ch in shared:  # shared across the outer axis (a per-head_dim weight): keep it whole
                 coupler.require_intact(fi, li.index(ch), f"{reason}: incompatible channel layouts")
                 coupler.require_intact(fj, lj.index(ch), f"{reason}: incompatible channel layouts")

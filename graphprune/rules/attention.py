@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from torch.fx import Node
 
@@ -45,11 +47,125 @@ def _keep_contracted_whole(ctx: RuleContext, node: Node, args, letters, out_lett
                 ctx.coupler.require_intact(f, f.axis_of(d), f"{where(node)}: contracts two activations")
 
 
+def _inside_heads(ctx: RuleContext, node: Node, args, letters, out_letters: str) -> TensorLabels | None:
+    """``attention="head_dim"``: ``q @ k^T`` loses the same channels in every head, never a head.
+
+    Two activations contracted over a labelled dim are the attention scores. Position ``d`` of
+    q's head ``h`` meets position ``d`` of k's head ``h`` (so they go together), and the letters
+    kept in the output (the heads) keep their size, so the joint (heads, head_dim) layouts lose
+    whole head_dim slices. The scores carry no labels: the probabilities @ v then keep v's heads
+    whole too (a labelled dim meeting an unlabelled one). Returns None when this is not such a
+    contraction (the usual einsum rule applies).
+    """
+    if ctx.options.get("attention") != "head_dim" or len(args) != 2:
+        return None
+    if any(a in ctx.param_names for a in args):
+        return None
+    labs = [ctx.labels(a) for a in args]
+    if any(lab is None or not lab.factors for lab in labs):
+        return None
+    entries = [
+        (k, "".join(letters[k][d] for d in f.dims), f) for k, lab in enumerate(labs) for f in lab.factors
+    ]
+    contracted = {ch for _, ls, _ in entries for ch in ls if ch not in out_letters}
+    shared = set(letters[0]) & set(letters[1])
+    if not any(ch in shared for ch in contracted):
+        return None
+    why = f"{where(node)}: heads kept (attention='head_dim')"
+    for _, ls, f in entries:
+        for ax, ch in enumerate(ls):
+            if ch in out_letters:
+                ctx.coupler.require_intact(f, ax, why)
+    for _, la, fa in (e for e in entries if e[0] == 0):
+        for _, lb, fb in (e for e in entries if e[0] == 1):
+            if set(la) == set(lb):
+                ctx.coupler.union(fa.ids, np.transpose(fb.ids, [lb.index(ch) for ch in la]))
+            elif set(la) & set(lb):
+                for f in (fa, fb):
+                    ctx.coupler.freeze(f.ids, f"{where(node)}: incompatible channel layouts")
+    return TensorLabels(ctx.shape(node), [])
+
+
+def _block_repeats(ids: np.ndarray, axis: int) -> int:
+    """r if the slices along ``axis`` come in runs of r identical copies (kv heads repeated)."""
+    rows = np.moveaxis(ids, axis, 0).reshape(ids.shape[axis], -1)
+    if (rows < 0).any():
+        return 1
+    r = 1
+    while r < len(rows) and np.array_equal(rows[r], rows[0]):
+        r += 1
+    if len(rows) % r or not np.array_equal(rows, np.repeat(rows[::r], r, axis=0)):
+        return 1
+    return r
+
+
+def _within_groups(ctx: RuleContext, node: Node, args, letters, out_letters: str) -> TensorLabels | None:
+    """Hand-written grouped-query attention, pruned by q heads within the kv groups.
+
+    After ``repeat_kv`` (expand + reshape, repeat_interleave) head ``h`` of k and v carries the
+    ids of kv head ``h // r``. With ``attention="q_heads"`` (or multi-query attention, where whole
+    groups would be everything) the kv operand is kept whole and the other operand's heads become
+    units "slot j of every group": ``q @ k^T`` gives scores labelled by those q-head units, and
+    ``probs @ v`` gives the output the same units over v's channels. Returns None when the op is
+    not such a product.
+    """
+    mode = ctx.options.get("attention", "heads")
+    if mode == "head_dim" or len(args) != 2 or any(a in ctx.param_names for a in args):
+        return None
+    labs = [ctx.labels(a) for a in args]
+    if any(lab is None or not lab.factors for lab in labs):
+        return None
+    for kv in (0, 1):
+        other = 1 - kv
+        for fr in labs[kv].factors:
+            lr = [letters[kv][d] for d in fr.dims]
+            for ax, ch in enumerate(lr):
+                if ch not in out_letters or ch not in letters[other]:
+                    continue
+                r = _block_repeats(fr.ids, ax)
+                fo = labs[other].factor_at(letters[other].index(ch))
+                if r < 2 or fo is None or _block_repeats(fo.ids, fo.axis_of(letters[other].index(ch))) > 1:
+                    continue
+                n = fr.ids.shape[ax]
+                if mode != "q_heads" and r != n:
+                    continue  # "heads": whole groups (the einsum rule); multi-query: q heads
+                return _q_slots(ctx, node, labs, (kv, fr, lr), (other, fo), ch, r, letters, out_letters)
+    return None
+
+
+def _q_slots(ctx, node, labs, kv_side, q_side, ch: str, r: int, letters, out_letters: str) -> TensorLabels:
+    kv, fr, lr = kv_side
+    other, fo = q_side
+    why = where(node)
+    ctx.coupler.freeze(fr.ids, f"{why}: kv heads kept (q heads pruned within groups)")
+    lo = [letters[other][d] for d in fo.dims]
+    q_rep = ctx.coupler.coarsen(fo, [lo.index(ch)]).ids
+    slots = q_rep.reshape(-1, r)
+    ctx.coupler.union(slots, slots[:1])
+    for lab in (labs[kv], labs[other]):  # any other labelled dims stay whole
+        for f in lab.factors:
+            if f is not fr and f is not fo:
+                ctx.coupler.freeze(f.ids, f"{why}: incompatible channel layouts")
+    out_chars = [c for c in lr if c in out_letters]  # the head letter, plus v's channels
+    dims = sorted(out_letters.index(c) for c in out_chars)
+    shape = [fr.ids.shape[lr.index(out_letters[d])] for d in dims]
+    head_axis = [out_letters[d] for d in dims].index(ch)
+    rest = [n for i, n in enumerate(shape) if i != head_axis]
+    grid = np.broadcast_to(q_rep.reshape([-1] + [1] * len(rest)), [shape[head_axis]] + rest)
+    ids = np.moveaxis(grid, 0, head_axis).copy()
+    return TensorLabels(ctx.shape(node), [new_joint(ctx.coupler, tuple(dims), ids, why)])
+
+
 @rule(*ops("matmul.default", "mm.default", "bmm.default"))
 def matmul(ctx: RuleContext, node: Node):
     a, b = node.args[0], node.args[1]
     sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
     la, lb, lo = _matmul_letters(len(sa), len(sb))
+    special = _inside_heads(ctx, node, [a, b], [la, lb], lo) or _within_groups(
+        ctx, node, [a, b], [la, lb], lo
+    )
+    if special is not None:
+        return special
     _keep_contracted_whole(ctx, node, [a, b], [la, lb], lo)
     operands = [(ctx.labels(a), sa, la), (ctx.labels(b), sb, lb)]
     return einsum_labels(ctx.coupler, operands, lo, so, where(node))
@@ -76,33 +192,69 @@ def einsum(ctx: RuleContext, node: Node):
             ctx.coupler.freeze_labels(ctx.labels(t), f"{where(node)}: implicit einsum")
         return TensorLabels(ctx.shape(node), [])
     lhs, out = eq.split("->")
+    specs = lhs.split(",")
+    special = _inside_heads(ctx, node, tensors, specs, out) or _within_groups(ctx, node, tensors, specs, out)
+    if special is not None:
+        return special
     _keep_contracted_whole(ctx, node, tensors, lhs.split(","), out)
     operands = [(ctx.labels(t), ctx.shape(t), spec) for t, spec in zip(tensors, lhs.split(","), strict=True)]
     return einsum_labels(ctx.coupler, operands, out, ctx.shape(node), where(node))
 
 
-def _head_grid(ctx: RuleContext, lab: TensorLabels | None, shape, why: str) -> np.ndarray:
-    """Ids over (heads, head_dim) = dims (-3, -1) of an attention operand, merged per head.
+def _head_grid(ctx: RuleContext, lab: TensorLabels | None, shape, why: str, inside: bool = False):
+    """Ids over (heads, head_dim) = dims (-3, -1) of an attention operand, merged per unit.
 
-    The output of attention at head h depends on every position of head h in q, k and v, so a
-    head is one unit (whole-head pruning). Returns one representative id per head.
+    The output of attention at head h depends on every position of head h in q, k and v, so by
+    default a head is one unit (whole-head pruning): returns one representative id per head.
+    ``inside=True`` (``attention="head_dim"``) merges across heads instead: unit ``d`` is channel
+    ``d`` of every head, and one representative id per head_dim position is returned.
     """
     r = len(shape)
     hd, dd = r - 3, r - 1
-    heads = shape[hd]
+    keep, merged = (dd, hd) if inside else (hd, dd)
+    rep = np.full(shape[keep], FIXED, dtype=np.int64)
     if lab is None:
-        return np.full(heads, FIXED, dtype=np.int64)
-    rep = np.full(heads, FIXED, dtype=np.int64)
+        return rep
     for f in lab.factors:
-        if hd in f.dims:
-            g = ctx.coupler.coarsen(f, [f.axis_of(hd)])
-            rep = g.ids
-        elif dd in f.dims:
-            ctx.coupler.require_intact(f, f.axis_of(dd), why)
+        if keep in f.dims:
+            rep = ctx.coupler.coarsen(f, [f.axis_of(keep)]).ids
+        elif merged in f.dims:
+            ctx.coupler.require_intact(f, f.axis_of(merged), why)
         for d in f.dims:
             if d not in (hd, dd):
                 ctx.coupler.require_intact(f, f.axis_of(d), why)
     return rep
+
+
+def _repeats(lab: TensorLabels | None, shape) -> int:
+    """How many consecutive heads of a k/v operand are copies (``repeat_kv`` before SDPA), else 1.
+
+    ``expand`` + ``reshape`` and ``repeat_interleave`` copy ids, so head ``h`` of the repeated
+    tensor carries exactly the ids of kv head ``h // r``: the grouping is read off the labels.
+    """
+    f = lab.factor_at(len(shape) - 3) if lab is not None else None
+    return 1 if f is None else _block_repeats(f.ids, f.axis_of(len(shape) - 3))
+
+
+def _scale_given(node: Node) -> bool:
+    """SDPA's default scale is 1/sqrt(head_dim): it changes when head_dim does."""
+    return node.kwargs.get("scale") is not None
+
+
+def _per_head_mask(ctx: RuleContext, node: Node, mask, hq: int, q_rep: np.ndarray, why: str) -> None:
+    """A per-head additive mask (Swin's relative position bias) goes with its (q) head."""
+    smask, mlab = ctx.shape(mask), ctx.labels(mask)
+    mdim = len(smask) - 3 if smask is not None and len(smask) >= 3 else None
+    if mdim is not None and smask[-3] == hq and hq > 1:
+        mf = mlab.factor_at(mdim) if mlab else None
+        if mf is None:
+            ctx.coupler.freeze(q_rep, f"{why}: per-head attention mask of fixed size")
+        else:
+            ctx.coupler.union(ctx.coupler.coarsen(mf, [mf.axis_of(mdim)]).ids, q_rep)
+    if mlab is not None:
+        for f in mlab.factors:
+            if mdim is None or mdim not in f.dims or smask[-3] != hq:
+                ctx.coupler.freeze(f.ids, f"{why}: attention mask labelled off the head dim")
 
 
 @rule(
@@ -114,51 +266,92 @@ def _head_grid(ctx: RuleContext, lab: TensorLabels | None, shape, why: str) -> n
     )
 )
 def sdpa(ctx: RuleContext, node: Node):
-    """softmax(q k^T) v per head. With GQA, q heads h*r..h*r+r-1 share kv head h: whole groups go."""
+    """softmax(q k^T) v per head; what a unit is follows ``attention`` (analysis.ATTENTION_MODES).
+
+    With grouped-query attention (fewer kv heads, or kv heads repeated before the call) q heads
+    ``g*r .. g*r+r-1`` share kv head ``g``: "heads" removes whole groups (multi-query: q heads,
+    the single kv head stays), "q_heads" removes the same slot of every group (r shrinks, the kv
+    heads stay), "head_dim" removes channel d of every q, k and v head (needs an explicit scale).
+    """
     q, k, v = node.args[0], node.args[1], node.args[2]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     why = where(node)
-    sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
+    sq, sk = ctx.shape(q), ctx.shape(k)
     vals = node.meta.get("val")
     oshape = tuple(vals[0].shape) if isinstance(vals, (tuple, list)) else ctx.shape(node)
+    if len(sq) < 3 or sq[-3] % sk[-3]:
+        for arg in (q, k, v):
+            ctx.coupler.freeze_labels(ctx.labels(arg), f"{why}: unsupported head layout")
+        result = TensorLabels(oshape, [])
+    else:
+        mode = ctx.options.get("attention", "heads")
+        if mode == "head_dim" and _scale_given(node):
+            result = _sdpa_inside(ctx, node, mask, oshape, why)
+        else:
+            result = _sdpa_heads(ctx, node, mask, oshape, why, mode)
+    if isinstance(vals, (tuple, list)):
+        return [result] + [None] * (len(vals) - 1)
+    return result
+
+
+def _sdpa_heads(ctx: RuleContext, node: Node, mask, oshape, why: str, mode: str) -> TensorLabels:
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
     lq, lk, lv = ctx.labels(q), ctx.labels(k), ctx.labels(v)
-    hq, hk = sq[-3], sk[-3]
-    if len(sq) < 3 or hq % hk:
-        for lab in (lq, lk, lv):
-            ctx.coupler.freeze_labels(lab, f"{why}: unsupported head layout")
-        return TensorLabels(oshape, [])
-    r = hq // hk
+    hq = sq[-3]
     q_rep = _head_grid(ctx, lq, sq, why)
     k_rep = _head_grid(ctx, lk, sk, why)
     v_rep = _head_grid(ctx, lv, sv, why)
     ctx.coupler.union(k_rep, v_rep)
+    # kv heads: given at their own count (enable_gqa) or repeated (ids copied) before the call
+    rk = min(_repeats(lk, sk), _repeats(lv, sv)) if sk[-3] == hq else 1
+    k_rep, v_rep = k_rep[::rk], v_rep[::rk]
+    hk = len(k_rep)
+    r = hq // hk
+    fv = lv.factor_at(len(sv) - 3) if lv is not None else None
+    if r > 1 and fv is not None and (mode == "q_heads" or hk == 1):
+        # the same slot of every group goes; kv heads (and the kv cache) stay
+        ctx.coupler.freeze(k_rep, f"{why}: kv heads kept (q heads pruned within groups)")
+        slots = q_rep.reshape(hk, r)
+        ctx.coupler.union(slots, slots[:1])
+        _per_head_mask(ctx, node, mask, hq, q_rep, why)
+        ids = np.broadcast_to(q_rep[:, None], (hq, sv[-1])).copy()
+        return TensorLabels(oshape, [new_joint(ctx.coupler, (len(oshape) - 3, len(oshape) - 1), ids, why)])
     ctx.coupler.union(q_rep.reshape(hk, r), k_rep[:, None])
-    smask = ctx.shape(mask)
+    _per_head_mask(ctx, node, mask, hq, q_rep, why)
+    return _output_from_v(ctx, lv, sv, oshape, hq, why)
+
+
+def _sdpa_inside(ctx: RuleContext, node: Node, mask, oshape, why: str) -> TensorLabels:
+    """``attention="head_dim"`` with an explicit scale: channel d of every head is one unit."""
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
+    lq, lk, lv = ctx.labels(q), ctx.labels(k), ctx.labels(v)
+    q_rep = _head_grid(ctx, lq, sq, why, inside=True)
+    k_rep = _head_grid(ctx, lk, sk, why, inside=True)
+    v_rep = _head_grid(ctx, lv, sv, why, inside=True)
+    ctx.coupler.union(q_rep, k_rep)
+    if sv[-1] == sq[-1]:  # one head_dim for q, k and v: one attribute describes them all
+        ctx.coupler.union(q_rep, v_rep)
     mlab = ctx.labels(mask)
-    head_dim_of_mask = len(smask) - 3 if smask is not None and len(smask) >= 3 else None
-    if head_dim_of_mask is not None and smask[-3] == hq and hq > 1:
-        mf = mlab.factor_at(head_dim_of_mask) if mlab else None
-        if mf is None:
-            ctx.coupler.freeze(q_rep, f"{why}: per-head attention mask of fixed size")
-        else:
-            # a per-head additive bias (Swin's relative position bias) belongs to its head
-            ctx.coupler.union(ctx.coupler.coarsen(mf, [mf.axis_of(head_dim_of_mask)]).ids, q_rep)
     if mlab is not None:
-        for f in mlab.factors:
-            if head_dim_of_mask is None or head_dim_of_mask not in f.dims or smask[-3] != hq:
-                ctx.coupler.freeze(f.ids, f"{why}: attention mask labelled off the head dim")
-    # output (..., Hq, L, Ev): heads repeat kv ids; head_dim keeps v's labels per position
+        ctx.coupler.freeze_labels(mlab, f"{why}: attention mask (heads kept with attention='head_dim')")
+    return _output_from_v(ctx, lv, sv, oshape, sq[-3], why)
+
+
+def _output_from_v(ctx: RuleContext, lv, sv, oshape, hq: int, why: str) -> TensorLabels:
+    """Output (..., Hq, L, Ev): head h repeats kv head h // r; head_dim keeps v's labels."""
     out_factors: list[Factor] = []
     if lv is not None:
         f = lv.factor_at(len(sv) - 3)
+        r = hq // sv[-3]
         if f is not None:
             ids = np.repeat(f.ids, r, axis=f.axis_of(len(sv) - 3)) if r > 1 else f.ids
             dims = tuple(d - len(sv) + len(oshape) for d in f.dims)
             out_factors.append(new_joint(ctx.coupler, dims, ids, why))
-    out = TensorLabels(oshape, out_factors)
-    if isinstance(vals, (tuple, list)):
-        return [out] + [None] * (len(vals) - 1)
-    return out
+        elif (f := lv.factor_at(len(sv) - 1)) is not None and len(f.dims) == 1:
+            out_factors.append(Factor((len(oshape) - 1,), f.ids))
+    return TensorLabels(oshape, out_factors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +415,23 @@ def _head_dim_attr(attr: str) -> bool:
     return a in ("head_dim", "head_size", "d_head", "dim_head", "attention_head_size", "d_k", "d_v")
 
 
+def _group_attr(attr: str) -> bool:
+    """``num_key_value_groups``, ``n_rep``, ``num_queries_per_kv``: q heads per kv head."""
+    a = attr.lower()
+    return any(w in a for w in ("group", "rep", "per_kv")) and not any(w in a for w in ("dim", "size"))
+
+
+def _shape4(arg: Any) -> tuple[int, ...] | None:
+    val = arg.meta.get("val") if isinstance(arg, Node) else None
+    shape = tuple(val.shape) if hasattr(val, "shape") else None
+    return shape if shape is not None and len(shape) == 4 else None
+
+
+def _repeats_at(lab: TensorLabels, dim: int) -> int:
+    f = lab.factor_at(dim)
+    return 1 if f is None else _block_repeats(f.ids, f.axis_of(dim))
+
+
 ATTENTION_OPS = ops(
     "scaled_dot_product_attention.default",
     "_scaled_dot_product_flash_attention_for_cpu.default",
@@ -239,32 +449,41 @@ def head_count_updates(analysis, sizer, model, known) -> list:
     ``num_heads``, so the constant-driven search cannot find it. The head count is the size of
     dim -3 of every attention operand (q, k, v); an integer attribute named like a head count
     (``num_heads``, ``n_kv_heads``...) of the module running that op, holding the old count,
-    gets the new one. Likewise ``head_dim``-named attributes when heads lose channels inside.
-    ``known`` (updates found from graph constants) wins over these.
+    gets the new one. Likewise ``head_dim``-named attributes when heads lose channels inside,
+    and q-heads-per-kv-head attributes when q heads go within groups. ``known`` (updates found
+    from graph constants) wins over these, except uncertain ones, which these replace.
     """
     from graphprune.plan import AttrUpdate
+    from graphprune.shapes import UncertainUpdate
 
-    per_module: dict[str, dict[tuple[int, bool], set[int]]] = {}
+    per_module: dict[str, dict[tuple[int, str], set[int]]] = {}
     for node in analysis.traced.program.graph.nodes:
         if node.op != "call_function" or node.target not in ATTENTION_OPS:
             continue
         stack = node.meta.get("nn_module_stack") or {}
         path = list(stack.values())[-1][0] if stack else ""
+        heads: list[tuple[int, int, int]] = []  # (old, new, repeats) of dim 1 of q and k
         for arg in node.args[:3]:
-            if not isinstance(arg, Node):
-                continue
-            shape = arg.meta.get("val").shape if hasattr(arg.meta.get("val"), "shape") else None
-            if shape is None or len(shape) != 4:
-                continue
-            lab = analysis.labels.get(arg)
+            shape = _shape4(arg)
+            lab = analysis.labels.get(arg) if shape else None
             if not isinstance(lab, TensorLabels):
                 continue
-            for dim, is_dim in ((1, False), (3, True)):
+            for dim, kind in ((1, "count"), (3, "dim")):
                 old = int(shape[dim])
                 new = sizer.size(lab, dim, old)
                 if new != old:
-                    per_module.setdefault(path, {}).setdefault((old, is_dim), set()).add(new)
-    taken = {(u.module, u.attr) for u in known}
+                    per_module.setdefault(path, {}).setdefault((old, kind), set()).add(new)
+            heads.append((int(shape[1]), sizer.size(lab, 1, int(shape[1])), _repeats_at(lab, 1)))
+        if len(heads) >= 2:
+            # q heads per kv head (HF's num_key_value_groups): changes with attention="q_heads"
+            (q_old, q_new, _), (k_old, k_new, rk) = heads[0], heads[1]
+            if k_old % rk == 0 and k_new % rk == 0 and k_new:
+                r_old, r_new = q_old // (k_old // rk), q_new // max(k_new // rk, 1)
+                if r_old != r_new:
+                    per_module.setdefault(path, {}).setdefault((r_old, "group"), set()).add(r_new)
+    # an uncertain graph-constant guess (a view constant equal to head_dim) is settled here: the
+    # attention op's operand shapes say what head_dim is (Phi: leaving it ran, wrongly regrouped)
+    taken = {(u.module, u.attr) for u in known if not isinstance(u, UncertainUpdate)}
     ups = []
     for path, mapping in per_module.items():
         try:
@@ -274,8 +493,8 @@ def head_count_updates(analysis, sizer, model, known) -> list:
         for attr, val in vars(mod).items():
             if attr.startswith("_") or type(val) is not int or (path, attr) in taken:
                 continue
-            for (old, is_dim), news in mapping.items():
-                named = _head_dim_attr(attr) if is_dim else _head_count_attr(attr)
+            for (old, kind), news in mapping.items():
+                named = {"dim": _head_dim_attr, "count": _head_count_attr, "group": _group_attr}[kind](attr)
                 if val == old and named and len(news) == 1:
                     ups.append(AttrUpdate(path, attr, old, next(iter(news))))
     return ups

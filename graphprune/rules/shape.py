@@ -400,8 +400,6 @@ def slice_(ctx: RuleContext, node: Node):
     ax = f.axis_of(dim)
     if step != 1 or not isinstance(start, int):
         ctx.coupler.require_intact(f, ax, f"{where(node)}: strided slice of a channel dim")
-    if f.ids.ndim > 1:
-        ctx.coupler.require_intact(f, ax, f"{where(node)}: slices inside a joint channel layout")
     idx = [slice(None)] * f.ids.ndim
     idx[ax] = slice(start, end, step)
     factors.append(Factor(f.dims, f.ids[tuple(idx)], f.origin, f.axes))

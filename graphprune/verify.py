@@ -768,10 +768,18 @@ def verify_compact(
             f"output {i}: relative error {err:.3g} > {tol:g}" + (f" (dtype {gd} vs {ed})" if gd != ed else "")
             for i, err, tol, gd, ed in bad
         )
+        if plan.structure.get("attention") == "head_dim":
+            hint = (
+                " With attention='head_dim' a scale recomputed from the head size in forward "
+                "(`scores / self.head_dim ** 0.5`) changes with it: compute the scale in __init__ "
+                "(or pass scale= to scaled_dot_product_attention), or use attention='heads'. "
+                "Otherwise this is a graphprune bug: please report it with the model. Meanwhile pass "
+            )
+        else:
+            hint = " This is a graphprune bug: please report it with the model. Meanwhile pass "
         raise VerificationError(
             f"the compact model does not match the reference computed from the plan ({details}). "
-            f"{where} This is a graphprune bug: please report it with the model. Meanwhile pass "
-            "the named layers in ignored_layers=[...] to leave them unpruned."
+            f"{where}{hint}the named layers in ignored_layers=[...] to leave them unpruned."
         )
     return report
 

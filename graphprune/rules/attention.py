@@ -308,8 +308,7 @@ def _sdpa_heads(ctx: RuleContext, node: Node, mask, oshape, why: str, mode: str)
     k_rep, v_rep = k_rep[::rk], v_rep[::rk]
     hk = len(k_rep)
     r = hq // hk
-    fv = lv.factor_at(len(sv) - 3) if lv is not None else None
-    if r > 1 and fv is not None and (mode == "q_heads" or hk == 1):
+    if r > 1 and (mode == "q_heads" or hk == 1):
         # the same slot of every group goes; kv heads (and the kv cache) stay
         ctx.coupler.freeze(k_rep, f"{why}: kv heads kept (q heads pruned within groups)")
         slots = q_rep.reshape(hk, r)

@@ -403,6 +403,7 @@ class Attention(nn.Module):
         self.kind = kind
         self.num_heads = heads
         self.head_dim = c // heads
+        self.scale = self.head_dim**-0.5  # set once, as timm and HF do (attention="head_dim" needs it)
         self.norm = nn.LayerNorm(c) if pre_norm else nn.Identity()
         if kind == "manual":
             self.qkv = nn.Linear(c, 3 * c)
@@ -422,7 +423,7 @@ class Attention(nn.Module):
         if self.kind == "manual":
             qkv = self.qkv(h).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]
-            attn = ((q @ k.transpose(-2, -1)) * self.head_dim**-0.5).softmax(dim=-1)
+            attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
             y = self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         elif self.kind == "mha":
             y = self.mha(h, h, h, need_weights=False)[0]
@@ -433,7 +434,7 @@ class Attention(nn.Module):
             if self.kind == "gqa":
                 rep = self.num_heads // self.num_kv_heads
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             y = self.proj(y.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         return x + y
 
@@ -653,6 +654,7 @@ class CaseResult:
     ratio: float
     prune_hidden: bool
     failures: list[Failure] = field(default_factory=list)
+    attention: str = "heads"
     pruned: bool = False  # something was actually removed (the case tested pruning)
 
 
@@ -661,14 +663,21 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def run_case(spec: dict[str, Any], ratio: float, prune_hidden: bool = False, onnx: bool = True) -> CaseResult:
+def run_case(
+    spec: dict[str, Any],
+    ratio: float,
+    prune_hidden: bool = False,
+    onnx: bool = True,
+    attention: str = "heads",
+) -> CaseResult:
     """Apply every oracle to ``spec`` compacted at ``ratio``; collect failures instead of raising."""
     import oracles
 
     import graphprune
     from graphprune.inputs import flatten_outputs, run_model
 
-    result = CaseResult(spec, ratio, prune_hidden)
+    result = CaseResult(spec, ratio, prune_hidden, attention=attention)
+    structure = {"prune_hidden": prune_hidden, "attention": attention}
     model, x = build(spec)
 
     def check(name: str, fn) -> Any:
@@ -682,7 +691,7 @@ def run_case(spec: dict[str, Any], ratio: float, prune_hidden: bool = False, onn
 
     before = oracles.snapshot(model)
     out = check(
-        "compact", lambda: graphprune.compact_with_plan(model, x, ratio=ratio, prune_hidden=prune_hidden)
+        "compact", lambda: graphprune.compact_with_plan(model, x, ratio=ratio, **structure)
     )
     check("input untouched", lambda: oracles.assert_untouched(model, before))
     if out is not None:
@@ -702,11 +711,14 @@ def run_case(spec: dict[str, Any], ratio: float, prune_hidden: bool = False, onn
         if onnx:
             check("onnx", lambda: oracles.check_onnx(small, x, rtol=1e-3))
     check("ratio 0", lambda: oracles.check_ratio_zero_identity(model, x))
-    analysis = check("analyze", lambda: graphprune.analyze(model, x))
+    analysis = check("analyze", lambda: graphprune.analyze(model, x, attention=attention))
     if analysis is not None and any(g.prunable for g in analysis.groups):
         # ratio >= 0.5 so every prunable group loses a unit whatever rounding the planner uses
         # (round(0.25 * 2) == 0 would leave nothing removed and the oracle would test nothing)
-        check("dead channels", lambda: oracles.check_dead_channels(model, x, max(ratio, 0.5), rtol=1e-4))
+        check(
+            "dead channels",
+            lambda: oracles.check_dead_channels(model, x, max(ratio, 0.5), rtol=1e-4, attention=attention),
+        )
     return result
 
 
@@ -757,7 +769,12 @@ def _valid(spec: dict[str, Any]) -> bool:
 
 
 def shrink(
-    spec: dict[str, Any], ratio: float, prune_hidden: bool, signature: str, budget: int = 80
+    spec: dict[str, Any],
+    ratio: float,
+    prune_hidden: bool,
+    signature: str,
+    budget: int = 80,
+    attention: str = "heads",
 ) -> dict[str, Any]:
     """Greedily simplify ``spec`` while the failure with ``signature`` still happens."""
     onnx = signature.startswith("onnx")
@@ -771,7 +788,7 @@ def shrink(
             if not _valid(cand):
                 continue
             tries += 1
-            res = run_case(cand, ratio, prune_hidden, onnx=onnx)
+            res = run_case(cand, ratio, prune_hidden, onnx=onnx, attention=attention)
             if any(f.signature == signature for f in res.failures):
                 spec = cand
                 improved = True

@@ -24,7 +24,10 @@ SEEDED_CASES = 12  # plus the first cases of tools/fuzz.py's default run: bigger
 
 
 def _report(res: fuzzgen.CaseResult) -> str:
-    lines = [f"ratio={res.ratio} prune_hidden={res.prune_hidden} spec={fuzzgen.spec_json(res.spec)}"]
+    lines = [
+        f"ratio={res.ratio} prune_hidden={res.prune_hidden} attention={res.attention} "
+        f"spec={fuzzgen.spec_json(res.spec)}"
+    ]
     lines += [f"  {f.oracle}: {f.error}\n{f.detail}" for f in res.failures]
     return "\n".join(lines)
 
@@ -36,9 +39,14 @@ def _report(res: fuzzgen.CaseResult) -> str:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-@given(spec=fuzzgen.specs(max_ops=4), ratio=st.sampled_from([0.2, 0.5, 0.8]), prune_hidden=st.booleans())
-def test_random_architectures_pass_every_oracle(spec, ratio, prune_hidden) -> None:
-    res = fuzzgen.run_case(spec, ratio, prune_hidden, onnx=True)
+@given(
+    spec=fuzzgen.specs(max_ops=4),
+    ratio=st.sampled_from([0.2, 0.5, 0.8]),
+    prune_hidden=st.booleans(),
+    attention=st.sampled_from(["heads", "q_heads", "head_dim"]),
+)
+def test_random_architectures_pass_every_oracle(spec, ratio, prune_hidden, attention) -> None:
+    res = fuzzgen.run_case(spec, ratio, prune_hidden, onnx=True, attention=attention)
     assert not res.failures, _report(res)
 
 

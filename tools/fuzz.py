@@ -32,6 +32,14 @@ def case_params(seed: int) -> tuple[float, bool]:
     return rng.choice(RATIOS), rng.random() < 0.3
 
 
+ATTENTION = ("heads", "q_heads", "head_dim")
+
+
+def case_attention(seed: int, choice: str) -> str:
+    """The ``attention=`` mode of case ``seed``: fixed, or drawn per case with ``mixed``."""
+    return random.Random(seed * 104729 + 3).choice(ATTENTION) if choice == "mixed" else choice
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100, help="number of cases (default 100)")
@@ -41,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shrink", action="store_true", help="shrink one failing case per signature")
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines results file")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--attention", choices=ATTENTION + ("mixed",), default="heads",
+                        help="attention= mode of every case, or 'mixed' to draw one per case")
     args = parser.parse_args(argv)
 
     import torch
@@ -50,25 +60,27 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out.open("a") if args.out else None
     signatures: Counter[str] = Counter()
-    examples: dict[str, tuple[dict, float, bool, int]] = {}
+    examples: dict[str, tuple[dict, float, bool, int, str]] = {}
     failed = pruned = 0
     start = time.time()
     for k in range(args.cases):
         seed = args.seed + k
         spec = fuzzgen.random_spec(seed, args.max_ops)
         ratio, prune_hidden = case_params(seed)
+        attention = case_attention(seed, args.attention)
         t0 = time.time()
-        res = fuzzgen.run_case(spec, ratio, prune_hidden, onnx=not args.no_onnx)
+        res = fuzzgen.run_case(spec, ratio, prune_hidden, onnx=not args.no_onnx, attention=attention)
         pruned += res.pruned
         sigs = sorted({f.signature for f in res.failures})
         if sigs:
             failed += 1
             for s in sigs:
                 signatures[s] += 1
-                examples.setdefault(s, (spec, ratio, prune_hidden, seed))
+                examples.setdefault(s, (spec, ratio, prune_hidden, seed, attention))
         status = "FAIL " + " | ".join(sigs) if sigs else "ok"
         print(
-            f"case {seed}: ratio={ratio} prune_hidden={prune_hidden} {time.time() - t0:.1f}s {status}",
+            f"case {seed}: ratio={ratio} prune_hidden={prune_hidden} attention={attention} "
+            f"{time.time() - t0:.1f}s {status}",
             flush=True,
         )
         if out:
@@ -76,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seed": seed,
                 "ratio": ratio,
                 "prune_hidden": prune_hidden,
+                "attention": attention,
                 "pruned": res.pruned,
                 "spec": spec,
                 "failures": [
@@ -90,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{failed} failed; {pruned} cases removed something"
     )
     for sig, n in signatures.most_common():
-        spec, ratio, prune_hidden, seed = examples[sig]
-        print(f"\n[{n}x] {sig}\n  first: case {seed} ratio={ratio} prune_hidden={prune_hidden}")
+        spec, ratio, prune_hidden, seed, attention = examples[sig]
+        print(f"\n[{n}x] {sig}\n  first: case {seed} ratio={ratio} prune_hidden={prune_hidden} "
+              f"attention={attention}")
         if args.shrink:
-            spec = fuzzgen.shrink(spec, ratio, prune_hidden, sig)
+            spec = fuzzgen.shrink(spec, ratio, prune_hidden, sig, attention=attention)
             print("  shrunk:")
         print("  " + fuzzgen.spec_json(spec))
     return 1 if failed else 0

@@ -574,6 +574,8 @@ def _run_graphprune(model: nn.Module, x: Any, args: argparse.Namespace,
     import graphprune
 
     kwargs: dict[str, Any] = {"prune_hidden": True} if args.gp_prune_hidden else {}
+    if args.gp_attention != "heads":
+        kwargs["attention"] = args.gp_attention
     if args.round_to:
         kwargs["round_to"] = args.round_to
     small = graphprune.compact(model, x, ratio=args.ratio, **kwargs)
@@ -812,6 +814,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tools", default=",".join(TOOLS), help="subset of: " + ",".join(TOOLS))
     p.add_argument("--gp-prune-hidden", action="store_true",
                    help="graphprune with prune_hidden=True (TP's recipe prunes the hidden size)")
+    p.add_argument("--gp-attention", choices=("heads", "q_heads", "head_dim"), default="heads",
+                   help="graphprune's attention= mode (Torch-Pruning keeps its own recipe)")
     p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     p.add_argument("--markdown", action="store_true", help="also print one markdown table")
     p.add_argument("--list", action="store_true", help="list the models and exit")

@@ -16,7 +16,7 @@ from torch.fx import Node
 from graphprune.analysis import Analysis
 from graphprune.labels import TensorLabels
 from graphprune.plan import AttrUpdate
-from graphprune.rules import ops
+from graphprune.rules import int_attributes, module_path, ops
 
 SHAPE_ARG = ops("view.default", "reshape.default", "_unsafe_view.default", "expand.default")
 SPLIT = ops("split.Tensor", "unsafe_split.Tensor")
@@ -159,8 +159,7 @@ def attribute_updates(
     per_module: dict[str, dict[int, set[int]]] = {}
     kept: dict[str, set[int]] = {}  # values also found unchanged in a changed op of the module
     for node, args in changes.items():
-        stack = node.meta.get("nn_module_stack") or {}
-        path = list(stack.values())[-1][0] if stack else ""
+        path = module_path(node)
         for old, new in zip(_ints(node.args[1:]), _ints(args[1:]), strict=False):
             if old != new:
                 per_module.setdefault(path, {}).setdefault(old, set()).add(new)
@@ -169,12 +168,8 @@ def attribute_updates(
     ups: list[AttrUpdate] = []
     notes: list[str] = []
     for path, mapping in per_module.items():
-        try:
-            mod = model.get_submodule(path) if path else model
-        except AttributeError:
-            continue
-        for attr, val in vars(mod).items():
-            if attr.startswith("_") or type(val) is not int or val not in mapping:
+        for attr, val in int_attributes(model, path):
+            if val not in mapping:
                 continue
             news = mapping[val]
             if len(news) == 1:

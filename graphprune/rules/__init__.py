@@ -97,10 +97,24 @@ class RuleContext:
         return None
 
 
+def module_path(node: Node) -> str:
+    """Dotted path of the innermost module whose forward ran ``node`` ("" for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def int_attributes(model: Any, path: str) -> list[tuple[str, int]]:
+    """Public integer attributes of module ``path``: the sizes a forward may read (num_heads...)."""
+    try:
+        mod = model.get_submodule(path) if path else model
+    except AttributeError:
+        return []
+    return [(a, v) for a, v in vars(mod).items() if not a.startswith("_") and type(v) is int]
+
+
 def where(node: Node) -> str:
     """Human-readable location of a node: op and module path, used in freeze reasons."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
+    path = module_path(node)
     op = getattr(node.target, "__name__", str(node.target))
     return f"{op} in {path}" if path else op
 

@@ -8,7 +8,7 @@ import numpy as np
 from torch.fx import Node
 
 from graphprune.labels import FIXED, Factor, TensorLabels, new_joint
-from graphprune.rules import RuleContext, ops, rule, where
+from graphprune.rules import RuleContext, int_attributes, module_path, ops, rule, where
 from graphprune.rules.algebra import LETTERS, einsum_labels
 
 
@@ -459,8 +459,7 @@ def head_count_updates(analysis, sizer, model, known) -> list:
     for node in analysis.traced.program.graph.nodes:
         if node.op != "call_function" or node.target not in ATTENTION_OPS:
             continue
-        stack = node.meta.get("nn_module_stack") or {}
-        path = list(stack.values())[-1][0] if stack else ""
+        path = module_path(node)
         heads: list[tuple[int, int, int]] = []  # (old, new, repeats) of dim 1 of q and k
         for arg in node.args[:3]:
             shape = _shape4(arg)
@@ -485,12 +484,8 @@ def head_count_updates(analysis, sizer, model, known) -> list:
     taken = {(u.module, u.attr) for u in known if not isinstance(u, UncertainUpdate)}
     ups = []
     for path, mapping in per_module.items():
-        try:
-            mod = model.get_submodule(path) if path else model
-        except AttributeError:
-            continue
-        for attr, val in vars(mod).items():
-            if attr.startswith("_") or type(val) is not int or (path, attr) in taken:
+        for attr, val in int_attributes(model, path):
+            if (path, attr) in taken:
                 continue
             for (old, kind), news in mapping.items():
                 named = {"dim": _head_dim_attr, "count": _head_count_attr, "group": _group_attr}[kind](attr)

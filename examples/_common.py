@@ -18,13 +18,19 @@ from torch import nn
 import graphprune
 
 
-def parse_args(doc: str, *, ratio: float = 0.3, prune_hidden: bool = False) -> argparse.Namespace:
+def parse_args(
+    doc: str, *, ratio: float = 0.3, prune_hidden: bool = False, attention: bool = False
+) -> argparse.Namespace:
     """``--tiny`` (smoke-test sizes: what the tests run) and ``--ratio``; ``doc``'s first line says what."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model and input (smoke test)")
     parser.add_argument("--ratio", type=float, default=ratio)
     if prune_hidden:
         parser.add_argument("--prune-hidden", action="store_true", help="also shrink the hidden size")
+    if attention:
+        parser.add_argument("--attention", choices=("heads", "q_heads", "head_dim"), default="heads",
+                            help="whole heads / KV groups (default), q heads within KV groups, or "
+                                 "channels inside every head")
     return parser.parse_args()
 
 

@@ -2,9 +2,13 @@
 
     python examples/llama.py            # ~100M-parameter config, 64 tokens
     python examples/llama.py --tiny     # tiny config and 8 tokens: a few seconds
+    python examples/llama.py --tiny --attention q_heads    # keep every kv head (and the KV cache)
+    python examples/llama.py --tiny --attention head_dim   # keep every head, prune inside them
 
-Pruning keeps grouped-query attention valid: a kv head goes together with the q heads that share
-it. graphprune updates ``model.config`` (``num_attention_heads``, ``num_key_value_heads``,
+Pruning keeps grouped-query attention valid: by default a kv head goes together with the q heads
+that share it; ``--attention q_heads`` removes q heads evenly within every kv group instead (the kv
+cache keeps its size) and ``--attention head_dim`` removes channels inside every head (the rotary
+channel pairs and their frequencies go together). graphprune updates ``model.config`` (``num_attention_heads``, ``num_key_value_heads``,
 ``intermediate_size``) when ``LlamaConfig`` accepts the new values, so the compact
 ``LlamaForCausalLM`` generates with its KV cache and round-trips through ``save_pretrained`` /
 ``from_pretrained``; when it does not (LlamaConfig wants hidden_size % heads == 0), the plan says
@@ -38,18 +42,19 @@ def build(tiny: bool) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor]]:
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__, prune_hidden=True)
+    args = _common.parse_args(__doc__, prune_hidden=True, attention=True)
 
     torch.manual_seed(0)
     model, inputs = build(args.tiny)
     small, plan = graphprune.compact_with_plan(
-        model, inputs, ratio=args.ratio, prune_hidden=args.prune_hidden
+        model, inputs, ratio=args.ratio, prune_hidden=args.prune_hidden, attention=args.attention
     )
     print(plan)
     for name, m in (("was", model), ("now", small)):  # read off the modules of layer 0
         attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
         print(f"{name}: q/kv heads {attn.q_proj.out_features // attn.head_dim}/"
-              f"{attn.k_proj.out_features // attn.head_dim}, MLP {mlp.gate_proj.out_features}, "
+              f"{attn.k_proj.out_features // attn.head_dim} of {attn.head_dim}, "
+              f"MLP {mlp.gate_proj.out_features}, "
               f"hidden {m.model.embed_tokens.embedding_dim}")
 
     with torch.no_grad():

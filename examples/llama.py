@@ -8,10 +8,12 @@
 Pruning keeps grouped-query attention valid: by default a kv head goes together with the q heads
 that share it; ``--attention q_heads`` removes q heads evenly within every kv group instead (the kv
 cache keeps its size) and ``--attention head_dim`` removes channels inside every head (the rotary
-channel pairs and their frequencies go together). graphprune updates ``model.config`` (``num_attention_heads``, ``num_key_value_heads``,
-``intermediate_size``) when ``LlamaConfig`` accepts the new values, so the compact
+channel pairs and their frequencies go together). graphprune updates ``model.config``
+(``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``) when ``LlamaConfig``
+accepts the new values, so the compact
 ``LlamaForCausalLM`` generates with its KV cache and round-trips through ``save_pretrained`` /
-``from_pretrained``; when it does not (LlamaConfig wants hidden_size % heads == 0), the plan says
+``from_pretrained``; when it does not (LlamaConfig wants hidden_size % heads == 0; a pruned rotary
+frequency table is not a config value either), the plan says
 so and ``graphprune.save`` / ``graphprune.load`` store and rebuild the model instead. ONNX export
 and the benchmark use the forward pass without cache.
 """

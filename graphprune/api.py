@@ -29,12 +29,12 @@ from graphprune.fallback import (
 )
 from graphprune.hf import update_config
 from graphprune.importance import Criterion, prepare_criterion, resolve
-from graphprune.inputs import flatten_outputs, normalize_inputs
+from graphprune.inputs import normalize_inputs
 from graphprune.plan import AttrUpdate, Plan, build_plan, check_ratio
 from graphprune.rules.attention import head_count_updates
 from graphprune.shapes import Sizer, UncertainUpdate, attribute_updates, graph_constant_changes
 from graphprune.surgery import apply_attr_updates, module_updates, replay, slice_tensors
-from graphprune.trace import check_model, no_cache
+from graphprune.trace import check_model
 
 
 def _importance_name(importance: str | Criterion) -> str:
@@ -236,38 +236,10 @@ def _freeze(analysis, plan, example_input, work, failure: Failure, copy_model: b
     return f"still failing after keeping {describe(frozen)} whole: {failure.problem}"
 
 
-def _output_shapes(model: nn.Module, example_input: Any) -> list[tuple[int, ...]]:
-    args, kwargs = normalize_inputs(example_input)
-    with torch.no_grad(), no_cache(model):
-        return [tuple(t.shape) for t in flatten_outputs(model(*args, **kwargs))]
-
-
-def _runs(model: nn.Module, example_input: Any, expected: list[tuple[int, ...]]) -> bool:
-    try:
-        return _output_shapes(model, example_input) == expected
-    except Exception:  # noqa: BLE001 - a failing trial just means "not this combination"
-        return False
-
-
 def _failing_modules(model: nn.Module, example_input: Any, expected) -> list[str] | None:
     """Run the model; return None if it works, else the paths of the modules active at failure."""
-    stack: list[str] = []
-    handles = []
-
-    def leave(module: nn.Module, args: Any, output: Any) -> None:
-        stack.pop()
-
-    for path, mod in model.named_modules():
-        handles.append(mod.register_forward_pre_hook(lambda m, a, p=path: stack.append(p)))
-        handles.append(mod.register_forward_hook(leave))
-    try:
-        ok = _output_shapes(model, example_input) == expected
-        return None if ok else [""]
-    except Exception:  # noqa: BLE001 - the failure location is what we want
-        return list(stack) or [""]
-    finally:
-        for h in handles:
-            h.remove()
+    failure = find_failure(model, example_input, expected)
+    return None if failure is None else failure.stack
 
 
 def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:

@@ -88,10 +88,11 @@ def test_heads_mode_removes_whole_kv_groups(name: str) -> None:
     assert attn.num_heads // attn.num_kv_heads == before.num_heads // before.num_kv_heads
 
 
-def test_multi_query_attention_loses_q_heads_by_default() -> None:
+@pytest.mark.parametrize("how", ["expand", "repeat_interleave", "enable_gqa"])
+def test_multi_query_attention_loses_q_heads_by_default(how: str) -> None:
     """One kv head: "whole groups" would be everything, so q heads go and the kv head stays."""
     torch.manual_seed(0)
-    model = _randomize(_encoder(lambda: GQAAttention("enable_gqa", num_kv_heads=1), gated=True)).eval()
+    model = _randomize(_encoder(lambda: GQAAttention(how, num_kv_heads=1), gated=True)).eval()
     x = _features()
     _identity(model, x, "heads")
     small = check_dead_channels(model, x, 0.5)
@@ -167,3 +168,25 @@ def test_decoder_head_dim_prunes_rotary_pairs_and_reloads_with_its_plan(name: st
         again = graphprune.load(tmp, hf_models.build(name, seed=1)[0])
     assert_same_outputs(again, small, x, rtol=1e-6, what="graphprune.load vs compact")
     check_onnx(small, x)
+
+
+def test_hf_multi_query_decoder_loses_q_heads_and_generates() -> None:
+    """LLaMA with one KV head: repeat_kv broadcasts it (the head dim carries no labels), so the
+    copies are recognised and q heads go; num_key_value_groups follows."""
+    import hf_models
+    from test_hf_transformers import _greedy_without_cache
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=hf_models.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = hf_models._randomize(LlamaForCausalLM(cfg)).eval()
+    x = hf_models._text()
+    small = check_dead_channels(model, x, 0.5)
+    attn = small.model.layers[0].self_attn
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
+    assert attn.num_key_value_groups == 2
+    ids = x["input_ids"]
+    out = small.generate(ids, attention_mask=x["attention_mask"], max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, _greedy_without_cache(small, ids, 3))

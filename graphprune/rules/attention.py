@@ -103,11 +103,12 @@ def _within_groups(ctx: RuleContext, node: Node, args, letters, out_letters: str
     """Hand-written grouped-query attention, pruned by q heads within the kv groups.
 
     After ``repeat_kv`` (expand + reshape, repeat_interleave) head ``h`` of k and v carries the
-    ids of kv head ``h // r``. With ``attention="q_heads"`` (or multi-query attention, where whole
-    groups would be everything) the kv operand is kept whole and the other operand's heads become
-    units "slot j of every group": ``q @ k^T`` gives scores labelled by those q-head units, and
-    ``probs @ v`` gives the output the same units over v's channels. Returns None when the op is
-    not such a product.
+    ids of kv head ``h // r``; a single kv head broadcast to every q head (multi-query) leaves the
+    head dim unlabelled while its channels are labelled. With ``attention="q_heads"`` (or
+    multi-query attention, where whole groups would be everything) the kv operand is kept whole
+    and the other operand's heads become units "slot j of every group": ``q @ k^T`` gives scores
+    labelled by those q-head units, and ``probs @ v`` gives the output the same units over v's
+    channels. Returns None when the op is not such a product.
     """
     mode = ctx.options.get("attention", "heads")
     if mode == "head_dim" or len(args) != 2 or any(a in ctx.param_names for a in args):
@@ -117,43 +118,40 @@ def _within_groups(ctx: RuleContext, node: Node, args, letters, out_letters: str
         return None
     for kv in (0, 1):
         other = 1 - kv
-        for fr in labs[kv].factors:
-            lr = [letters[kv][d] for d in fr.dims]
-            for ax, ch in enumerate(lr):
-                if ch not in out_letters or ch not in letters[other]:
-                    continue
-                r = _block_repeats(fr.ids, ax)
-                fo = labs[other].factor_at(letters[other].index(ch))
-                if r < 2 or fo is None or _block_repeats(fo.ids, fo.axis_of(letters[other].index(ch))) > 1:
-                    continue
-                n = fr.ids.shape[ax]
-                if mode != "q_heads" and r != n:
-                    continue  # "heads": whole groups (the einsum rule); multi-query: q heads
-                return _q_slots(ctx, node, labs, (kv, fr, lr), (other, fo), ch, r, letters, out_letters)
+        for ch in sorted(set(letters[kv]) & set(letters[other]) & set(out_letters)):
+            fo = labs[other].factor_at(letters[other].index(ch))
+            if fo is None or _block_repeats(fo.ids, fo.axis_of(letters[other].index(ch))) > 1:
+                continue
+            fr = labs[kv].factor_at(letters[kv].index(ch))
+            n = ctx.shape(args[kv])[letters[kv].index(ch)]
+            r = n if fr is None else _block_repeats(fr.ids, fr.axis_of(letters[kv].index(ch)))
+            if r < 2 or (mode != "q_heads" and r != n):
+                continue  # not repeated; or "heads" with several kv heads: whole groups (einsum rule)
+            return _q_slots(ctx, node, labs, kv, fo, ch, r, letters, out_letters)
     return None
 
 
-def _q_slots(ctx, node, labs, kv_side, q_side, ch: str, r: int, letters, out_letters: str) -> TensorLabels:
-    kv, fr, lr = kv_side
-    other, fo = q_side
+def _q_slots(ctx, node, labs, kv: int, fo, ch: str, r: int, letters, out_letters: str) -> TensorLabels:
+    other = 1 - kv
     why = where(node)
-    ctx.coupler.freeze(fr.ids, f"{why}: kv heads kept (q heads pruned within groups)")
+    ctx.coupler.freeze_labels(labs[kv], f"{why}: kv heads kept (q heads pruned within groups)")
     lo = [letters[other][d] for d in fo.dims]
     q_rep = ctx.coupler.coarsen(fo, [lo.index(ch)]).ids
     slots = q_rep.reshape(-1, r)
     ctx.coupler.union(slots, slots[:1])
-    for lab in (labs[kv], labs[other]):  # any other labelled dims stay whole
-        for f in lab.factors:
-            if f is not fr and f is not fo:
-                ctx.coupler.freeze(f.ids, f"{why}: incompatible channel layouts")
-    out_chars = [c for c in lr if c in out_letters]  # the head letter, plus v's channels
-    dims = sorted(out_letters.index(c) for c in out_chars)
-    shape = [fr.ids.shape[lr.index(out_letters[d])] for d in dims]
-    head_axis = [out_letters[d] for d in dims].index(ch)
+    for f in labs[other].factors:  # any other labelled dims stay whole
+        if f is not fo:
+            ctx.coupler.freeze(f.ids, f"{why}: incompatible channel layouts")
+    # output: the head letter, plus the kv operand's labelled kept letters (v's channels)
+    kept = {ch} | {letters[kv][d] for f in labs[kv].factors for d in f.dims if letters[kv][d] in out_letters}
+    dims = sorted(out_letters.index(c) for c in kept)
+    oshape = ctx.shape(node)
+    shape = [oshape[d] for d in dims]
+    head_axis = dims.index(out_letters.index(ch))
     rest = [n for i, n in enumerate(shape) if i != head_axis]
     grid = np.broadcast_to(q_rep.reshape([-1] + [1] * len(rest)), [shape[head_axis]] + rest)
     ids = np.moveaxis(grid, 0, head_axis).copy()
-    return TensorLabels(ctx.shape(node), [new_joint(ctx.coupler, tuple(dims), ids, why)])
+    return TensorLabels(oshape, [new_joint(ctx.coupler, tuple(dims), ids, why)])
 
 
 @rule(*ops("matmul.default", "mm.default", "bmm.default"))
@@ -227,13 +225,18 @@ def _head_grid(ctx: RuleContext, lab: TensorLabels | None, shape, why: str, insi
 
 
 def _repeats(lab: TensorLabels | None, shape) -> int:
-    """How many consecutive heads of a k/v operand are copies (``repeat_kv`` before SDPA), else 1.
+    """How many consecutive heads of a k/v operand are copies of one kv head (else 1).
 
     ``expand`` + ``reshape`` and ``repeat_interleave`` copy ids, so head ``h`` of the repeated
-    tensor carries exactly the ids of kv head ``h // r``: the grouping is read off the labels.
+    tensor carries exactly the ids of kv head ``h // r``: the grouping is read off the labels. A
+    single kv head broadcast to every head (multi-query ``repeat_kv``) leaves the head dim
+    unlabelled while the channels are labelled: all heads are copies.
     """
-    f = lab.factor_at(len(shape) - 3) if lab is not None else None
-    return 1 if f is None else _block_repeats(f.ids, f.axis_of(len(shape) - 3))
+    if lab is None or not lab.factors:
+        return 1
+    dim = len(shape) - 3
+    f = lab.factor_at(dim)
+    return shape[dim] if f is None else _block_repeats(f.ids, f.axis_of(dim))
 
 
 def _scale_given(node: Node) -> bool:
@@ -426,11 +429,6 @@ def _shape4(arg: Any) -> tuple[int, ...] | None:
     return shape if shape is not None and len(shape) == 4 else None
 
 
-def _repeats_at(lab: TensorLabels, dim: int) -> int:
-    f = lab.factor_at(dim)
-    return 1 if f is None else _block_repeats(f.ids, f.axis_of(dim))
-
-
 ATTENTION_OPS = ops(
     "scaled_dot_product_attention.default",
     "_scaled_dot_product_flash_attention_for_cpu.default",
@@ -471,7 +469,7 @@ def head_count_updates(analysis, sizer, model, known) -> list:
                 new = sizer.size(lab, dim, old)
                 if new != old:
                     per_module.setdefault(path, {}).setdefault((old, kind), set()).add(new)
-            heads.append((int(shape[1]), sizer.size(lab, 1, int(shape[1])), _repeats_at(lab, 1)))
+            heads.append((int(shape[1]), sizer.size(lab, 1, int(shape[1])), _repeats(lab, shape)))
         if len(heads) >= 2:
             # q heads per kv head (HF's num_key_value_groups): changes with attention="q_heads"
             (q_old, q_new, _), (k_old, k_new, rk) = heads[0], heads[1]

@@ -198,6 +198,7 @@ def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "ignored_layers": tuple(args.ignore),
         "prune_hidden": args.prune_hidden,
         "attention": args.attention,
+        "fallback": args.fallback,
     }
 
 
@@ -374,6 +375,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance", choices=("l1", "l2"), default="l2",
                    help="channel importance criterion (default l2)")
     add_structure_args(p)
+    p.add_argument("--fallback", choices=("freeze", "graph", "error"), default="freeze",
+                   help="when a module's code cannot run at the new sizes: keep such modules whole "
+                        "(default), return an fx GraphModule, or stop with an error")
 
 
 def add_structure_args(p: argparse.ArgumentParser) -> None:

@@ -32,6 +32,7 @@ from graphprune.cut import _key_matches, output_modules
 from graphprune.errors import InputError
 from graphprune.importance import Criterion, scores_for
 from graphprune.plan import check_ratio
+from graphprune.pruner import _zero_units
 
 
 @dataclass
@@ -228,7 +229,7 @@ def sensitivity(
                 if mode == "mask":
                     mask = np.zeros(g.num_units, dtype=bool)
                     mask[order[:n]] = True
-                    _zero(work, g, mask, params)
+                    _zero_units(work, g, mask)
                     row.metric[r] = float(evaluate(work))
                     with torch.no_grad():
                         for name, t in saved.items():
@@ -245,14 +246,3 @@ def sensitivity(
         if bar is not None:
             bar.close()
     return SensitivityTable(baseline, ratios, rows, higher_is_better, metric_name)
-
-
-def _zero(model: nn.Module, group: Group, mask: np.ndarray, params: dict[str, nn.Parameter]) -> None:
-    with torch.no_grad():
-        for m in group.members:
-            if m.name not in params:
-                continue
-            pos = np.flatnonzero((m.unit_of >= 0) & mask[np.maximum(m.unit_of, 0)])
-            if pos.size:
-                t = param_tensor(model, m.name)
-                t.index_fill_(m.dim, torch.as_tensor(pos, dtype=torch.long, device=t.device), 0.0)

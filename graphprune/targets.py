@@ -793,24 +793,18 @@ def targeted(
     ratio: Any,
     targets: dict[str, Any],
     *,
-    importance: str | Criterion = "l2",
-    ignored_layers: Any = (),
-    prune_hidden: bool = False,
-    attention: str = "heads",
-    verify: bool = True,
-    data: Any = None,
-    loss_fn: Any = None,
     global_pruning: bool = False,
     max_ratio: float | None = None,
     ratios: Any = None,
     round_to: int | str | None = None,
-    progress: bool = False,
-    fallback: str = "freeze",
+    **options: Any,
 ) -> TargetResult:
     """``graphprune.compact(..., target_*=...)``: check the combination, then search.
 
     The search moves every group along one ladder, so it cannot honour per-module ``ratios`` or
-    global ranking; those combinations are refused instead of silently ignored.
+    global ranking; those combinations are refused instead of silently ignored. ``options`` are
+    compact's other keywords (importance, data, attention, verify...), passed on unchanged to
+    :func:`compact_to_target`, whose signature is their one description.
     """
     check_targets(ratio, **targets)
     if global_pruning or ratios or max_ratio is not None:
@@ -819,19 +813,7 @@ def targeted(
             "global_pruning, max_ratio or ratios. Drop those, or use a ratio instead of the target."
         )
     return compact_to_target(
-        model,
-        example_input,
-        **targets,
-        importance=importance,
-        ignored_layers=ignored_layers,
-        prune_hidden=prune_hidden,
-        attention=attention,
-        data=data,
-        loss_fn=loss_fn,
-        round_to=1 if round_to is None else round_to,
-        verify=verify,
-        progress=progress,
-        fallback=fallback,
+        model, example_input, **targets, round_to=1 if round_to is None else round_to, **options
     )
 
 

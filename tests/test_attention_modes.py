@@ -190,3 +190,18 @@ def test_hf_multi_query_decoder_loses_q_heads_and_generates() -> None:
     ids = x["input_ids"]
     out = small.generate(ids, attention_mask=x["attention_mask"], max_new_tokens=3, do_sample=False)
     assert torch.equal(out, _greedy_without_cache(small, ids, 3))
+
+
+def test_verify_catches_heads_regrouped_on_near_uniform_attention() -> None:
+    """The Phi bug: head_dim left at its old value in one layer regroups the heads; on random
+    weights attention is so uniform that outputs moved by only ~4e-5. verify holds small models
+    to their own float32 rounding error, so it must refuse the broken model."""
+    import hf_models
+
+    model, x = hf_models.build("phi")
+    small, plan = graphprune.compact_with_plan(model, x, 0.5, attention="head_dim")
+    graphprune.verify_model(model, small, x, plan)  # the real compact model passes
+    attn = small.model.layers[1].self_attn
+    attn.head_dim = model.model.layers[1].self_attn.head_dim  # runs, with 2 heads of 8 instead of 4 of 4
+    with pytest.raises(VerificationError, match="model.layers.1"):
+        graphprune.verify_model(model, small, x, plan)

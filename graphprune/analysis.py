@@ -176,8 +176,8 @@ ATTENTION_MODES = {
     "(multi-query attention: q heads, the single KV head stays)",
     "q_heads": "q heads evenly within every KV group (the KV heads and the KV cache stay); "
     "plain multi-head attention: whole heads",
-    "head_dim": "channels inside every head, the same positions in each head (the head count stays); "
-    "needs a constant attention scale, else whole heads",
+    "head_dim": "channels inside every head, the same positions in each head (the head count stays; "
+    "under SDPA's default scale q's rows are rescaled to keep the logits, else whole heads)",
 }
 
 

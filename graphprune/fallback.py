@@ -178,6 +178,8 @@ def restrict_plan(analysis: Any, plan: Any, prefixes: list[str]) -> Any:
     counts): freezing a module freezes whole units, the other groups' choices do not depend on it.
     Global ranking would move the budget elsewhere; callers that use it re-plan instead.
     """
+    from graphprune.plan import scale_entries
+
     removed = np.array(plan._removed_class, copy=True)
     cls = analysis.unit_class
     hit = np.zeros_like(removed)
@@ -194,6 +196,7 @@ def restrict_plan(analysis: Any, plan: Any, prefixes: list[str]) -> Any:
     unit_to_class = {v: c for c, v in analysis.class_unit.items()}
     for g in new.groups:
         g.removed = [u for u in g.removed if not hit[unit_to_class.get((g.index, u), 0)]]
+    new.scales = scale_entries(analysis, removed)
     new._removed_class = removed
     return new
 

@@ -232,6 +232,14 @@ def check_plan_fits(base_model: nn.Module, plan: Plan) -> None:
                 raise PlanMismatchError(
                     f"the plan's kept indices for {name} dim {dim} do not fit its shape {tuple(t.shape)}"
                 )
+    for entry in plan.scales:
+        try:
+            t = param_tensor(base_model, entry["tensor"])
+            fits = entry["dim"] < t.dim() and all(0 <= i < t.shape[entry["dim"]] for i in entry["index"])
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise PlanMismatchError(f"the plan rescales {entry!r:.80}, which the base model lacks") from exc
+        if not fits:
+            raise PlanMismatchError(f"the plan's rescaled rows of {entry['tensor']} do not fit its shape")
     for u in plan.attr_updates:
         try:
             mod = base_model.get_submodule(u.module) if u.module else base_model

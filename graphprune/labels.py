@@ -82,6 +82,21 @@ class JointRecord:
     intact: set[int] = field(default_factory=set)
 
 
+@dataclass
+class Rescale:
+    """Rows of a Linear to multiply by sqrt(E'/E) once ``ids`` lose channels along ``axis``.
+
+    Recorded where SDPA's default scale (1/sqrt(E)) would change with the head size; the plan
+    turns it into a factor once it knows how many channels stay (``graphprune.plan``).
+    """
+
+    weight: str
+    bias: str | None
+    rows: np.ndarray
+    ids: np.ndarray
+    axis: int
+
+
 class Coupler:
     """Accumulates ids, edges and freezes while rules walk the graph.
 
@@ -102,6 +117,7 @@ class Coupler:
         # head_dim, broadcast across heads) goes with that position in every head (the heads
         # stay); otherwise such a table keeps its size
         self.inner_tables = False
+        self.rescales: list[Rescale] = []  # q rows to rescale when SDPA's default scale changes
 
     # -- ids ---------------------------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:

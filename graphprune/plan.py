@@ -51,6 +51,9 @@ class Plan:
     boundaries: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     structure: dict[str, Any] = field(default_factory=dict)  # analysis options: prune_hidden, attention
+    # multiply before slicing: {"tensor", "dim", "index", "factor"} (q rows when SDPA's default
+    # scale follows a pruned head size, see rules.attention._fold_scale_into_q)
+    scales: list[dict[str, Any]] = field(default_factory=list)
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +85,7 @@ class Plan:
             boundaries=list(d.get("boundaries", [])),
             notes=list(d.get("notes", [])),
             structure=dict(d.get("structure", {})),
+            scales=[dict(x) for x in d.get("scales", [])],
         )
 
     @classmethod
@@ -170,5 +174,21 @@ def build_plan(
         drop = removed_class[cls[ids]]
         if drop.any():
             plan.slices.setdefault(name, {})[dim] = [int(i) for i in np.flatnonzero(~drop)]
+    plan.scales = scale_entries(analysis, removed_class)
     plan._removed_class = removed_class  # type: ignore[attr-defined]  # used by surgery, not saved
     return plan
+
+
+def scale_entries(analysis: Analysis, removed_class: np.ndarray) -> list[dict[str, Any]]:
+    """q rows to multiply by sqrt(E'/E) where SDPA's default scale follows a pruned head size."""
+    out: list[dict[str, Any]] = []
+    cls = analysis.unit_class
+    for rec in analysis.coupler.rescales:
+        keep = np.where(rec.ids >= 0, ~removed_class[cls[np.maximum(rec.ids, 0)]], True)
+        kept = np.moveaxis(keep, rec.axis, 0).reshape(rec.ids.shape[rec.axis], -1).any(axis=1)
+        if 0 < kept.sum() < kept.size:
+            factor = float(np.sqrt(kept.sum() / kept.size))
+            for name in (rec.weight, rec.bias):
+                if name is not None:
+                    out.append({"tensor": name, "dim": 0, "index": rec.rows.tolist(), "factor": factor})
+    return out

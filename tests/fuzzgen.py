@@ -434,7 +434,10 @@ class Attention(nn.Module):
             if self.kind == "gqa":
                 rep = self.num_heads // self.num_kv_heads
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            # the default scale (1/sqrt(head_dim)) equals self.scale: "sdpa" leaves it to SDPA,
+            # "gqa" passes it, so attention="head_dim" meets both (rescaled q rows, fixed scale)
+            scale = self.scale if self.kind == "gqa" else None
+            y = F.scaled_dot_product_attention(q, k, v, scale=scale)
             y = self.proj(y.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         return x + y
 

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 from oracles import assert_same_outputs, check_dead_channels, check_input_untouched, check_onnx
-from transformer_models import GQAAttention, _encoder, _features, _randomize, build
+from transformer_models import GQAAttention, SdpaAttention, _encoder, _features, _randomize, build
 
 import graphprune
 from graphprune.errors import InputError, VerificationError
@@ -48,11 +48,39 @@ def test_head_dim_prunes_inside_every_head(name: str) -> None:
     assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
 
 
-def test_head_dim_keeps_heads_where_sdpa_scale_follows_head_dim() -> None:
-    """SDPA's default scale is 1/sqrt(head_dim): pruning inside heads would change it, so whole
-    heads go instead (still exact)."""
-    model, x = build("sdpa")
+@pytest.mark.parametrize("name", ["sdpa", "gqa_enable_gqa"])
+def test_head_dim_under_sdpa_default_scale_folds_the_scale_into_q(name: str) -> None:
+    """SDPA's default scale is 1/sqrt(head_dim): after pruning inside heads it becomes
+    1/sqrt(head_dim'), so q's Linear rows are multiplied by sqrt(head_dim'/head_dim) and the
+    logits stay what they were (dead-unit oracle exact; apply_plan replays the factor)."""
+    model, x = build(name)
     _identity(model, x, "head_dim")
+    small = check_dead_channels(model, x, 0.5, attention="head_dim")
+    assert _attn(small).head_dim == _attn(model).head_dim // 2
+    assert _attn(small).num_heads == _attn(model).num_heads
+    small, plan = graphprune.compact_with_plan(model, x, 0.5, attention="head_dim")
+    assert plan.scales and all(abs(e["factor"] - 0.5**0.5) < 1e-12 for e in plan.scales)
+    replayed = graphprune.apply_plan(model, graphprune.Plan.from_json(plan.to_json()))
+    assert_same_outputs(replayed, small, x, rtol=0.0, what="apply_plan with rescaled q rows")
+
+
+def test_head_dim_falls_back_to_heads_when_q_is_not_linear_in_one_projection() -> None:
+    """A nonlinearity between q's Linear and SDPA (here: q normalised by its own norm) leaves no
+    row to fold the scale into, so that attention loses whole heads (still exact)."""
+
+    class NormedQ(SdpaAttention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            B, N, _ = x.shape
+            q = self.q(x).view(B, N, -1, self.head_dim).transpose(1, 2)
+            q = q / q.norm(dim=-1, keepdim=True)
+            k = self.k(x).view(B, N, -1, self.head_dim).transpose(1, 2)
+            v = self.v(x).view(B, N, -1, self.head_dim).transpose(1, 2)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.out(y.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
+
+    torch.manual_seed(0)
+    model = _randomize(_encoder(NormedQ)).eval()
+    x = _features()
     small = check_dead_channels(model, x, 0.5, attention="head_dim")
     assert _attn(small).head_dim == _attn(model).head_dim
     assert _attn(small).num_heads < _attn(model).num_heads

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
 from torch.fx import Node
 
-from graphprune.labels import FIXED, Factor, TensorLabels, new_joint
+from graphprune.labels import FIXED, Factor, Rescale, TensorLabels, new_joint
 from graphprune.rules import RuleContext, int_attributes, module_path, ops, rule, where
 from graphprune.rules.algebra import LETTERS, einsum_labels
 
@@ -244,6 +245,91 @@ def _scale_given(node: Node) -> bool:
     return node.kwargs.get("scale") is not None
 
 
+_THROUGH = set(
+    ops(
+        "view.default", "reshape.default", "_unsafe_view.default", "transpose.int", "permute.default",
+        "t.default", "contiguous.default", "clone.default", "select.int", "slice.Tensor",
+        "unsqueeze.default", "squeeze.dim", "squeeze.dims", "expand.default", "alias.default",
+        "_to_copy.default", "to.dtype", "to.dtype_layout", "neg.default", "split.Tensor",
+        "split_with_sizes.default", "chunk.default", "unbind.int",
+    )
+)
+_LINEAR = set(ops("linear.default"))
+_MUL = set(ops("mul.Tensor", "mul.Scalar"))
+_SCALE_BY = _MUL | set(ops("div.Tensor", "div.Scalar"))
+_SUM = set(ops("add.Tensor", "sub.Tensor"))
+_CAT = set(ops("cat.default"))
+
+
+def _depends(node: Any, target: Node, limit: int = 4000) -> bool:
+    """Whether ``node`` is computed from ``target`` (bounded walk over its inputs)."""
+    if not isinstance(node, Node):
+        return False
+    todo, seen = [node], set()
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n is target:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return len(seen) >= limit
+
+
+def _linear_source(node: Any, depth: int = 0) -> Node | None:
+    """The ``linear`` op whose output ``node`` is a linear function of, and nothing else.
+
+    Reshapes, transposes, selections, casts, negation, sums of such terms, concatenations and
+    products with tensors that do not depend on it (rotary cos/sin tables, constants) keep the
+    relation linear: scaling the Linear's rows scales ``node`` by the same factor.
+    """
+    if not isinstance(node, Node) or node.op != "call_function" or depth > 64:
+        return None
+    t = node.target
+    if t in _LINEAR:
+        return node
+    if t is operator.getitem or t in _THROUGH:
+        return _linear_source(node.args[0], depth + 1)
+    if t in _SCALE_BY:
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+        src = _linear_source(a, depth + 1)
+        if src is not None and not _depends(b, src):
+            return src
+        if t in _MUL:
+            src = _linear_source(b, depth + 1)
+            if src is not None and not _depends(a, src):
+                return src
+        return None
+    if t in _SUM or t in _CAT:
+        parts = list(node.args[0]) if t in _CAT else list(node.args[:2])
+        srcs = {_linear_source(p, depth + 1) for p in parts}
+        return srcs.pop() if len(srcs) == 1 and None not in srcs else None
+    return None
+
+
+def _fold_scale_into_q(ctx: RuleContext, node: Node) -> bool:
+    """Let SDPA's default scale follow head_dim: record that q's Linear rows get sqrt(E'/E).
+
+    SDPA without ``scale=`` multiplies by 1/sqrt(E), E the head size. Removing channels inside
+    heads makes that 1/sqrt(E'); multiplying q by sqrt(E'/E) gives back the original logits,
+    exactly. That is possible when q is a linear function of one Linear's rows (``_linear_source``):
+    those rows (and their bias) are scaled at surgery. Returns False (whole heads, then) otherwise.
+    """
+    q = node.args[0]
+    src = _linear_source(q)
+    lab, shape = ctx.labels(q), ctx.shape(q)
+    f = lab.factor_at(len(shape) - 1) if lab is not None and shape is not None else None
+    weight = ctx.param_names.get(src.args[1]) if src is not None else None
+    if f is None or weight is None or (weight, 0) not in ctx.coupler.param_ids:
+        return False
+    rows = np.flatnonzero(np.isin(ctx.coupler.param_ids[(weight, 0)], f.ids))
+    if rows.size == 0:
+        return False
+    bias = ctx.param_names.get(src.args[2]) if len(src.args) > 2 and isinstance(src.args[2], Node) else None
+    ctx.coupler.rescales.append(Rescale(weight, bias, rows, f.ids, f.axis_of(len(shape) - 1)))
+    return True
+
+
 def _per_head_mask(ctx: RuleContext, node: Node, mask, hq: int, q_rep: np.ndarray, why: str) -> None:
     """A per-head additive mask (Swin's relative position bias) goes with its (q) head."""
     smask, mlab = ctx.shape(mask), ctx.labels(mask)
@@ -274,7 +360,8 @@ def sdpa(ctx: RuleContext, node: Node):
     With grouped-query attention (fewer kv heads, or kv heads repeated before the call) q heads
     ``g*r .. g*r+r-1`` share kv head ``g``: "heads" removes whole groups (multi-query: q heads,
     the single kv head stays), "q_heads" removes the same slot of every group (r shrinks, the kv
-    heads stay), "head_dim" removes channel d of every q, k and v head (needs an explicit scale).
+    heads stay), "head_dim" removes channel d of every q, k and v head (with an explicit scale, or
+    SDPA's default one folded into q's rows; else whole heads).
     """
     q, k, v = node.args[0], node.args[1], node.args[2]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
@@ -288,7 +375,7 @@ def sdpa(ctx: RuleContext, node: Node):
         result = TensorLabels(oshape, [])
     else:
         mode = ctx.options.get("attention", "heads")
-        if mode == "head_dim" and _scale_given(node):
+        if mode == "head_dim" and (_scale_given(node) or _fold_scale_into_q(ctx, node)):
             result = _sdpa_inside(ctx, node, mask, oshape, why)
         else:
             result = _sdpa_heads(ctx, node, mask, oshape, why, mode)
@@ -325,7 +412,7 @@ def _sdpa_heads(ctx: RuleContext, node: Node, mask, oshape, why: str, mode: str)
 
 
 def _sdpa_inside(ctx: RuleContext, node: Node, mask, oshape, why: str) -> TensorLabels:
-    """``attention="head_dim"`` with an explicit scale: channel d of every head is one unit."""
+    """``attention="head_dim"`` (scale fixed, or folded into q): channel d of every head is one unit."""
     q, k, v = node.args[0], node.args[1], node.args[2]
     sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
     lq, lk, lv = ctx.labels(q), ctx.labels(k), ctx.labels(v)

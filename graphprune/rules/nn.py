@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from torch.fx import Node
 
@@ -122,6 +124,18 @@ BATCH_NORM = ops(
 )
 
 
+def _per_channel(ctx: RuleContext, node: Node, ids, params, lab, xshape) -> Any:
+    """A norm's affine parameters and statistics follow its channel ``ids``; x's labels pass through
+    (the first output of the multi-output variants; mean/rstd outputs carry none)."""
+    for arg in params:
+        pid = ctx.param_ids(arg, 0)
+        if pid is not None:
+            ctx.coupler.union(ids, pid)
+    out = TensorLabels(xshape, list(lab.factors) if lab else [])
+    vals = node.meta.get("val")
+    return [out] + [None] * (len(vals) - 1) if isinstance(vals, (tuple, list)) else out
+
+
 @rule(*BATCH_NORM)
 def batch_norm(ctx: RuleContext, node: Node):
     """Per-channel statistics and affine parameters all follow channel dim 1 (exact)."""
@@ -129,15 +143,7 @@ def batch_norm(ctx: RuleContext, node: Node):
     lab = ctx.labels(x)
     xshape = ctx.shape(x)
     ids = channel_ids(ctx, lab, 1, xshape[1], where(node))
-    for arg in node.args[1:5]:
-        pid = ctx.param_ids(arg, 0)
-        if pid is not None:
-            ctx.coupler.union(ids, pid)
-    out = TensorLabels(xshape, list(lab.factors) if lab else [])
-    vals = node.meta.get("val")
-    if isinstance(vals, (tuple, list)):
-        return [out] + [None] * (len(vals) - 1)
-    return out
+    return _per_channel(ctx, node, ids, node.args[1:5], lab, xshape)
 
 
 NORM_LAST = ops("layer_norm.default", "native_layer_norm.default", "rms_norm.default")
@@ -165,16 +171,8 @@ def layer_norm(ctx: RuleContext, node: Node):
         return TensorLabels(xshape, [])
     last = len(xshape) - 1
     ids = channel_ids(ctx, lab, last, xshape[last], why)
-    for arg in node.args[2:4]:
-        pid = ctx.param_ids(arg, 0)
-        if pid is not None:
-            ctx.coupler.union(ids, pid)
     ctx.coupler.soft_freeze(ids, f"{why} normalises over these channels")
-    out = TensorLabels(xshape, list(lab.factors) if lab else [])
-    vals = node.meta.get("val")
-    if isinstance(vals, (tuple, list)):
-        return [out] + [None] * (len(vals) - 1)
-    return out
+    return _per_channel(ctx, node, ids, node.args[2:4], lab, xshape)
 
 
 @rule(*ops("group_norm.default", "native_group_norm.default"))
@@ -191,15 +189,7 @@ def group_norm(ctx: RuleContext, node: Node):
     ids = channel_ids(ctx, lab, 1, c, where(node))
     grid = ids.reshape(groups, c // groups)
     ctx.coupler.union(grid, grid[:, :1])
-    for arg in (w, b):
-        pid = ctx.param_ids(arg, 0)
-        if pid is not None:
-            ctx.coupler.union(ids, pid)
-    out = TensorLabels(xshape, list(lab.factors) if lab else [])
-    vals = node.meta.get("val")
-    if isinstance(vals, (tuple, list)):
-        return [out] + [None] * (len(vals) - 1)
-    return out
+    return _per_channel(ctx, node, ids, (w, b), lab, xshape)
 
 
 @rule(*ops("embedding.default"))

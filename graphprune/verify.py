@@ -566,6 +566,7 @@ class Reference:
     """
 
     outputs: list[torch.Tensor]
+    rtol: float | None = None  # the tight tolerance of a small model (``_tight_rtol``), else default
     modules: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     order: dict[str, int] = field(default_factory=dict)
 
@@ -584,7 +585,7 @@ def compute_reference(
     outs_of = _module_outputs(graph) if per_module else {}
     wanted = {n for nodes in outs_of.values() for n in nodes}
     outputs, interp = _run_reference(analysis, masks, original, example_input, record=wanted)
-    ref = Reference(outputs)
+    ref = Reference(outputs, rtol=_tight_rtol(original, example_input))
     index = {n: i for i, n in enumerate(graph.nodes)}
     for path, nodes in outs_of.items():
         views = []
@@ -632,6 +633,7 @@ def first_mismatch(
     finally:
         for h in handles:
             h.remove()
+    rtol = reference.rtol if rtol is None else rtol
     results = [_close(g, e, rtol) for g, e in zip(got, reference.outputs)]
     if len(got) == len(reference.outputs) and all(ok for ok, _ in results):
         return None
@@ -753,21 +755,17 @@ def verify_compact(
     # Small float32 models are held to their own rounding error (measured against float64), not
     # to the blanket 1e-4: random-weight attention is so uniform that regrouped heads moved Phi's
     # outputs by only 4e-5 (a real bug, which the blanket tolerance let through).
-    noise = None
-    if rtol is None and _tight(original):
-        noise = _rounding_amplification(original, example_input)
+    tight = _tight_rtol(original, example_input) if rtol is None else None
     bad = []
     for i, (g, e) in enumerate(zip(got, ref)):
-        tol = _tolerance(e, rtol)
-        if noise is not None and e.dtype == torch.float32:
-            tol = max(TIGHT_FLOOR, 10 * noise)
+        tol = tight if tight is not None and e.dtype == torch.float32 else _tolerance(e, rtol)
         err = relative_error(g, e.to(g.device)) if g.dtype == e.dtype else math.inf
         report.errors.append(err)
         report.tolerances.append(tol)
         if not err <= tol:
             bad.append((i, err, tol, g.dtype, e.dtype))
     if bad:
-        noise = noise if noise is not None else _rounding_amplification(original, example_input)
+        noise = _rounding_amplification(original, example_input)
         if noise is not None and all(err <= max(tol, 10 * noise) for _, err, tol, _, _ in bad):
             # The model itself turns float32 rounding into errors this large (random-weight
             # models with extreme BatchNorm statistics do): a different summation order in the
@@ -810,6 +808,15 @@ def _tight(original: nn.Module) -> bool:
         and sum(p.numel() for p in params) <= TIGHT_MAX_PARAMS
         and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
     )
+
+
+def _tight_rtol(original: nn.Module, example_input: Any) -> float | None:
+    """10x the model's own float32 rounding error (at least ``TIGHT_FLOOR``) for a small float32
+    model; None (the dtype's default) otherwise. Used by verify and by the attribute choice."""
+    if not _tight(original):
+        return None
+    noise = _rounding_amplification(original, example_input)
+    return None if noise is None else max(TIGHT_FLOOR, 10 * noise)
 
 
 def _rounding_amplification(original: nn.Module, example_input: Any) -> float | None:

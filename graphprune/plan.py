@@ -116,6 +116,12 @@ class Plan:
         if self.boundaries:
             lines.append("  boundaries (ops without a rule; channels through them are frozen):")
             lines.extend(f"    {b}" for b in self.boundaries[:20])
+        if self.scales:
+            scaled = sorted({e["tensor"] for e in self.scales})
+            lines.append(
+                f"  rescaled (SDPA's default scale follows the pruned head size): {', '.join(scaled[:6])}"
+                + (f" +{len(scaled) - 6} more" if len(scaled) > 6 else "")
+            )
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 

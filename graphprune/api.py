@@ -73,7 +73,7 @@ def _plan_and_model(
     if options is not None:
         check_options(options)
     analysis, criterion = _prepare(
-        model, example_input, importance, ignored_layers, structure, data=data, loss_fn=loss_fn
+        model, example_input, importance, ignored_layers, data=data, loss_fn=loss_fn, **structure
     )
     name = _importance_name(importance)
     plan = build_plan(analysis, ratio, criterion, name, options=options)
@@ -102,16 +102,16 @@ def _prepare(
     example_input: Any,
     importance: str | Criterion,
     ignored_layers: Any,
-    structure: dict[str, Any],
     *,
     data: Any = None,
     loss_fn: Any = None,
+    **structure: Any,
 ) -> tuple[Analysis, Criterion]:
     """Check the arguments and analyse once; plans for any number of ratios can follow.
 
     Data-driven criteria (taylor, hessian, activation...) refuse early when ``data`` is missing,
     then measure on the analysis' copy of the model (same parameter names as the plan uses).
-    ``structure`` holds the analysis options (``prune_hidden``, ``attention``).
+    ``structure`` are the analysis options (``prune_hidden``, ``attention``).
     """
     check_model(model)
     check_attention(structure.get("attention", "heads"))

@@ -252,9 +252,9 @@ class Pruner:
             self.example_input,
             criterion,
             self.ignored_layers,
-            self.structure,
             data=None if soft_final else self.data,
             loss_fn=self.loss_fn,
+            **self.structure,
         )
         if soft_final:
             counts = {

@@ -203,9 +203,10 @@ def sensitivity(
         example_input,
         importance,
         ignored_layers,
-        {"prune_hidden": prune_hidden, "attention": attention},
         data=data,
         loss_fn=loss_fn,
+        prune_hidden=prune_hidden,
+        attention=attention,
     )
     groups = [g for g in analysis.groups if g.members and g.num_units > 1]
     work = copy.deepcopy(model).eval()

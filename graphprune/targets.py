@@ -299,9 +299,10 @@ class _Search:
             example_input,
             importance,
             ignored_layers,
-            {"prune_hidden": prune_hidden, "attention": attention},
             data=data,
             loss_fn=loss_fn,
+            prune_hidden=prune_hidden,
+            attention=attention,
         )
         self.criterion = _memo(criterion)
         self.importance = _importance_name(importance)

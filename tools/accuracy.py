@@ -350,7 +350,7 @@ def graphprune_prune(task: Task, name: str, ratio: float, calib: list[Any]) -> n
     from graphprune.plan import build_plan
 
     kw = {"data": calib, "loss_fn": F.cross_entropy} if name in DATA_DRIVEN else {}
-    analysis, crit = _prepare(task.model, task.example, name, (), False, **kw)
+    analysis, crit = _prepare(task.model, task.example, name, (), **kw)
     counts = {
         g.index: g.num_units - max(1, int(g.num_units * (1 - ratio) + 1e-9))
         for g in analysis.groups

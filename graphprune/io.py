@@ -33,7 +33,7 @@ from graphprune.analysis import param_tensor
 from graphprune.errors import InputError, PlanMismatchError
 from graphprune.inputs import flatten_outputs, normalize_inputs
 from graphprune.plan import Plan
-from graphprune.surgery import _MODULE_ATTRS, replay
+from graphprune.surgery import _MODULE_ATTRS, plan_tensor, replay
 from graphprune.trace import check_model, no_cache
 
 FORMAT = "graphprune-saved/1"
@@ -212,13 +212,7 @@ def check_plan_fits(base_model: nn.Module, plan: Plan) -> None:
     (and be a size: an int or a tuple of ints, nothing else).
     """
     for name, dims in plan.slices.items():
-        try:
-            t = param_tensor(base_model, name)
-        except AttributeError as exc:
-            raise PlanMismatchError(
-                f"the plan slices {name!r} but the base model has no such tensor; build the base model "
-                "from the same architecture the plan was made for."
-            ) from exc
+        t = plan_tensor(base_model, name, "slices")
         if not isinstance(t, torch.Tensor):
             raise PlanMismatchError(f"the plan slices {name!r} but the base model's {name} is not a tensor")
         expected = plan.shapes.get(name)
@@ -233,11 +227,11 @@ def check_plan_fits(base_model: nn.Module, plan: Plan) -> None:
                     f"the plan's kept indices for {name} dim {dim} do not fit its shape {tuple(t.shape)}"
                 )
     for entry in plan.scales:
+        t = plan_tensor(base_model, str(entry.get("tensor")), "rescales")
         try:
-            t = param_tensor(base_model, entry["tensor"])
             fits = entry["dim"] < t.dim() and all(0 <= i < t.shape[entry["dim"]] for i in entry["index"])
-        except (AttributeError, KeyError, TypeError) as exc:
-            raise PlanMismatchError(f"the plan rescales {entry!r:.80}, which the base model lacks") from exc
+        except (KeyError, TypeError) as exc:
+            raise PlanMismatchError(f"the plan's rescale entry {entry!r:.80} is malformed") from exc
         if not fits:
             raise PlanMismatchError(f"the plan's rescaled rows of {entry['tensor']} do not fit its shape")
     for u in plan.attr_updates:

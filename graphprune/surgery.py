@@ -34,17 +34,22 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(mod, attr, value)
 
 
+def plan_tensor(model: nn.Module, name: str, verb: str) -> torch.Tensor:
+    """Tensor ``name`` that the plan ``verb``s ("slices", "rescales"), or a PlanMismatchError."""
+    try:
+        return param_tensor(model, name)
+    except AttributeError as exc:
+        raise PlanMismatchError(
+            f"the plan {verb} {name!r} but the model has no such tensor; apply the plan to the same "
+            "architecture it was made for."
+        ) from exc
+
+
 def scale_tensors(model: nn.Module, plan: Plan) -> None:
     """Multiply the plan's rows by their factors (before slicing: indices are the original ones)."""
     with torch.no_grad():
         for entry in plan.scales:
-            try:
-                t = param_tensor(model, entry["tensor"])
-            except AttributeError as exc:
-                raise PlanMismatchError(
-                    f"the plan rescales {entry['tensor']!r} but the model has no such tensor; apply the "
-                    "plan to the same architecture it was made for."
-                ) from exc
+            t = plan_tensor(model, entry["tensor"], "rescales")
             index = torch.tensor(entry["index"], dtype=torch.long, device=t.device)
             t.index_copy_(entry["dim"], index, t.index_select(entry["dim"], index) * entry["factor"])
 
@@ -52,13 +57,7 @@ def scale_tensors(model: nn.Module, plan: Plan) -> None:
 def slice_tensors(model: nn.Module, plan: Plan) -> None:
     scale_tensors(model, plan)
     for name, dims in plan.slices.items():
-        try:
-            t = param_tensor(model, name)
-        except AttributeError as exc:
-            raise PlanMismatchError(
-                f"the plan slices {name!r} but the model has no such tensor; apply the plan to the "
-                "same architecture it was made for."
-            ) from exc
+        t = plan_tensor(model, name, "slices")
         expected = plan.shapes.get(name)
         if expected is not None and list(t.shape) != list(expected):
             raise PlanMismatchError(

@@ -9,6 +9,9 @@
 # default spec, torch==2.13.0, resolves to a local CPU build on the project's machines; elsewhere,
 # point GRAPHPRUNE_TORCH_SPEC at what suits you, e.g.
 #   GRAPHPRUNE_TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" bash scripts/setup.sh
+# The test environment is pinned: every package is installed under requirements/constraints.txt,
+# so a fresh clone gets the versions the suite was last run with, not whatever was released today.
+# GRAPHPRUNE_CONSTRAINTS=none installs the newest versions instead (see README, "Newest versions").
 # Other knobs: PYTHON (interpreter used to create the venv, default python3).
 set -euo pipefail
 
@@ -46,7 +49,15 @@ fi
 
 # The stamp records what the last successful install was made from; if nothing changed and the
 # package still imports, there is nothing to do.
-want_stamp="$(cat pyproject.toml; echo "torch-spec=${GRAPHPRUNE_TORCH_SPEC:-torch==2.13.0}")"
+CONSTRAINTS="${GRAPHPRUNE_CONSTRAINTS:-$ROOT/requirements/constraints.txt}"
+CONSTRAINT_ARGS=()
+if [[ "$CONSTRAINTS" != "none" ]]; then
+    [[ -f "$CONSTRAINTS" ]] || die "constraints file '$CONSTRAINTS' not found (GRAPHPRUNE_CONSTRAINTS=none to go unpinned)"
+    CONSTRAINT_ARGS=(-c "$CONSTRAINTS")
+fi
+
+want_stamp="$(cat pyproject.toml; echo "torch-spec=${GRAPHPRUNE_TORCH_SPEC:-torch==2.13.0}";
+    if [[ "$CONSTRAINTS" != "none" ]]; then cat "$CONSTRAINTS"; else echo unpinned; fi)"
 if [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$want_stamp" ]] \
     && "$VPY" -c 'import graphprune, torch, onnxruntime, pytest' >/dev/null 2>&1; then
     say "environment up to date ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"
@@ -61,8 +72,8 @@ if ! "$VPY" -c 'import torch' >/dev/null 2>&1; then
     pip_quiet install $spec
 fi
 
-say "installing graphprune (editable) with dev extras"
-pip_quiet install -e ".[dev]"
+say "installing graphprune (editable) with dev extras${CONSTRAINT_ARGS:+ under ${CONSTRAINTS#"$ROOT"/}}"
+pip_quiet install -e ".[dev]" "${CONSTRAINT_ARGS[@]}"
 
 "$VPY" -c 'import graphprune, torch, onnx, onnxruntime' \
     || die "graphprune does not import after installation"

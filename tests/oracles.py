@@ -271,6 +271,18 @@ def make_dead(
     return DeadChannels(dead_model, dead, zeroed)
 
 
+def assert_finite_reference(model: nn.Module, example_input: Any) -> None:
+    """A reference whose outputs hold NaN/Inf proves nothing: NaN compares unequal to everything,
+    and whether a kernel propagates it (0 * NaN) varies between builds. Refuse to use it."""
+    for i, out in enumerate(flatten_outputs(run_model(model, example_input))):
+        if out.is_floating_point() and not torch.isfinite(out).all():
+            raise AssertionError(
+                f"degenerate oracle: the dead-unit reference's output {i} holds NaN/Inf (a dead unit "
+                "feeds an op that is undefined at zero, e.g. x / x.norm()); pick a model whose dead "
+                "units are well defined"
+            )
+
+
 def check_dead_channels(
     model: nn.Module, example_input: Any, ratio: float, rtol: float = 1e-5, **structure: Any
 ) -> nn.Module:
@@ -282,6 +294,7 @@ def check_dead_channels(
     dead = make_dead(model, example_input, ratio, **structure)
     assert dead.dead, "analyze() found no prunable group, so the dead-channel check tests nothing"
     assert dead.zeroed > 0, "no parameter slice was zeroed: every prunable group has < 2 units?"
+    assert_finite_reference(dead.model, example_input)
     small = graphprune.compact(
         dead.model, example_input, ratio=ratio, importance=dead.importance, **structure
     )

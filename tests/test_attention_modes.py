@@ -65,14 +65,17 @@ def test_head_dim_under_sdpa_default_scale_folds_the_scale_into_q(name: str) -> 
 
 
 def test_head_dim_falls_back_to_heads_when_q_is_not_linear_in_one_projection() -> None:
-    """A nonlinearity between q's Linear and SDPA (here: q normalised by its own norm) leaves no
-    row to fold the scale into, so that attention loses whole heads (still exact)."""
+    """A nonlinearity between q's Linear and SDPA (here: q scaled by a function of its own norm)
+    leaves no row to fold the scale into, so that attention loses whole heads (still exact).
+
+    The nonlinearity is finite at q = 0 (``q / (1 + |q|)``, not ``q / |q|``): a dead head's q is
+    exactly zero, and a reference that divides 0 by 0 would be NaN, i.e. no oracle at all."""
 
     class NormedQ(SdpaAttention):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             B, N, _ = x.shape
             q = self.q(x).view(B, N, -1, self.head_dim).transpose(1, 2)
-            q = q / q.norm(dim=-1, keepdim=True)
+            q = q / (1.0 + q.norm(dim=-1, keepdim=True))
             k = self.k(x).view(B, N, -1, self.head_dim).transpose(1, 2)
             v = self.v(x).view(B, N, -1, self.head_dim).transpose(1, 2)
             y = torch.nn.functional.scaled_dot_product_attention(q, k, v)

@@ -9,17 +9,7 @@ The public API lives here and only here::
 
 from __future__ import annotations
 
-from graphprune import unstructured  # classic mask-based methods, as a namespace
-from graphprune.analysis import Analysis, Group, Member, analyze
 from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
-from graphprune.bench import (
-    BenchmarkReport,
-    LatencyStats,
-    benchmark,
-    count_flops,
-    count_params,
-    measure_latency,
-)
 from graphprune.errors import (
     GraphPruneError,
     InputError,
@@ -27,15 +17,25 @@ from graphprune.errors import (
     TraceError,
     VerificationError,
 )
-from graphprune.importance import Importance, lamp
-from graphprune.io import load, save
-from graphprune.onnx_export import ExportResult, export_onnx
-from graphprune.plan import Plan
-from graphprune.pruner import Pruner
-from graphprune.recover import recover
-from graphprune.sensitivity import SensitivityTable, sensitivity
-from graphprune.sparsity import GroupLasso, bn_l1_penalty
-from graphprune.targets import TargetResult, compact_to_target, sweep
+from graphprune.export.bench import (
+    BenchmarkReport,
+    LatencyStats,
+    benchmark,
+    count_flops,
+    count_params,
+    measure_latency,
+)
+from graphprune.export.onnx_export import ExportResult, export_onnx
+from graphprune.graph.analysis import Analysis, Group, Member, analyze
+from graphprune.methods import unstructured  # classic mask-based methods, as a namespace
+from graphprune.methods.recover import recover
+from graphprune.methods.sparsity import GroupLasso, bn_l1_penalty
+from graphprune.planning.importance import Importance, lamp
+from graphprune.planning.plan import Plan
+from graphprune.search.pruner import Pruner
+from graphprune.search.sensitivity import SensitivityTable, sensitivity
+from graphprune.search.targets import TargetResult, compact_to_target, sweep
+from graphprune.surgery.io import load, save
 from graphprune.verify import VerifyReport, verify_model
 
 __version__ = "0.1.0"

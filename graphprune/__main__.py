@@ -1,5 +1,5 @@
 """``python -m graphprune``: the same as the ``graphprune`` command."""
 
-from graphprune.cli import main
+from graphprune.cli.commands import main
 
 raise SystemExit(main())

@@ -9,10 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphprune.analysis import Analysis, analyze, check_attention, param_tensor
-from graphprune.cut import CutOptions, check_options
 from graphprune.errors import GraphPruneError, InputError
-from graphprune.fallback import (
+from graphprune.graph.analysis import Analysis, analyze, check_attention, param_tensor
+from graphprune.graph.inputs import normalize_inputs
+from graphprune.graph.rules.attention import head_count_updates
+from graphprune.graph.trace import check_model
+from graphprune.planning.cut import CutOptions, check_options
+from graphprune.planning.importance import Criterion, prepare_criterion, resolve
+from graphprune.planning.plan import AttrUpdate, Plan, build_plan, check_ratio
+from graphprune.surgery.fallback import (
     MAX_ROUNDS,
     Failure,
     Frozen,
@@ -27,14 +32,9 @@ from graphprune.fallback import (
     restrict_plan,
     same_class,
 )
-from graphprune.hf import update_config
-from graphprune.importance import Criterion, prepare_criterion, resolve
-from graphprune.inputs import normalize_inputs
-from graphprune.plan import AttrUpdate, Plan, build_plan, check_ratio
-from graphprune.rules.attention import head_count_updates
-from graphprune.shapes import Sizer, UncertainUpdate, attribute_updates, graph_constant_changes
-from graphprune.surgery import apply_attr_updates, module_updates, replay, slice_tensors
-from graphprune.trace import check_model
+from graphprune.surgery.hf import update_config
+from graphprune.surgery.sizes import Sizer, UncertainUpdate, attribute_updates, graph_constant_changes
+from graphprune.surgery.slicing import apply_attr_updates, module_updates, replay, slice_tensors
 
 
 def _importance_name(importance: str | Criterion) -> str:
@@ -44,7 +44,7 @@ def _importance_name(importance: str | Criterion) -> str:
 
 
 def _where_to_cut(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pop the data and where-to-cut keywords (see graphprune.cut) shared by compact & co."""
+    """Pop the data and where-to-cut keywords (see graphprune.planning.cut) shared by compact & co."""
     opts = CutOptions(
         global_pruning=bool(kwargs.pop("global_pruning", False)),
         max_ratio=kwargs.pop("max_ratio", None),
@@ -411,10 +411,10 @@ def compact(
     kept) or "head_dim" (the same channels inside every head; heads kept).
     ``global_pruning=True`` ranks all groups together (at most ``max_ratio`` of any group, 0.9 by
     default); ``ratios={"layer1": 0.5}`` sets per-module ratios; ``round_to=8`` keeps widths
-    multiples of 8. See graphprune.cut and graphprune.importance.
+    multiples of 8. See graphprune.planning.cut and graphprune.planning.importance.
 
     Instead of ``ratio`` (default 0.3), give one target and the ratio is searched
-    (graphprune.targets): ``target_flops`` / ``target_params`` (fraction of the original kept,
+    (graphprune.search.targets): ``target_flops`` / ``target_params`` (fraction of the original kept,
     met within 2 %), ``target_speedup`` / ``target_latency_ms`` (measured in onnxruntime);
     ``round_to="measured"`` then picks 1/8/16/32 by measured latency; ``progress=True`` shows a bar.
 
@@ -428,7 +428,7 @@ def compact(
     targets = {"target_flops": target_flops, "target_params": target_params,
                "target_speedup": target_speedup, "target_latency_ms": target_latency_ms}
     if any(v is not None for v in targets.values()):
-        from graphprune.targets import targeted
+        from graphprune.search.targets import targeted
 
         small = targeted(model, example_input, ratio, targets, importance=importance,
                          ignored_layers=ignored_layers, prune_hidden=prune_hidden, attention=attention,
@@ -505,7 +505,7 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
     targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
     progress = kwargs.pop("progress", False)
     if any(v is not None for v in targets.values()):
-        from graphprune.targets import targeted
+        from graphprune.search.targets import targeted
 
         result = targeted(model, example_input, ratio, targets, verify=verify, progress=progress,
                           fallback=fallback, **kwargs)

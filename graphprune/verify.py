@@ -57,14 +57,14 @@ from torch import nn
 from torch.fx import Interpreter, Node
 from torch.utils import _pytree as pytree
 
-from graphprune.analysis import Analysis, param_tensor
 from graphprune.errors import VerificationError
-from graphprune.inputs import flatten_outputs, normalize_inputs
-from graphprune.labels import TensorLabels
-from graphprune.plan import Plan
-from graphprune.rules import ops
-from graphprune.rules.pointwise import REDUCE_EXACT, REDUCE_STAT, reduced_dims
-from graphprune.trace import no_cache
+from graphprune.graph.analysis import Analysis, param_tensor
+from graphprune.graph.inputs import flatten_outputs, normalize_inputs
+from graphprune.graph.labels import TensorLabels
+from graphprune.graph.rules.pointwise import REDUCE_EXACT, REDUCE_STAT, reduced_dims
+from graphprune.graph.rules.registry import ops
+from graphprune.graph.trace import no_cache
+from graphprune.planning.plan import Plan
 
 # relative tolerance (max|a - b| / max|b| per output tensor) by output dtype
 DEFAULT_RTOL = {
@@ -943,7 +943,7 @@ def verify_model(
     Raises ``graphprune.VerificationError`` naming the layer and groups on a mismatch; returns a
     ``VerifyReport`` with the relative errors otherwise.
     """
-    from graphprune.analysis import analyze
+    from graphprune.graph.analysis import analyze
 
     structure = dict(plan.structure)  # the plan knows how it was grouped; an explicit flag wins
     if prune_hidden is not None:

@@ -677,7 +677,7 @@ def run_case(
     import oracles
 
     import graphprune
-    from graphprune.inputs import flatten_outputs, run_model
+    from graphprune.graph.inputs import flatten_outputs, run_model
 
     result = CaseResult(spec, ratio, prune_hidden, attention=attention)
     structure = {"prune_hidden": prune_hidden, "attention": attention}

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import graphprune
-from graphprune.inputs import flatten_outputs, normalize_inputs, run_model
+from graphprune.graph.inputs import flatten_outputs, normalize_inputs, run_model
 
 # ------------------------------------------------------------------------------------------
 # Output comparison

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import graphprune
-import graphprune.demo
-from graphprune import cli
+import graphprune.cli.demo
+from graphprune.cli import commands as cli
 
 
 def _ort_run(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -75,8 +75,10 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_demo_quick_trains_compacts_and_reports(tmp_path, monkeypatch, capsys):
     results = []
-    real = graphprune.demo.run_demo
-    monkeypatch.setattr(graphprune.demo, "run_demo", lambda **kw: results.append(real(**kw)) or results[-1])
+    real = graphprune.cli.demo.run_demo
+    monkeypatch.setattr(
+        graphprune.cli.demo, "run_demo", lambda **kw: results.append(real(**kw)) or results[-1]
+    )
 
     assert cli.main(["demo", "--quick", "--out-dir", str(tmp_path)]) == 0
 
@@ -91,7 +93,7 @@ def test_demo_quick_trains_compacts_and_reports(tmp_path, monkeypatch, capsys):
     assert r["params"] == (graphprune.count_params(r["model"]), graphprune.count_params(r["small"]))
     assert r["speedup"] > 0 and all(t > 0 for t in r["latency_ms"])
     # Both ONNX files run in onnxruntime and agree with the torch models they came from.
-    x = graphprune.demo.load_digits_data().x_test[: graphprune.demo.BENCH_BATCH]
+    x = graphprune.cli.demo.load_digits_data().x_test[: graphprune.cli.demo.BENCH_BATCH]
     for path, model in zip(r["onnx_paths"], (r["model"], r["small"])):
         with torch.no_grad():
             np.testing.assert_allclose(_ort_run(path, x), model(x).numpy(), rtol=1e-4, atol=1e-4)

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune
-from graphprune.analysis import Group, Member, analyze
-from graphprune.cut import round_keep
 from graphprune.errors import InputError
-from graphprune.importance import CRITERIA, Hessian, Taylor, lamp, resolve, scores_for
-from graphprune.plan import build_plan
+from graphprune.graph.analysis import Group, Member, analyze
+from graphprune.planning.cut import round_keep
+from graphprune.planning.importance import CRITERIA, Hessian, Taylor, lamp, resolve, scores_for
+from graphprune.planning.plan import build_plan
 
 DATA_DRIVEN = ["taylor", "hessian", "activation", "apoz"]
 ALL = sorted(CRITERIA)
@@ -89,7 +89,7 @@ def test_every_criterion_gives_one_finite_score_per_unit_and_is_deterministic(na
 
 
 def test_random_importance_depends_on_its_seed_only() -> None:
-    from graphprune.importance import RandomImportance
+    from graphprune.planning.importance import RandomImportance
 
     model = tiny()
     analysis = analyze(model, X)
@@ -224,7 +224,7 @@ def test_global_pruning_caps_every_group_and_keeps_at_least_one_unit() -> None:
         base = np.arange(group.num_units, dtype=float)
         return base * 1e-6 if group.index == g1.index else base + 1.0
 
-    from graphprune.cut import CutOptions
+    from graphprune.planning.cut import CutOptions
 
     plan = build_plan(analysis, 0.4, crit, "x", options=CutOptions(global_pruning=True, max_ratio=0.7))
     removed = {p.index: len(p.removed) for p in plan.groups if p.units > 1}

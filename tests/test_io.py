@@ -18,7 +18,7 @@ from torch import nn
 
 import graphprune
 from graphprune import zoo
-from graphprune.inputs import flatten_outputs, run_model
+from graphprune.graph.inputs import flatten_outputs, run_model
 
 
 def _outputs(model: nn.Module, x) -> list[torch.Tensor]:

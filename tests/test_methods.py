@@ -19,7 +19,7 @@ from torch import nn
 import graphprune
 from graphprune import unstructured as U
 from graphprune.errors import InputError
-from graphprune.recover import evaluate_distillation
+from graphprune.methods.recover import evaluate_distillation
 
 
 class Net(nn.Module):

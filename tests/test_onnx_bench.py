@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.bench import (
+from graphprune.errors import VerificationError
+from graphprune.export.bench import (
     BenchmarkReport,
     LatencyStats,
     benchmark,
@@ -24,9 +25,8 @@ from graphprune.bench import (
     layer_widths,
     measure_latency,
 )
-from graphprune.errors import VerificationError
-from graphprune.inputs import flatten_outputs
-from graphprune.onnx_export import OnnxExportError, compare_outputs, export_onnx, run_onnx
+from graphprune.export.onnx_export import OnnxExportError, compare_outputs, export_onnx, run_onnx
+from graphprune.graph.inputs import flatten_outputs
 
 # --------------------------------------------------------------------------------------------------
 # Tiny models

@@ -7,9 +7,9 @@ import torch
 
 import graphprune
 from graphprune import zoo
-from graphprune.analysis import to_networkx
 from graphprune.errors import PlanMismatchError
-from graphprune.inputs import flatten_outputs, run_model
+from graphprune.graph.analysis import to_networkx
+from graphprune.graph.inputs import flatten_outputs, run_model
 
 
 @pytest.mark.parametrize("name", ["resnet18", "shufflenetv2", "mobilenetv3"])

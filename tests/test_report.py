@@ -1,4 +1,4 @@
-"""Plots (graphprune.report) and the sweep / target CLI commands.
+"""Plots (graphprune.export.report) and the sweep / target CLI commands.
 
 A plot is checked by reading the PNG back: right size, and not blank (the drawn bars change the
 pixels). Whether it *reads* well was checked by looking at it; see notes/speed.md.
@@ -14,8 +14,8 @@ import torch
 
 import graphprune
 from graphprune import zoo
-from graphprune.cli import main
-from graphprune.report import layer_out_widths, plot_candidates, plot_sweep, plot_widths
+from graphprune.cli.commands import main
+from graphprune.export.report import layer_out_widths, plot_candidates, plot_sweep, plot_widths
 
 pytest.importorskip("matplotlib")
 
@@ -65,7 +65,7 @@ def test_plot_sweep_with_and_without_latency(tmp_path):
 
 
 def test_plot_candidates_of_a_search(tmp_path):
-    from graphprune.targets import compact_to_target
+    from graphprune.search.targets import compact_to_target
 
     model, x = zoo.build("mlp", "tiny")
     result = compact_to_target(model, x, target_flops=0.5)

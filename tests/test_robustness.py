@@ -16,7 +16,7 @@ from oracles import assert_untouched, compare_outputs, snapshot
 from torch import nn
 
 import graphprune
-from graphprune.inputs import flatten_outputs, run_model
+from graphprune.graph.inputs import flatten_outputs, run_model
 
 
 def _outputs(model: nn.Module, x) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Target search (graphprune.targets): budgets met as measured independently, every candidate kept.
+"""Target search (graphprune.search.targets): budgets met as measured independently, every candidate kept.
 
 Oracles: the returned model's FLOPs and params are recounted with ``count_flops`` /
 ``count_params`` on the returned model itself (not taken from the search's own bookkeeping);
@@ -16,8 +16,8 @@ from torch import nn
 
 import graphprune
 from graphprune import zoo
-from graphprune.cut import round_keep
-from graphprune.targets import Ladder, allowed_kept, best_round_to, compact_to_target, sweep
+from graphprune.planning.cut import round_keep
+from graphprune.search.targets import Ladder, allowed_kept, best_round_to, compact_to_target, sweep
 
 
 def _frac(kind: str, small: nn.Module, model: nn.Module, x) -> float:

@@ -21,10 +21,11 @@ from torch import nn
 
 import graphprune
 import graphprune.api as api
-from graphprune import rules, zoo
-from graphprune.inputs import flatten_outputs, run_model
-from graphprune.rules import ops
-from graphprune.rules.pointwise import unary
+from graphprune import zoo
+from graphprune.graph.inputs import flatten_outputs, run_model
+from graphprune.graph.rules import registry as rules
+from graphprune.graph.rules.pointwise import unary
+from graphprune.graph.rules.registry import ops
 from graphprune.verify import reference_outputs, removed_classes
 
 

@@ -5,7 +5,7 @@
 
 Two models are trained to convergence in the run (no download):
 
-* ``cnn``: graphprune.demo's DigitsCNN (three conv-BN-ReLU blocks) on scikit-learn's 8x8 digits;
+* ``cnn``: graphprune.cli.demo's DigitsCNN (three conv-BN-ReLU blocks) on scikit-learn's 8x8 digits;
 * ``transformer``: a 2-block pre-LN transformer classifier (width 32, 4 heads of 8, MLP 64) on
   a synthetic *pointer* task: the first token says which position to read and the class is the
   token found there (16 classes), so attention is required (pooled embeddings alone are at chance).
@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import graphprune  # noqa: E402
-from graphprune.demo import DigitsCNN, load_digits_data  # noqa: E402
-from graphprune.demo import train as train_digits  # noqa: E402
-from graphprune.recover import evaluate_distillation  # noqa: E402
+from graphprune.cli.demo import DigitsCNN, load_digits_data  # noqa: E402
+from graphprune.cli.demo import train as train_digits  # noqa: E402
+from graphprune.methods.recover import evaluate_distillation  # noqa: E402
 
 CRITERIA = ["l1", "l2", "random", "fpgm", "taylor", "bn_scale", "activation", "apoz", "hessian", "lamp"]
 DATA_DRIVEN = {"taylor", "hessian", "activation", "apoz"}
@@ -347,7 +347,7 @@ def graphprune_prune(task: Task, name: str, ratio: float, calib: list[Any]) -> n
     choice of units differs.
     """
     from graphprune.api import _prepare, _realize
-    from graphprune.plan import build_plan
+    from graphprune.planning.plan import build_plan
 
     kw = {"data": calib, "loss_fn": F.cross_entropy} if name in DATA_DRIVEN else {}
     analysis, crit = _prepare(task.model, task.example, name, (), **kw)

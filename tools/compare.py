@@ -447,7 +447,7 @@ class OrtModel:
     """One onnxruntime session (graphprune's settings, fixed thread count) plus its feeds."""
 
     def __init__(self, path: str, example_input: Any, threads: int) -> None:
-        from graphprune.onnx_export import flat_input_tensors, onnx_session
+        from graphprune.export.onnx_export import flat_input_tensors, onnx_session
 
         self.session = onnx_session(path, threads=threads)
         tensors, names, _, _ = flat_input_tensors(example_input)

@@ -102,11 +102,11 @@ def build(case: str) -> tuple[torch.nn.Module, Any]:
 
 def pipeline(model: torch.nn.Module, x: Any, ratio: float, profile: bool) -> dict[str, Any]:
     """Run the four stages once; seconds per stage (and cProfile hotspots if asked)."""
-    from graphprune.analysis import analyze_traced
     from graphprune.api import _realize
-    from graphprune.importance import resolve
-    from graphprune.plan import build_plan
-    from graphprune.trace import eval_copy, trace
+    from graphprune.graph.analysis import analyze_traced
+    from graphprune.graph.trace import eval_copy, trace
+    from graphprune.planning.importance import resolve
+    from graphprune.planning.plan import build_plan
 
     out: dict[str, Any] = {}
     hot: dict[str, str] = {}
@@ -153,7 +153,7 @@ def pipeline(model: torch.nn.Module, x: Any, ratio: float, profile: bool) -> dic
 
 def run_case(case: str, ratio: float, profile: bool) -> dict[str, Any]:
     """One case in this process: build, then the pipeline cold and warm."""
-    from graphprune.bench import count_params
+    from graphprune.export.bench import count_params
 
     rss0 = _rss_gib()
     t0 = time.perf_counter()
@@ -179,7 +179,7 @@ def twin_check() -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
     import graphprune
-    from graphprune.importance import random_importance
+    from graphprune.planning.importance import random_importance
 
     cfg = _llama_config(2, small=True)
     torch.manual_seed(0)

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 import graphprune  # noqa: E402
 from graphprune import unstructured as U  # noqa: E402
 from graphprune import zoo  # noqa: E402
-from graphprune.bench import _interleaved_latency, count_flops  # noqa: E402
-from graphprune.demo import DigitsCNN  # noqa: E402
+from graphprune.cli.demo import DigitsCNN  # noqa: E402
+from graphprune.export.bench import _interleaved_latency, count_flops  # noqa: E402
 
 
 def state_bytes(model: torch.nn.Module) -> tuple[int, int]:

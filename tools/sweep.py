@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from graphprune import zoo
-    from graphprune.report import plot_sweep
-    from graphprune.targets import sweep
+    from graphprune.export.report import plot_sweep
+    from graphprune.search.targets import sweep
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,2 @@
+"""After pruning: ONNX export checked against onnxruntime (``onnx_export``), latency / size
+benchmarks (``bench``) and plots (``report``)."""

@@ -1,0 +1,415 @@
+"""Channel graph -> coupled groups.
+
+Walk the exported graph once, applying each op's rule (``graphprune.graph.rules``); then connected
+components of the recorded edges give the *units* (sets of positions removed together) and the
+components of units sharing a parameter dimension give the *groups* (one pruning decision each).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch import nn
+from torch.fx import Node
+
+from graphprune.errors import InputError
+from graphprune.graph import rules
+from graphprune.graph.labels import Coupler, TensorLabels
+from graphprune.graph.rules import attention as attention_rules
+from graphprune.graph.rules.registry import RuleContext, lookup, where
+from graphprune.graph.trace import Traced, check_model, eval_copy, trace
+
+rules.load_all()
+
+
+@dataclass
+class Member:
+    """One parameter/buffer dimension touched by a group: which unit each position belongs to."""
+
+    name: str
+    dim: int
+    unit_of: np.ndarray  # unit index per position, -1 where not a unit of this group
+
+    def __repr__(self) -> str:
+        return f"{self.name}[dim {self.dim}]"
+
+
+@dataclass
+class Group:
+    """Units that form one pruning decision (e.g. all channels of one residual stream)."""
+
+    index: int
+    num_units: int
+    members: list[Member]
+    reason: str | None = None  # why (part of) it is frozen
+    frozen_units: int = 0
+
+    @property
+    def prunable(self) -> bool:
+        return self.num_units > 1
+
+    def describe(self) -> str:
+        names = sorted({m.name.rsplit(".", 1)[0] for m in self.members})
+        shown = ", ".join(names[:4]) + (f" +{len(names) - 4} more" if len(names) > 4 else "")
+        return shown
+
+
+@dataclass
+class Analysis:
+    """Everything later stages need: traced program, labels, unit of every id, groups."""
+
+    traced: Traced
+    model: nn.Module  # eval-mode deep copy; surgery works on it
+    labels: dict[Node, Any]
+    coupler: Coupler
+    unit_class: np.ndarray  # class (component) of every id
+    frozen_class: np.ndarray  # bool per class
+    groups: list[Group]
+    class_unit: dict[int, tuple[int, int]]  # class -> (group index, unit index)
+    boundaries: list[str] = field(default_factory=list)
+    frozen_reasons: dict[int, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # prune_hidden, attention (kept in plans)
+
+
+def to_networkx(analysis: Analysis):
+    """The group graph for inspection: group nodes linked to the tensor dims they slice.
+
+    Edges carry how many positions of the tensor dim belong to the group's units. Useful to see
+    why two layers are coupled (``nx.shortest_path(g, "group:3", "tensor:fc.weight[1]")``).
+    """
+    import networkx as nx
+
+    g = nx.Graph()
+    for grp in analysis.groups:
+        gid = f"group:{grp.index}"
+        g.add_node(gid, units=grp.num_units, frozen_units=grp.frozen_units, reason=grp.reason)
+        for m in grp.members:
+            tid = f"tensor:{m.name}[{m.dim}]"
+            g.add_node(tid, name=m.name, dim=m.dim)
+            g.add_edge(gid, tid, positions=int((m.unit_of >= 0).sum()))
+    return g
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def _edges(coupler: Coupler) -> tuple[np.ndarray, np.ndarray]:
+    if not coupler.edges_a:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(coupler.edges_a), np.concatenate(coupler.edges_b)
+
+
+def _enforce_joint_layouts(coupler: Coupler, cls: np.ndarray, frozen: np.ndarray) -> bool:
+    """Every joint (multi-dim) ids array must lose whole slices along a single axis.
+
+    If no axis already has that property, merge positions along the last free axis (for heads
+    ``(heads, head_dim)`` that means pruning inside every head; for a channel shuffle
+    ``(groups, C/groups)`` it keeps the number of groups). Returns True if anything changed.
+    """
+    changed = False
+    for rec in coupler.joints:
+        ids = rec.ids
+        lab = np.where(ids >= 0, cls[np.maximum(ids, 0)], -1)
+        lab = np.where((ids >= 0) & frozen[np.maximum(lab, 0)], -1, lab)
+        free = [ax for ax in range(ids.ndim) if ax not in rec.intact and ids.shape[ax] > 1]
+        ok = False
+        for ax in free:
+            slabs = np.moveaxis(lab, ax, 0).reshape(ids.shape[ax], -1)
+            if (slabs == slabs[:, :1]).all():
+                ok = True
+                break
+        if ok:
+            continue
+        live = lab[lab >= 0]
+        if live.size == 0:
+            continue
+        if not free:
+            coupler.freeze(ids, f"{rec.where}: channel layout cannot be reshaped after pruning")
+        else:
+            ax = free[-1]
+            slabs = np.moveaxis(ids, ax, 0).reshape(ids.shape[ax], -1)
+            coupler.union(slabs, slabs[:, :1])
+        changed = True
+    return changed
+
+
+def _freeze_mask(n_cls: int, cls: np.ndarray, items: list[tuple[np.ndarray, str]], reasons: dict[int, str]):
+    mask = np.zeros(n_cls, dtype=bool)
+    for ids, why in items:
+        c = cls[ids]
+        for k in np.unique(c[~mask[c]]):
+            reasons.setdefault(int(k), why)
+        mask[c] = True
+    return mask
+
+
+def analyze(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    ignored_layers: Any = (),
+    prune_hidden: bool = False,
+    attention: str = "heads",
+) -> Analysis:
+    """Trace ``model`` and find its coupled groups. Never modifies ``model``.
+
+    ``attention`` says what an attention layer loses (see ``ATTENTION_MODES``).
+    """
+    check_model(model)
+    check_attention(attention)
+    names = _ignored_prefixes(model, ignored_layers)  # module objects belong to the user's model
+    work = eval_copy(model)
+    traced = trace(work, example_input)
+    return analyze_traced(traced, work, prune_hidden=prune_hidden, attention=attention, ignored_names=names)
+
+
+ATTENTION_MODES = {
+    "heads": "whole heads; with grouped-query attention whole KV groups with their q heads "
+    "(multi-query attention: q heads, the single KV head stays)",
+    "q_heads": "q heads evenly within every KV group (the KV heads and the KV cache stay); "
+    "plain multi-head attention: whole heads",
+    "head_dim": "channels inside every head, the same positions in each head (the head count stays; "
+    "under SDPA's default scale q's rows are rescaled to keep the logits, else whole heads)",
+}
+
+
+def check_attention(attention: Any) -> str:
+    """Refuse an unknown ``attention`` mode with the list of valid ones."""
+    if attention not in ATTENTION_MODES:
+        modes = "; ".join(f"{k!r}: {v}" for k, v in ATTENTION_MODES.items())
+        raise InputError(f"attention must be one of {modes}. Got {attention!r}.")
+    return attention
+
+
+def _ignored_prefixes(model: nn.Module, ignored: Any) -> list[str]:
+    if ignored is None:
+        return []
+    if isinstance(ignored, (str, nn.Module)):
+        ignored = [ignored]
+    names = {id(m): n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    out = []
+    for item in ignored:
+        if isinstance(item, str):
+            if item not in modules and not any(n.startswith(item + ".") for n in modules):
+                raise InputError(
+                    f"ignored_layers entry {item!r} is not a module of the model; use dotted names "
+                    "from model.named_modules() (e.g. 'layer1.0.conv1') or the module objects."
+                )
+            out.append(item)
+        elif isinstance(item, nn.Module):
+            if id(item) not in names:
+                raise InputError(
+                    f"ignored_layers entry {type(item).__name__} is not a submodule of the model given to "
+                    "graphprune; pass modules of that model (or their dotted names)."
+                )
+            out.append(names[id(item)])
+        else:
+            raise InputError(
+                f"ignored_layers entries must be modules or dotted names, got {type(item).__name__}"
+            )
+    return out
+
+
+def analyze_traced(
+    traced: Traced,
+    work: nn.Module,
+    *,
+    ignored_layers: Any = (),
+    prune_hidden: bool = False,
+    attention: str = "heads",
+    ignored_names: list[str] | None = None,
+) -> Analysis:
+    graph = traced.program.graph
+    coupler = Coupler()
+    labels: dict[Node, Any] = {}
+    param_nodes = {
+        n: traced.param_names[n.name]
+        for n in graph.nodes
+        if n.op == "placeholder" and n.name in traced.param_names
+    }
+    options = {"prune_hidden": bool(prune_hidden), "attention": check_attention(attention)}
+    ctx = RuleContext(coupler, labels, param_nodes, options)
+    coupler.inner_tables = options["attention"] == "head_dim"
+    boundaries: list[str] = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            shape = ctx.shape(node)
+            labels[node] = TensorLabels(shape, []) if shape is not None and node not in param_nodes else None
+            continue
+        if node.op == "output":
+            outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
+            for o in outs:
+                if isinstance(o, Node) and o.name in traced.user_outputs:
+                    coupler.freeze_labels(ctx.labels(o), "model output: its size is kept")
+            continue
+        if node.op == "call_function":
+            _apply_rule(ctx, node, boundaries)
+    attention_rules.module_constraints(work, coupler)  # widths tied in Python (nn.MultiheadAttention)
+    prefixes = _ignored_prefixes(work, ignored_layers) + list(ignored_names or [])
+    for (name, _dim), ids in coupler.param_ids.items():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            coupler.freeze(ids, f"ignored_layers: {name}")
+    analysis = _group(traced, work, labels, coupler, boundaries, prune_hidden)
+    analysis.options = options
+    return analysis
+
+
+_WRAPPERS = tuple(
+    op
+    for name in ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+    if (op := getattr(torch.ops.higher_order, name, None)) is not None
+)
+
+
+def _apply_rule(ctx: RuleContext, node: Node, boundaries: list[str]) -> None:
+    if node.target in _WRAPPERS:
+        ctx.labels_of[node] = _walk_wrapped(ctx, node, boundaries)
+        return
+    fn = lookup(node.target)
+    if fn is None:
+        _boundary(ctx, node, f"no rule for {node.target}", boundaries)
+        return
+    try:
+        ctx.labels_of[node] = fn(ctx, node)
+    except Exception as exc:  # noqa: BLE001 - a rule bug must freeze, never crash or guess
+        _boundary(ctx, node, f"rule for {node.target} failed ({type(exc).__name__}: {exc})", boundaries)
+
+
+def _walk_wrapped(ctx: RuleContext, node: Node, boundaries: list[str]) -> Any:
+    """A ``no_grad`` / ``autocast`` region (a higher-order op around a subgraph): walk it.
+
+    torch.export keeps such regions as ``wrap_with_set_grad_enabled(enabled, submod, *args)``;
+    Hugging Face computes its rotary tables in one. Treating the region as a boundary froze the
+    tables, and with them every head_dim position they touch. The subgraph's placeholders take
+    the labels of the operands (parameters stay parameters), its ops get the usual rules, and the
+    output's labels are the region's.
+    """
+    at = next((i for i, a in enumerate(node.args) if isinstance(a, Node) and a.op == "get_attr"), None)
+    owner = node.graph.owning_module
+    sub = getattr(owner, node.args[at].target, None) if at is not None and owner is not None else None
+    if sub is None or not hasattr(sub, "graph"):
+        _boundary(ctx, node, "wrapped region without a readable subgraph", boundaries)
+        return None
+    operands = list(node.args[at + 1 :])
+    result: Any = None
+    for inner in sub.graph.nodes:
+        if inner.op == "placeholder":
+            src = operands.pop(0) if operands else None
+            if isinstance(src, Node) and src in ctx.param_names:
+                ctx.param_names[inner] = ctx.param_names[src]
+            else:
+                ctx.labels_of[inner] = ctx.labels(src)
+        elif inner.op == "call_function":
+            _apply_rule(ctx, inner, boundaries)
+        elif inner.op == "output":
+            outs = inner.args[0]
+            if isinstance(outs, (tuple, list)):
+                result = [ctx.labels(o) if isinstance(o, Node) else None for o in outs]
+            else:
+                result = ctx.labels(outs)
+    return result
+
+
+def _boundary(ctx: RuleContext, node: Node, why: str, boundaries: list[str]) -> None:
+    frozen_any = False
+    for arg in node.all_input_nodes:
+        lab = ctx.labels(arg)
+        if lab is not None and lab.factors:
+            ctx.coupler.freeze_labels(lab, f"boundary: {why} at {where(node)}")
+            frozen_any = True
+    ctx.labels_of[node] = None
+    if frozen_any:
+        boundaries.append(f"{where(node)}: {why}")
+
+
+def _unique(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values, by sorting: numpy 2.4's hash-based ``np.unique`` took 1.6 s on
+    730k distinct int64 (the class/space pairs of an 8-block LLaMA); sort + compare takes 13 ms."""
+    s = np.sort(values)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+
+
+def _class_groups(coupler: Coupler, cls: np.ndarray, n_cls: int) -> np.ndarray:
+    """Group the units that touch exactly the same parameter dimensions ("spaces").
+
+    All channels of one conv output (with its BN, the next conv's input slice...) touch the same
+    spaces, and so do all channels of a residual stream; channels from two convs concatenated
+    into one BatchNorm touch different spaces and stay separate groups, so ``ratio`` applies to
+    each producer and none can be emptied. The set of spaces is compared through a sum of
+    random 64-bit keys (vectorised; a collision is astronomically unlikely).
+    """
+    if not len(cls):
+        return np.zeros(0, dtype=np.int64)
+    space_of = np.repeat(np.arange(len(coupler.space_sizes)), coupler.space_sizes)
+    pairs = _unique(cls.astype(np.int64) * len(coupler.space_sizes) + space_of)
+    p_cls, p_space = np.divmod(pairs, len(coupler.space_sizes))
+    keys = np.random.default_rng(0).integers(0, 2**63, size=len(coupler.space_sizes), dtype=np.uint64)
+    sig = np.zeros(n_cls, dtype=np.uint64)
+    np.add.at(sig, p_cls, keys[p_space])
+    return np.unique(sig, return_inverse=True)[1].reshape(-1)
+
+
+def _group(traced, work, labels, coupler: Coupler, boundaries, prune_hidden: bool) -> Analysis:
+    n = coupler.num_ids
+    for _ in range(20):
+        a, b = _edges(coupler)
+        cls = _components(n, a, b) if n else np.zeros(0, dtype=np.int64)
+        n_cls = int(cls.max()) + 1 if n else 0
+        reasons: dict[int, str] = {}
+        frozen = _freeze_mask(
+            n_cls, cls, coupler.frozen + ([] if prune_hidden else coupler.soft_frozen), reasons
+        )
+        if not _enforce_joint_layouts(coupler, cls, frozen):
+            break
+    class_group = _class_groups(coupler, cls, n_cls)
+    groups: list[Group] = []
+    class_unit: dict[int, tuple[int, int]] = {}
+    by_group: dict[int, list[int]] = {}
+    first_id = np.full(n_cls, n, dtype=np.int64)
+    np.minimum.at(first_id, cls, np.arange(n))
+    for c in np.argsort(first_id, kind="stable"):
+        by_group.setdefault(int(class_group[c]), []).append(int(c))
+    raw_to_index = {raw: gi for gi, raw in enumerate(by_group)}
+    class_group = np.array([raw_to_index[int(r)] for r in class_group], dtype=np.int64)
+    for gi, classes in enumerate(by_group.values()):
+        live = [c for c in classes if not frozen[c]]
+        for u, c in enumerate(live):
+            class_unit[c] = (gi, u)
+        why = Counter(reasons[c] for c in classes if frozen[c] and c in reasons)
+        groups.append(
+            Group(
+                gi,
+                len(live),
+                [],
+                "; ".join(w for w, _ in why.most_common(3)) or None,
+                len(classes) - len(live),
+            )
+        )
+    unit_idx = np.full(n_cls, -1, dtype=np.int64)
+    group_idx = np.full(n_cls, -1, dtype=np.int64)
+    for c, (gi, u) in class_unit.items():
+        unit_idx[c] = u
+        group_idx[c] = gi
+    for (name, dim), ids in coupler.param_ids.items():
+        c = cls[ids]
+        for gi in np.unique(class_group[c]):
+            in_g = class_group[c] == gi
+            unit_of = np.where(in_g & (group_idx[c] == gi), unit_idx[c], -1)
+            groups[int(gi)].members.append(Member(name, dim, unit_of))
+    return Analysis(traced, work, labels, coupler, cls, frozen, groups, class_unit, boundaries, reasons)
+
+
+def param_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter, buffer or tensor attribute ``name`` (dotted path) of ``model``."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    return getattr(mod, attr)

@@ -1,0 +1,243 @@
+"""Where to cut: how many units each group loses, and which ones.
+
+``plan.build_plan`` asks this module for the removed units of every group. The policies:
+
+* **local** (default): every prunable group loses ``round(ratio * units)`` of its units;
+* **per-module ratios** (``ratios={"layer1": 0.5, 7: 0.2}``): a group whose *output side* (the
+  module producing its channels: a Conv/Linear weight's output dim, a bias, a norm layer) lies
+  under a given module path - or whose index is given - uses that ratio instead; the longest
+  matching path wins;
+* **global** (``global_pruning=True``): the units of all groups (except those with an explicit
+  ratio) are ranked together and the ``ratio`` share of all of them with the lowest scores goes,
+  with at most ``max_ratio`` of any one group so that no group collapses. Scores must then be
+  comparable across groups: use a normalised criterion (``"lamp"``) or one in loss units
+  (``"taylor"``, ``"hessian"``);
+* ``round_to=N``: the kept width of each group becomes a multiple of ``N`` where the group is
+  large enough. A unit may span several positions (a head spans ``head_dim`` features), so the
+  kept *unit count* is rounded to a multiple of ``N / gcd(N, positions per unit)``: 4 heads of
+  64 features already make a width that is a multiple of 8.
+
+Every group keeps at least one unit, and a group that would lose nothing is left untouched
+(rounding never removes units from a group that the ratio spared).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from graphprune.errors import InputError
+from graphprune.graph.analysis import Analysis, Group
+
+DEFAULT_MAX_RATIO = 0.9
+
+
+@dataclass
+class CutOptions:
+    global_pruning: bool = False
+    max_ratio: float | None = None
+    ratios: Mapping[str | int, float] | None = None
+    round_to: int | None = None
+    counts: Mapping[int, int] | None = None  # group index -> exact units to remove (no rounding)
+
+
+def _check_fraction(value: Any, what: str, upper_inclusive: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = 0 <= v <= 1 if upper_inclusive else 0 <= v < 1
+    if not ok:
+        rng = "[0, 1]" if upper_inclusive else "[0, 1)"
+        raise InputError(f"{what} must be a number in {rng}, got {value!r}")
+    return float(value)
+
+
+def check_options(opts: CutOptions) -> CutOptions:
+    if opts.max_ratio is not None:
+        _check_fraction(opts.max_ratio, "max_ratio", upper_inclusive=True)
+    if opts.round_to is not None and (
+        isinstance(opts.round_to, bool) or not isinstance(opts.round_to, int) or opts.round_to < 1
+    ):
+        raise InputError(f"round_to must be a positive integer (e.g. 8), got {opts.round_to!r}")
+    if opts.ratios is not None:
+        if not isinstance(opts.ratios, Mapping):
+            raise InputError(
+                "ratios must be a dict {module path or group index: ratio}, e.g. {'layer1': 0.5}"
+            )
+        for k, v in opts.ratios.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise InputError(f"ratios keys are module paths (str) or group indices (int), got {k!r}")
+            _check_fraction(v, f"ratios[{k!r}]")
+    return opts
+
+
+def output_modules(group: Group, model: nn.Module) -> list[str]:
+    """Module paths producing the group's channels (all member modules if none is recognisable)."""
+    out: list[str] = []
+    every: list[str] = []
+    for m in group.members:
+        path, _, attr = m.name.rpartition(".")
+        every.append(path)
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        producer = attr == "bias" and m.dim == 0
+        if attr == "weight":
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                producer = m.dim == (1 if mod.transposed else 0)
+            elif isinstance(mod, (nn.Linear, nn.Bilinear)):
+                producer = m.dim == 0
+            elif isinstance(mod, nn.Embedding):
+                producer = m.dim == 1
+            elif isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)):
+                producer = m.dim == 0
+        if producer:
+            out.append(path)
+    return sorted(set(out or every))
+
+
+def _positions_per_unit(group: Group) -> int:
+    g = 0
+    for m in group.members:
+        u = m.unit_of[m.unit_of >= 0]
+        if u.size:
+            for c in np.unique(np.bincount(u, minlength=group.num_units)):
+                g = math.gcd(g, int(c))
+    return max(g, 1)
+
+
+def round_keep(group: Group, n_keep: int, round_to: int | None) -> int:
+    """Round a kept unit count so the kept width is a multiple of ``round_to`` (if possible)."""
+    units = group.num_units
+    if not round_to or round_to <= 1 or n_keep >= units:
+        return n_keep
+    step = round_to // math.gcd(round_to, _positions_per_unit(group))
+    if units < step or step <= 1:
+        return n_keep
+    kept = int(round(n_keep / step)) * step
+    return min(max(kept, step), (units // step) * step)
+
+
+def _key_matches(key: str | int, group: Group, owners: list[str]) -> bool:
+    if isinstance(key, int):
+        return key == group.index
+    return any(o == key or o.startswith(key + ".") for o in owners)
+
+
+def _ratio_of(group: Group, owners: list[str], ratios: Mapping[str | int, float]) -> float | None:
+    """An int key naming the group wins; otherwise the longest matching module path."""
+    if group.index in ratios:
+        return float(ratios[group.index])
+    hits = [
+        (len(k), float(r)) for k, r in ratios.items() if isinstance(k, str) and _key_matches(k, group, owners)
+    ]
+    return max(hits)[1] if hits else None
+
+
+def global_counts(scores: Mapping[int, np.ndarray], target: int, caps: Mapping[int, int]) -> dict[int, int]:
+    """How many units each group loses when the ``target`` lowest-scored units of all go.
+
+    Greedy over the units sorted by score (ties broken by group then unit index, so the result
+    is deterministic): a unit is taken unless its group already lost ``caps[group]`` units.
+    """
+    entries = sorted((float(v), gi, u) for gi, arr in scores.items() for u, v in enumerate(arr))
+    taken = dict.fromkeys(scores, 0)
+    n = 0
+    for _v, gi, _u in entries:
+        if n >= target:
+            break
+        if taken[gi] < caps.get(gi, 0):
+            taken[gi] += 1
+            n += 1
+    return taken
+
+
+def choose_removed(
+    analysis: Analysis,
+    ratio: float,
+    criterion: Callable[[Group, nn.Module], Any],
+    opts: CutOptions,
+    scores_for: Callable[[Any, Group, nn.Module], np.ndarray],
+) -> tuple[dict[int, list[int]], list[str]]:
+    """Removed unit indices per group index, plus notes for the plan."""
+    check_options(opts)
+    model = analysis.model
+    notes: list[str] = []
+    groups = [g for g in analysis.groups if g.members and g.num_units > 1]
+    counts: dict[int, int] = {}  # group index -> units to remove (before rounding)
+    pool: list[Group] = []
+    matched: set[str | int] = set()
+    ratios = opts.ratios or {}
+    exact: set[int] = set()
+    for g in groups:
+        if opts.counts is not None and g.index in opts.counts:
+            counts[g.index] = max(0, min(int(opts.counts[g.index]), g.num_units - 1))
+            exact.add(g.index)
+            continue
+        r = None
+        if ratios:
+            owners = output_modules(g, model)
+            r = _ratio_of(g, owners, ratios)
+            if r is not None:
+                matched.update(k for k in ratios if _key_matches(k, g, owners))
+        if r is None and opts.global_pruning:
+            pool.append(g)
+            continue
+        r = ratio if r is None else r
+        counts[g.index] = min(int(round(r * g.num_units)), g.num_units - 1)
+    unknown = [k for k in ratios if k not in matched]
+    if unknown:
+        names = sorted({o for g in groups for o in output_modules(g, model)})
+        raise InputError(
+            f"ratios keys {unknown} match no prunable group. Keys are module paths (a prefix such as "
+            f"'layer1' matches every group produced under it) or group indices; prunable groups are "
+            f"produced by: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
+        )
+    cache: dict[int, np.ndarray] = {}
+
+    def scores(g: Group) -> np.ndarray:
+        if g.index not in cache:
+            cache[g.index] = scores_for(criterion, g, model)
+        return cache[g.index]
+
+    if pool:
+        max_ratio = DEFAULT_MAX_RATIO if opts.max_ratio is None else float(opts.max_ratio)
+        total = sum(g.num_units for g in pool)
+        target = int(round(ratio * total))
+        caps = {g.index: min(g.num_units - 1, int(math.floor(max_ratio * g.num_units))) for g in pool}
+        taken = global_counts({g.index: scores(g) for g in pool}, target, caps)
+        n = sum(taken.values())
+        counts.update(taken)
+        notes.append(
+            f"global pruning over {len(pool)} groups: {n} of {total} units removed "
+            f"(target {target}, at most {max_ratio:g} of any group)"
+        )
+        if n < target:
+            notes.append(
+                f"global pruning removed only {n} of the {target} units asked for: every group hit its "
+                "max_ratio cap (raise max_ratio to remove more)"
+            )
+    by_index = {g.index: g for g in groups}
+    removed: dict[int, list[int]] = {}
+    for gi, n_remove in counts.items():
+        g = by_index[gi]
+        if n_remove <= 0:
+            continue
+        n_keep = g.num_units - n_remove
+        if gi not in exact:
+            n_keep = round_keep(g, n_keep, opts.round_to)
+        n_remove = g.num_units - n_keep
+        if n_remove <= 0:
+            continue
+        order = np.argsort(scores(g), kind="stable")
+        removed[gi] = sorted(int(u) for u in order[:n_remove])
+    if pool and opts.round_to:
+        after = sum(len(removed.get(g.index, [])) for g in pool)
+        notes.append(f"round_to={opts.round_to}: {after} units of the global pool removed after rounding")
+    return removed, notes

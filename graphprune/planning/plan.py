@@ -1,0 +1,200 @@
+"""The plan: which positions of which tensors go, and which groups stay whole and why.
+
+A plan is plain data (JSON-serialisable) so it can be printed, reviewed, saved next to the
+weights and replayed on a freshly built base model without tracing it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphprune.errors import InputError
+from graphprune.graph.analysis import Analysis
+from graphprune.planning.cut import CutOptions, choose_removed
+from graphprune.planning.importance import Criterion, scores_for
+
+
+@dataclass
+class GroupPlan:
+    index: int
+    layers: str  # modules touched, for humans
+    units: int
+    removed: list[int]
+    frozen_units: int = 0
+    reason: str | None = None
+
+
+@dataclass
+class AttrUpdate:
+    module: str
+    attr: str
+    old: Any
+    new: Any
+
+
+@dataclass
+class Plan:
+    """Kept indices per tensor dimension plus the attribute changes that go with them."""
+
+    ratio: float
+    importance: str
+    slices: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # name -> dim -> kept
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # original shapes of sliced tensors
+    groups: list[GroupPlan] = field(default_factory=list)
+    attr_updates: list[AttrUpdate] = field(default_factory=list)
+    boundaries: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    structure: dict[str, Any] = field(default_factory=dict)  # analysis options: prune_hidden, attention
+    # multiply before slicing: {"tensor", "dim", "index", "factor"} (q rows when SDPA's default
+    # scale follows a pruned head size, see rules.attention._fold_scale_into_q)
+    scales: list[dict[str, Any]] = field(default_factory=list)
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["slices"] = {k: {str(dim): v for dim, v in dims.items()} for k, dims in self.slices.items()}
+        d["format"] = "graphprune-plan/1"
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if d.get("format") != "graphprune-plan/1":
+            raise InputError("not a graphprune plan (missing format 'graphprune-plan/1')")
+        return cls(
+            ratio=float(d["ratio"]),
+            importance=str(d["importance"]),
+            slices={
+                k: {int(dim): [int(i) for i in v] for dim, v in dims.items()}
+                for k, dims in d["slices"].items()
+            },
+            shapes={k: [int(s) for s in v] for k, v in d.get("shapes", {}).items()},
+            groups=[GroupPlan(**g) for g in d.get("groups", [])],
+            attr_updates=[AttrUpdate(**a) for a in d.get("attr_updates", [])],
+            boundaries=list(d.get("boundaries", [])),
+            notes=list(d.get("notes", [])),
+            structure=dict(d.get("structure", {})),
+            scales=[dict(x) for x in d.get("scales", [])],
+        )
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Plan:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        return cls.from_dict(json.loads(text))
+
+    # -- display ------------------------------------------------------------------------------
+    def summary(self, max_groups: int = 40) -> str:
+        pruned = [g for g in self.groups if g.removed]
+        frozen = [g for g in self.groups if not g.removed and g.reason]
+        lines = [
+            f"graphprune plan: ratio={self.ratio} importance={self.importance}",
+            f"  {len(pruned)} groups pruned, {len(frozen)} kept whole, {len(self.slices)} tensors sliced",
+        ]
+        for g in pruned[:max_groups]:
+            lines.append(
+                f"  group {g.index:>3}: {g.units - len(g.removed):>5}/{g.units:<5} units kept  {g.layers}"
+            )
+        if len(pruned) > max_groups:
+            lines.append(f"  ... {len(pruned) - max_groups} more pruned groups")
+        if frozen:
+            lines.append("  kept whole:")
+            for g in frozen[:max_groups]:
+                lines.append(f"  group {g.index:>3}: {g.layers}: {g.reason}")
+        if self.boundaries:
+            lines.append("  boundaries (ops without a rule; channels through them are frozen):")
+            lines.extend(f"    {b}" for b in self.boundaries[:20])
+        if self.scales:
+            scaled = sorted({e["tensor"] for e in self.scales})
+            lines.append(
+                f"  rescaled (SDPA's default scale follows the pruned head size): {', '.join(scaled[:6])}"
+                + (f" +{len(scaled) - 6} more" if len(scaled) > 6 else "")
+            )
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def check_ratio(ratio: Any) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= float(ratio) < 1:
+        raise InputError(
+            f"ratio must be a number in [0, 1): the fraction of units removed from each group "
+            f"(like torch.nn.utils.prune's amount); got {ratio!r}. Use e.g. ratio=0.3."
+        )
+    return float(ratio)
+
+
+def build_plan(
+    analysis: Analysis,
+    ratio: float,
+    criterion: Criterion,
+    importance_name: str,
+    *,
+    counts: dict[int, int] | None = None,
+    options: CutOptions | None = None,
+) -> Plan:
+    """Score every prunable group and remove ``round(ratio * units)`` of its units (keep >= 1).
+
+    ``counts`` (group index -> units to remove) overrides the ratio for the groups it names: the
+    target search (``graphprune.search.targets``) uses it to step one group at a time between ratios.
+    ``options`` selects global ranking, per-module ratios and ``round_to`` (``graphprune.planning.cut``).
+    """
+    ratio = check_ratio(ratio)
+    n_cls = len(analysis.frozen_class)
+    removed_class = np.zeros(n_cls, dtype=bool)
+    unit_to_class: dict[tuple[int, int], int] = {v: c for c, v in analysis.class_unit.items()}
+    plan = Plan(
+        ratio=ratio,
+        importance=importance_name,
+        boundaries=list(analysis.boundaries),
+        structure=dict(analysis.options),
+    )
+    opts = options or CutOptions()
+    if counts is not None:
+        opts = dataclasses.replace(opts, counts={**(opts.counts or {}), **counts})
+    chosen, cut_notes = choose_removed(analysis, ratio, criterion, opts, scores_for)
+    plan.notes.extend(cut_notes)
+    for g in analysis.groups:
+        if not g.members:
+            continue
+        removed = chosen.get(g.index, [])
+        for u in removed:
+            removed_class[unit_to_class[(g.index, u)]] = True
+        plan.groups.append(GroupPlan(g.index, g.describe(), g.num_units, removed, g.frozen_units, g.reason))
+    cls = analysis.unit_class
+    for (name, dim), ids in analysis.coupler.param_ids.items():
+        drop = removed_class[cls[ids]]
+        if drop.any():
+            plan.slices.setdefault(name, {})[dim] = [int(i) for i in np.flatnonzero(~drop)]
+    plan.scales = scale_entries(analysis, removed_class)
+    plan._removed_class = removed_class  # type: ignore[attr-defined]  # used by surgery, not saved
+    return plan
+
+
+def scale_entries(analysis: Analysis, removed_class: np.ndarray) -> list[dict[str, Any]]:
+    """q rows to multiply by sqrt(E'/E) where SDPA's default scale follows a pruned head size."""
+    out: list[dict[str, Any]] = []
+    cls = analysis.unit_class
+    for rec in analysis.coupler.rescales:
+        keep = np.where(rec.ids >= 0, ~removed_class[cls[np.maximum(rec.ids, 0)]], True)
+        kept = np.moveaxis(keep, rec.axis, 0).reshape(rec.ids.shape[rec.axis], -1).any(axis=1)
+        if 0 < kept.sum() < kept.size:
+            factor = float(np.sqrt(kept.sum() / kept.size))
+            for name in (rec.weight, rec.bias):
+                if name is not None:
+                    out.append({"tensor": name, "dim": 0, "index": rec.rows.tolist(), "factor": factor})
+    return out

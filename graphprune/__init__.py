@@ -9,8 +9,10 @@ The public API lives here and only here::
 
 from __future__ import annotations
 
+from graphprune import distributed  # torch.distributed helpers, as a namespace
 from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
 from graphprune.errors import (
+    DistributedError,
     GraphPruneError,
     InputError,
     PlanMismatchError,
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis",
     "BenchmarkReport",
+    "DistributedError",
     "ExportResult",
     "GraphPruneError",
     "Group",
@@ -69,6 +72,7 @@ __all__ = [
     "compact_with_plan",
     "count_flops",
     "count_params",
+    "distributed",
     "export_onnx",
     "lamp",
     "load",

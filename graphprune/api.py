@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphprune.distributed import agree, check_same, digest, is_distributed, together
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.analysis import Analysis, analyze, check_attention, param_tensor
 from graphprune.graph.inputs import normalize_inputs
@@ -86,6 +87,9 @@ def _plan_and_model(
         return again, build_plan(again, ratio, criterion, name, options=options)
 
     small, plan, analysis = _realize_full(analysis, plan, example_input, fallback=fallback, replan=replan)
+    if is_distributed():
+        agree(digest(plan.to_json()), "the plan", "The model, example input and statistics agreed, so "
+              "a criterion or option is not deterministic; plan on one rank and use broadcast_plan.")
     return plan, small, analysis
 
 
@@ -113,10 +117,12 @@ def _prepare(
     then measure on the analysis' copy of the model (same parameter names as the plan uses).
     ``structure`` are the analysis options (``prune_hidden``, ``attention``).
     """
-    check_model(model)
-    check_attention(structure.get("attention", "heads"))
-    criterion = resolve(importance, data=data, loss_fn=loss_fn, check_data=True)
-    normalize_inputs(example_input)
+    with together("checking the arguments"):  # a rank that fails here must not leave the others waiting
+        check_model(model)
+        check_attention(structure.get("attention", "heads"))
+        criterion = resolve(importance, data=data, loss_fn=loss_fn, check_data=True)
+        normalize_inputs(example_input)
+    check_same("planning", model=model, example_input=example_input)
     analysis = analyze(model, example_input, ignored_layers=ignored_layers, **structure)
     prepare_criterion(criterion, analysis.model, data, loss_fn)
     return analysis, criterion

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphprune.distributed import all_reduce_dict, together
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.analysis import Group, Member, param_tensor
 from graphprune.planning.calibration import (
@@ -43,6 +44,7 @@ from graphprune.planning.calibration import (
 )
 
 Criterion = Callable[[Group, nn.Module], Any]
+Sums = dict[int, torch.Tensor]  # per parameter (keyed by id: tied weights once)
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
@@ -259,8 +261,27 @@ class _ElementStats(Importance):
         self.stats = {}
         self.steps = 0
 
-    def _measure(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> dict[str, torch.Tensor]:
+    def _sums(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> tuple[Sums, int]:
+        """This process's sums per parameter (keyed by ``id``) and how many terms they hold."""
         raise NotImplementedError
+
+    def _finish(self, model: nn.Module, means: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The statistic from the mean terms (identity for Taylor)."""
+        return means
+
+    def _measure(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> dict[str, torch.Tensor]:
+        """Sums on this rank's batches, summed over all ranks, then divided: every rank gets the
+        statistic of the union of the ranks' data (graphprune.distributed)."""
+        with together(f"importance={self.name!r} on this rank's calibration data"):
+            sums, n = self._sums(model, data, loss_fn)
+        first = {pid: names[0] for pid, names in _aliases(model).items()}
+        keyed: dict[Any, torch.Tensor] = {first[pid]: t for pid, t in sums.items()}
+        keyed[("count",)] = torch.tensor(float(n))
+        keyed = all_reduce_dict(keyed, f"importance={self.name!r} statistics")
+        n = int(keyed.pop(("count",)).item())
+        by_name = {name: pid for pid, name in first.items()}
+        stats = self._finish(model, {by_name[name]: t / n for name, t in keyed.items()})
+        return {name: stats[pid] for pid, names in _aliases(model).items() if pid in stats for name in names}
 
     def prepare(self, model: nn.Module, data: Any = None, loss_fn: LossFn | None = None) -> None:
         new = self._measure(model, data, loss_fn)
@@ -321,7 +342,7 @@ class Taylor(_ElementStats):
         super().__init__()
         self.max_batches = max_batches
 
-    def _measure(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> dict[str, torch.Tensor]:
+    def _sums(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> tuple[Sums, int]:
         device = model_device(model)
         sums: dict[int, torch.Tensor] = {}
         n = 0
@@ -336,9 +357,7 @@ class Taylor(_ElementStats):
                         v = (p.detach() * g).abs()
                         sums[id(p)] = sums[id(p)] + v if id(p) in sums else v
                 n += 1
-        return {
-            name: sums[pid] / n for pid, names in _aliases(model).items() if pid in sums for name in names
-        }
+        return sums, n
 
 
 class Hessian(_ElementStats):
@@ -355,7 +374,7 @@ class Hessian(_ElementStats):
         super().__init__()
         self.max_samples = max_samples
 
-    def _measure(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> dict[str, torch.Tensor]:
+    def _sums(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> tuple[Sums, int]:
         device = model_device(model)
         sq: dict[int, torch.Tensor] = {}
         n = 0
@@ -374,13 +393,11 @@ class Hessian(_ElementStats):
                     n += 1
                 if n >= self.max_samples:
                     break
+        return sq, n
+
+    def _finish(self, model: nn.Module, means: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         by_id = {id(p): p for _, p in model.named_parameters()}
-        out = {}
-        for pid, names in _aliases(model).items():
-            if pid in sq:
-                val = 0.5 * (sq[pid] / n) * by_id[pid].detach().pow(2)
-                out.update({name: val for name in names})
-        return out
+        return {pid: 0.5 * m * by_id[pid].detach().pow(2) for pid, m in means.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,15 +491,20 @@ class Activation(Importance):
                     mod.register_forward_hook(lambda m, a, o, s=sites: hook(m, a, o, s))
                 )
         device = model_device(model)
-        try:
-            with torch.no_grad():
-                for batch in batches(data, f"importance={self.name!r}", self.max_batches):
-                    inputs, _ = split_batch(to_device(batch, device))
-                    forward(model, inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        return {k: (sums[k] / counts[k]).double().cpu().numpy() for k in sums}
+        with together(f"importance={self.name!r} on this rank's calibration data"):
+            try:
+                with torch.no_grad():
+                    for batch in batches(data, f"importance={self.name!r}", self.max_batches):
+                        inputs, _ = split_batch(to_device(batch, device))
+                        forward(model, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+        # sums and counts over every rank's batches (graphprune.distributed), then the means
+        both: dict[Any, torch.Tensor] = {("sum", *k): v for k, v in sums.items()}
+        both.update({("count", *k): torch.tensor(float(c)) for k, c in counts.items()})
+        both = all_reduce_dict(both, f"importance={self.name!r} statistics")
+        return {k: (both[("sum", *k)] / both[("count", *k)]).double().cpu().numpy() for k in sums}
 
     def prepare(self, model: nn.Module, data: Any = None, loss_fn: LossFn | None = None) -> None:
         new = self._measure(model, data)

@@ -1,0 +1,252 @@
+"""Distributed calibration and recovery on two CPU processes (gloo), checked against one process.
+
+Two ranks are forked once for the whole module (fork: the children inherit the imported torch,
+so starting them costs well under a second) and run every scenario in ``_rank_main`` in the
+same order; the tests compare what the ranks return with what this process computes alone on
+the union of the ranks' data:
+
+* every data-driven statistic, all-reduced, equals the one-process statistic on the union;
+* every rank makes the same plan, and it is the one-process plan on the union;
+* after ``recover`` (DDP and FSDP) every rank holds the same weights, equal to one-process
+  training on the union batches (DDP averages gradients of equal-size batches, which is the
+  gradient of the union batch), and rank 0 alone wrote the checkpoint;
+* bad input (different models or example inputs, a rank without data) raises on every rank.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import tempfile
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphprune as gp
+from graphprune import distributed as gdist
+from graphprune.planning.importance import resolve
+
+WORLD = 2
+CRITERIA = ("taylor", "hessian", "activation", "apoz")
+PLANNED = ("taylor", "apoz")
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 4))
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def _example() -> torch.Tensor:
+    torch.manual_seed(7)
+    return torch.randn(2, 6)
+
+
+def _data(rank: int, n_batches: int = 2, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(100 + rank)
+    return [(torch.randn(size, 6, generator=g), torch.randint(0, 4, (size,), generator=g))
+            for _ in range(n_batches)]
+
+
+def _union() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [b for r in range(WORLD) for b in _data(r)]
+
+
+def _stats(name: str, model: nn.Module, data: Any) -> dict[str, Any]:
+    crit = resolve(name)
+    crit.prepare(model, data, F.cross_entropy)
+    return {repr(k): torch.as_tensor(v).clone() for k, v in crit.stats.items()}
+
+
+def _recover(strategy: str | None, data: Any, ckpt: Path | None = None, losses: list | None = None):
+    teacher = _model()
+    student = gp.apply_plan(teacher, gp.make_plan(teacher, _example(), 0.5))
+    gp.recover(student, teacher, data, steps=3, lr=1e-2, strategy=strategy, progress=False,
+               checkpoint=ckpt, checkpoint_every=2 if ckpt else 0,
+               on_step=None if losses is None else (lambda s, v: losses.append(v)))
+    return {k: v.clone() for k, v in student.state_dict().items()}
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except gp.GraphPruneError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def _rank_main(rank: int, tmp: str) -> dict[str, Any]:
+    """Every scenario, in one fixed order (collectives pair up across ranks by order)."""
+    out: dict[str, Any] = {}
+    model, x, data = _model(), _example(), _data(rank)
+    for name in CRITERIA:
+        out[f"stats/{name}"] = _stats(name, model, data)
+    for name in PLANNED:
+        plan = gp.make_plan(model, x, 0.5, importance=name, data=data, loss_fn=F.cross_entropy)
+        out[f"plan/{name}"] = plan.to_dict()
+    with gdist.local():
+        local_plan = gp.make_plan(model, x, 0.5, importance="taylor", data=data, loss_fn=F.cross_entropy)
+    out["plan/local"] = local_plan.to_dict()
+    out["plan/broadcast"] = gdist.broadcast_plan(local_plan if rank == 0 else None).to_dict()
+
+    saves: list[str] = []
+    real_save = torch.save
+    torch.save = lambda obj, f, *a, **k: (saves.append(str(f)), real_save(obj, f, *a, **k))[1]
+    try:
+        losses: list[float] = []
+        out["recover/ddp"] = _recover(None, data, Path(tmp) / "ckpt.pt", losses)
+    finally:
+        torch.save = real_save
+    out["recover/saves"], out["recover/losses"] = saves, losses
+    out["recover/fsdp"] = _recover("fsdp", data)
+    bn = _bn_model()
+    gp.recover(bn, _bn_model(), data, steps=2, progress=False)
+    out["recover/bn"] = {k: v.clone() for k, v in bn.state_dict().items()}
+
+    # bad input: every rank must raise (and stay in step for the next case)
+    out["bad/model"] = _error(lambda: gp.make_plan(_model(rank), x, 0.5))
+    out["bad/input"] = _error(lambda: gp.make_plan(model, x + rank, 0.5))
+    no_data = [] if rank == 1 else data
+    out["bad/plan_data"] = _error(
+        lambda: gp.make_plan(model, x, 0.5, importance="taylor", data=no_data, loss_fn=F.cross_entropy))
+    out["bad/recover_data"] = _error(lambda: _recover(None, no_data))
+    out["bad/teacher"] = _error(lambda: gp.recover(_model(), _model(rank), data, steps=1, progress=False))
+    return out
+
+
+def _child(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    try:
+        result: Any = _rank_main(rank, tmp)
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        result = traceback.format_exc()
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(result, Path(tmp) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ranks() -> tuple[list[dict[str, Any]], Path]:
+    # paid once here, not in each rank: FSDP's imports and torch.export's first trace (~9 s)
+    import torch.distributed.fsdp  # noqa: F401
+
+    gp.make_plan(_model(), _example(), 0.5)
+
+    tmp = Path(tempfile.mkdtemp(prefix="gp_dist_"))
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_child, args=(r, str(tmp))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    results = []
+    for rank, p in enumerate(procs):
+        path = tmp / f"rank{rank}.pt"
+        assert path.exists(), f"rank {rank} ended with exit code {p.exitcode} and no result"
+        res = torch.load(path, weights_only=False)
+        assert isinstance(res, dict), f"rank {rank} failed:\n{res}"
+        results.append(res)
+    return results, tmp
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-5, atol=atol), k
+
+
+@pytest.mark.parametrize("name", CRITERIA)
+def test_statistics_are_the_union_statistics(ranks, name):
+    results, _ = ranks
+    union = _stats(name, _model(), _union())
+    local = _stats(name, _model(), _data(0))
+    for r in results:
+        _same(r[f"stats/{name}"], results[0][f"stats/{name}"])  # identical on every rank
+        _same(r[f"stats/{name}"], union, atol=1e-7)
+    # the oracle can tell: rank 0's data alone gives other statistics
+    assert any(not torch.allclose(local[k].double(), union[k].double(), rtol=1e-3) for k in union)
+
+
+@pytest.mark.parametrize("name", PLANNED)
+def test_every_rank_makes_the_union_plan(ranks, name):
+    results, _ = ranks
+    union = gp.make_plan(_model(), _example(), 0.5, importance=name, data=_union(), loss_fn=F.cross_entropy)
+    for r in results:
+        assert r[f"plan/{name}"] == union.to_dict()
+
+
+def test_local_plans_differ_and_broadcast_makes_them_one(ranks):
+    results, _ = ranks
+    assert results[0]["plan/local"]["slices"] != results[1]["plan/local"]["slices"]
+    for r in results:
+        assert r["plan/broadcast"] == results[0]["plan/local"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_recover_trains_data_parallel(ranks, strategy):
+    results, _ = ranks
+    for r in results:
+        _same(r[f"recover/{strategy}"], results[0][f"recover/{strategy}"])
+    # one process, each step on the union of the ranks' step batches
+    steps = [(torch.cat([a[0], b[0]]), None) for a, b in zip(_data(0), _data(1))]
+    reference = _recover("local", steps)
+    _same(results[0][f"recover/{strategy}"], reference, atol=1e-6)
+    alone = _recover("local", _data(0))
+    assert not all(torch.allclose(alone[k], reference[k], atol=1e-4) for k in reference)
+
+
+def test_recover_logs_and_checkpoints_once(ranks):
+    results, tmp = ranks
+    assert results[0]["recover/saves"] and not results[1]["recover/saves"]
+    assert results[0]["recover/losses"] == results[1]["recover/losses"]  # mean over ranks
+    saved = torch.load(tmp / "ckpt.pt")
+    assert saved["step"] == 3
+    _same(saved["state_dict"], results[0]["recover/ddp"])
+
+
+def test_recover_ends_with_the_same_buffers(ranks):
+    results, _ = ranks
+    _same(results[0]["recover/bn"], results[1]["recover/bn"])
+    assert results[0]["recover/bn"]["1.num_batches_tracked"] == 2
+
+
+def test_different_models_or_inputs_are_refused_on_every_rank(ranks):
+    results, _ = ranks
+    for key, what in (("bad/model", "model"), ("bad/input", "example input"), ("bad/teacher", "teacher")):
+        for r in results:
+            assert r[key].startswith("DistributedError"), r[key]
+            assert what in r[key] and "rank(s) [1]" in r[key], r[key]
+
+
+def test_a_rank_without_data_stops_every_rank(ranks):
+    results, _ = ranks
+    for key in ("bad/plan_data", "bad/recover_data"):
+        assert results[1][key].startswith("InputError") and "no batches" in results[1][key]
+        assert results[0][key].startswith("DistributedError") and "rank(s) [1]" in results[0][key]
+
+
+def test_distributed_work_without_a_process_group_is_refused():
+    assert not gdist.is_initialized()
+    with pytest.raises(gp.DistributedError, match="init_process_group"):
+        gp.recover(_model(), _model(), _data(0), steps=1, strategy="ddp", progress=False)
+    with pytest.raises(gp.InputError, match="strategy"):
+        gp.recover(_model(), _model(), _data(0), steps=1, strategy="zero", progress=False)
+    # without a process group the helpers are the identity
+    t = [torch.ones(3)]
+    assert gdist.all_reduce_sum(t)[0] is t[0] and gdist.world_size() == 1 and gdist.is_main()

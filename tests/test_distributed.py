@@ -16,6 +16,9 @@ the union of the ranks' data:
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import tempfile
 import traceback
 from datetime import timedelta
@@ -112,7 +115,17 @@ def _rank_main(rank: int, tmp: str) -> dict[str, Any]:
     gp.recover(bn, _bn_model(), data, steps=2, progress=False)
     out["recover/bn"] = {k: v.clone() for k, v in bn.state_dict().items()}
 
+    # the helper other modules call: sums in float64 over buckets of a few elements
+    gdist.BUCKET_ELEMENTS, old = 5, gdist.BUCKET_ELEMENTS
+    try:
+        mine = [torch.full((2, 3), rank + 1.0), torch.arange(4) * (rank + 1), torch.ones(())]
+        out["reduce/sum"] = gdist.all_reduce_sum(mine)
+        out["reduce/inputs"] = mine
+    finally:
+        gdist.BUCKET_ELEMENTS = old
+
     # bad input: every rank must raise (and stay in step for the next case)
+    out["bad/shapes"] = _error(lambda: gdist.all_reduce_sum([torch.ones(2 + rank)]))
     out["bad/model"] = _error(lambda: gp.make_plan(_model(rank), x, 0.5))
     out["bad/input"] = _error(lambda: gp.make_plan(model, x + rank, 0.5))
     no_data = [] if rank == 1 else data
@@ -226,6 +239,16 @@ def test_recover_ends_with_the_same_buffers(ranks):
     assert results[0]["recover/bn"]["1.num_batches_tracked"] == 2
 
 
+def test_all_reduce_sum_adds_every_rank_in_buckets(ranks):
+    results, _ = ranks
+    expected = [torch.full((2, 3), 3.0), torch.arange(4) * 3, torch.tensor(2.0)]
+    for rank, r in enumerate(results):
+        for got, want in zip(r["reduce/sum"], expected):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        assert torch.equal(r["reduce/inputs"][0], torch.full((2, 3), rank + 1.0))  # inputs untouched
+        assert r["bad/shapes"].startswith("DistributedError") and "shapes" in r["bad/shapes"]
+
+
 def test_different_models_or_inputs_are_refused_on_every_rank(ranks):
     results, _ = ranks
     for key, what in (("bad/model", "model"), ("bad/input", "example input"), ("bad/teacher", "teacher")):
@@ -250,3 +273,24 @@ def test_distributed_work_without_a_process_group_is_refused():
     # without a process group the helpers are the identity
     t = [torch.ones(3)]
     assert gdist.all_reduce_sum(t)[0] is t[0] and gdist.world_size() == 1 and gdist.is_main()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_example_under_torchrun(strategy, request):
+    """The documented launch: ``torchrun --nproc_per_node=2 examples/distributed_recover.py``
+    (two fresh interpreters: ~40 s on a busy machine, so only with ``-m slow`` or GRAPHPRUNE_SLOW=1)."""
+    asked = "slow" in (request.config.getoption("markexpr", "") or "").replace("not slow", "")
+    if not (asked or os.environ.get("GRAPHPRUNE_SLOW")):
+        pytest.skip("starts two interpreters under torchrun: run with -m slow or GRAPHPRUNE_SLOW=1")
+    root = Path(__file__).resolve().parents[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    script = ["examples/distributed_recover.py", "--tiny", "--strategy", strategy]
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", *script],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("ranks: 2,") == 1  # rank 0 alone reports and saves

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphprune.distributed import broadcast_tensors, is_distributed, require, world_size
+from graphprune.distributed import broadcast_tensors, comm_device, is_distributed, require, world_size
 from graphprune.errors import InputError
 
 STRATEGIES = ("auto", "local", "ddp", "fsdp")
@@ -108,7 +108,7 @@ def wrap(student: nn.Module, strategy: str) -> Parallel:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (world_size(),))
+    mesh = init_device_mesh(comm_device().type, (world_size(),))  # NCCL: the shards live on the GPUs
     work = copy.deepcopy(student)
     blocks: list[Any] = [
         child

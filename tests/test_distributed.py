@@ -276,7 +276,7 @@ def test_different_models_or_inputs_are_refused_on_every_rank(ranks):
     for key, what in (("bad/model", "model"), ("bad/input", "example input"), ("bad/teacher", "teacher")):
         for r in results:
             assert r[key].startswith("DistributedError"), r[key]
-            assert what in r[key] and "rank(s) [1]" in r[key], r[key]
+            assert f"the {what} differs" in r[key] and "rank(s) [1]" in r[key], r[key]
 
 
 def test_a_rank_without_data_stops_every_rank(ranks):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from graphprune import distributed  # torch.distributed helpers, as a namespace
 from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
+from graphprune.engine import Engine
 from graphprune.errors import (
     DistributedError,
     GraphPruneError,
@@ -46,6 +47,7 @@ __all__ = [
     "Analysis",
     "BenchmarkReport",
     "DistributedError",
+    "Engine",
     "ExportResult",
     "GraphPruneError",
     "Group",

@@ -627,6 +627,11 @@ CRITERIA: dict[str, Callable[[], Criterion]] = {
 }
 
 
+def weight_only_criteria() -> list[str]:
+    """Names of the registered criteria that score from the weights alone (no calibration data)."""
+    return sorted(name for name, make in CRITERIA.items() if not getattr(make(), "needs_data", False))
+
+
 def resolve(
     importance: str | Criterion, *, data: Any = None, loss_fn: Any = None, check_data: bool = False
 ) -> Criterion:

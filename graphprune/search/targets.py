@@ -40,8 +40,9 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
+from graphprune.engine import importance_name, prepare, realize
 from graphprune.errors import InputError
-from graphprune.export.bench import _interleaved_latency, count_flops, count_params, default_threads
+from graphprune.export.bench import count_flops, count_params, default_threads, interleaved_latency
 from graphprune.graph.analysis import Analysis, Group
 from graphprune.planning.cut import CutOptions, round_keep
 from graphprune.planning.importance import Criterion
@@ -289,12 +290,10 @@ class _Search:
         threads: int | None = None,
         fallback: str = "freeze",
     ) -> None:
-        from graphprune.api import _importance_name, _prepare
-
-        self.fallback = fallback  # what _realize does when the user's class cannot run smaller
+        self.fallback = fallback  # what realize does when the user's class cannot run smaller
         self.model = model
         self.x = example_input
-        self.analysis, criterion = _prepare(
+        self.analysis, criterion = prepare(
             model,
             example_input,
             importance,
@@ -305,7 +304,7 @@ class _Search:
             attention=attention,
         )
         self.criterion = _memo(criterion)
-        self.importance = _importance_name(importance)
+        self.importance = importance_name(importance)
         self.params = count_params(model)
         self.flops = count_flops(model, example_input)
         self.runs, self.warmup = runs, warmup
@@ -341,14 +340,15 @@ class _Search:
         eff = sum(counts.values()) / lad.total_units if lad.total_units else 0.0
         return build_plan(self.analysis, min(eff, 0.999999), self.criterion, self.importance, counts=counts)
 
-    def realize(self, plan: Plan, *, quiet: bool = True) -> nn.Module:
-        """Surgery on a copy (the analysis stays reusable); graph-fallback warnings muted if quiet."""
-        from graphprune.api import _realize
+    def realize(self, plan: Plan, *, quiet: bool = True) -> tuple[nn.Module, Plan]:
+        """Surgery on a copy (the analysis stays reusable); graph-fallback warnings muted if quiet.
 
+        Returns the model and the plan describing it (modules kept whole have their units dropped).
+        """
         with warnings.catch_warnings():
             if quiet:
                 warnings.simplefilter("ignore")
-            return _realize(self.analysis, plan, self.x, copy_model=True, fallback=self.fallback)
+            return realize(self.analysis, plan, self.x, copy_model=True, fallback=self.fallback)
 
     def plan_of(self, c: Candidate) -> Plan:
         return self.plan(c.ratio, round_to=c.round_to, step=c.step, extra=c.extra)
@@ -370,20 +370,18 @@ class _Search:
 
     def _static_counts(self, plan: Plan) -> tuple[int, int]:
         """(params, FLOPs) of the plan's compact model: on the meta twin when it can run there."""
-        from graphprune.api import _realize
-
         twin = self._meta_twin()
         if twin is not None:
             analysis, x = twin
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    small = _realize(analysis, plan, x, copy_model=True, fallback=self.fallback)
+                    small, _ = realize(analysis, plan, x, copy_model=True, fallback=self.fallback)
                 if any(p.is_meta for p in small.parameters()):
                     return count_params(small), count_flops(small, x)
             except Exception:  # noqa: BLE001 - data-dependent ops may need real tensors
                 self._meta = False
-        small = self.realize(plan)
+        small, _ = self.realize(plan)
         return count_params(small), count_flops(small, self.x)
 
     def evaluate(
@@ -440,10 +438,10 @@ class _Search:
         so the same plan can be timed again, e.g. with another round_to, without confusion).
         """
         if model is None:
-            model = self.realize(plan) if plan is not None and plan.slices else self.model
+            model = self.realize(plan)[0] if plan is not None and plan.slices else self.model
         self._n_exports += 1
         path, exporter = self._export(model, f"candidate{self._n_exports}")
-        base, lat = _interleaved_latency(
+        base, lat = interleaved_latency(
             [self.baseline_path(), path], self.x, warmup=self.warmup, runs=self.runs, threads=self.threads
         )
         path.unlink(missing_ok=True)
@@ -766,7 +764,7 @@ def compact_to_target(
             tried.append(best)
         tried.sort(key=lambda c: (c.round_to, c.ratio))
         plan = s.plan_of(best)
-        small = s.realize(plan, quiet=False)
+        small, plan = s.realize(plan, quiet=False)
     finally:
         s.close()
     if kind in ("flops", "params"):
@@ -909,7 +907,7 @@ def sweep(
     try:
         for r in tqdm(ratios, desc="graphprune sweep", disable=not progress, dynamic_ncols=True):
             plan = s.plan(r, round_to=n_round)
-            small = s.realize(plan) if plan.slices else model
+            small, plan = s.realize(plan) if plan.slices else (model, plan)
             params = count_params(small)
             flops = count_flops(small, example_input) if plan.slices else s.flops
             c = Candidate(

@@ -15,6 +15,8 @@ the union of the ranks' data:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import multiprocessing as mp
 import os
 import subprocess
@@ -73,7 +75,7 @@ def _stats(name: str, model: nn.Module, data: Any) -> dict[str, Any]:
 def _recover(strategy: str | None, data: Any, ckpt: Path | None = None, losses: list | None = None):
     teacher = _model()
     student = gp.apply_plan(teacher, gp.make_plan(teacher, _example(), 0.5))
-    gp.recover(student, teacher, data, steps=3, lr=1e-2, strategy=strategy, progress=False,
+    gp.recover(student, teacher, data, steps=3, lr=1e-2, strategy=strategy, progress=ckpt is not None,
                checkpoint=ckpt, checkpoint_every=2 if ckpt else 0,
                on_step=None if losses is None else (lambda s, v: losses.append(v)))
     return {k: v.clone() for k, v in student.state_dict().items()}
@@ -96,16 +98,19 @@ def _run(out: dict[str, Any], key: str, fn) -> None:
 
 
 def _recover_logged(data: Any, ckpt: Path) -> dict[str, Any]:
-    """DDP recovery, recording every torch.save call and every loss on_step sees."""
+    """DDP recovery with a progress bar, recording every torch.save call, every loss on_step
+    sees and what went to stderr (where tqdm draws)."""
     saves: list[str] = []
     losses: list[float] = []
     real_save = torch.save
     torch.save = lambda obj, f, *a, **k: (saves.append(str(f)), real_save(obj, f, *a, **k))[1]
+    stderr = io.StringIO()
     try:
-        weights = _recover(None, data, ckpt, losses)
+        with contextlib.redirect_stderr(stderr):
+            weights = _recover(None, data, ckpt, losses)
     finally:
         torch.save = real_save
-    return {"weights": weights, "saves": saves, "losses": losses}
+    return {"weights": weights, "saves": saves, "losses": losses, "stderr": stderr.getvalue()}
 
 
 def _bn_recovered(data: Any) -> dict[str, torch.Tensor]:
@@ -151,6 +156,8 @@ def _rank_main(rank: int, tmp: str) -> dict[str, Any]:
         lambda: gp.make_plan(model, x, 0.5, importance="taylor", data=no_data, loss_fn=F.cross_entropy))
     out["bad/recover_data"] = _error(lambda: _recover(None, no_data))
     out["bad/teacher"] = _error(lambda: gp.recover(_model(), _model(rank), data, steps=1, progress=False))
+    wrapped = torch.nn.parallel.DistributedDataParallel(_model())
+    out["bad/wrapped"] = _error(lambda: gp.recover(wrapped, _model(), data, steps=1, progress=False))
     return out
 
 
@@ -250,6 +257,7 @@ def test_recover_logs_and_checkpoints_once(ranks):
     first, second = results[0]["recover/ddp"], results[1]["recover/ddp"]
     assert len(first["saves"]) == 2 and not second["saves"]  # steps 2 and 3, rank 0 only
     assert len(first["losses"]) == 3 and first["losses"] == second["losses"]  # mean over ranks
+    assert "recover (distillation, ddp)" in first["stderr"] and not second["stderr"]  # bar on rank 0
     saved = torch.load(tmp / "ckpt.pt")
     assert saved["step"] == 3
     _same(saved["state_dict"], first["weights"])
@@ -277,6 +285,12 @@ def test_different_models_or_inputs_are_refused_on_every_rank(ranks):
         for r in results:
             assert r[key].startswith("DistributedError"), r[key]
             assert f"the {what} differs" in r[key] and "rank(s) [1]" in r[key], r[key]
+
+
+def test_an_already_wrapped_student_is_refused(ranks):
+    results, _ = ranks
+    for r in results:
+        assert r["bad/wrapped"].startswith("InputError") and "already wrapped" in r["bad/wrapped"]
 
 
 def test_a_rank_without_data_stops_every_rank(ranks):

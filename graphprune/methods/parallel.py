@@ -23,6 +23,7 @@ gives every rank rank 0's, as DDP does at every forward.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,8 +93,22 @@ class Parallel:
             broadcast_tensors(list(self.student.buffers()))
 
 
+def _wrapped(module: nn.Module) -> bool:
+    """Already a DDP or FSDP module (FSDP checked only when loaded: a user who wrapped imported it)."""
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return True
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    kinds = tuple(getattr(fsdp, n) for n in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, n))
+    return bool(kinds) and isinstance(module, kinds)
+
+
 def wrap(student: nn.Module, strategy: str) -> Parallel:
     """The student ready to train under ``strategy`` (see the module docstring)."""
+    if _wrapped(student):
+        raise InputError(
+            f"recover: the student is already wrapped ({type(student).__name__}); pass the plain module "
+            "and choose the wrapping with strategy='ddp' or 'fsdp'"
+        )
     if strategy == "local":
         return Parallel(strategy, student, student)
     if not any(p.requires_grad for p in student.parameters()):

@@ -129,6 +129,11 @@ def _reduced_in_buckets(rank: int) -> dict[str, Any]:
         gdist.BUCKET_ELEMENTS = old
 
 
+def _snip_masks(data: Any) -> dict[str, torch.Tensor]:
+    masked = gp.unstructured.snip(_model(), data, 0.5, loss_fn=F.cross_entropy, max_batches=len(data))
+    return {k: v.clone() for k, v in masked.state_dict().items() if k.endswith("_mask")}
+
+
 def _rank_main(rank: int, tmp: str) -> dict[str, Any]:
     """Every scenario, in one fixed order (collectives pair up across ranks by order)."""
     out: dict[str, Any] = {}
@@ -146,6 +151,7 @@ def _rank_main(rank: int, tmp: str) -> dict[str, Any]:
     _run(out, "recover/fsdp", lambda: _recover("fsdp", data))
     _run(out, "recover/bn", lambda: _bn_recovered(data))
     _run(out, "reduce", lambda: _reduced_in_buckets(rank))
+    _run(out, "snip", lambda: _snip_masks(data))
 
     # bad input: every rank must raise (and stay in step for the next case)
     out["bad/shapes"] = _error(lambda: gdist.all_reduce_sum([torch.ones(2 + rank)]))
@@ -228,6 +234,14 @@ def test_every_rank_makes_the_union_plan(ranks, name):
     union = gp.make_plan(_model(), _example(), 0.5, importance=name, data=_union(), loss_fn=F.cross_entropy)
     for r in results:
         assert r[f"plan/{name}"] == union.to_dict()
+
+
+def test_snip_masks_by_the_union_of_the_ranks_batches(ranks):
+    results, _ = ranks
+    union, alone = _snip_masks(_union()), _snip_masks(_data(0))
+    assert any(not torch.equal(union[k], alone[k]) for k in union)  # the oracle can tell
+    for r in results:
+        _same(r["snip"], union)
 
 
 def test_local_plans_differ_and_broadcast_makes_them_one(ranks):

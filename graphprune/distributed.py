@@ -161,7 +161,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], what: str = "statistics") ->
         return tensors
     shapes = ";".join(f"{tuple(t.shape)}" for t in tensors)
     agree(
-        hashlib.sha256(shapes.encode()).hexdigest(),
+        digest(shapes),
         f"the shapes of the {what} to all-reduce",
         "Every rank must measure the same model with the same options.",
     )
@@ -198,7 +198,7 @@ def all_reduce_dict(stats: Mapping[Any, torch.Tensor], what: str = "statistics")
         return dict(stats)
     keys = sorted(stats, key=repr)
     agree(
-        hashlib.sha256(repr(keys).encode()).hexdigest(),
+        digest(repr(keys)),
         f"the names of the {what} to all-reduce",
         "Every rank must measure the same model with the same options.",
     )
@@ -230,8 +230,10 @@ def _walk(h: Any, obj: Any, path: str, values: bool) -> None:
         h.update(f"{path}:{type(obj).__name__}{len(obj)}".encode())
         for i, v in enumerate(obj):
             _walk(h, v, f"{path}[{i}]", values)
-    else:
+    elif isinstance(obj, (int, float, str, bool, type(None), torch.dtype, torch.device)):
         h.update(f"{path}={obj!r}".encode())
+    else:  # other objects: their type (a default repr holds a memory address, different per rank)
+        h.update(f"{path}:{type(obj).__qualname__}".encode())
 
 
 def digest(text: str) -> str:

@@ -344,3 +344,13 @@ def test_example_under_torchrun(strategy, request):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ranks: 2,") == 1  # rank 0 alone reports and saves
+
+
+def test_fingerprints_see_names_shapes_and_values_not_addresses():
+    x = torch.arange(6.0).reshape(2, 3)
+    assert gdist.fingerprint({"x": x, "opt": object()}) == gdist.fingerprint({"x": x.clone(), "opt": object()})
+    assert gdist.fingerprint(x) != gdist.fingerprint(x + 1e-6)
+    assert gdist.fingerprint(x) != gdist.fingerprint(x.reshape(3, 2))
+    assert gdist.fingerprint(_model(0)) == gdist.fingerprint(_model(0))
+    assert gdist.fingerprint(_model(0)) != gdist.fingerprint(_model(1))
+    assert gdist.fingerprint(_model(0), values=False) == gdist.fingerprint(_model(1), values=False)

@@ -93,22 +93,21 @@ class Parallel:
             broadcast_tensors(list(self.student.buffers()))
 
 
-def _wrapped(module: nn.Module) -> bool:
-    """Already a DDP or FSDP module (FSDP checked only when loaded: a user who wrapped imported it)."""
-    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        return True
+def check_unwrapped(student: nn.Module) -> None:
+    """Refuse a student already wrapped in DDP or FSDP (FSDP is checked only when loaded: a user
+    who wrapped the student imported it), which graphprune would wrap a second time."""
+    kinds: tuple[type, ...] = (torch.nn.parallel.DistributedDataParallel,)
     fsdp = sys.modules.get("torch.distributed.fsdp")
-    kinds = tuple(getattr(fsdp, n) for n in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, n))
-    return bool(kinds) and isinstance(module, kinds)
-
-
-def wrap(student: nn.Module, strategy: str) -> Parallel:
-    """The student ready to train under ``strategy`` (see the module docstring)."""
-    if _wrapped(student):
+    kinds += tuple(getattr(fsdp, n) for n in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, n))
+    if isinstance(student, kinds):
         raise InputError(
             f"recover: the student is already wrapped ({type(student).__name__}); pass the plain module "
             "and choose the wrapping with strategy='ddp' or 'fsdp'"
         )
+
+
+def wrap(student: nn.Module, strategy: str) -> Parallel:
+    """The student ready to train under ``strategy`` (see the module docstring)."""
     if strategy == "local":
         return Parallel(strategy, student, student)
     if not any(p.requires_grad for p in student.parameters()):

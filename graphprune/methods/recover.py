@@ -28,7 +28,7 @@ from torch import nn
 from graphprune.distributed import barrier, check_same, is_main, local, mean_over_ranks, together
 from graphprune.errors import InputError
 from graphprune.graph.inputs import flatten_outputs
-from graphprune.methods.parallel import resolve_strategy, wrap
+from graphprune.methods.parallel import check_unwrapped, resolve_strategy, wrap
 from graphprune.planning.calibration import forward, model_device, split_batch, to_device
 
 
@@ -126,6 +126,7 @@ def recover(
     if data is None:
         raise InputError("recover needs data: an iterable of batches (e.g. a DataLoader of the training set)")
     strategy = resolve_strategy(strategy)
+    check_unwrapped(student)
     if strategy == "fsdp" and optimizer is not None:
         raise InputError(
             "recover(strategy='fsdp') builds its optimiser on the sharded parameters: leave optimizer= "

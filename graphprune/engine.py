@@ -113,7 +113,8 @@ class Engine:
 
         With ``fallback="freeze"`` and ``replan=True`` the modules that cannot run smaller are
         added to ``ignored_layers`` and the model re-analysed and re-planned at ``plan.ratio``
-        with ``cut`` (what compact does); ``replan=False`` only drops their units from the plan.
+        with ``cut`` (what compact does); ``replan=False`` only drops their units from the plan
+        (use it for plans made with ``counts``, which a re-plan at ``plan.ratio`` would not keep).
         """
         if self._spent:
             raise GraphPruneError("this Engine realised a plan with last=True; build a new Engine")

@@ -1,6 +1,6 @@
 """compact(verify=True) checks the compact model against a reference computed from the plan.
 
-The reference (graphprune/verify.py) is the original traced program with every removed
+The reference (graphprune/verify.py, graphprune/reference/) is the original traced program with every removed
 position held at zero. These tests check both directions:
 
 * it agrees with correct compact models (CNN families, transformers, with and without
@@ -26,7 +26,8 @@ from graphprune.graph.inputs import flatten_outputs, run_model
 from graphprune.graph.rules import registry as rules
 from graphprune.graph.rules.pointwise import unary
 from graphprune.graph.rules.registry import ops
-from graphprune.verify import reference_outputs, removed_classes
+from graphprune.reference.masks import removed_classes
+from graphprune.reference.run import reference_outputs
 
 
 def _outputs(model: nn.Module, x) -> list[torch.Tensor]:

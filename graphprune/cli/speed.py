@@ -62,7 +62,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
 
 
 def _rows_table(rows: list[dict[str, Any]]) -> str:
-    from graphprune.search.targets import Candidate, candidates_table
+    from graphprune.search.results import Candidate, candidates_table
 
     fields = Candidate.__dataclass_fields__
     return candidates_table([Candidate(**{k: v for k, v in r.items() if k in fields}) for r in rows])

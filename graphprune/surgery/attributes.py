@@ -35,7 +35,7 @@ def reference_if_ambiguous(analysis, removed, work, ups, example_input):
     """The plan's reference (verify.py, per layer), only when attribute choices need judging."""
     if not _ambiguous_sets(ups) or any(p.is_meta for p in work.parameters()):
         return None  # nothing to choose, or no values to compare (meta: shapes decide)
-    from graphprune.verify import compute_reference
+    from graphprune.reference.run import compute_reference
 
     try:
         return compute_reference(analysis, removed, work, example_input, per_module=True)
@@ -105,7 +105,7 @@ def choose_attr_updates(
         apply_attr_updates(work, trial)
         failing = _failing_modules(work, example_input, expected)
         if failing is None and reference is not None:
-            from graphprune.verify import first_mismatch
+            from graphprune.reference.run import first_mismatch
 
             wrong = first_mismatch(reference, work, example_input)  # runs, but are the numbers right?
             failing = None if wrong is None else ["", wrong[0]]

@@ -9,9 +9,11 @@ The public API lives here and only here::
 
 from __future__ import annotations
 
+from graphprune import distributed  # torch.distributed helpers, as a namespace
 from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
 from graphprune.engine import Engine
 from graphprune.errors import (
+    DistributedError,
     GraphPruneError,
     InputError,
     PlanMismatchError,
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis",
     "BenchmarkReport",
+    "DistributedError",
     "Engine",
     "ExportResult",
     "GraphPruneError",
@@ -71,6 +74,7 @@ __all__ = [
     "compact_with_plan",
     "count_flops",
     "count_params",
+    "distributed",
     "export_onnx",
     "lamp",
     "load",

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from graphprune.distributed import agree, digest, is_distributed
 from graphprune.engine import Engine, Realized, modes, set_mode
 from graphprune.errors import InputError
 from graphprune.graph.trace import check_model
@@ -49,7 +50,11 @@ def _plan_and_model(
         model, example_input, importance=importance, ignored_layers=ignored_layers, structure=structure,
         data=data, loss_fn=loss_fn,
     )
-    return engine.realize(engine.plan(ratio, cut=options), fallback=fallback, cut=options, last=True)
+    result = engine.realize(engine.plan(ratio, cut=options), fallback=fallback, cut=options, last=True)
+    if is_distributed():  # every rank must hold the same plan (graphprune.distributed)
+        agree(digest(result.plan.to_json()), "the plan", "The model, example input and statistics agreed, "
+              "so a criterion or option is not deterministic; plan on one rank and use broadcast_plan.")
+    return result
 
 
 def compact(

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from graphprune.distributed import check_same, together
 from graphprune.errors import GraphPruneError
 from graphprune.graph.analysis import Analysis, analyze, param_tensor
 from graphprune.graph.inputs import normalize_inputs
@@ -189,9 +190,11 @@ def prepare(
     then measure on the analysis' copy of the model (same parameter names as the plan uses).
     ``structure`` are the analysis options (``prune_hidden``, ``attention``).
     """
-    check_model(model)  # ``attention`` is checked by StructureOptions / analyze, once each
-    criterion = resolve(importance, data=data, loss_fn=loss_fn, check_data=True)
-    normalize_inputs(example_input)
+    with together("checking the arguments"):  # a rank that fails here must not leave the others waiting
+        check_model(model)  # ``attention`` is checked by StructureOptions / analyze, once each
+        criterion = resolve(importance, data=data, loss_fn=loss_fn, check_data=True)
+        normalize_inputs(example_input)
+    check_same("planning", model=model, example_input=example_input)
     analysis = analyze(model, example_input, ignored_layers=ignored_layers, **structure)
     prepare_criterion(criterion, analysis.model, data, loss_fn)
     return analysis, criterion

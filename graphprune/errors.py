@@ -25,3 +25,7 @@ class VerificationError(GraphPruneError):
 
 class PlanMismatchError(GraphPruneError):
     """A saved plan does not fit the model it is applied to."""
+
+
+class DistributedError(GraphPruneError):
+    """torch.distributed work cannot go on: no process group, ranks that disagree, a failed rank."""

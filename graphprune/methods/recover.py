@@ -14,16 +14,21 @@ stream blocks of a transformer whose hidden size was not pruned).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphprune.distributed import barrier, check_same, is_main, local, mean_over_ranks, together
 from graphprune.errors import InputError
 from graphprune.graph.inputs import flatten_outputs
+from graphprune.methods.parallel import check_unwrapped, resolve_strategy, wrap
 from graphprune.planning.calibration import forward, model_device, split_batch, to_device
 
 
@@ -72,6 +77,9 @@ def _capture(model: nn.Module, names: list[str], store: dict[str, torch.Tensor])
     return handles
 
 
+_NOTHING = object()
+
+
 def recover(
     student: nn.Module,
     teacher: nn.Module,
@@ -86,6 +94,9 @@ def recover(
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], Any] | None = None,
+    strategy: str | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 0,
 ) -> nn.Module:
     """Train ``student`` (in place) for ``steps`` batches to imitate ``teacher``; return ``student``.
 
@@ -94,72 +105,122 @@ def recover(
     runs in eval mode without gradients and is not modified; the student trains in train mode
     and gets its original mode back. Adam with learning rate ``lr`` unless ``optimizer`` is given.
     A tqdm progress bar shows the running loss (``progress=False`` hides it).
+
+    Under an initialised torch.distributed process group of two or more ranks (``torchrun``)
+    training is data-parallel (see graphprune.methods.parallel and docs/distributed.md): each
+    rank reads its own ``data``, gradients are averaged, and every rank ends with the same
+    weights. ``strategy``: ``None``/"auto" (DDP under a process group, else this process alone),
+    "ddp", "fsdp" (parameters, gradients and optimiser state sharded; ``optimizer`` not
+    accepted, the Adam made from ``lr`` is built on the shards), "local" (no collective).
+    The student and teacher must be the same on every rank (checked). The progress bar is
+    shown on rank 0 only; ``on_step(step, loss)`` runs on every rank with the loss averaged
+    over ranks. ``checkpoint="path.pt"`` saves ``{"step", "state_dict"}`` (rank 0 writes, once,
+    atomically) every ``checkpoint_every`` steps (0: only at the end).
     """
     if loss not in ("kl", "mse"):
         raise InputError(f"loss must be 'kl' (logits) or 'mse' (outputs/features), got {loss!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise InputError(f"steps must be a non-negative integer, got {steps!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise InputError(f"checkpoint_every must be a non-negative integer, got {checkpoint_every!r}")
     if data is None:
         raise InputError("recover needs data: an iterable of batches (e.g. a DataLoader of the training set)")
+    strategy = resolve_strategy(strategy)
+    check_unwrapped(student)
+    if strategy == "fsdp" and optimizer is not None:
+        raise InputError(
+            "recover(strategy='fsdp') builds its optimiser on the sharded parameters: leave optimizer= "
+            "out (Adam with lr=) or use strategy='ddp', which keeps your optimizer's parameters."
+        )
     features = list(features or [])
-    opt = optimizer or torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
-    was_training, teacher_training = student.training, teacher.training
-    student.train()
-    teacher.eval()
-    device = model_device(student)
-    s_feats: dict[str, torch.Tensor] = {}
-    t_feats: dict[str, torch.Tensor] = {}
-    handles = _capture(student, features, s_feats) + _capture(teacher, features, t_feats)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    with local() if strategy == "local" else contextlib.nullcontext():  # "local": no collective at all
+        check_same("recover", student=student, teacher=teacher)
+        with together("recover: reading the first batch of this rank's data"):
+            it = iter(data)
+            first = next(it, _NOTHING) if steps else _NOTHING
+            if steps and first is _NOTHING:
+                raise InputError(
+                    "recover: data yielded no batches; give every rank at least one batch "
+                    "(with a DistributedSampler, at least as many samples as ranks)"
+                )
+        par = wrap(student, strategy)
+        opt = optimizer or torch.optim.Adam(par.parameters(), lr=lr)
+        was_training, teacher_training = student.training, teacher.training
+        par.module.train()
+        teacher.eval()
+        device = model_device(par.trained)
+        s_feats: dict[str, torch.Tensor] = {}
+        t_feats: dict[str, torch.Tensor] = {}
+        handles = _capture(par.trained, features, s_feats) + _capture(teacher, features, t_feats)
+        bar = None
+        if progress and is_main():
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="recover (distillation)", leave=False)
-    try:
-        it = iter(data)
-        fresh = True
-        step = 0
-        while step < steps:
-            try:
-                batch = next(it)
-                fresh = False
-            except StopIteration:
-                if fresh:
-                    raise InputError("recover: data yielded no batches") from None
-                it, fresh = iter(data), True
-                continue
-            inputs, _ = split_batch(to_device(batch, device))
-            with torch.no_grad():
-                t_out = forward(teacher, inputs)
-            s_out = forward(student, inputs)
-            value = distillation_loss(s_out, t_out, loss, temperature)
-            for name in features:
-                s, t = s_feats.get(name), t_feats.get(name)
-                if s is None or t is None:
-                    raise InputError(f"features: module {name!r} did not run")
-                if s.shape != t.shape:
-                    raise InputError(
-                        f"features: {name!r} has shape {tuple(s.shape)} in the student and "
-                        f"{tuple(t.shape)} in the teacher; pick modules whose output size was kept"
-                    )
-                value = value + feature_weight * F.mse_loss(s.float(), t.detach().float())
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            step += 1
+            bar = tqdm(total=steps, desc=f"recover (distillation, {strategy})", leave=False)
+        try:
+            for step, batch in zip(range(1, steps + 1), _cycle(data, it, first)):
+                inputs, _ = split_batch(to_device(batch, device))
+                with torch.no_grad():
+                    t_out = forward(teacher, inputs)
+                s_out = forward(par.module, inputs)
+                value = distillation_loss(s_out, t_out, loss, temperature)
+                for name in features:
+                    s, t = s_feats.get(name), t_feats.get(name)
+                    if s is None or t is None:
+                        raise InputError(f"features: module {name!r} did not run")
+                    if s.shape != t.shape:
+                        raise InputError(
+                            f"features: {name!r} has shape {tuple(s.shape)} in the student and "
+                            f"{tuple(t.shape)} in the teacher; pick modules whose output size was kept"
+                        )
+                    value = value + feature_weight * F.mse_loss(s.float(), t.detach().float())
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                shown = mean_over_ranks(float(value.item()))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{shown:.4g}")
+                if on_step is not None:
+                    on_step(step, shown)
+                due = step == steps or (checkpoint_every and step % checkpoint_every == 0)
+                if checkpoint is not None and due:
+                    save_checkpoint(checkpoint, step, par.state_dict())
+            par.finish()
+        finally:
+            for h in handles:
+                h.remove()
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value.item():.4g}")
-            if on_step is not None:
-                on_step(step, float(value.item()))
-    finally:
-        for h in handles:
-            h.remove()
-        if bar is not None:
-            bar.close()
-        student.train(was_training)
-        teacher.train(teacher_training)
+                bar.close()
+            student.train(was_training)
+            teacher.train(teacher_training)
     return student
+
+
+def _cycle(data: Iterable[Any], it: Iterator[Any], first: Any) -> Iterator[Any]:
+    """``first``, the rest of ``it``, then ``data`` again and again (refusing one that has run dry)."""
+    yield first
+    while True:
+        yield from it
+        it = iter(data)
+        try:
+            yield next(it)
+        except StopIteration:
+            raise InputError(
+                "recover: data yielded no batches when read again; pass a re-iterable (a list or a "
+                "DataLoader), not a one-shot generator, or steps <= the number of batches"
+            ) from None
+
+
+def save_checkpoint(path: str | Path, step: int, state: dict[str, torch.Tensor]) -> None:
+    """``{"step", "state_dict"}`` to ``path``, written by rank 0 only and atomically (temp + rename),
+    so a crash mid-write never leaves a truncated checkpoint where a good one was."""
+    if is_main():
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"step": step, "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
+        os.replace(tmp, path)
+    barrier()
 
 
 def evaluate_distillation(

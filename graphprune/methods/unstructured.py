@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
+from graphprune.distributed import all_reduce_sum, together
 from graphprune.errors import InputError
 from graphprune.planning.calibration import (
     batches,
@@ -199,13 +200,15 @@ def snip(
     Meant for a model at initialisation: one (or ``max_batches``) calibration batch gives the
     sensitivity of the loss to every connection; the ``amount`` share with the lowest
     sensitivity, ranked globally across tensors as in the paper, is masked before training.
+    Under a torch.distributed process group the sensitivities are summed over the ranks' batches
+    (``max_batches`` per rank), so every rank masks the same connections.
     """
     amount = _check_amount(amount)
     tgts = targets(model, params)
     device = model_device(model)
     sens = [torch.zeros_like(effective(mod, name)) for mod, name in tgts]
     was_training = model.training
-    with grads_enabled(model):
+    with together("snip on this rank's calibration data"), grads_enabled(model):
         tensors = [getattr(mod, name + ("_orig" if is_masked(mod, name) else "")) for mod, name in tgts]
         for batch in batches(data, "snip", max_batches):
             inputs, target = split_batch(to_device(batch, device))
@@ -215,6 +218,7 @@ def snip(
                 if g is not None:
                     sens[i] += (g * effective(mod, name)).abs()
     model.train(was_training)
+    sens = all_reduce_sum(sens, "snip sensitivities")  # every rank masks by all ranks' batches
     _apply_scores(tgts, sens, amount, "global")
     return model
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphprune.distributed import all_reduce_dict, together
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.analysis import Group, param_tensor
 from graphprune.planning.calibration import (
@@ -29,6 +30,8 @@ from graphprune.planning.calibration import (
     to_device,
 )
 from graphprune.planning.scoring import Importance, Magnitude, accumulate, per_position
+
+Sums = dict[int, torch.Tensor]  # per parameter, keyed by id (tied weights once)
 
 # ----------------------------------------------------------------------------------------------
 # Data-driven criteria: statistics stored per parameter element, sliceable like parameters
@@ -55,8 +58,27 @@ class _ElementStats(Importance):
         self.stats = {}
         self.steps = 0
 
-    def _measure(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> dict[str, torch.Tensor]:
+    def _sums(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> tuple[Sums, int]:
+        """This process's sums per parameter (keyed by ``id``) and how many terms they hold."""
         raise NotImplementedError
+
+    def _finish(self, model: nn.Module, means: Sums) -> Sums:
+        """The statistic from the mean terms (identity for Taylor)."""
+        return means
+
+    def _measure(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> dict[str, torch.Tensor]:
+        """Sums on this rank's batches, summed over all ranks, then divided: every rank gets the
+        statistic of the union of the ranks' data (graphprune.distributed)."""
+        with together(f"importance={self.name!r} on this rank's calibration data"):
+            sums, n = self._sums(model, data, loss_fn)
+        first = {pid: names[0] for pid, names in _aliases(model).items()}
+        keyed: dict[Any, torch.Tensor] = {first[pid]: t for pid, t in sums.items()}
+        keyed[("count",)] = torch.tensor(float(n))
+        keyed = all_reduce_dict(keyed, f"importance={self.name!r} statistics")
+        n = int(keyed.pop(("count",)).item())
+        by_name = {name: pid for pid, name in first.items()}
+        stats = self._finish(model, {by_name[name]: t / n for name, t in keyed.items()})
+        return {name: stats[pid] for pid, names in _aliases(model).items() if pid in stats for name in names}
 
     def prepare(self, model: nn.Module, data: Any = None, loss_fn: LossFn | None = None) -> None:
         new = self._measure(model, data, loss_fn)
@@ -134,7 +156,7 @@ class Taylor(_ElementStats):
         super().__init__()
         self.max_batches = max_batches
 
-    def _measure(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> dict[str, torch.Tensor]:
+    def _sums(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> tuple[Sums, int]:
         sums: dict[int, torch.Tensor] = {}
         n = 0
         what = "importance='taylor'"
@@ -144,9 +166,7 @@ class Taylor(_ElementStats):
                     v = (p.detach() * g).abs()
                     sums[id(p)] = sums[id(p)] + v if id(p) in sums else v
             n += 1
-        return {
-            name: sums[pid] / n for pid, names in _aliases(model).items() if pid in sums for name in names
-        }
+        return sums, n
 
 
 class Hessian(_ElementStats):
@@ -163,7 +183,7 @@ class Hessian(_ElementStats):
         super().__init__()
         self.max_samples = max_samples
 
-    def _measure(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> dict[str, torch.Tensor]:
+    def _sums(self, model: nn.Module, data: Any, loss_fn: LossFn | None) -> tuple[Sums, int]:
         sq: dict[int, torch.Tensor] = {}
         n = 0
         what = "importance='hessian'"
@@ -173,13 +193,11 @@ class Hessian(_ElementStats):
                 if g is not None:
                     sq[id(p)] = sq[id(p)] + g.pow(2) if id(p) in sq else g.pow(2)
             n += 1
+        return sq, n
+
+    def _finish(self, model: nn.Module, means: Sums) -> Sums:
         by_id = {id(p): p for _, p in model.named_parameters()}
-        out = {}
-        for pid, names in _aliases(model).items():
-            if pid in sq:
-                val = 0.5 * (sq[pid] / n) * by_id[pid].detach().pow(2)
-                out.update({name: val for name in names})
-        return out
+        return {pid: 0.5 * m * by_id[pid].detach().pow(2) for pid, m in means.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,15 +291,20 @@ class Activation(Importance):
                     mod.register_forward_hook(lambda m, a, o, s=sites: hook(m, a, o, s))
                 )
         device = model_device(model)
-        try:
-            with torch.no_grad():
-                for batch in batches(data, f"importance={self.name!r}", self.max_batches):
-                    inputs, _ = split_batch(to_device(batch, device))
-                    forward(model, inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        return {k: (sums[k] / counts[k]).double().cpu().numpy() for k in sums}
+        with together(f"importance={self.name!r} on this rank's calibration data"):
+            try:
+                with torch.no_grad():
+                    for batch in batches(data, f"importance={self.name!r}", self.max_batches):
+                        inputs, _ = split_batch(to_device(batch, device))
+                        forward(model, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+        # sums and counts over every rank's batches (graphprune.distributed), then the means
+        both: dict[Any, torch.Tensor] = {("sum", *k): v for k, v in sums.items()}
+        both.update({("count", *k): torch.tensor(float(c)) for k, c in counts.items()})
+        both = all_reduce_dict(both, f"importance={self.name!r} statistics")
+        return {k: (both[("sum", *k)] / both[("count", *k)]).double().cpu().numpy() for k in sums}
 
     def prepare(self, model: nn.Module, data: Any = None, loss_fn: LossFn | None = None) -> None:
         new = self._measure(model, data)

@@ -33,6 +33,7 @@ from graphprune.surgery.fallback import (
     same_class,
 )
 from graphprune.surgery.hf import update_config
+from graphprune.surgery.plan_checks import check_plan_fits
 from graphprune.surgery.sizes import Sizer, UncertainUpdate, attribute_updates, graph_constant_changes
 from graphprune.surgery.slicing import apply_attr_updates, module_updates, replay, slice_tensors
 
@@ -491,6 +492,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     check_model(model)
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, got {type(plan).__name__}")
+    check_plan_fits(model, plan)
     small = copy.deepcopy(model)
     replay(small, plan)
     update_config(small, plan)

@@ -154,9 +154,28 @@ def apply_attr_updates(model: nn.Module, updates: list[AttrUpdate]) -> None:
 def replay(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply ``plan`` to ``model`` in place (call it on a copy)."""
     slice_tensors(model, plan)
-    apply_attr_updates(model, module_updates(model))
-    apply_attr_updates(model, [u for u in plan.attr_updates if u.attr not in _MODULE_ATTRS])
+    derived = module_updates(model)
+    computed = {(u.module, u.attr): u.new for u in derived}
+    for u in plan.attr_updates:  # the plan's copy of a shape-derived size must agree with the shapes
+        if (u.module, u.attr) in computed and list(_as_tuple(computed[u.module, u.attr])) != list(
+            _as_tuple(u.new)
+        ):
+            raise PlanMismatchError(
+                f"the plan sets {u.module}.{u.attr} to {u.new!r} but its sliced tensors make it "
+                f"{computed[u.module, u.attr]!r}"
+            )
+        if (u.module, u.attr) not in computed and u.attr in _MODULE_ATTRS:
+            raise PlanMismatchError(
+                f"the plan changes {u.module}.{u.attr} to {u.new!r} but its sliced tensors leave it at "
+                f"{u.old!r}"
+            )
+    apply_attr_updates(model, derived)
+    apply_attr_updates(model, [u for u in plan.attr_updates if (u.module, u.attr) not in computed])
     return model
+
+
+def _as_tuple(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
 _MODULE_ATTRS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Any
 
@@ -14,6 +15,7 @@ from graphprune.graph.analysis import Analysis, analyze, check_attention, param_
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.rules.attention import head_count_updates
 from graphprune.graph.trace import check_model
+from graphprune.methods.prune_masks import MaskImportance, fold_masks, mask_counts
 from graphprune.planning.cut import CutOptions, check_options
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
 from graphprune.planning.plan import AttrUpdate, Plan, build_plan, check_ratio
@@ -58,7 +60,7 @@ def _where_to_cut(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _plan_and_model(
     model: nn.Module,
     example_input: Any,
-    ratio: float,
+    ratio: float | None,
     importance: str | Criterion,
     ignored_layers: Any,
     structure: dict[str, Any],
@@ -69,7 +71,9 @@ def _plan_and_model(
     fallback: str = "freeze",
 ) -> tuple[Plan, nn.Module, Analysis]:
     check_model(model)
-    ratio = check_ratio(ratio)
+    masked = isinstance(importance, MaskImportance)
+    bound = None if ratio is None else check_ratio(ratio)
+    ratio = (0.0 if masked else 0.3) if bound is None else bound  # mask: the counts decide
     fallback = check_fallback(fallback)
     if options is not None:
         check_options(options)
@@ -77,17 +81,52 @@ def _plan_and_model(
         model, example_input, importance, ignored_layers, data=data, loss_fn=loss_fn, **structure
     )
     name = _importance_name(importance)
-    plan = build_plan(analysis, ratio, criterion, name, options=options)
+
+    def cut(an: Analysis) -> CutOptions | None:
+        """importance="mask": exactly the emptied units of every group (the ratio bounds them)."""
+        if not masked:
+            return options
+        return dataclasses.replace(options or CutOptions(), counts=mask_counts(an, criterion, bound))
+
+    plan = build_plan(analysis, ratio, criterion, name, options=cut(analysis))
 
     def replan(prefixes: list[str]) -> tuple[Analysis, Plan]:
         """The same plan with ``prefixes`` frozen, as if the user had listed them in ignored_layers
         (a fresh analysis of the untouched user model; the criterion's measurements are reused)."""
         ignored = [*_as_list(ignored_layers), *prefixes]
         again = analyze(model, example_input, ignored_layers=ignored, **structure)
-        return again, build_plan(again, ratio, criterion, name, options=options)
+        return again, build_plan(again, ratio, criterion, name, options=cut(again))
 
     small, plan, analysis = _realize_full(analysis, plan, example_input, fallback=fallback, replan=replan)
     return plan, small, analysis
+
+
+def _unmasked(
+    model: nn.Module, importance: Any, ratio: float | None, **refused: Any
+) -> tuple[nn.Module, Any, float | None]:
+    """torch.nn.utils.prune masks folded into a copy (the user's model stays masked); "mask" resolved.
+
+    Returns (model to prune, importance, ratio): every criterion then scores the effective weights;
+    ``importance="mask"`` becomes a MaskImportance over the masks, whose ratio is only an upper
+    bound (None: no bound), and which refuses options that would choose other units than the masks.
+    """
+    check_model(model)
+    folded, masks = fold_masks(model)
+    if not (isinstance(importance, str) and importance.lower() == "mask"):
+        return folded, importance, ratio
+    if not masks:
+        raise InputError(
+            "importance='mask' removes the units that torch.nn.utils.prune masks have emptied, and this "
+            "model carries no such masks; prune it first (e.g. prune.ln_structured(conv, 'weight', "
+            "amount=0.3, n=2, dim=0) on every conv) or use a weight criterion such as 'l2'."
+        )
+    used = sorted(k for k, v in refused.items() if v not in (None, False, (), {}))
+    if used:
+        raise InputError(
+            f"importance='mask' removes exactly the units the masks emptied; {', '.join(used)} would "
+            "choose others. Leave them out (a ratio, if given, caps each group's removal)."
+        )
+    return folded, MaskImportance(masks), ratio
 
 
 def _as_list(ignored: Any) -> list[Any]:
@@ -428,6 +467,8 @@ def compact(
     training = _modes(model)
     targets = {"target_flops": target_flops, "target_params": target_params,
                "target_speedup": target_speedup, "target_latency_ms": target_latency_ms}
+    model, importance, ratio = _unmasked(model, importance, ratio, global_pruning=global_pruning,
+                                         ratios=ratios, round_to=round_to, **targets)
     if any(v is not None for v in targets.values()):
         from graphprune.search.targets import targeted
 
@@ -438,7 +479,6 @@ def compact(
                          ratios=ratios, round_to=round_to, progress=progress, fallback=fallback).model
         _set_mode(small, training)
         return small
-    ratio = 0.3 if ratio is None else ratio
     plan, small, analysis = _plan_and_model(
         model,
         example_input,
@@ -462,7 +502,7 @@ def compact(
 def make_plan(
     model: nn.Module,
     example_input: Any,
-    ratio: float = 0.3,
+    ratio: float | None = None,
     *,
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
@@ -481,6 +521,9 @@ def make_plan(
     cut = _where_to_cut(where)
     if where:
         raise InputError(f"unexpected arguments: {sorted(where)}")
+    opts = cut["options"]
+    model, importance, ratio = _unmasked(model, importance, ratio, global_pruning=opts.global_pruning,
+                                         ratios=opts.ratios, round_to=opts.round_to)
     structure = {"prune_hidden": prune_hidden, "attention": attention}
     return _plan_and_model(
         model, example_input, ratio, importance, ignored_layers, structure, fallback=fallback, **cut
@@ -492,6 +535,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     check_model(model)
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, got {type(plan).__name__}")
+    model = fold_masks(model)[0]  # a copy with torch.nn.utils.prune masks folded in, if any
     check_plan_fits(model, plan)
     small = copy.deepcopy(model)
     replay(small, plan)
@@ -506,6 +550,11 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
     training = _modes(model)
     targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
     progress = kwargs.pop("progress", False)
+    model, importance, ratio = _unmasked(
+        model, kwargs.pop("importance", "l2"), ratio, global_pruning=kwargs.get("global_pruning"),
+        ratios=kwargs.get("ratios"), round_to=kwargs.get("round_to"), **targets,
+    )
+    kwargs["importance"] = importance
     if any(v is not None for v in targets.values()):
         from graphprune.search.targets import targeted
 
@@ -513,12 +562,11 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
                           fallback=fallback, **kwargs)
         _set_mode(result.model, training)
         return result.model, result.plan
-    ratio = 0.3 if ratio is None else ratio
     plan, small, analysis = _plan_and_model(
         model,
         example_input,
         ratio,
-        kwargs.pop("importance", "l2"),
+        kwargs.pop("importance"),
         kwargs.pop("ignored_layers", ()),
         {"prune_hidden": kwargs.pop("prune_hidden", False), "attention": kwargs.pop("attention", "heads")},
         **_where_to_cut(kwargs),

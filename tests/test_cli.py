@@ -59,6 +59,12 @@ USER_MODULE = textwrap.dedent(
     def bare():
         return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
 
+    def masked():
+        from torch.nn.utils import prune
+        model, x = build()
+        prune.ln_structured(model[0], "weight", amount=0.25, n=2, dim=0)
+        return model, x
+
     NOT_A_MODEL = 42
     """
 )
@@ -133,6 +139,12 @@ def test_compact_module_callable_with_plan_and_benchmark(tmp_path, user_module, 
     again = graphprune.apply_plan(model, graphprune.Plan.from_json(plan_path.read_text()))
     torch.testing.assert_close(again(x), small(x))
     assert str(graphprune.make_plan(model, x, ratio=0.5)) in capsys.readouterr().out
+
+
+def test_compact_with_importance_mask_removes_the_masked_units(user_module, capsys):
+    assert cli.main(["compact", f"{user_module}:masked", "--importance", "mask"]) == 0
+    out = capsys.readouterr().out
+    assert "24/32" in out  # ln_structured emptied 8 of the first layer's 32 rows; nothing else goes
 
 
 def test_plan_then_compact_from_plan(tmp_path, user_module, capsys):

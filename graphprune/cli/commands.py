@@ -33,6 +33,7 @@ import torch
 import graphprune
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.analysis import ATTENTION_MODES
+from graphprune.methods.prune_masks import fold_masks
 
 PROG = "graphprune"
 
@@ -214,7 +215,8 @@ def _compact(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, torch.nn.M
         small = graphprune.apply_plan(model, plan)
     else:  # one analysis gives both, and the compact model is verified against the plan
         small, plan = graphprune.compact_with_plan(model, example, **_plan_kwargs(args))
-    return model, example, small, plan
+    # torch.nn.utils.prune masks: the dense model they compute (same outputs) is what is compared
+    return fold_masks(model)[0], example, small, plan
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -256,7 +258,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    model, example, small, _plan = _compact(args)
+    model, example, small, plan = _compact(args)
     report = graphprune.benchmark(model, small, example, **_bench_kwargs(args))
     print(report)
     if getattr(args, "plot", None):
@@ -264,7 +266,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
         print(f"wrote {plot_widths(model, small, args.plot)}")
     if args.json:
-        payload = {"model": args.model, "ratio": args.ratio, "report": _report_to_data(report)}
+        ratio = args.ratio if args.ratio is not None or args.importance == "mask" else plan.ratio
+        payload = {"model": args.model, "ratio": ratio, "report": _report_to_data(report)}
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
@@ -365,15 +368,18 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--ratio", type=_ratio, default=0.3,
-                   help="fraction of the units of every prunable group to remove (default 0.3)")
+    p.add_argument("--ratio", type=_ratio, default=None,
+                   help="fraction of the units of every prunable group to remove (default 0.3; with "
+                        "--importance mask an upper bound, default none)")
     p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
                    help="shape of a random float32 example input, e.g. 1,3,224,224 (required "
                         "unless MODEL provides an example input)")
     p.add_argument("--size", default=None,
                    help="size of a zoo: model: 'tiny' (default, seconds) or 'bench' (real widths)")
-    p.add_argument("--importance", choices=("l1", "l2"), default="l2",
-                   help="channel importance criterion (default l2)")
+    p.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "lamp", "random", "mask"),
+                   default="l2",
+                   help="channel importance criterion (default l2); 'mask': remove exactly the units "
+                        "the model's torch.nn.utils.prune masks emptied")
     add_structure_args(p)
     p.add_argument("--fallback", choices=("freeze", "graph", "error"), default="freeze",
                    help="when a module's code cannot run at the new sizes: keep such modules whole "

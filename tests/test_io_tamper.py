@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import graphprune
+from graphprune.planning.plan import AttrUpdate
 
 
 class Net(nn.Module):
@@ -189,3 +190,11 @@ def test_linked_files_in_a_save_directory_are_refused(saved, tmp_path: Path) -> 
     (d / "plan.json").symlink_to(saved[1] / "plan.json")
     with pytest.raises(graphprune.PlanMismatchError, match="link"):
         graphprune.load(d, Net(1))
+
+
+def test_apply_plan_refuses_the_same_tampering(saved) -> None:
+    plan = graphprune.Plan.from_json(saved[1] / "plan.json")
+    assert graphprune.apply_plan(Net(1), plan).conv1.out_channels == saved[0].conv1.out_channels
+    plan.attr_updates.append(AttrUpdate("conv2", "padding", (1, 1), (0, 0)))
+    with pytest.raises(graphprune.PlanMismatchError, match="padding"):
+        graphprune.apply_plan(Net(1), plan)

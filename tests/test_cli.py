@@ -158,6 +158,10 @@ def test_plan_then_compact_from_plan(tmp_path, user_module, capsys):
     model, x = cli.load_model(f"{user_module}:build")
     expected = graphprune.compact(model, x, ratio=0.25)
     torch.testing.assert_close(torch.load(pt_path, weights_only=False)(x), expected(x))
+    redirect = tmp_path / "redirect.json"  # a plan file whose text names another plan file
+    redirect.write_text(str(plan_path))
+    assert cli.main(["compact", f"{user_module}:build", "--from-plan", str(redirect)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
 
 
 def test_benchmark_writes_json(tmp_path, user_module, capsys):

@@ -211,7 +211,7 @@ def _compact(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, torch.nn.M
             text = Path(args.from_plan).read_text()
         except OSError as exc:
             raise InputError(f"cannot read --from-plan file: {exc}") from exc
-        plan = graphprune.Plan.from_json(text)
+        plan = graphprune.Plan.from_text(text, args.from_plan)  # the text, never a path in it
         small = graphprune.apply_plan(model, plan)
     else:  # one analysis gives both, and the compact model is verified against the plan
         small, plan = graphprune.compact_with_plan(model, example, **_plan_kwargs(args))

@@ -198,3 +198,21 @@ def test_apply_plan_refuses_the_same_tampering(saved) -> None:
     plan.attr_updates.append(AttrUpdate("conv2", "padding", (1, 1), (0, 0)))
     with pytest.raises(graphprune.PlanMismatchError, match="padding"):
         graphprune.apply_plan(Net(1), plan)
+
+
+def test_user_module_attribute_named_like_a_torch_size_is_replayed(tmp_path: Path) -> None:
+    """A user's ``self.groups`` (fed to a reshape) is a plan update of its own, not a Conv's derived
+    size: load and apply_plan used to skip it, leaving a model that cannot run (fuzz case)."""
+    from fuzzgen import build
+    from test_fuzz import _seq
+
+    spec = _seq([{"op": "group_scale", "groups": 4}, {"op": "split_lin", "first": 1, "out": 4}], seed=45252)
+    model, x = build(spec)
+    small, plan = graphprune.compact_with_plan(model, x, ratio=0.5, prune_hidden=True)
+    assert any(u.attr == "groups" for u in plan.attr_updates)
+    graphprune.save(small, tmp_path, plan)
+    for rebuilt in (graphprune.load(tmp_path, build(spec)[0], example_input=x),
+                    graphprune.apply_plan(build(spec)[0], plan)):
+        rebuilt.load_state_dict(small.state_dict())
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x), small(x))

@@ -164,7 +164,8 @@ def replay(model: nn.Module, plan: Plan) -> nn.Module:
                 f"the plan sets {u.module}.{u.attr} to {u.new!r} but its sliced tensors make it "
                 f"{computed[u.module, u.attr]!r}"
             )
-        if (u.module, u.attr) not in computed and u.attr in _MODULE_ATTRS:
+        derivable = u.attr in _MODULE_ATTRS and _is_torch_module(model, u.module)
+        if (u.module, u.attr) not in computed and derivable:
             raise PlanMismatchError(
                 f"the plan changes {u.module}.{u.attr} to {u.new!r} but its sliced tensors leave it at "
                 f"{u.old!r}"
@@ -172,6 +173,16 @@ def replay(model: nn.Module, plan: Plan) -> nn.Module:
     apply_attr_updates(model, derived)
     apply_attr_updates(model, [u for u in plan.attr_updates if (u.module, u.attr) not in computed])
     return model
+
+
+def _is_torch_module(model: nn.Module, path: str) -> bool:
+    """A module of torch.nn itself, whose size attributes module_updates derives from its tensors
+    (a user's module may hold an attribute of the same name, e.g. ``groups``, that a reshape uses)."""
+    try:
+        mod = model.get_submodule(path) if path else model
+    except AttributeError:
+        return False
+    return type(mod).__module__.startswith("torch.nn.")
 
 
 def _as_tuple(v: Any) -> tuple:

@@ -8,13 +8,18 @@ attributes changed. So a saved directory holds::
     graphprune.json      manifest: format version, model class, versions (for humans and checks)
     plan.json            the Plan (Plan.to_json), replayed by load()
     model.safetensors    the compact model's weights
+    buffers.safetensors  its non-persistent buffers (not in a state_dict, still part of the
+                         model: a base built with another seed must not supply them)
     config.json          (Hugging Face models) the compact model's ``config``, so the loaded
                          model describes its new widths too (plain JSON values only)
 
 and ``load(directory, base_model)`` replays the plan on a freshly built base model (the same
-architecture, any weights) and then loads the weights. Nothing in the directory is executable:
-JSON and safetensors only, and the plan may only change integer/size attributes that exist on
-the base model with the value the plan expects, so a tampered file can at worst be rejected.
+architecture, any weights) and then loads the weights. Nothing in the directory is executable,
+and nothing in it can change the model in a way graphprune would not: the plan is parsed field
+by field (``planning.plan_json``) and may only change sizes its slices imply
+(``surgery.plan_checks``); the tensor files must hold exactly the model's tensors, at the
+plan's shapes, with the same kind of dtype; links are refused; config.json contributes sizes
+only. A tampered directory is rejected with a ``PlanMismatchError`` that says what is wrong.
 
 ``torch.save(small)`` still works for users who prefer it (the compact model is an ordinary
 module); ``torch.load`` of such a file unpickles, which is the user's choice, not graphprune's.
@@ -320,7 +325,8 @@ def load(
     weights do not matter; it is not modified). The saved weights are copied into the rebuilt
     model, which keeps ``base_model``'s dtype, device and train/eval mode. With
     ``example_input`` the result is run once and must give the base model's output shapes.
-    Raises ``PlanMismatchError`` when the plan or the weights do not fit ``base_model``.
+    Raises ``PlanMismatchError`` when the plan or the weights do not fit ``base_model``, or when
+    any file is not what ``save`` writes (see the module docstring).
     """
     import copy
 

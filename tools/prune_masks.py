@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import graphprune  # noqa: E402
 from graphprune import zoo  # noqa: E402
 from graphprune.cli.demo import DigitsCNN  # noqa: E402
-from graphprune.export.bench import _interleaved_latency  # noqa: E402
+from graphprune.export.bench import interleaved_latency  # noqa: E402
 from graphprune.methods.prune_masks import fold_masks  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def measure(name: str, model: torch.nn.Module, x: torch.Tensor, runs: int, amoun
                 warnings.simplefilter("ignore")
                 graphprune.export_onnx(m.eval(), x, p)
             paths.append(p)
-        rounds = [_interleaved_latency(paths, x, warmup=5, runs=runs, threads=1) for _ in range(3)]
+        rounds = [interleaved_latency(paths, x, warmup=5, runs=runs, threads=1) for _ in range(3)]
         lat = [min(r[i].median_ms for r in rounds) for i in range(len(paths))]
         for (label, (m, stored)), p, ms in zip(vs.items(), paths, lat):
             rows.append(

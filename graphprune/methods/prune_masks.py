@@ -37,7 +37,7 @@ from torch.nn.utils import prune
 
 from graphprune.graph.analysis import Analysis, Group, Member
 from graphprune.planning.cut import produces
-from graphprune.planning.importance import Importance
+from graphprune.planning.scoring import Importance
 
 
 def prune_hooks(model: nn.Module) -> list[tuple[str, str]]:
@@ -93,17 +93,28 @@ def _unit_zero(mask: torch.Tensor, member: Member, units: int) -> tuple[np.ndarr
 class MaskImportance(Importance):
     """``importance="mask"``: units emptied by torch.nn.utils.prune masks score 0, others 1.
 
-    Use with :func:`mask_counts`, which says how many units of each group go (exactly the
-    emptied ones); the scores only say which. See the module docstring for when a unit counts
-    as emptied.
+    ``exact_counts`` says how many units of each group go (exactly the emptied ones, which
+    ``build_plan`` takes instead of a ratio); the scores only say which. See the module docstring
+    for when a unit counts as emptied.
     """
 
     name = "mask"
     quiet_ties = True  # most groups have no emptied unit: all 1.0 is the expected answer
 
-    def __init__(self, masks: dict[str, torch.Tensor]) -> None:
+    def __init__(self, masks: dict[str, torch.Tensor], bound: float | None = None) -> None:
         super().__init__()
         self.masks = masks
+        self.bound = bound
+
+    def exact_counts(self, analysis: Analysis) -> dict[int, int]:
+        """Units each prunable group loses (``build_plan`` asks): exactly its emptied units, at
+        most ``round(bound * units)`` when a bound (the user's ratio) is given."""
+        counts = {}
+        for g in analysis.groups:
+            if g.members and g.num_units > 1:
+                n = int(self.dead(g, analysis.model).sum())
+                counts[g.index] = n if self.bound is None else min(n, int(round(self.bound * g.num_units)))
+        return counts
 
     def dead(self, group: Group, model: nn.Module) -> np.ndarray:
         n = group.num_units
@@ -143,16 +154,3 @@ class MaskImportance(Importance):
 
     def __call__(self, group: Group, model: nn.Module) -> np.ndarray:
         return np.where(self.dead(group, model), 0.0, 1.0)
-
-
-def mask_counts(analysis: Analysis, criterion: MaskImportance, ratio: float | None) -> dict[int, int]:
-    """Units each prunable group loses: its emptied units, at most ``round(ratio * units)`` if given."""
-    counts = {}
-    for g in analysis.groups:
-        if not g.members or g.num_units <= 1:
-            continue
-        n = int(criterion.dead(g, analysis.model).sum())
-        if ratio is not None:
-            n = min(n, int(round(ratio * g.num_units)))
-        counts[g.index] = n
-    return counts

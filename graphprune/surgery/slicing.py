@@ -164,7 +164,7 @@ def replay(model: nn.Module, plan: Plan) -> nn.Module:
                 f"the plan sets {u.module}.{u.attr} to {u.new!r} but its sliced tensors make it "
                 f"{computed[u.module, u.attr]!r}"
             )
-        derivable = u.attr in _MODULE_ATTRS and _is_torch_module(model, u.module)
+        derivable = u.attr in MODULE_ATTRS and _is_torch_module(model, u.module)
         if (u.module, u.attr) not in computed and derivable:
             raise PlanMismatchError(
                 f"the plan changes {u.module}.{u.attr} to {u.new!r} but its sliced tensors leave it at "
@@ -189,7 +189,7 @@ def _as_tuple(v: Any) -> tuple:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
-_MODULE_ATTRS = {
+MODULE_ATTRS = {
     "in_channels",
     "out_channels",
     "groups",

@@ -117,6 +117,9 @@ def compact(
     ``importance``: "l1", "l2" (default), "random", "fpgm", "bn_scale", "lamp", or measured on
     calibration ``data`` (an iterable of ``(inputs, target)`` batches): "taylor" and "hessian"
     (need ``loss_fn(output, target)``), "activation", "apoz"; or any callable(group, model).
+    A model carrying ``torch.nn.utils.prune`` masks is pruned as the effective (masked) weights;
+    ``importance="mask"`` removes exactly the units the masks emptied (``ratio``, if given, caps
+    each group) and folds every other mask (docs/methods/prune-masks.md).
     ``prune_hidden=True`` also prunes the residual stream (hidden size) of transformers.
     ``attention`` says what attention layers lose: "heads" (default; grouped-query attention loses
     whole KV groups with their q heads), "q_heads" (q heads evenly within each KV group, KV heads

@@ -104,3 +104,24 @@ def test_bilinear_is_counted_like_its_einsum() -> None:
     a, b = torch.randn(3, 6), torch.randn(3, 5)
     expected, _ = _oracle(lambda: torch.einsum("bi,oij,bj->bo", a, bl.weight, b))
     assert graphprune.count_flops(bl, (a, b)) == expected > 0
+
+
+def test_target_flops_on_a_recurrent_model_counts_the_lstm() -> None:
+    """target_flops must see the LSTM's arithmetic (it used to see only the Linear head)."""
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(8, 32, num_layers=2, batch_first=True)
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0])
+
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    x = torch.randn(2, 6, 8)
+    full = graphprune.count_flops(model, x)
+    assert full > 2 * 2 * 6 * 32 * 4 * 10  # the LSTM dominates the head's 2*B*T*32*4
+    small = graphprune.compact(model, x, target_flops=0.5, verify=False)
+    assert abs(graphprune.count_flops(small, x) / full - 0.5) <= 0.05

@@ -216,3 +216,20 @@ def test_user_module_attribute_named_like_a_torch_size_is_replayed(tmp_path: Pat
         rebuilt.load_state_dict(small.state_dict())
         with torch.no_grad():
             assert torch.equal(rebuilt(x), small(x))
+
+
+def test_nan_in_the_saved_weights_is_refused_and_never_saved(saved, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved[1] / "model.safetensors"))
+    state["conv2.weight"][0, 0, 0, 0] = float("nan")
+    d = _copy(saved[1], tmp_path / "nan")
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "graphprune-saved/1"})
+    with pytest.raises(graphprune.PlanMismatchError, match=r"NaN or Inf in conv2\.weight"):
+        graphprune.load(d, Net(1))
+    small = Net(0)
+    with torch.no_grad():
+        small.head.bias[0] = float("inf")
+    plan = graphprune.Plan.from_json(saved[1] / "plan.json")
+    with pytest.raises(graphprune.InputError, match="NaN or Inf in head.bias"):
+        graphprune.save(graphprune.apply_plan(small, plan), tmp_path / "inf", plan)

@@ -105,6 +105,12 @@ def save(model: nn.Module, directory: str | Path, plan: Plan) -> Path:
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise InputError("the model is on the meta device: there are no weights to save")
     _check_model_matches_plan(model, plan)
+    bad = non_finite_parameters(model)
+    if bad:
+        raise InputError(
+            f"the model holds NaN or Inf in {', '.join(bad[:5])}; it computes nothing that a saved copy "
+            "could reproduce. Fix the weights (or the training run that produced them) first."
+        )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / WEIGHTS), metadata={"format": FORMAT})
@@ -197,6 +203,14 @@ def _size(v: Any) -> bool:
 
 def _as_list(v: Any) -> list[int]:
     return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of floating-point parameters holding NaN or Inf (buffers may hold -inf masks)."""
+    return [
+        name for name, p in model.named_parameters()
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all())
+    ]
 
 
 def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -361,6 +375,12 @@ def load(
             f"({first[0] if first else type(exc).__name__}{' ...' if len(first) > 1 else ''}); "
             "the directory's weights and plan do not belong to this architecture."
         ) from exc
+    bad = non_finite_parameters(small)
+    if bad:
+        raise PlanMismatchError(
+            f"the saved weights hold NaN or Inf in {', '.join(bad[:5])}: graphprune.save never writes "
+            "such a model, so the file was damaged or altered after saving."
+        )
     _load_buffers(small, directory, manifest)
     _apply_config(small, directory, plan)
     small.train(base_model.training)

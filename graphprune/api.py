@@ -49,7 +49,7 @@ def _plan_and_model(
     bound = None if ratio is None else check_ratio(ratio)
     # importance="mask": the criterion's exact counts decide, a ratio only caps them
     ratio = (0.0 if isinstance(importance, MaskImportance) else 0.3) if bound is None else bound
-    fallback = check_fallback(fallback)
+    # ``fallback`` was checked by the public entry point
     engine = Engine(
         model, example_input, importance=importance, ignored_layers=ignored_layers, structure=structure,
         data=data, loss_fn=loss_fn,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphPruneError
-from graphprune.graph.analysis import Analysis, analyze, check_attention, param_tensor
+from graphprune.graph.analysis import Analysis, analyze, param_tensor
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.trace import check_model
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
@@ -171,8 +171,7 @@ def prepare(
     then measure on the analysis' copy of the model (same parameter names as the plan uses).
     ``structure`` are the analysis options (``prune_hidden``, ``attention``).
     """
-    check_model(model)
-    check_attention(structure.get("attention", "heads"))
+    check_model(model)  # ``attention`` is checked by StructureOptions / analyze, once each
     criterion = resolve(importance, data=data, loss_fn=loss_fn, check_data=True)
     normalize_inputs(example_input)
     analysis = analyze(model, example_input, ignored_layers=ignored_layers, **structure)

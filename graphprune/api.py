@@ -11,11 +11,13 @@ from graphprune.distributed import agree, digest, is_distributed
 from graphprune.engine import Engine, Realized, modes, set_mode
 from graphprune.errors import InputError
 from graphprune.graph.trace import check_model
+from graphprune.methods.prune_masks import MaskImportance, fold_masks
 from graphprune.planning.importance import Criterion
 from graphprune.planning.options import CutOptions, StructureOptions
 from graphprune.planning.plan import Plan, check_ratio
 from graphprune.surgery.fallback import check_fallback
 from graphprune.surgery.hf import update_config
+from graphprune.surgery.plan_checks import check_plan_fits
 from graphprune.surgery.slicing import replay
 
 
@@ -33,7 +35,7 @@ def _where_to_cut(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _plan_and_model(
     model: nn.Module,
     example_input: Any,
-    ratio: float,
+    ratio: float | None,
     importance: str | Criterion,
     ignored_layers: Any,
     structure: StructureOptions,
@@ -45,7 +47,10 @@ def _plan_and_model(
 ) -> Realized:
     """One analysis, one plan, one surgery (with the fallback re-planning as compact documents)."""
     check_model(model)
-    ratio = check_ratio(ratio)  # ``fallback`` was checked by the public entry point
+    bound = None if ratio is None else check_ratio(ratio)
+    # importance="mask": the criterion's exact counts decide, a ratio only caps them
+    ratio = (0.0 if isinstance(importance, MaskImportance) else 0.3) if bound is None else bound
+    # ``fallback`` was checked by the public entry point
     engine = Engine(
         model, example_input, importance=importance, ignored_layers=ignored_layers, structure=structure,
         data=data, loss_fn=loss_fn,
@@ -55,6 +60,34 @@ def _plan_and_model(
         agree(digest(result.plan.to_json()), "the plan", "The model, example input and statistics agreed, "
               "so a criterion or option is not deterministic; plan on one rank and use broadcast_plan.")
     return result
+
+
+def _unmasked(
+    model: nn.Module, importance: Any, ratio: float | None, **refused: Any
+) -> tuple[nn.Module, Any, float | None]:
+    """torch.nn.utils.prune masks folded into a copy (the user's model stays masked); "mask" resolved.
+
+    Returns (model to prune, importance, ratio): every criterion then scores the effective weights;
+    ``importance="mask"`` becomes a MaskImportance over the masks, whose ratio is only an upper
+    bound (None: no bound), and which refuses options that would choose other units than the masks.
+    """
+    check_model(model)
+    folded, masks = fold_masks(model)
+    if not (isinstance(importance, str) and importance.lower() == "mask"):
+        return folded, importance, ratio
+    if not masks:
+        raise InputError(
+            "importance='mask' removes the units that torch.nn.utils.prune masks have emptied, and this "
+            "model carries no such masks; prune it first (e.g. prune.ln_structured(conv, 'weight', "
+            "amount=0.3, n=2, dim=0) on every conv) or use a weight criterion such as 'l2'."
+        )
+    used = sorted(k for k, v in refused.items() if v not in (None, False, (), {}))
+    if used:
+        raise InputError(
+            f"importance='mask' removes exactly the units the masks emptied; {', '.join(used)} would "
+            "choose others. Leave them out (a ratio, if given, caps each group's removal)."
+        )
+    return folded, MaskImportance(masks, None if ratio is None else check_ratio(ratio)), ratio
 
 
 def compact(
@@ -89,6 +122,9 @@ def compact(
     ``importance``: "l1", "l2" (default), "random", "fpgm", "bn_scale", "lamp", or measured on
     calibration ``data`` (an iterable of ``(inputs, target)`` batches): "taylor" and "hessian"
     (need ``loss_fn(output, target)``), "activation", "apoz"; or any callable(group, model).
+    A model carrying ``torch.nn.utils.prune`` masks is pruned as the effective (masked) weights;
+    ``importance="mask"`` removes exactly the units the masks emptied (``ratio``, if given, caps
+    each group) and folds every other mask (docs/methods/prune-masks.md).
     ``prune_hidden=True`` also prunes the residual stream (hidden size) of transformers.
     ``attention`` says what attention layers lose: "heads" (default; grouped-query attention loses
     whole KV groups with their q heads), "q_heads" (q heads evenly within each KV group, KV heads
@@ -111,6 +147,8 @@ def compact(
     training = modes(model)
     targets = {"target_flops": target_flops, "target_params": target_params,
                "target_speedup": target_speedup, "target_latency_ms": target_latency_ms}
+    model, importance, ratio = _unmasked(model, importance, ratio, global_pruning=global_pruning,
+                                         ratios=ratios, round_to=round_to, **targets)
     if any(v is not None for v in targets.values()):
         from graphprune.search.targets import targeted
 
@@ -121,7 +159,6 @@ def compact(
                          ratios=ratios, round_to=round_to, progress=progress, fallback=fallback).model
         set_mode(small, training)
         return small
-    ratio = 0.3 if ratio is None else ratio
     small, plan, analysis = _plan_and_model(
         model,
         example_input,
@@ -145,7 +182,7 @@ def compact(
 def make_plan(
     model: nn.Module,
     example_input: Any,
-    ratio: float = 0.3,
+    ratio: float | None = None,
     *,
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
@@ -164,6 +201,9 @@ def make_plan(
     cut = _where_to_cut(where)
     if where:
         raise InputError(f"unexpected arguments: {sorted(where)}")
+    opts = cut["options"]
+    model, importance, ratio = _unmasked(model, importance, ratio, global_pruning=opts.global_pruning,
+                                         ratios=opts.ratios, round_to=opts.round_to)
     structure = StructureOptions(attention, prune_hidden)
     return _plan_and_model(
         model, example_input, ratio, importance, ignored_layers, structure, fallback=fallback, **cut
@@ -175,6 +215,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     check_model(model)
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, got {type(plan).__name__}")
+    model = fold_masks(model)[0]  # a copy with torch.nn.utils.prune masks folded in, if any
+    check_plan_fits(model, plan)
     small = copy.deepcopy(model)
     replay(small, plan)
     update_config(small, plan)
@@ -188,6 +230,11 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
     training = modes(model)
     targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
     progress = kwargs.pop("progress", False)
+    model, importance, ratio = _unmasked(
+        model, kwargs.pop("importance", "l2"), ratio, global_pruning=kwargs.get("global_pruning"),
+        ratios=kwargs.get("ratios"), round_to=kwargs.get("round_to"), **targets,
+    )
+    kwargs["importance"] = importance
     if any(v is not None for v in targets.values()):
         from graphprune.search.targets import targeted
 
@@ -195,12 +242,11 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
                           fallback=fallback, **kwargs)
         set_mode(result.model, training)
         return result.model, result.plan
-    ratio = 0.3 if ratio is None else ratio
     small, plan, analysis = _plan_and_model(
         model,
         example_input,
         ratio,
-        kwargs.pop("importance", "l2"),
+        kwargs.pop("importance"),
         kwargs.pop("ignored_layers", ()),
         StructureOptions(kwargs.pop("attention", "heads"), kwargs.pop("prune_hidden", False)),
         **_where_to_cut(kwargs),

@@ -60,6 +60,12 @@ USER_MODULE = textwrap.dedent(
     def bare():
         return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
 
+    def masked():
+        from torch.nn.utils import prune
+        model, x = build()
+        prune.ln_structured(model[0], "weight", amount=0.25, n=2, dim=0)
+        return model, x
+
     NOT_A_MODEL = 42
     """
 )
@@ -136,6 +142,12 @@ def test_compact_module_callable_with_plan_and_benchmark(tmp_path, user_module, 
     assert str(graphprune.make_plan(model, x, ratio=0.5)) in capsys.readouterr().out
 
 
+def test_compact_with_importance_mask_removes_the_masked_units(user_module, capsys):
+    assert cli.main(["compact", f"{user_module}:masked", "--importance", "mask"]) == 0
+    out = capsys.readouterr().out
+    assert "24/32" in out  # ln_structured emptied 8 of the first layer's 32 rows; nothing else goes
+
+
 def test_plan_then_compact_from_plan(tmp_path, user_module, capsys):
     plan_path, pt_path = tmp_path / "plan.json", tmp_path / "small.pt"
     assert cli.main(["plan", f"{user_module}:build", "--ratio", "0.25", "--json", str(plan_path)]) == 0
@@ -147,6 +159,10 @@ def test_plan_then_compact_from_plan(tmp_path, user_module, capsys):
     model, x = common.load_model(f"{user_module}:build")
     expected = graphprune.compact(model, x, ratio=0.25)
     torch.testing.assert_close(torch.load(pt_path, weights_only=False)(x), expected(x))
+    redirect = tmp_path / "redirect.json"  # a plan file whose text names another plan file
+    redirect.write_text(str(plan_path))
+    assert cli.main(["compact", f"{user_module}:build", "--from-plan", str(redirect)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
 
 
 def test_benchmark_writes_json(tmp_path, user_module, capsys):

@@ -126,7 +126,7 @@ def test_tampered_plan_attribute_is_rejected(tmp_path: Path) -> None:
     assert custom, "expected attribute updates beyond module sizes (num_heads, split_size...)"
     graphprune.save(small, tmp_path / "ok", plan)
     for field, value, message in (
-        ("new", "os.system('echo hi')", "only integer sizes"),
+        ("new", "os.system('echo hi')", "expected an integer"),
         ("old", 12345, "expects"),
         ("module", "no.such.module", "no module"),
     ):

@@ -27,6 +27,7 @@ from graphprune.cli.common import (
     shape_arg,
 )
 from graphprune.errors import GraphPruneError, InputError
+from graphprune.methods.prune_masks import fold_masks
 
 PROG = "graphprune"
 
@@ -67,11 +68,12 @@ def _compact(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, torch.nn.M
             text = Path(args.from_plan).read_text()
         except OSError as exc:
             raise InputError(f"cannot read --from-plan file: {exc}") from exc
-        plan = graphprune.Plan.from_json(text)
+        plan = graphprune.Plan.from_text(text, args.from_plan)  # the text, never a path in it
         small = graphprune.apply_plan(model, plan)
     else:  # one analysis gives both, and the compact model is verified against the plan
         small, plan = graphprune.compact_with_plan(model, example, **_plan_kwargs(args))
-    return model, example, small, plan
+    # torch.nn.utils.prune masks: the dense model they compute (same outputs) is what is compared
+    return fold_masks(model)[0], example, small, plan
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -113,7 +115,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    model, example, small, _plan = _compact(args)
+    model, example, small, plan = _compact(args)
     report = graphprune.benchmark(model, small, example, **_bench_kwargs(args))
     print(report)
     if getattr(args, "plot", None):
@@ -121,7 +123,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
         print(f"wrote {plot_widths(model, small, args.plot)}")
     if args.json:
-        payload = {"model": args.model, "ratio": args.ratio, "report": _report_to_data(report)}
+        ratio = args.ratio if args.ratio is not None or args.importance == "mask" else plan.ratio
+        payload = {"model": args.model, "ratio": ratio, "report": _report_to_data(report)}
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
@@ -209,8 +212,9 @@ def _ratio(text: str) -> float:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--ratio", type=_ratio, default=0.3,
-                   help="fraction of the units of every prunable group to remove (default 0.3)")
+    p.add_argument("--ratio", type=_ratio, default=None,
+                   help="fraction of the units of every prunable group to remove (default 0.3; with "
+                        "--importance mask an upper bound, default none)")
     p.add_argument("--input-shape", type=shape_arg, metavar="SHAPE",
                    help="shape of a random float32 example input, e.g. 1,3,224,224 (required "
                         "unless MODEL provides an example input)")

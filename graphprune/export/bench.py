@@ -8,8 +8,10 @@ both alike. FLOPs are reported as a proxy and as the *ideal* speed-up the latenc
 
 Conventions:
 
-* **FLOPs** are what ``torch.utils.flop_counter.FlopCounterMode`` counts: 2 x multiply-accumulates
-  of matmul / linear / conv / attention ops (one multiply + one add each). Elementwise ops,
+* **FLOPs** are 2 x multiply-accumulates of every matrix product (one multiply + one add each):
+  what ``torch.utils.flop_counter.FlopCounterMode`` counts for matmul / linear / conv, plus the
+  fused CPU kernels it has no formula for (LSTM, CPU attention, fused MultiheadAttention /
+  TransformerEncoderLayer, Bilinear; see ``graphprune.export.flops``). Elementwise ops,
   normalisation, activations and bias adds are not counted. ``nn.Linear(i, o)`` on a batch of ``B``
   is therefore ``2*B*i*o`` FLOPs.
 * **Params** count each parameter tensor once, so tied weights (an LM head sharing the embedding)
@@ -32,10 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from graphprune.export.flops import count_flops
 from graphprune.export.onnx_export import ExportResult, export_onnx, onnx_feed, onnx_session
-from graphprune.graph.inputs import eval_mode, run_model
 
 __all__ = [
     "BenchmarkReport",
@@ -72,18 +73,6 @@ def count_params(model: nn.Module) -> int:
         seen.add(key)
         total += p.numel()
     return total
-
-
-def count_flops(model: nn.Module, example_input: Any) -> int:
-    """FLOPs of one forward pass on ``example_input``, as counted by ``FlopCounterMode``.
-
-    That is 2 x MACs of matmul/linear/conv/attention ops (see the module docstring); the model is
-    run in eval mode under ``torch.no_grad`` and its training flags are restored afterwards.
-    """
-    counter = FlopCounterMode(display=False)
-    with eval_mode(model), counter:
-        run_model(model, example_input)
-    return int(counter.get_total_flops())
 
 
 # Layer kinds whose width (weight shape) tells what pruning did to a network.

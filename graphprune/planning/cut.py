@@ -46,19 +46,29 @@ def output_modules(group: Group, model: nn.Module) -> list[str]:
             mod = model.get_submodule(path) if path else model
         except AttributeError:
             continue
-        producer = attr == "bias" and m.dim == 0
-        if attr == "weight":
-            if isinstance(mod, nn.modules.conv._ConvNd):
-                producer = m.dim == (1 if mod.transposed else 0)
-            elif isinstance(mod, (nn.Linear, nn.Bilinear)):
-                producer = m.dim == 0
-            elif isinstance(mod, nn.Embedding):
-                producer = m.dim == 1
-            elif isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)):
-                producer = m.dim == 0
-        if producer:
+        if produces(mod, attr, m.dim):
             out.append(path)
     return sorted(set(out or every))
+
+
+def produces(mod: nn.Module, attr: str, dim: int) -> bool:
+    """Whether dim ``dim`` of ``mod.<attr>`` is on the output side (the module writes those channels).
+
+    A conv's output-channel dim, a Linear's rows, an Embedding's columns, a bias, a norm layer's
+    affine parameters; everything else (input columns, tensors of unknown modules) is not.
+    """
+    if attr == "bias":
+        return dim == 0
+    if attr != "weight":
+        return False
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return dim == (1 if mod.transposed else 0)
+    if isinstance(mod, (nn.Linear, nn.Bilinear)):
+        return dim == 0
+    if isinstance(mod, nn.Embedding):
+        return dim == 1
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+    return isinstance(mod, norms) and dim == 0
 
 
 def _positions_per_unit(group: Group) -> int:

@@ -21,6 +21,7 @@ only needed for criteria that must see data before scoring.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ from graphprune.planning.calibration import (
 )
 from graphprune.planning.measured import Activation, Hessian, Taylor
 from graphprune.planning.scoring import Criterion, Importance, Magnitude, accumulate, per_position
+from graphprune.planning.ties import has_ties, lexicographic
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
@@ -265,4 +267,12 @@ def scores_for(criterion: Criterion, group: Group, model: nn.Module) -> np.ndarr
             f"importance returned non-finite scores for group {group.index} ({group.describe()}); "
             "check the calibration data and loss (NaN/inf gradients or activations)."
         )
+    if has_ties(arr) and not isinstance(criterion, Magnitude):
+        if arr.size > 1 and np.unique(arr).size == 1 and not getattr(criterion, "quiet_ties", False):
+            warnings.warn(
+                f"importance {getattr(criterion, 'name', 'custom')!r} gives every unit of some groups the "
+                "same score; their units are ranked by L2 magnitude instead of by position",
+                stacklevel=3,
+            )
+        arr = lexicographic(arr, Magnitude(2)(group, model))
     return arr

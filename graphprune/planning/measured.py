@@ -30,6 +30,7 @@ from graphprune.planning.calibration import (
     to_device,
 )
 from graphprune.planning.scoring import Importance, Magnitude, accumulate, per_position
+from graphprune.planning.ties import lexicographic
 
 Sums = dict[int, torch.Tensor]  # per parameter, keyed by id (tied weights once)
 
@@ -266,9 +267,12 @@ class Activation(Importance):
         kind = self.kind
 
         def reduce(a: torch.Tensor, axis: int) -> torch.Tensor:
+            """Per channel: mean |a| ("mean"), or (fraction non-zero, mean |a|) stacked ("apoz")."""
             a = a.detach().float().movedim(axis, -1)
             a = a.reshape(-1, a.shape[-1])
-            return a.abs().mean(0) if kind == "mean" else (a != 0).float().mean(0)
+            if kind == "mean":
+                return a.abs().mean(0)
+            return torch.stack([(a != 0).float().mean(0), a.abs().mean(0)])
 
         def hook(module: nn.Module, args: Any, output: Any, sites=None) -> None:
             for name, dim, axis, is_input in sites:
@@ -325,7 +329,7 @@ class Activation(Importance):
         for (name, dim), v in list(self.stats.items()):
             kept = plan.slices.get(name, {}).get(dim)
             if kept is not None:
-                self.stats[(name, dim)] = v[np.asarray(kept, dtype=np.int64)]
+                self.stats[(name, dim)] = v[..., np.asarray(kept, dtype=np.int64)]
 
     def __call__(self, group: Group, model: nn.Module) -> np.ndarray:
         if not self.stats:
@@ -334,14 +338,17 @@ class Activation(Importance):
                 "or call prepare(model, data) first."
             )
         for want_input in (True, False):
-            total = np.zeros(group.num_units)
+            total = np.zeros((2, group.num_units))
             seen = np.zeros(group.num_units)
             for m in group.members:
                 key = (m.name, m.dim)
                 if key in self.stats and self.is_input.get(key) == want_input:
-                    vals = self.stats[key]
-                    if accumulate(total, m, vals, False):
-                        accumulate(seen, m, np.ones_like(vals), False)
+                    vals = np.atleast_2d(self.stats[key])  # apoz: rows (non-zero fraction, mean |a|)
+                    if accumulate(seen, m, np.ones(vals.shape[-1]), False):
+                        for row, v in enumerate(vals):
+                            accumulate(total[row], m, v, False)
             if seen.any():
-                return np.divide(total, seen, out=np.zeros_like(total), where=seen > 0)
+                mean = np.divide(total, seen, out=np.zeros_like(total), where=seen > 0)
+                # APoZ ties (no activation is ever exactly zero: LSTM states, GELU) go by mean |a|
+                return mean[0] if self.kind == "mean" else lexicographic(mean[0], mean[1])
         return Magnitude(2)(group, model)

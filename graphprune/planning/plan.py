@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from graphprune.errors import InputError
+from graphprune.errors import InputError, PlanMismatchError
 from graphprune.graph.analysis import Analysis
 from graphprune.planning.cut import CutOptions, choose_removed
 from graphprune.planning.importance import Criterion, scores_for
+from graphprune.planning.plan_json import PLAN_FORMAT, check_dict, parse_text
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Plan:
         d = asdict(self)
         d.pop("removed_class")
         d["slices"] = {k: {str(dim): v for dim, v in dims.items()} for k, dims in self.slices.items()}
-        d["format"] = "graphprune-plan/1"
+        d["format"] = PLAN_FORMAT
         return d
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -72,31 +73,43 @@ class Plan:
         return text
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
-        if d.get("format") != "graphprune-plan/1":
-            raise InputError("not a graphprune plan (missing format 'graphprune-plan/1')")
+    def from_dict(cls, d: dict[str, Any], where: str = "plan") -> Plan:
+        """A plan from ``to_dict``'s output; anything else is a PlanMismatchError naming the field."""
+        c = check_dict(d, where)
         return cls(
-            ratio=float(d["ratio"]),
-            importance=str(d["importance"]),
-            slices={
-                k: {int(dim): [int(i) for i in v] for dim, v in dims.items()}
-                for k, dims in d["slices"].items()
-            },
-            shapes={k: [int(s) for s in v] for k, v in d.get("shapes", {}).items()},
-            groups=[GroupPlan(**g) for g in d.get("groups", [])],
-            attr_updates=[AttrUpdate(**a) for a in d.get("attr_updates", [])],
-            boundaries=list(d.get("boundaries", [])),
-            notes=list(d.get("notes", [])),
-            structure=dict(d.get("structure", {})),
-            scales=[dict(x) for x in d.get("scales", [])],
+            ratio=c["ratio"],
+            importance=c["importance"],
+            slices=c["slices"],
+            shapes=c["shapes"],
+            groups=[GroupPlan(**g) for g in c["groups"]],
+            attr_updates=[AttrUpdate(**a) for a in c["attr_updates"]],
+            boundaries=c["boundaries"],
+            notes=c["notes"],
+            structure=c["structure"],
+            scales=c["scales"],
         )
 
     @classmethod
+    def from_text(cls, text: str, where: str = "plan") -> Plan:
+        """A plan from JSON text (never taken for a file name, whatever it holds)."""
+        return cls.from_dict(parse_text(text, where), where)
+
+    @classmethod
     def from_json(cls, text_or_path: str | Path) -> Plan:
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
-        return cls.from_dict(json.loads(text))
+        """A plan from JSON text, or from the file at a path (a ``Path``, or a string that is not JSON).
+
+        A file's contents are parsed as JSON only: a file holding a path is an error, not a redirect.
+        """
+        if isinstance(text_or_path, Path):
+            return cls.from_text(_read(text_or_path), str(text_or_path))
+        if not isinstance(text_or_path, str):
+            raise PlanMismatchError(f"a plan is JSON text or a path, got {type(text_or_path).__name__}")
+        if text_or_path.lstrip()[:1] in ("{", "[", '"') or "\n" in text_or_path:
+            return cls.from_text(text_or_path)
+        path = Path(text_or_path)
+        if not path.is_file():
+            raise PlanMismatchError(f"{text_or_path!r:.120} is neither plan JSON nor an existing file")
+        return cls.from_text(_read(path), str(path))
 
     # -- display ------------------------------------------------------------------------------
     def summary(self, max_groups: int = 40) -> str:
@@ -132,6 +145,13 @@ class Plan:
         return self.summary()
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanMismatchError(f"cannot read the plan file {path}: {exc}") from exc
+
+
 def check_ratio(ratio: Any) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= float(ratio) < 1:
         raise InputError(
@@ -154,6 +174,7 @@ def build_plan(
 
     ``counts`` (group index -> units to remove) overrides the ratio for the groups it names: the
     target search (``graphprune.search.targets``) uses it to step one group at a time between ratios.
+    A criterion with an ``exact_counts(analysis)`` method (``importance="mask"``) supplies them itself.
     ``options`` selects global ranking, per-module ratios and ``round_to`` (``graphprune.planning.cut``).
     """
     ratio = check_ratio(ratio)
@@ -167,6 +188,9 @@ def build_plan(
         structure=dict(analysis.options),
     )
     opts = options or CutOptions()
+    exact = getattr(criterion, "exact_counts", None)  # a criterion that decides how many go too
+    if callable(exact):
+        counts = {**exact(analysis), **(counts or {})}
     if counts is not None:
         opts = dataclasses.replace(opts, counts={**(opts.counts or {}), **counts})
     chosen, cut_notes = choose_removed(analysis, ratio, criterion, opts, scores_for)

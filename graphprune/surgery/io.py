@@ -8,13 +8,18 @@ attributes changed. So a saved directory holds::
     graphprune.json      manifest: format version, model class, versions (for humans and checks)
     plan.json            the Plan (Plan.to_json), replayed by load()
     model.safetensors    the compact model's weights
+    buffers.safetensors  its non-persistent buffers (not in a state_dict, still part of the
+                         model: a base built with another seed must not supply them)
     config.json          (Hugging Face models) the compact model's ``config``, so the loaded
                          model describes its new widths too (plain JSON values only)
 
 and ``load(directory, base_model)`` replays the plan on a freshly built base model (the same
-architecture, any weights) and then loads the weights. Nothing in the directory is executable:
-JSON and safetensors only, and the plan may only change integer/size attributes that exist on
-the base model with the value the plan expects, so a tampered file can at worst be rejected.
+architecture, any weights) and then loads the weights. Nothing in the directory is executable,
+and nothing in it can change the model in a way graphprune would not: the plan is parsed field
+by field (``planning.plan_json``) and may only change sizes its slices imply
+(``surgery.plan_checks``); the tensor files must hold exactly the model's tensors, at the
+plan's shapes, with the same kind of dtype; links are refused; config.json contributes sizes
+only. A tampered directory is rejected with a ``PlanMismatchError`` that says what is wrong.
 
 ``torch.save(small)`` still works for users who prefer it (the compact model is an ordinary
 module); ``torch.load`` of such a file unpickles, which is the user's choice, not graphprune's.
@@ -34,12 +39,14 @@ from graphprune.graph.analysis import param_tensor
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import check_model, no_cache
 from graphprune.planning.plan import Plan
-from graphprune.surgery.slicing import MODULE_ATTRS, plan_tensor, replay
+from graphprune.surgery.plan_checks import check_plan_fits, check_size_change, kept_fractions
+from graphprune.surgery.slicing import replay
 
 FORMAT = "graphprune-saved/1"
 MANIFEST = "graphprune.json"
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
+BUFFERS = "buffers.safetensors"  # non-persistent buffers (not in the state_dict, still the model's)
 CONFIG = "config.json"
 
 
@@ -84,7 +91,7 @@ def save(model: nn.Module, directory: str | Path, plan: Plan) -> Path:
     Returns the directory. Load it back with ``graphprune.load(directory, base_model)``, where
     ``base_model`` is a freshly built model of the original architecture.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     check_model(model)
     if not isinstance(plan, Plan):
@@ -98,11 +105,22 @@ def save(model: nn.Module, directory: str | Path, plan: Plan) -> Path:
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise InputError("the model is on the meta device: there are no weights to save")
     _check_model_matches_plan(model, plan)
+    bad = non_finite_parameters(model)
+    if bad:
+        raise InputError(
+            f"the model holds NaN or Inf in {', '.join(bad[:5])}; it computes nothing that a saved copy "
+            "could reproduce. Fix the weights (or the training run that produced them) first."
+        )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / WEIGHTS), metadata={"format": FORMAT})
     (out / PLAN).write_text(plan.to_json())
     files = {"plan": PLAN, "weights": WEIGHTS}
+    extra = non_persistent_buffers(model)
+    if extra:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in extra.items()}, str(out / BUFFERS),
+                  metadata={"format": FORMAT})
+        files["buffers"] = BUFFERS
     config = _config_dict(model)
     if config is not None:
         (out / CONFIG).write_text(json.dumps(config, indent=1))
@@ -139,31 +157,147 @@ def _plain(v: Any) -> bool:
     return False
 
 
-def _apply_config(model: nn.Module, directory: Path) -> None:
-    """Give the loaded model the saved config's values (data only: no code, no nested objects)."""
-    path = directory / CONFIG
+def _apply_config(model: nn.Module, directory: Path, plan: Plan) -> None:
+    """Give the loaded model the saved config's *sizes*: nothing else in config.json is taken.
+
+    A key is applied when the base config has it as an integer (or list of integers) and the saved
+    value shrinks it by a fraction some sliced dimension keeps (``num_attention_heads`` 12 -> 8), or
+    when the base config lacks it and a module of the loaded model holds that very integer under
+    that name (``head_dim``, which ``compact`` adds to configs that derive it). Other differences
+    (flags, strings, epsilons: how the model computes) keep the base model's values.
+    """
     config = getattr(model, "config", None)
-    if not path.is_file() or config is None:
+    path = _existing(directory, CONFIG)
+    if path is None or config is None:
         return
     try:
         saved = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as exc:
+        raise PlanMismatchError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(saved, dict):
-        raise InputError(f"{path} does not hold a config object")
+        raise PlanMismatchError(f"{path} does not hold a config object")
+    fractions = kept_fractions(plan, model)
+    attrs = {(attr, v) for m in model.modules() for attr, v in vars(m).items() if type(v) is int}
     for key, value in saved.items():
-        if not isinstance(key, str) or key.startswith("_") or not _plain(value):
+        if not isinstance(key, str) or key.startswith("_") or not _size(value):
             continue
         current = getattr(config, key, None)
-        if callable(current):
-            continue
-        if isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        if current != value:
-            try:
+        if current is None:
+            if type(value) is int and (key, value) in attrs:
                 setattr(config, key, value)
-            except (AttributeError, TypeError, ValueError):
-                continue
+            continue
+        if not _size(current) or _as_list(current) == _as_list(value):
+            continue
+        check_size_change("config", key, _as_list(current), _as_list(value), fractions, what=str(path))
+        try:
+            setattr(config, key, tuple(value) if isinstance(current, tuple) else value)
+        except (AttributeError, TypeError, ValueError):
+            continue
+
+
+def _size(v: Any) -> bool:
+    if type(v) is int:
+        return True
+    return isinstance(v, (list, tuple)) and bool(v) and all(type(x) is int for x in v)
+
+
+def _as_list(v: Any) -> list[int]:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of floating-point parameters holding NaN or Inf (buffers may hold -inf masks)."""
+    return [
+        name for name, p in model.named_parameters()
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all())
+    ]
+
+
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers registered with ``persistent=False``: not in the state_dict, but part of the model."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for path, mod in model.named_modules():
+        for name in getattr(mod, "_non_persistent_buffers_set", ()):
+            t = mod._buffers.get(name)
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                out[f"{path}.{name}" if path else name] = t
+    return out
+
+
+def _existing(directory: Path, name: str) -> Path | None:
+    """``directory / name`` if it is a regular file; links are refused (save never writes one)."""
+    path = directory / name
+    if path.is_symlink():
+        raise PlanMismatchError(
+            f"{path} is a link; graphprune.save writes plain files only, so a linked file is not part "
+            "of this save (copy the directory with its files instead)."
+        )
+    return path if path.is_file() else None
+
+
+_KINDS = {"F": "floating point", "B": "bool", "I": "integer", "U": "integer", "C": "complex"}
+
+
+def _kind(t: torch.Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    return "complex" if t.is_complex() else "floating point" if t.is_floating_point() else "integer"
+
+
+def _check_tensor_file(path: Path, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Same names, shapes and kinds of dtype as ``tensors`` (safetensors would convert silently)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PlanMismatchError(f"the saved {what} ({path.name}) cannot be read: {exc}") from exc
+    for name, (dtype, shape) in header.items():
+        t = tensors.get(name)
+        if t is None:
+            continue  # unexpected names: load_model's strict check says which
+        kind = _KINDS.get(dtype[:1], dtype)
+        if kind != _kind(t):
+            raise PlanMismatchError(
+                f"the saved {what} hold {name} as {dtype} ({kind}) but the model's {name} is "
+                f"{t.dtype} ({_kind(t)}); the file was not written for this model."
+            )
+        if list(shape) != list(t.shape):
+            raise PlanMismatchError(
+                f"the saved {what} hold {name} of shape {tuple(shape)} but the plan makes it "
+                f"{tuple(t.shape)}; the directory's weights and plan do not belong together."
+            )
+
+
+def _load_buffers(small: nn.Module, directory: Path, manifest: dict[str, Any]) -> None:
+    """Copy the saved non-persistent buffers in (shape and dtype kind checked), or refuse without them."""
+    from safetensors.torch import load_file
+
+    wanted = non_persistent_buffers(small)
+    if not wanted:
+        return
+    path = _existing(directory, BUFFERS)
+    if path is None or manifest.get("files", {}).get("buffers") != BUFFERS:
+        raise PlanMismatchError(
+            f"{directory} holds no values for the model's non-persistent buffers "
+            f"({', '.join(sorted(wanted)[:5])}{' ...' if len(wanted) > 5 else ''}); loading would take "
+            "them from the base model, which may differ. Save again with this graphprune version."
+        )
+    _check_tensor_file(path, wanted, "buffers")
+    saved = load_file(str(path))
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    if missing or extra:
+        raise PlanMismatchError(
+            f"the saved buffers do not match the model's non-persistent buffers (missing {missing[:5]}, "
+            f"unexpected {extra[:5]})"
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            wanted[name].copy_(value)
 
 
 def _version() -> str:
@@ -173,90 +307,24 @@ def _version() -> str:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
-    if not path.is_file():
+    path = _existing(directory, MANIFEST)
+    if path is None:
         raise InputError(
             f"{directory} is not a graphprune save directory (no {MANIFEST}); "
             "save with graphprune.save(model, directory, plan)."
         )
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    if isinstance(manifest, dict) and not isinstance(manifest.get("files", {}), dict):
+        raise InputError(f"{path}: 'files' must be an object")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(
             f"{path} has format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
             f"this graphprune reads {FORMAT!r}"
         )
     return manifest
-
-
-def _same(a: Any, b: Any) -> bool:
-    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v
-    return norm(a) == norm(b)
-
-
-def _is_size_value(v: Any) -> bool:
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, int):
-        return True
-    return isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-
-
-def check_plan_fits(base_model: nn.Module, plan: Plan) -> None:
-    """Raise ``PlanMismatchError`` unless ``plan`` can be replayed on ``base_model`` as it was made.
-
-    Every sliced tensor must exist with the shape the plan was made on, every kept index must be
-    in range, and every attribute the plan changes must exist with the value the plan expects
-    (and be a size: an int or a tuple of ints, nothing else).
-    """
-    for name, dims in plan.slices.items():
-        t = plan_tensor(base_model, name, "slices")
-        if not isinstance(t, torch.Tensor):
-            raise PlanMismatchError(f"the plan slices {name!r} but the base model's {name} is not a tensor")
-        expected = plan.shapes.get(name)
-        if expected is not None and list(t.shape) != list(expected):
-            raise PlanMismatchError(
-                f"the plan expects {name} of shape {tuple(expected)} but the base model has "
-                f"{tuple(t.shape)}; build the base model with the configuration the plan was made for."
-            )
-        for dim, kept in dims.items():
-            if dim >= t.dim() or not kept or min(kept) < 0 or max(kept) >= t.shape[dim]:
-                raise PlanMismatchError(
-                    f"the plan's kept indices for {name} dim {dim} do not fit its shape {tuple(t.shape)}"
-                )
-    for entry in plan.scales:
-        t = plan_tensor(base_model, str(entry.get("tensor")), "rescales")
-        try:
-            fits = entry["dim"] < t.dim() and all(0 <= i < t.shape[entry["dim"]] for i in entry["index"])
-        except (KeyError, TypeError) as exc:
-            raise PlanMismatchError(f"the plan's rescale entry {entry!r:.80} is malformed") from exc
-        if not fits:
-            raise PlanMismatchError(f"the plan's rescaled rows of {entry['tensor']} do not fit its shape")
-    for u in plan.attr_updates:
-        try:
-            mod = base_model.get_submodule(u.module) if u.module else base_model
-        except AttributeError as exc:
-            raise PlanMismatchError(
-                f"the plan changes {u.module}.{u.attr} but the base model has no module {u.module!r}"
-            ) from exc
-        if u.attr in MODULE_ATTRS:
-            continue  # recomputed from the sliced tensors by replay()
-        if not hasattr(mod, u.attr):
-            raise PlanMismatchError(
-                f"the plan changes {u.module}.{u.attr} but that module has no attribute {u.attr!r}"
-            )
-        if not (_is_size_value(u.old) and _is_size_value(u.new)):
-            raise PlanMismatchError(
-                f"the plan sets {u.module}.{u.attr} to {u.new!r}: only integer sizes may be changed"
-            )
-        current = getattr(mod, u.attr)
-        if not _same(current, u.old):
-            raise PlanMismatchError(
-                f"the plan expects {u.module}.{u.attr} == {u.old!r} in the base model, found "
-                f"{current!r}; build the base model with the configuration the plan was made for."
-            )
 
 
 def load(
@@ -271,7 +339,8 @@ def load(
     weights do not matter; it is not modified). The saved weights are copied into the rebuilt
     model, which keeps ``base_model``'s dtype, device and train/eval mode. With
     ``example_input`` the result is run once and must give the base model's output shapes.
-    Raises ``PlanMismatchError`` when the plan or the weights do not fit ``base_model``.
+    Raises ``PlanMismatchError`` when the plan or the weights do not fit ``base_model``, or when
+    any file is not what ``save`` writes (see the module docstring).
     """
     import copy
 
@@ -280,19 +349,22 @@ def load(
 
     check_model(base_model)
     directory = Path(directory)
-    _read_manifest(directory)
+    manifest = _read_manifest(directory)
+    plan_file = _existing(directory, PLAN)
+    if plan_file is None:
+        raise InputError(f"{directory} has no {PLAN}")
     try:
-        plan = Plan.from_json((directory / PLAN).read_text())
-    except FileNotFoundError as exc:
-        raise InputError(f"{directory} has no {PLAN}") from exc
-    except (InputError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise PlanMismatchError(f"{directory / PLAN} is not a valid graphprune plan: {exc}") from exc
+        text = plan_file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanMismatchError(f"{plan_file} cannot be read as text: {exc}") from exc
+    plan = Plan.from_text(text, str(plan_file))  # parsed, never followed as a path
     check_plan_fits(base_model, plan)
+    weights = _existing(directory, WEIGHTS)
+    if weights is None:
+        raise InputError(f"{directory} has no {WEIGHTS}")
     small = copy.deepcopy(base_model)
     replay(small, plan)
-    weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise InputError(f"{directory} has no {WEIGHTS}")
+    _check_tensor_file(weights, small.state_dict(), "weights")
     device = next((t.device for t in small.parameters()), torch.device("cpu"))
     try:
         load_model(small, str(weights), strict=True, device=str(device))
@@ -303,7 +375,14 @@ def load(
             f"({first[0] if first else type(exc).__name__}{' ...' if len(first) > 1 else ''}); "
             "the directory's weights and plan do not belong to this architecture."
         ) from exc
-    _apply_config(small, directory)
+    bad = non_finite_parameters(small)
+    if bad:
+        raise PlanMismatchError(
+            f"the saved weights hold NaN or Inf in {', '.join(bad[:5])}: graphprune.save never writes "
+            "such a model, so the file was damaged or altered after saving."
+        )
+    _load_buffers(small, directory, manifest)
+    _apply_config(small, directory, plan)
     small.train(base_model.training)
     if example_input is not None:
         _check_runs(base_model, small, example_input)

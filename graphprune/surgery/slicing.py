@@ -154,9 +154,39 @@ def apply_attr_updates(model: nn.Module, updates: list[AttrUpdate]) -> None:
 def replay(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply ``plan`` to ``model`` in place (call it on a copy)."""
     slice_tensors(model, plan)
-    apply_attr_updates(model, module_updates(model))
-    apply_attr_updates(model, [u for u in plan.attr_updates if u.attr not in MODULE_ATTRS])
+    derived = module_updates(model)
+    computed = {(u.module, u.attr): u.new for u in derived}
+    for u in plan.attr_updates:  # the plan's copy of a shape-derived size must agree with the shapes
+        if (u.module, u.attr) in computed and list(_as_tuple(computed[u.module, u.attr])) != list(
+            _as_tuple(u.new)
+        ):
+            raise PlanMismatchError(
+                f"the plan sets {u.module}.{u.attr} to {u.new!r} but its sliced tensors make it "
+                f"{computed[u.module, u.attr]!r}"
+            )
+        derivable = u.attr in MODULE_ATTRS and _is_torch_module(model, u.module)
+        if (u.module, u.attr) not in computed and derivable:
+            raise PlanMismatchError(
+                f"the plan changes {u.module}.{u.attr} to {u.new!r} but its sliced tensors leave it at "
+                f"{u.old!r}"
+            )
+    apply_attr_updates(model, derived)
+    apply_attr_updates(model, [u for u in plan.attr_updates if (u.module, u.attr) not in computed])
     return model
+
+
+def _is_torch_module(model: nn.Module, path: str) -> bool:
+    """A module of torch.nn itself, whose size attributes module_updates derives from its tensors
+    (a user's module may hold an attribute of the same name, e.g. ``groups``, that a reshape uses)."""
+    try:
+        mod = model.get_submodule(path) if path else model
+    except AttributeError:
+        return False
+    return type(mod).__module__.startswith("torch.nn.")
+
+
+def _as_tuple(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
 MODULE_ATTRS = {

@@ -14,7 +14,7 @@ from graphprune.graph.analysis import Analysis, analyze, check_attention, param_
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.rules.attention import head_count_updates
 from graphprune.graph.trace import check_model
-from graphprune.planning.cut import CutOptions, check_options
+from graphprune.planning.cut import AUTO, CutOptions, check_options
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
 from graphprune.planning.plan import AttrUpdate, Plan, build_plan, check_ratio
 from graphprune.surgery.fallback import (
@@ -49,7 +49,7 @@ def _where_to_cut(kwargs: dict[str, Any]) -> dict[str, Any]:
         global_pruning=bool(kwargs.pop("global_pruning", False)),
         max_ratio=kwargs.pop("max_ratio", None),
         ratios=kwargs.pop("ratios", None),
-        round_to=kwargs.pop("round_to", None),
+        round_to=kwargs.pop("round_to", AUTO),
     )
     return {"data": kwargs.pop("data", None), "loss_fn": kwargs.pop("loss_fn", None), "options": opts}
 
@@ -388,7 +388,7 @@ def compact(
     global_pruning: bool = False,
     max_ratio: float | None = None,
     ratios: dict[str | int, float] | None = None,
-    round_to: int | str | None = None,
+    round_to: int | str | None = AUTO,
     target_flops: float | None = None,
     target_params: float | None = None,
     target_speedup: float | None = None,
@@ -410,8 +410,12 @@ def compact(
     whole KV groups with their q heads), "q_heads" (q heads evenly within each KV group, KV heads
     kept) or "head_dim" (the same channels inside every head; heads kept).
     ``global_pruning=True`` ranks all groups together (at most ``max_ratio`` of any group, 0.9 by
-    default); ``ratios={"layer1": 0.5}`` sets per-module ratios; ``round_to=8`` keeps widths
-    multiples of 8. See graphprune.planning.cut and graphprune.planning.importance.
+    default); ``ratios={"layer1": 0.5}`` sets per-module ratios. ``round_to="auto"`` (default)
+    rounds each group's kept width to the nearest multiple that onnxruntime's CPU kernels run
+    well (16 for convolution channels, narrower groups 8 or 4; Linear/MatMul widths exact), never
+    more than one such step beyond the ratio; ``round_to=8`` keeps widths multiples of 8;
+    ``round_to=1`` (or None) cuts exactly ``round(ratio * units)``. See graphprune.planning.cut
+    and graphprune.planning.importance.
 
     Instead of ``ratio`` (default 0.3), give one target and the ratio is searched
     (graphprune.search.targets): ``target_flops`` / ``target_params`` (fraction of the original kept,

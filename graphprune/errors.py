@@ -25,3 +25,11 @@ class VerificationError(GraphPruneError):
 
 class PlanMismatchError(GraphPruneError):
     """A saved plan does not fit the model it is applied to."""
+
+
+class SlowerModelWarning(UserWarning):
+    """A benchmark measured the compact model slower than the original.
+
+    Warned rather than raised: the model is still correct, but the user asked for speed and
+    should see that this model (at these widths, on this runtime) does not deliver it.
+    """

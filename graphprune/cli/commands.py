@@ -199,6 +199,7 @@ def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "prune_hidden": args.prune_hidden,
         "attention": args.attention,
         "fallback": args.fallback,
+        "round_to": args.round_to,
     }
 
 
@@ -375,9 +376,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance", choices=("l1", "l2"), default="l2",
                    help="channel importance criterion (default l2)")
     add_structure_args(p)
+    p.add_argument("--round-to", type=parse_round_to, default="auto", metavar="N|auto",
+                   help="kept widths: 'auto' (default) rounds each group to the width multiple "
+                        "onnxruntime's CPU kernels run well (16 for conv channels), N = multiples "
+                        "of N, 1 = exactly round(ratio * units)")
     p.add_argument("--fallback", choices=("freeze", "graph", "error"), default="freeze",
                    help="when a module's code cannot run at the new sizes: keep such modules whole "
                         "(default), return an fx GraphModule, or stop with an error")
+
+
+def parse_round_to(text: str, extra: tuple[str, ...] = ()) -> int | str:
+    """``--round-to``: "auto", a positive int, or one of ``extra`` (e.g. "measured")."""
+    if text == "auto" or text in extra:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        choices = ", ".join(repr(c) for c in ("auto", *extra))
+        raise argparse.ArgumentTypeError(f"--round-to must be a positive integer or {choices}, got {text!r}")
+    return value
 
 
 def add_structure_args(p: argparse.ArgumentParser) -> None:

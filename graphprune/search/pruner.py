@@ -45,6 +45,7 @@ from graphprune.graph.trace import check_model, eval_copy
 from graphprune.planning.cut import (
     CutOptions,
     _ratio_of,
+    alignment,
     check_options,
     global_counts,
     output_modules,
@@ -130,7 +131,7 @@ class Pruner:
         global_pruning: bool = False,
         max_ratio: float | None = None,
         ratios: dict[str | int, float] | None = None,
-        round_to: int | None = None,
+        round_to: int | str | None = None,
         verify: bool = True,
     ) -> None:
         check_model(model)
@@ -206,7 +207,7 @@ class Pruner:
             r = (self.target_ratio if final is None else final) * s
             keep = max(1, u0 - int(round(r * u0)))
             if keep < g.num_units:
-                keep = round_keep(g, keep, self.options.round_to)
+                keep = round_keep(g, keep, alignment(g, analysis.model, self.options.round_to))
             counts[g.index] = max(0, g.num_units - keep)
         if pool:
             max_ratio = 0.9 if self.options.max_ratio is None else float(self.options.max_ratio)

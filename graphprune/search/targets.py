@@ -12,8 +12,9 @@ reliably, so the ratio is *searched*:
   the ladder (with interpolation steps) hits a FLOPs or parameter target to within one group step,
   which is what makes a 2 % tolerance reachable even where many same-sized groups jump together.
 * ``round_to=N`` makes the ladder use only widths that are multiples of ``N`` (whole heads stay
-  whole: a unit of ``u`` positions counts ``u`` channels); ``round_to="measured"`` tries 1, 8, 16
-  and 32 and keeps the one whose compact model runs fastest in onnxruntime.
+  whole: a unit of ``u`` positions counts ``u`` channels); ``round_to="auto"`` (``compact``'s
+  default) uses each group's own alignment (``graphprune.cut.alignment``); ``round_to="measured"``
+  tries "auto", 1, 8, 16 and 32 and keeps the one whose compact model runs fastest in onnxruntime.
 * Speed targets export each candidate to ONNX and time it in onnxruntime interleaved with the
   original (warm-up, repeated runs, median), so load drift hits both alike; the search keeps the
   least-pruned candidate that meets the target.
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 from graphprune.errors import InputError
 from graphprune.export.bench import _interleaved_latency, count_flops, count_params, default_threads
 from graphprune.graph.analysis import Analysis, Group
-from graphprune.planning.cut import CutOptions, round_keep
+from graphprune.planning.cut import AUTO, CutOptions, alignment, round_keep
 from graphprune.planning.importance import Criterion
 from graphprune.planning.plan import Plan, build_plan
 from graphprune.surgery.fallback import check_fallback
@@ -60,7 +61,8 @@ __all__ = [
     "targeted",
 ]
 
-ROUND_CHOICES = (1, 8, 16, 32)
+ROUND_CHOICES: tuple[int | str, ...] = (AUTO, 1, 8, 16, 32)
+RoundTo = int | str  # a positive int, or "auto" (per group, see graphprune.cut)
 _KINDS = ("flops", "params", "speedup", "latency_ms")
 
 
@@ -77,7 +79,7 @@ class Candidate:
     flops: int
     params_frac: float
     flops_frac: float
-    round_to: int = 1
+    round_to: RoundTo = 1
     step: int | None = None  # position on the ladder (None for plain-ratio sweeps)
     extra: int | None = None  # one later ladder step applied on top (fine-tuning a target)
     latency_ms: float | None = None  # onnxruntime median
@@ -188,6 +190,11 @@ class TargetResult:
 # The ladder: per-group removal counts ordered by the uniform ratio at which they happen
 
 
+def round_order(round_to: RoundTo) -> tuple[int, int]:
+    """Sort key for ``round_to`` values: "auto" first, then the ints ascending."""
+    return (0, 0) if round_to == AUTO else (1, int(round_to))
+
+
 def allowed_kept(group: Group, round_to: int) -> list[int]:
     """Kept-unit counts allowed for ``group``, descending, starting with all units.
 
@@ -211,14 +218,14 @@ class Ladder:
     monotonically along it.
     """
 
-    def __init__(self, analysis: Analysis, round_to: int = 1) -> None:
-        self.round_to = int(round_to)
+    def __init__(self, analysis: Analysis, round_to: RoundTo = 1) -> None:
+        self.round_to = round_to
         self.units = {g.index: g.num_units for g in analysis.groups if g.members and g.num_units > 1}
         events: list[tuple[float, int, int]] = []
         for g in analysis.groups:
             if g.index not in self.units:
                 continue
-            kept = allowed_kept(g, self.round_to)
+            kept = allowed_kept(g, alignment(g, analysis.model, self.round_to))
             n = g.num_units
             for a, b in zip(kept, kept[1:]):
                 events.append((1.0 - (a + b) / (2.0 * n), g.index, n - b))
@@ -310,7 +317,7 @@ class _Search:
         self.flops = count_flops(model, example_input)
         self.runs, self.warmup = runs, warmup
         self.threads = threads or default_threads()
-        self._ladders: dict[int, Ladder] = {}
+        self._ladders: dict[RoundTo, Ladder] = {}
         self._static: dict[Any, Candidate] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._baseline: Path | None = None
@@ -318,7 +325,7 @@ class _Search:
         self._meta: tuple[Analysis, Any] | bool | None = None
 
     # -- plans and models ------------------------------------------------------------------------
-    def ladder(self, round_to: int) -> Ladder:
+    def ladder(self, round_to: RoundTo) -> Ladder:
         if round_to not in self._ladders:
             self._ladders[round_to] = Ladder(self.analysis, round_to)
         return self._ladders[round_to]
@@ -327,13 +334,13 @@ class _Search:
         self,
         ratio: float | None = None,
         *,
-        round_to: int = 1,
+        round_to: RoundTo = 1,
         step: int | None = None,
         extra: int | None = None,
     ) -> Plan:
         """A plan at a uniform ``ratio`` (``round_to`` 1) or at a ladder ``step`` (+ ``extra``)."""
         if step is None:  # a uniform ratio, rounded the way compact(round_to=N) rounds
-            opts = CutOptions(round_to=round_to if round_to > 1 else None)
+            opts = CutOptions(round_to=None if round_to == 1 else round_to)
             r = float(ratio or 0.0)
             return build_plan(self.analysis, r, self.criterion, self.importance, options=opts)
         lad = self.ladder(round_to)
@@ -391,7 +398,7 @@ class _Search:
         plan: Plan,
         key: Any,
         *,
-        round_to: int = 1,
+        round_to: RoundTo = 1,
         step: int | None = None,
         extra: int | None = None,
     ) -> Candidate:
@@ -410,7 +417,7 @@ class _Search:
             )
         return self._static[key]
 
-    def at_step(self, round_to: int, step: int, extra: int | None = None) -> Candidate:
+    def at_step(self, round_to: RoundTo, step: int, extra: int | None = None) -> Candidate:
         lad = self.ladder(round_to)
         step = max(0, min(step, len(lad)))
         plan = self.plan(round_to=round_to, step=step, extra=extra)
@@ -539,7 +546,7 @@ def _bisect(
 
 
 def _static_search(
-    s: _Search, kind: str, target: float, round_to: int, tolerance: float, bar: Any
+    s: _Search, kind: str, target: float, round_to: RoundTo, tolerance: float, bar: Any
 ) -> Candidate:
     """Ladder position whose FLOPs/params fraction is closest to ``target``.
 
@@ -580,7 +587,7 @@ def _speed_search(
     s: _Search,
     kind: str,
     target: float,
-    round_to: int,
+    round_to: RoundTo,
     tolerance: float,
     max_candidates: int,
     bar: Any,
@@ -665,11 +672,15 @@ def _describe(kind: str, value: float) -> str:
     }[kind]
 
 
-def _round_choices(round_to: int | str) -> tuple[int, ...]:
+def _round_choices(round_to: RoundTo | None) -> tuple[RoundTo, ...]:
     if round_to == "measured":
         return ROUND_CHOICES
+    if round_to is None:
+        return (1,)
+    if round_to == AUTO:
+        return (AUTO,)
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise InputError(f"round_to must be a positive int or 'measured', got {round_to!r}")
+        raise InputError(f"round_to must be 'auto', a positive int or 'measured', got {round_to!r}")
     return (int(round_to),)
 
 
@@ -687,7 +698,7 @@ def compact_to_target(
     attention: str = "heads",
     data: Any = None,
     loss_fn: Any = None,
-    round_to: int | str = 1,
+    round_to: RoundTo = AUTO,
     tolerance: float = 0.02,
     runs: int = 20,
     warmup: int = 5,
@@ -704,7 +715,8 @@ def compact_to_target(
     * ``target_speedup`` (onnxruntime median, original / compact) or ``target_latency_ms``: each
       candidate is exported to ONNX and timed interleaved with the original (``warmup`` + ``runs``
       runs, ``threads`` intra-op threads); the least-pruned candidate that meets the target wins.
-    * ``round_to``: kept widths are multiples of it; ``"measured"`` tries 1, 8, 16, 32 and keeps
+    * ``round_to``: kept widths are multiples of it; ``"auto"`` (default) aligns each group as
+      ``compact`` does, 1 cuts exactly; ``"measured"`` tries "auto", 1, 8, 16, 32 and keeps
       the fastest in onnxruntime (for FLOPs/params targets: each at the target; for speed
       targets: the best at the first probe, then searched with that one).
 
@@ -764,7 +776,7 @@ def compact_to_target(
         if not any(c.chosen for c in tried):
             best.chosen = True
             tried.append(best)
-        tried.sort(key=lambda c: (c.round_to, c.ratio))
+        tried.sort(key=lambda c: (round_order(c.round_to), c.ratio))
         plan = s.plan_of(best)
         small = s.realize(plan, quiet=False)
     finally:
@@ -819,8 +831,8 @@ def targeted(
 
 
 def _choose_round_to_at(
-    s: _Search, kind: str, value: float, choices: Sequence[int], bar: Any
-) -> tuple[int, list[Candidate]]:
+    s: _Search, kind: str, value: float, choices: Sequence[RoundTo], bar: Any
+) -> tuple[RoundTo, list[Candidate]]:
     """Time each ``round_to`` at the FLOPs-ideal point of a speed target; return the fastest."""
     if kind == "speedup":
         want = 1.0 / value
@@ -841,7 +853,7 @@ def best_round_to(
     example_input: Any,
     ratio: float = 0.5,
     *,
-    choices: Sequence[int] = ROUND_CHOICES,
+    choices: Sequence[RoundTo] = ROUND_CHOICES,
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
     prune_hidden: bool = False,
@@ -850,7 +862,7 @@ def best_round_to(
     warmup: int = 5,
     threads: int | None = None,
     progress: bool = False,
-) -> tuple[int, list[Candidate]]:
+) -> tuple[RoundTo, list[Candidate]]:
     """Which ``round_to`` makes the model compacted at ``ratio`` run fastest in onnxruntime.
 
     Each choice rounds every group to its nearest allowed width at ``ratio`` (so FLOPs stay
@@ -881,7 +893,7 @@ def sweep(
     ignored_layers: Any = (),
     prune_hidden: bool = False,
     attention: str = "heads",
-    round_to: int = 1,
+    round_to: RoundTo = AUTO,
     latency: bool = True,
     runs: int = 20,
     warmup: int = 5,

@@ -14,6 +14,7 @@ from graphprune.errors import (
     GraphPruneError,
     InputError,
     PlanMismatchError,
+    SlowerModelWarning,
     TraceError,
     VerificationError,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "PlanMismatchError",
     "Pruner",
     "SensitivityTable",
+    "SlowerModelWarning",
     "TargetResult",
     "TraceError",
     "VerificationError",

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -958,6 +959,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"unknown model(s): {', '.join(missing)}; --list shows the choices")
         return 2
     torch.set_num_threads(args.threads)
+    if importlib.util.find_spec("torchvision") is not None:
+        # before any transformers import: transformers imports an installed torchvision itself
+        # (image processors), and fails where its extension is broken unless this runs first
+        with contextlib.suppress(ImportError):
+            import_torchvision()
     print(f"graphprune vs Torch-Pruning: ratio {args.ratio}, {'tiny' if args.quick else 'bench'} "
           f"sizes, onnxruntime {args.threads} thread(s), up to {args.runs} interleaved runs, median"
           + (f", round_to {args.round_to}" if args.round_to else

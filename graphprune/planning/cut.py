@@ -294,13 +294,17 @@ def choose_removed(
             )
     by_index = {g.index: g for g in groups}
     removed: dict[int, list[int]] = {}
+    aligned: dict[int, int] = {}  # alignment -> groups rounded to it (for the plan's notes)
     for gi, n_remove in counts.items():
         g = by_index[gi]
         if n_remove <= 0:
             continue
         n_keep = g.num_units - n_remove
         if gi not in exact and opts.round_to == AUTO:
-            n_keep = aligned_keep(g, wanted.get(gi, float(n_keep)), alignment(g, model, AUTO))
+            align = alignment(g, model, AUTO)
+            n_keep = aligned_keep(g, wanted.get(gi, float(n_keep)), align)
+            if align > 1:
+                aligned[align] = aligned.get(align, 0) + 1
         elif gi not in exact:
             n_keep = round_keep(g, n_keep, opts.round_to)
         n_remove = g.num_units - n_keep
@@ -308,6 +312,12 @@ def choose_removed(
             continue
         order = np.argsort(scores(g), kind="stable")
         removed[gi] = sorted(int(u) for u in order[:n_remove])
+    if aligned:
+        by = ", ".join(f"{n} to multiples of {a}" for a, n in sorted(aligned.items(), reverse=True))
+        notes.append(
+            f"round_to='auto': kept widths of groups with convolution channels aligned ({by}) for "
+            "onnxruntime's CPU kernels; round_to=1 cuts exactly"
+        )
     if pool and opts.round_to and opts.round_to != 1:
         after = sum(len(removed.get(g.index, [])) for g in pool)
         notes.append(f"round_to={opts.round_to}: {after} units of the global pool removed after rounding")

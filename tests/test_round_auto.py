@@ -19,12 +19,12 @@ from oracles import check_dead_channels, check_ratio_zero_identity
 from torch import nn
 
 import graphprune
-from graphprune.cli.commands import parse_round_to
+from graphprune.cli.common import parse_round_to
 from graphprune.errors import InputError, SlowerModelWarning
 from graphprune.export.bench import BenchmarkReport, LatencyStats, misaligned_convs, warn_if_slower
 from graphprune.graph.analysis import Group, Member
 from graphprune.planning.cut import aligned_keep
-from graphprune.search.targets import Ladder
+from graphprune.search.searcher import Ladder
 
 RATIOS = (0.05, 0.1, 0.2, 0.3, 0.37, 0.5, 0.7, 0.9)
 

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphprune.errors import SlowerModelWarning
-from graphprune.export.onnx_export import ExportResult, _feed, export_onnx, onnx_session
+from graphprune.export.onnx_export import ExportResult, export_onnx, onnx_feed, onnx_session
 from graphprune.graph.inputs import eval_mode, run_model
 from graphprune.planning.cut import CONV_ALIGNMENTS
 
@@ -195,7 +195,7 @@ def measure_latency(
     _check_counts(warmup, runs)
     threads = threads or default_threads()
     session = onnx_session(onnx_path, threads=threads)
-    feed = _feed(session, example_input)
+    feed = onnx_feed(session, example_input)
     for _ in range(warmup):
         session.run(None, feed)
     samples = []
@@ -206,12 +206,12 @@ def measure_latency(
     return LatencyStats.from_samples(samples, threads)
 
 
-def _interleaved_latency(
+def interleaved_latency(
     paths: Sequence[Path], example_input: Any, *, warmup: int, runs: int, threads: int
 ) -> list[LatencyStats]:
     """Time several ONNX models in turns (A B, B A, A B, ...) so drift in load hits all alike."""
     sessions = [onnx_session(p, threads=threads) for p in paths]
-    feeds = [_feed(s, example_input) for s in sessions]
+    feeds = [onnx_feed(s, example_input) for s in sessions]
     for _ in range(warmup):
         for s, f in zip(sessions, feeds):
             s.run(None, f)
@@ -279,7 +279,7 @@ class BenchmarkReport:
         return c.median_ms > o.median_ms * (1 + SLOWER_MARGIN) and c.min_ms > o.min_ms
 
     def slow_reasons(self) -> list[str]:
-        """Why the compact model may not be faster: the causes :mod:`graphprune.bench` can see."""
+        """Why the compact model may not be faster: the causes visible in widths and sizes."""
         reasons = []
         misaligned = misaligned_convs(self.widths_after, self.widths_before)
         if misaligned:
@@ -397,6 +397,19 @@ def misaligned_convs(
     return out
 
 
+def warn_if_slower(report: BenchmarkReport, stacklevel: int = 2) -> None:
+    """Warn (:class:`~graphprune.errors.SlowerModelWarning`) when ``report`` measured the compact
+    model slower than the original, with the causes :meth:`BenchmarkReport.slow_reasons` finds."""
+    if report.slower:
+        why = "; ".join(report.slow_reasons()) or "no cause found in widths or sizes"
+        warnings.warn(
+            f"graphprune: the compact model ran slower than the original in onnxruntime "
+            f"({report.speedup:.2f}x): {why}",
+            SlowerModelWarning,
+            stacklevel=stacklevel,
+        )
+
+
 def benchmark(
     original: nn.Module,
     compact: nn.Module,
@@ -429,7 +442,7 @@ def benchmark(
             export_onnx(m, example_input, out / f"{tag}.onnx", check=check)
             for tag, m in (("original", original), ("compact", compact))
         ]
-        lat_o, lat_c = _interleaved_latency(
+        lat_o, lat_c = interleaved_latency(
             [e.path for e in exports], example_input, warmup=warmup, runs=runs, threads=threads
         )
     flops_o, flops_c = count_flops(original, example_input), count_flops(compact, example_input)
@@ -454,16 +467,3 @@ def benchmark(
     )
     warn_if_slower(report, stacklevel=3)
     return report
-
-
-def warn_if_slower(report: BenchmarkReport, stacklevel: int = 2) -> None:
-    """Warn (:class:`~graphprune.errors.SlowerModelWarning`) when ``report`` measured the compact
-    model slower than the original, with the causes :meth:`BenchmarkReport.slow_reasons` finds."""
-    if report.slower:
-        why = "; ".join(report.slow_reasons()) or "no cause found in widths or sizes"
-        warnings.warn(
-            f"graphprune: the compact model ran slower than the original in onnxruntime "
-            f"({report.speedup:.2f}x): {why}",
-            SlowerModelWarning,
-            stacklevel=stacklevel,
-        )

@@ -20,10 +20,10 @@
   the group's layers run well in onnxruntime on CPU (measured by ``tools/width_speed.py``):
   groups with convolution channels get multiples of 16 (MLAS's NCHWc block; a depthwise
   convolution at a width that is not a multiple of 4 ran 2-5x slower per FLOP), narrower groups
-  8 or 4 so that one step stays at most a quarter of the width; groups of Linear/MatMul features
-  only are cut exactly (no width effect was measured). The kept width is the aligned one nearest
-  to ``units * (1 - ratio)`` (ties keep more), so a group never loses more than the ratio asks
-  by more than one alignment step. ``round_to=1`` cuts every group exactly.
+  8 or 4 so that one step stays at most half the width; groups of Linear/MatMul features only
+  are cut exactly (no width effect was measured). The kept width is the aligned one nearest to
+  ``units * (1 - ratio)`` (ties keep more), so a group never loses more than half a step beyond
+  what the ratio asks. ``round_to=1`` cuts every group exactly. See docs/speed.md.
 
 Every group keeps at least one unit, and a group that would lose nothing is left untouched
 (rounding never removes units from a group that the ratio spared).
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,9 +40,8 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Analysis, Group
+from graphprune.planning.options import AUTO, CutOptions
 
-DEFAULT_MAX_RATIO = 0.9
-AUTO = "auto"
 # Alignments tried for groups with convolution channels, widest first (tools/width_speed.py):
 # 16 is MLAS's NCHWc block with AVX-512 (8 with AVX2, so 16 suits both); a depthwise conv falls
 # off its fast kernel below a multiple of 4.
@@ -51,47 +49,6 @@ CONV_ALIGNMENTS = (16, 8, 4)
 # An alignment is used only when the group is at least this many steps wide, so that rounding to
 # the nearest aligned width moves a group's ratio by at most 1 / (2 * MIN_STEPS) of its width.
 MIN_STEPS = 2
-
-
-@dataclass
-class CutOptions:
-    global_pruning: bool = False
-    max_ratio: float | None = None
-    ratios: Mapping[str | int, float] | None = None
-    round_to: int | str | None = None  # None or 1: exact; "auto": per group (see module doc)
-    counts: Mapping[int, int] | None = None  # group index -> exact units to remove (no rounding)
-
-
-def _check_fraction(value: Any, what: str, upper_inclusive: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = 0 <= v <= 1 if upper_inclusive else 0 <= v < 1
-    if not ok:
-        rng = "[0, 1]" if upper_inclusive else "[0, 1)"
-        raise InputError(f"{what} must be a number in {rng}, got {value!r}")
-    return float(value)
-
-
-def check_options(opts: CutOptions) -> CutOptions:
-    if opts.max_ratio is not None:
-        _check_fraction(opts.max_ratio, "max_ratio", upper_inclusive=True)
-    if opts.round_to is not None and opts.round_to != AUTO and (
-        isinstance(opts.round_to, bool) or not isinstance(opts.round_to, int) or opts.round_to < 1
-    ):
-        raise InputError(
-            f"round_to must be 'auto' or a positive integer (e.g. 8; 1 = exact widths), got {opts.round_to!r}"
-        )
-    if opts.ratios is not None:
-        if not isinstance(opts.ratios, Mapping):
-            raise InputError(
-                "ratios must be a dict {module path or group index: ratio}, e.g. {'layer1': 0.5}"
-            )
-        for k, v in opts.ratios.items():
-            if isinstance(k, bool) or not isinstance(k, (str, int)):
-                raise InputError(f"ratios keys are module paths (str) or group indices (int), got {k!r}")
-            _check_fraction(v, f"ratios[{k!r}]")
-    return opts
 
 
 def output_modules(group: Group, model: nn.Module) -> list[str]:
@@ -175,7 +132,7 @@ def aligned_keep(group: Group, target_keep: float, align: int) -> int:
     The candidates are the aligned counts from one step up to the group's size, plus the group's
     own size (leaving a group whole never makes it slower than the original). Ties keep more
     units. Where no aligned count below the group's size exists, ``target_keep`` is rounded
-    exactly. The result keeps at least ``target_keep - step`` units: never more than one step
+    exactly. Nearest rounding keeps at least ``target_keep - step / 2`` units: never a whole step
     beyond what was asked.
     """
     units = group.num_units
@@ -183,26 +140,24 @@ def aligned_keep(group: Group, target_keep: float, align: int) -> int:
     if align <= 1 or exact >= units:
         return exact
     step = align // math.gcd(align, _positions_per_unit(group))
-    if step <= 1:
-        return exact
-    if units <= step:
+    if step <= 1 or units <= step:
         return exact
     options = [*range(step, units, step), units]
     return min(options, key=lambda k: (abs(k - target_keep), -k))
 
 
-def _key_matches(key: str | int, group: Group, owners: list[str]) -> bool:
+def key_matches(key: str | int, group: Group, owners: list[str]) -> bool:
     if isinstance(key, int):
         return key == group.index
     return any(o == key or o.startswith(key + ".") for o in owners)
 
 
-def _ratio_of(group: Group, owners: list[str], ratios: Mapping[str | int, float]) -> float | None:
+def ratio_of(group: Group, owners: list[str], ratios: Mapping[str | int, float]) -> float | None:
     """An int key naming the group wins; otherwise the longest matching module path."""
     if group.index in ratios:
         return float(ratios[group.index])
     hits = [
-        (len(k), float(r)) for k, r in ratios.items() if isinstance(k, str) and _key_matches(k, group, owners)
+        (len(k), float(r)) for k, r in ratios.items() if isinstance(k, str) and key_matches(k, group, owners)
     ]
     return max(hits)[1] if hits else None
 
@@ -233,7 +188,6 @@ def choose_removed(
     scores_for: Callable[[Any, Group, nn.Module], np.ndarray],
 ) -> tuple[dict[int, list[int]], list[str]]:
     """Removed unit indices per group index, plus notes for the plan."""
-    check_options(opts)
     model = analysis.model
     notes: list[str] = []
     groups = [g for g in analysis.groups if g.members and g.num_units > 1]
@@ -251,9 +205,9 @@ def choose_removed(
         r = None
         if ratios:
             owners = output_modules(g, model)
-            r = _ratio_of(g, owners, ratios)
+            r = ratio_of(g, owners, ratios)
             if r is not None:
-                matched.update(k for k in ratios if _key_matches(k, g, owners))
+                matched.update(k for k in ratios if key_matches(k, g, owners))
         if r is None and opts.global_pruning:
             pool.append(g)
             continue
@@ -276,7 +230,7 @@ def choose_removed(
         return cache[g.index]
 
     if pool:
-        max_ratio = DEFAULT_MAX_RATIO if opts.max_ratio is None else float(opts.max_ratio)
+        max_ratio = opts.cap
         total = sum(g.num_units for g in pool)
         target = int(round(ratio * total))
         caps = {g.index: min(g.num_units - 1, int(math.floor(max_ratio * g.num_units))) for g in pool}

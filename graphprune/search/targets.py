@@ -105,6 +105,12 @@ def _describe(kind: str, value: float) -> str:
     }[kind]
 
 
+def _within(c: Candidate, kind: str, value: float, tolerance: float) -> bool:
+    """Whether a FLOPs/params candidate meets ``value`` within the relative ``tolerance``."""
+    got = c.flops_frac if kind == "flops" else c.params_frac
+    return abs(got / value - 1) <= tolerance
+
+
 def _round_choices(round_to: RoundTo | None) -> tuple[RoundTo, ...]:
     if round_to == "measured":
         return ROUND_CHOICES
@@ -195,6 +201,14 @@ def compact_to_target(
                     )
                 else:
                     best = finals[0]
+                    if best.round_to == AUTO and not _within(best, kind, value, tolerance):
+                        # aligned steps too coarse for this budget (a small model): exact widths
+                        exact = static_search(s, kind, value, 1, tolerance, bar)
+                        tried = [c for c in s._static.values()]
+                        if _within(exact, kind, value, tolerance):
+                            best = exact
+                            note = ("aligned widths (round_to='auto') could not meet the target within "
+                                    f"{tolerance:.0%}; exact widths (round_to=1) used")
             else:
                 n = choices[0]
                 if len(choices) > 1:

@@ -145,6 +145,18 @@ def test_round_to_rejects_bad_values_with_a_clear_error() -> None:
         parse_round_to("0")
 
 
+def test_cli_round_to_defaults_to_auto_and_parses_every_form() -> None:
+    from graphprune.cli.commands import build_parser
+
+    parser = build_parser()
+    for cmd in ("compact", "plan", "benchmark"):
+        assert parser.parse_args([cmd, "zoo:mlp"]).round_to == "auto"
+        assert parser.parse_args([cmd, "zoo:mlp", "--round-to", "1"]).round_to == 1
+    assert parser.parse_args(["sweep", "zoo:mlp"]).round_to == "auto"
+    target = parser.parse_args(["target", "zoo:mlp", "--flops", "0.5", "--round-to", "measured"])
+    assert target.round_to == "measured"
+
+
 def _stats(median: float, low: float) -> LatencyStats:
     return LatencyStats(median, low, median * 1.1, low, median, 20, 1)
 

@@ -1,18 +1,19 @@
 """Which channel widths onnxruntime's CPU kernels run well, measured per op type.
 
-    python tools/width_speed.py [--rounds 15] [--ops depthwise,dense,grouped,linear] [--json out.json]
+    python tools/width_speed.py [--rounds 25] [--ops depthwise,dense,pointwise,grouped,linear,linear_small]
+                                [--json out.json]
 
 Why: a pruned layer's width decides which kernel onnxruntime picks. On x86 the NCHWc layout
 (MLAS) only takes convolutions whose channel counts are multiples of its block size (16 with
-AVX-512, 8 with AVX2); other convolutions run in plain NCHW, and a depthwise convolution there is
-much slower per FLOP. GEMMs (Linear/MatMul) pack columns in panels and have ragged tails. This
-script measures it instead of assuming it: for each op type it builds a small block (the layer at
-width ``w`` between fixed-width neighbours, as in a real network), exports it to ONNX and times
-every width in one process.
+AVX-512, 8 with AVX2); other convolutions run in plain NCHW, where a depthwise convolution whose
+width is not a multiple of 4 turned out much slower per FLOP. GEMMs (Linear/MatMul) pack columns
+in panels and have ragged tails. This script measures it instead of assuming it: for each op
+type it builds a small block (the layer at width ``w`` between fixed-width neighbours, as in a
+real network), exports it to ONNX and times every width in one process.
 
 Timing: one onnxruntime intra-op thread, all graph optimisations on (as deployed); every round
-runs every width once in a freshly shuffled order, several inferences per sample, and the lower quartile
-over rounds is reported, so that the load of a shared machine drifting during the run hits every
+runs every width once in a freshly shuffled order, several inferences per sample, and the lower
+quartile over rounds is reported, so that the load of a shared machine drifting during the run hits every
 width alike. Numbers taken on a loaded machine are noisy; compare classes, not single widths.
 
 The report gives, per op and per width, the latency and the *efficiency* = (FLOPs(w) / FLOPs(base))
@@ -205,8 +206,8 @@ def summarise(rows: list[dict[str, object]]) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default=",".join(CASES), help="subset of: " + ",".join(CASES))
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (lower quartile over them)")
-    p.add_argument("--inner", type=int, default=5, help="inferences per sample")
+    p.add_argument("--rounds", type=int, default=25, help="interleaved rounds (lower quartile over them)")
+    p.add_argument("--inner", type=int, default=2, help="inferences per sample")
     p.add_argument("--json", metavar="PATH", help="write every row as JSON")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -243,5 +244,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     sys.exit(main())

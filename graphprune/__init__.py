@@ -17,6 +17,7 @@ from graphprune.errors import (
     GraphPruneError,
     InputError,
     PlanMismatchError,
+    SlowerModelWarning,
     TraceError,
     VerificationError,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "PlanMismatchError",
     "Pruner",
     "SensitivityTable",
+    "SlowerModelWarning",
     "TargetResult",
     "TraceError",
     "VerificationError",

@@ -13,7 +13,7 @@ from graphprune.errors import InputError
 from graphprune.graph.trace import check_model
 from graphprune.methods.prune_masks import MaskImportance, fold_masks
 from graphprune.planning.importance import Criterion
-from graphprune.planning.options import CutOptions, StructureOptions
+from graphprune.planning.options import AUTO, CutOptions, StructureOptions
 from graphprune.planning.plan import Plan, check_ratio
 from graphprune.surgery.fallback import check_fallback
 from graphprune.surgery.hf import update_config
@@ -27,7 +27,7 @@ def _where_to_cut(kwargs: dict[str, Any]) -> dict[str, Any]:
         global_pruning=bool(kwargs.pop("global_pruning", False)),
         max_ratio=kwargs.pop("max_ratio", None),
         ratios=kwargs.pop("ratios", None),
-        round_to=kwargs.pop("round_to", None),
+        round_to=kwargs.pop("round_to", AUTO),
     )
     return {"data": kwargs.pop("data", None), "loss_fn": kwargs.pop("loss_fn", None), "options": opts}
 
@@ -105,7 +105,7 @@ def compact(
     global_pruning: bool = False,
     max_ratio: float | None = None,
     ratios: dict[str | int, float] | None = None,
-    round_to: int | str | None = None,
+    round_to: int | str | None = AUTO,
     target_flops: float | None = None,
     target_params: float | None = None,
     target_speedup: float | None = None,
@@ -130,13 +130,17 @@ def compact(
     whole KV groups with their q heads), "q_heads" (q heads evenly within each KV group, KV heads
     kept) or "head_dim" (the same channels inside every head; heads kept).
     ``global_pruning=True`` ranks all groups together (at most ``max_ratio`` of any group, 0.9 by
-    default); ``ratios={"layer1": 0.5}`` sets per-module ratios; ``round_to=8`` keeps widths
-    multiples of 8. See graphprune.planning.cut and graphprune.planning.importance.
+    default); ``ratios={"layer1": 0.5}`` sets per-module ratios. ``round_to="auto"`` (default)
+    rounds each group's kept width to the nearest multiple that onnxruntime's CPU kernels run
+    well (16 for convolution channels, narrower groups 8 or 4; Linear/MatMul widths exact), never
+    more than one such step beyond the ratio; ``round_to=8`` keeps widths multiples of 8;
+    ``round_to=1`` (or None) cuts exactly ``round(ratio * units)``. See docs/speed.md,
+    graphprune.planning.cut and graphprune.planning.importance.
 
     Instead of ``ratio`` (default 0.3), give one target and the ratio is searched
     (graphprune.search.targets): ``target_flops`` / ``target_params`` (fraction of the original kept,
     met within 2 %), ``target_speedup`` / ``target_latency_ms`` (measured in onnxruntime);
-    ``round_to="measured"`` then picks 1/8/16/32 by measured latency; ``progress=True`` shows a bar.
+    ``round_to="measured"`` then picks auto/1/8/16/32 by measured latency; ``progress=True`` shows a bar.
 
     ``fallback`` says what happens when a module's code cannot run at the new sizes (timm-style
     ``reshape(B, N, C)`` with ``C`` read off the input): "freeze" (default) keeps every module

@@ -29,3 +29,11 @@ class PlanMismatchError(GraphPruneError):
 
 class DistributedError(GraphPruneError):
     """torch.distributed work cannot go on: no process group, ranks that disagree, a failed rank."""
+
+
+class SlowerModelWarning(UserWarning):
+    """A benchmark measured the compact model slower than the original.
+
+    Warned rather than raised: the model is still correct, but the user asked for speed and
+    should see that this model (at these widths, on this runtime) does not deliver it.
+    """

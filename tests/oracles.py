@@ -167,15 +167,33 @@ def _group_key(group: Any) -> frozenset[tuple[str, int]]:
     return frozenset((m.name, int(m.dim)) for m in group.members)
 
 
-def _dead_count(ratio: float, num_units: int) -> int:
+# compact's default ``round_to="auto"`` rounds the kept width of a group with convolution
+# channels to the nearest multiple of its alignment (at most 16 units), so it may remove up to
+# half a step, 8 units, more than ``ratio * units`` (graphprune.planning.cut). Such groups get
+# that many more dead units; groups without convolutions are cut exactly and get none.
+AUTO_SLACK = 8
+
+
+def _dead_count(ratio: float, num_units: int, slack: int = 0) -> int:
     """How many units to kill in a group.
 
     ``ceil`` rather than ``round``: whatever rounding the engine uses to turn ``ratio`` into a count
     (floor, round or ceil), it then removes no more units than are dead, so every removed unit
-    is a dead one. Dead units it keeps are harmless (they still compute zeros). One unit is
-    always left alive.
+    is a dead one; ``slack`` more cover rounding to aligned widths. Dead units it keeps are
+    harmless (they still compute zeros). One unit is always left alive.
     """
-    return max(0, min(math.ceil(ratio * num_units - 1e-9), num_units - 1))
+    extra = slack if ratio > 0 else 0
+    return max(0, min(math.ceil(ratio * num_units - 1e-9) + extra, num_units - 1))
+
+
+def _has_conv_channels(group: Any, model: nn.Module) -> bool:
+    """Whether a member of ``group`` is a convolution's weight (the groups "auto" rounds)."""
+    for m in group.members:
+        path, _, attr = m.name.rpartition(".")
+        module = model.get_submodule(path) if path else model
+        if attr == "weight" and isinstance(module, nn.modules.conv._ConvNd):
+            return True
+    return False
 
 
 @dataclass
@@ -233,9 +251,15 @@ def check_groups_consistent(analysis: Any, model: nn.Module) -> None:
 
 
 def make_dead(
-    model: nn.Module, example_input: Any, ratio: float, seed: int = 0, **structure: Any
+    model: nn.Module,
+    example_input: Any,
+    ratio: float,
+    seed: int = 0,
+    slack: int = AUTO_SLACK,
+    **structure: Any,
 ) -> DeadChannels:
-    """Copy ``model`` and make ``ceil(ratio * num_units)`` units of every prunable group exactly dead.
+    """Copy ``model`` and make ``ceil(ratio * num_units)`` units of every prunable group exactly dead
+    (``slack`` more in groups with convolution channels, for ``round_to="auto"``; 0 for exact cuts).
 
     Every member slice of a dead unit that is a *parameter* is zeroed: producer weights and biases,
     norm scale and shift, consumer input weights. BN running statistics are left alone on
@@ -254,7 +278,7 @@ def make_dead(
         for group in analysis.groups:
             if not group.prunable:
                 continue
-            k = _dead_count(ratio, group.num_units)
+            k = _dead_count(ratio, group.num_units, slack if _has_conv_channels(group, dead_model) else 0)
             units = np.sort(rng.choice(group.num_units, size=k, replace=False)) if k else np.array([], int)
             dead[_group_key(group)] = units
             if not k:
@@ -284,19 +308,26 @@ def assert_finite_reference(model: nn.Module, example_input: Any) -> None:
 
 
 def check_dead_channels(
-    model: nn.Module, example_input: Any, ratio: float, rtol: float = 1e-5, **structure: Any
+    model: nn.Module,
+    example_input: Any,
+    ratio: float,
+    rtol: float = 1e-5,
+    round_to: int | str = "auto",
+    **structure: Any,
 ) -> nn.Module:
     """Kill ``ratio`` of every prunable group, compact exactly those units away, compare outputs.
 
     The compact model must match the dead model (not the original: killing units changes it)
-    within ``rtol`` and have fewer parameters. Returns the compact model.
+    within ``rtol`` and have fewer parameters. ``round_to`` is compact's (the default "auto", or
+    1 for exact counts, which kills no extra units). Returns the compact model.
     """
-    dead = make_dead(model, example_input, ratio, **structure)
+    slack = 0 if round_to == 1 else AUTO_SLACK
+    dead = make_dead(model, example_input, ratio, slack=slack, **structure)
     assert dead.dead, "analyze() found no prunable group, so the dead-channel check tests nothing"
     assert dead.zeroed > 0, "no parameter slice was zeroed: every prunable group has < 2 units?"
     assert_finite_reference(dead.model, example_input)
     small = graphprune.compact(
-        dead.model, example_input, ratio=ratio, importance=dead.importance, **structure
+        dead.model, example_input, ratio=ratio, importance=dead.importance, round_to=round_to, **structure
     )
     assert_same_outputs(
         small, dead.model, example_input, rtol=rtol,

@@ -239,7 +239,7 @@ def test_global_pruning_caps_every_group_and_keeps_at_least_one_unit() -> None:
 
 def test_global_pruning_through_compact_reports_in_the_plan() -> None:
     small, plan = graphprune.compact_with_plan(
-        tiny(c1=10, c2=12), X, 0.5, importance="lamp", global_pruning=True
+        tiny(c1=10, c2=12), X, 0.5, importance="lamp", global_pruning=True, round_to=1
     )
     assert any("global pruning" in n for n in plan.notes)
     assert small.conv1.out_channels + small.conv2.out_channels == 11
@@ -264,9 +264,10 @@ def test_round_to_counts_heads_as_blocks_of_positions() -> None:
 
 
 def test_per_module_ratios_override_the_default_and_unknown_keys_are_refused() -> None:
-    small = graphprune.compact(tiny(c1=10, c2=10), X, 0.2, ratios={"conv2": 0.5})
+    # exact counts (round_to=1): what each ratio asks, not the aligned widths of the default
+    small = graphprune.compact(tiny(c1=10, c2=10), X, 0.2, ratios={"conv2": 0.5}, round_to=1)
     assert small.conv1.out_channels == 8 and small.conv2.out_channels == 5
-    small = graphprune.compact(tiny(c1=10, c2=10), X, 0.2, ratios={"bn1": 0.6})  # bn1 produces it too
+    small = graphprune.compact(tiny(c1=10, c2=10), X, 0.2, ratios={"bn1": 0.6}, round_to=1)  # bn1 too
     assert small.conv1.out_channels == 4
     with pytest.raises(InputError, match="match no prunable group"):
         graphprune.compact(tiny(), X, 0.2, ratios={"nope": 0.5})

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -341,6 +342,59 @@ HF_MODELS: dict[str, Builder] = {
 }
 
 
+# torchvision's classification models (random weights, ``torchvision.models.get_model``): name,
+# input side at bench size. CNNs run at 128x128 like the zoo (they pool globally); the vision
+# transformers need their 224x224 (fixed position embeddings / window grid). The largest
+# variants (ResNet-152, RegNet-Y 128GF, ViT-H...) are left out to keep a full run within minutes.
+TV_MODELS: dict[str, int] = {
+    "alexnet": 128, "vgg11_bn": 128, "resnet18": 128, "resnet50": 128, "resnext50_32x4d": 128,
+    "wide_resnet50_2": 128, "densenet121": 128, "googlenet": 128, "inception_v3": 128,
+    "mobilenet_v2": 128, "mobilenet_v3_small": 128, "mobilenet_v3_large": 128, "mnasnet1_0": 128,
+    "efficientnet_b0": 128, "efficientnet_v2_s": 128, "shufflenet_v2_x1_0": 128,
+    "squeezenet1_1": 128, "regnet_x_400mf": 128, "regnet_y_400mf": 128, "convnext_tiny": 128,
+    "swin_t": 224, "vit_b_16": 224, "maxvit_t": 224,
+}
+
+
+def import_torchvision() -> Any:
+    """``import torchvision`` even where its compiled extension does not load.
+
+    torchvision's Python package registers fake kernels for its detection ops at import and fails
+    if the ops' schemas are missing (its C++ extension provides them). The classification models
+    use none of those ops, so declaring the two schemas it checks (no kernels) is enough.
+    """
+    try:
+        import torchvision
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+        lib = torch.library.Library("torchvision", "DEF")  # noqa: TOR901 - schemas only, on purpose
+        for op in ("nms", "qnms"):
+            with contextlib.suppress(RuntimeError):  # already declared by an earlier attempt
+                lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import_torchvision.keep = lib  # type: ignore[attr-defined]  # keep the library alive
+        for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[mod]  # drop the half-imported package before importing it again
+        import torchvision
+    return torchvision
+
+
+def _tv_builder(name: str, side: int) -> Builder:
+    def build(size: str) -> tuple[nn.Module, Any]:
+        tv = import_torchvision()
+        kwargs: dict[str, Any] = {"weights": None, "num_classes": 10 if size == "tiny" else 1000}
+        if name in ("googlenet", "inception_v3"):
+            kwargs.update(aux_logits=False, init_weights=False)
+        model = tv.models.get_model(name, **kwargs)
+        px = side if size != "tiny" else (side if side == 224 else 64)
+        return model, _image(px)
+
+    return build
+
+
+TV_BUILDERS: dict[str, Builder] = {f"tv_{n}": _tv_builder(n, side) for n, side in TV_MODELS.items()}
+
+
 ZOO_MAX_SIDE = 128
 
 
@@ -364,7 +418,7 @@ def _smaller_image(model: nn.Module, x: Any) -> tuple[nn.Module, Any]:
 
 
 def all_models() -> dict[str, Builder]:
-    """graphprune.zoo's models (when the zoo is importable) followed by the HF ones."""
+    """graphprune.zoo's models (when the zoo is importable), the HF ones, then torchvision's."""
     models: dict[str, Builder] = {}
     try:
         from graphprune import zoo
@@ -374,6 +428,7 @@ def all_models() -> dict[str, Builder]:
     except Exception as exc:  # the zoo is written concurrently; run without it rather than die
         log(f"[compare] graphprune.zoo unavailable ({type(exc).__name__}: {exc}); HF models only")
     models.update(HF_MODELS)
+    models.update(TV_BUILDERS)
     return models
 
 
@@ -578,6 +633,8 @@ def _run_graphprune(model: nn.Module, x: Any, args: argparse.Namespace,
         kwargs["attention"] = args.gp_attention
     if args.round_to:
         kwargs["round_to"] = args.round_to
+    elif args.gp_round_to is not None:
+        kwargs["round_to"] = args.gp_round_to
     small = graphprune.compact(model, x, ratio=args.ratio, **kwargs)
     check_pruned(small, x, ref.shapes, ref.params)
     return small, ""
@@ -743,6 +800,26 @@ def model_table(res: ModelResult) -> str:
     return "\n".join([head, *rows])
 
 
+def _speed_checks(results: list[ModelResult], tools: tuple[str, ...]) -> str:
+    """The speed bar graphprune is held to (issue 15): never slower than the original, and not
+    more than 5 % behind Torch-Pruning's speed-up/ideal on the same model in the same run."""
+    if "graphprune" not in tools:
+        return ""
+    timed = [r for r in results if not r.error and r.tools.get("graphprune") and r.tools["graphprune"].ok
+             and r.tools["graphprune"].speedup(r) is not None]
+    slower = [r.name for r in timed if (r.tools["graphprune"].speedup(r) or 0) < 1.0]
+    behind = []
+    for r in timed:
+        tp = r.tools.get("torch-pruning")
+        gp_eff, tp_eff = r.tools["graphprune"].of_ideal(r), tp.of_ideal(r) if tp and tp.ok else None
+        if gp_eff is not None and tp_eff is not None and gp_eff < 0.95 * tp_eff:
+            behind.append(r.name)
+    return (f"graphprune slower than the original on {len(slower)}/{len(timed)}"
+            + (f" ({', '.join(slower)})" if slower else "")
+            + f"; more than 5% behind Torch-Pruning's speed-up/ideal on {len(behind)}"
+            + (f" ({', '.join(behind)})" if behind else ""))
+
+
 def summary(results: list[ModelResult], tools: tuple[str, ...]) -> str:
     built = [r for r in results if not r.error]
     parts = []
@@ -757,7 +834,8 @@ def summary(results: list[ModelResult], tools: tuple[str, ...]) -> str:
             extra = (f" (median speed-up {statistics.median(speed):.2f}x, "
                      f"median speed-up/ideal {statistics.median(ratios):.2f})")
         parts.append(f"{tool} compacted {len(ok)}/{len(built)} models{extra}")
-    return "SUMMARY: " + "; ".join(parts)
+    checks = _speed_checks(results, tools)
+    return "SUMMARY: " + "; ".join(parts) + (f"\nSPEED: {checks}" if checks else "")
 
 
 def markdown(results: list[ModelResult], tools: tuple[str, ...], ratio: float) -> str:
@@ -792,10 +870,40 @@ def markdown(results: list[ModelResult], tools: tuple[str, ...], ratio: float) -
 # --------------------------------------------------------------------------------------------
 
 
+def _gp_round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--gp-round-to must be 'auto' or a positive int, got {text!r}")
+    return value
+
+
+def select_models(spec: str, models: dict[str, Builder]) -> tuple[list[str], list[str]]:
+    """``--models`` entries: names or shell patterns (``tv_*``, ``hf_*``). Returns (names, unmatched)."""
+    import fnmatch
+
+    names: list[str] = []
+    missing: list[str] = []
+    for item in (t.strip() for t in spec.split(",")):
+        if not item:
+            continue
+        hits = fnmatch.filter(models, item) if any(c in item for c in "*?[") else (
+            [item] if item in models else [])
+        if not hits:
+            missing.append(item)
+        names += [h for h in hits if h not in names]
+    return (names or ([] if missing else list(models))), missing
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of units removed (0.3)")
-    p.add_argument("--models", default="", help="comma-separated model names (default: all)")
+    p.add_argument("--models", default="",
+                   help="comma-separated model names or patterns such as 'tv_*' (default: all)")
     p.add_argument("--runs", type=int, default=None,
                    help="timed onnxruntime runs per model (default 30, --quick 20; 0 = no timing)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5)")
@@ -806,7 +914,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "machine multi-threaded runs measure the scheduler more than the model)")
     p.add_argument("--round-to", type=int, default=None,
                    help="both tools round kept widths to a multiple of this (graphprune round_to=, "
-                        "TP round_to=); default: off for both")
+                        "TP round_to=); default: each tool's own default (graphprune 'auto', TP off)")
+    p.add_argument("--gp-round-to", type=_gp_round_to, default=None,
+                   help="graphprune's round_to only ('auto', or 1 for exact widths); default: "
+                        "graphprune's default ('auto')")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds one tool may spend pruning one model before it counts as failed "
                         "(default 120, --quick 30)")
@@ -843,15 +954,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(models))
         return 0
-    names = [n.strip() for n in args.models.split(",") if n.strip()] or list(models)
-    missing = [n for n in names if n not in models]
+    names, missing = select_models(args.models, models)
     if missing:
         log(f"unknown model(s): {', '.join(missing)}; --list shows the choices")
         return 2
     torch.set_num_threads(args.threads)
+    if importlib.util.find_spec("torchvision") is not None:
+        # before any transformers import: transformers imports an installed torchvision itself
+        # (image processors), and fails where its extension is broken unless this runs first
+        with contextlib.suppress(ImportError):
+            import_torchvision()
     print(f"graphprune vs Torch-Pruning: ratio {args.ratio}, {'tiny' if args.quick else 'bench'} "
           f"sizes, onnxruntime {args.threads} thread(s), up to {args.runs} interleaved runs, median"
-          + (f", round_to {args.round_to}" if args.round_to else ""))
+          + (f", round_to {args.round_to}" if args.round_to else
+             f", graphprune round_to {args.gp_round_to or 'auto (its default)'}, Torch-Pruning's default"))
     results: list[ModelResult] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gp_compare_") as workdir:
@@ -875,7 +991,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(results, args.tools, args.ratio))
     if args.json:
         payload = {"ratio": args.ratio, "size": args.size, "runs": args.runs,
-                   "round_to": args.round_to, "gp_prune_hidden": args.gp_prune_hidden,
+                   "round_to": args.round_to, "gp_round_to": args.gp_round_to or "auto",
+                   "gp_prune_hidden": args.gp_prune_hidden,
                    "threads": args.threads, "torch": torch.__version__,
                    "models": [r.to_json() for r in results]}
         Path(args.json).write_text(json.dumps(payload, indent=1))

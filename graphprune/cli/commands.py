@@ -24,6 +24,7 @@ from graphprune.cli.common import (
     add_importance_arg,
     add_structure_args,
     load_model,
+    parse_round_to,
     shape_arg,
 )
 from graphprune.errors import GraphPruneError, InputError
@@ -57,6 +58,7 @@ def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "prune_hidden": args.prune_hidden,
         "attention": args.attention,
         "fallback": args.fallback,
+        "round_to": args.round_to,
     }
 
 
@@ -222,6 +224,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="size of a zoo: model: 'tiny' (default, seconds) or 'bench' (real widths)")
     add_importance_arg(p)
     add_structure_args(p)
+    p.add_argument("--round-to", type=parse_round_to, default="auto", metavar="N|auto",
+                   help="kept widths: 'auto' (default) rounds each group to the width multiple "
+                        "onnxruntime's CPU kernels run well (16 for conv channels), N = multiples "
+                        "of N, 1 = exactly round(ratio * units)")
     p.add_argument("--fallback", choices=("freeze", "graph", "error"), default="freeze",
                    help="when a module's code cannot run at the new sizes: keep such modules whole "
                         "(default), return an fx GraphModule, or stop with an error")

@@ -183,6 +183,20 @@ def shape_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def parse_round_to(text: str, extra: tuple[str, ...] = ()) -> int | str:
+    """``--round-to``: "auto", a positive int, or one of ``extra`` (e.g. "measured")."""
+    if text == "auto" or text in extra:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        choices = ", ".join(repr(c) for c in ("auto", *extra))
+        raise argparse.ArgumentTypeError(f"--round-to must be a positive integer or {choices}, got {text!r}")
+    return value
+
+
 def add_structure_args(p: argparse.ArgumentParser) -> None:
     """What may be pruned: shared by every sub-command that analyses a model."""
     p.add_argument("--ignore", action="append", default=[], metavar="MODULE",

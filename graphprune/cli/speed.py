@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 import graphprune
-from graphprune.cli.common import MODEL_HELP, add_importance_arg, add_structure_args, load_model, shape_arg
+from graphprune.cli.common import (
+    MODEL_HELP,
+    add_importance_arg,
+    add_structure_args,
+    load_model,
+    parse_round_to,
+    shape_arg,
+)
 from graphprune.errors import InputError
 
 
@@ -33,15 +40,7 @@ def _ratios(text: str) -> list[float]:
 
 
 def _round_to(text: str) -> int | str:
-    if text == "measured":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--round-to must be a positive integer or 'measured', got {text!r}")
-    return value
+    return parse_round_to(text, extra=("measured",))
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -146,7 +145,8 @@ def register(sub: Any) -> None:
     _model_args(p)
     p.add_argument("--ratios", type=_ratios, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
                    help="comma-separated ratios (default 0,0.1,...,0.7)")
-    p.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this (default 1)")
+    p.add_argument("--round-to", type=parse_round_to, default="auto", metavar="N|auto",
+                   help="kept widths: 'auto' (default, as compact), multiples of N, or 1 (exact)")
     p.add_argument("--no-latency", action="store_true", help="params and FLOPs only (no ONNX timing)")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw latency / speed-up vs ratio to this PNG")
@@ -166,8 +166,9 @@ def register(sub: Any) -> None:
     group.add_argument("--params", type=float, metavar="FRACTION", help="keep this fraction of the params")
     group.add_argument("--speedup", type=float, metavar="X", help="measured onnxruntime speed-up to reach")
     group.add_argument("--latency-ms", type=float, metavar="MS", help="measured latency to get under")
-    p.add_argument("--round-to", type=_round_to, default=1,
-                   help="kept widths are multiples of N, or 'measured': try 1/8/16/32, keep the fastest")
+    p.add_argument("--round-to", type=_round_to, default="auto", metavar="N|auto|measured",
+                   help="kept widths: 'auto' (default, as compact), multiples of N, 1 (exact), or "
+                        "'measured': try auto/1/8/16/32, keep the fastest")
     p.add_argument("--tolerance", type=float, default=0.02, help="relative tolerance (default 0.02)")
     p.add_argument("--max-candidates", type=int, default=8, help="most candidates timed (speed targets)")
     p.add_argument("--json", metavar="PATH", help="write the search (every candidate) as JSON")

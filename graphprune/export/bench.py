@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphprune.errors import SlowerModelWarning
 from graphprune.export.flops import count_flops
 from graphprune.export.onnx_export import ExportResult, export_onnx, onnx_feed, onnx_session
+from graphprune.planning.cut import CONV_ALIGNMENTS
 
 __all__ = [
     "BenchmarkReport",
@@ -47,6 +50,8 @@ __all__ = [
     "default_threads",
     "layer_widths",
     "measure_latency",
+    "misaligned_convs",
+    "warn_if_slower",
 ]
 
 
@@ -107,6 +112,14 @@ def layer_widths(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 # --------------------------------------------------------------------------------------------------
 # Latency
+
+# Channel multiple onnxruntime's NCHWc convolutions need on x86 with AVX-512 (8 with AVX2, so a
+# multiple of 16 suits both): the widest alignment compact(round_to="auto") uses for convolutions.
+CONV_BLOCK = CONV_ALIGNMENTS[0]
+# A compact model counts as slower when its median is this much behind (and its fastest run too).
+SLOWER_MARGIN = 0.03
+# Below this original latency (ms) fixed per-op costs dominate on CPU and pruning rarely shows.
+OVERHEAD_MS = 0.2
 
 
 def default_threads() -> int:
@@ -247,6 +260,38 @@ class BenchmarkReport:
         """compact FLOPs / original FLOPs."""
         return _ratio(self.compact_flops, self.original_flops)
 
+    @property
+    def slower(self) -> bool:
+        """True when the compact model measured slower than the original by more than the noise
+        margin: its median *and* its fastest run are both behind the original's."""
+        o, c = self.original_latency, self.compact_latency
+        return c.median_ms > o.median_ms * (1 + SLOWER_MARGIN) and c.min_ms > o.min_ms
+
+    def slow_reasons(self) -> list[str]:
+        """Why the compact model may not be faster: the causes visible in widths and sizes."""
+        reasons = []
+        misaligned = misaligned_convs(self.widths_after, self.widths_before)
+        if misaligned:
+            shown = ", ".join(f"{n} ({w})" for n, w in misaligned[:4])
+            more = f" and {len(misaligned) - 4} more" if len(misaligned) > 4 else ""
+            reasons.append(
+                f"{len(misaligned)} pruned convolution(s) have channel counts that are not multiples of "
+                f"{CONV_BLOCK} ({shown}{more}); onnxruntime's fast CPU convolutions (NCHWc) need "
+                f"multiples of {CONV_BLOCK}, depthwise ones at least of 4. compact with round_to='auto' "
+                "(the default) rounds widths to fit"
+            )
+        o = self.original_latency.median_ms
+        if o < OVERHEAD_MS:
+            reasons.append(
+                f"the original runs in {o:.3f} ms: at this size fixed per-op costs dominate and "
+                "fewer FLOPs barely show in latency"
+            )
+        if self.ideal_speedup is not None and self.ideal_speedup < 1.1:
+            reasons.append(
+                f"FLOPs fell only {1 - 1 / self.ideal_speedup:.0%}: too little to measure against the noise"
+            )
+        return reasons
+
     def changed_layers(self) -> dict[str, tuple[tuple[int, ...] | None, tuple[int, ...] | None]]:
         """``{layer: (shape before, shape after)}`` for layers whose weight shape changed."""
         names = list(self.widths_before) + [n for n in self.widths_after if n not in self.widths_before]
@@ -303,6 +348,10 @@ class BenchmarkReport:
             f"achieved {'n/a' if self.efficiency is None else f'{self.efficiency:.0%}'} of ideal); "
             f"onnxruntime CPU, {o.threads} threads, {o.runs} interleaved runs each"
         )
+        if self.slower:
+            lines.append("")
+            lines.append(f"WARNING: the compact model is slower than the original ({rat(self.speedup)}).")
+            lines.extend(f"  - {r}" for r in self.slow_reasons() or ["no cause found in widths or sizes"])
         changed = self.changed_layers()
         if changed:
             lines.append("")
@@ -316,6 +365,38 @@ class BenchmarkReport:
                 a = "x".join(map(str, after)) if after else "-"
                 lines.append(f"  {name.ljust(name_w)}  {b} -> {a}")
         return "\n".join(lines)
+
+
+def misaligned_convs(
+    after: dict[str, tuple[int, ...]], before: dict[str, tuple[int, ...]] | None = None
+) -> list[tuple[str, str]]:
+    """Conv layers (4-D weights) whose output or input channel count is not a multiple of
+    :data:`CONV_BLOCK`, among those whose shape changed from ``before`` (all when not given).
+
+    A weight ``(out, in/groups, kh, kw)``: ``out`` must be aligned; ``in`` too unless it is below
+    the block (a first layer on 3 colour channels) or the conv is depthwise (``in == 1``).
+    """
+    out = []
+    for name, shape in after.items():
+        if len(shape) != 4 or (before is not None and before.get(name) == shape):
+            continue
+        c_out, c_in = shape[0], shape[1]
+        if c_out % CONV_BLOCK or (c_in >= CONV_BLOCK and c_in % CONV_BLOCK):
+            out.append((name, "x".join(map(str, shape[:2]))))
+    return out
+
+
+def warn_if_slower(report: BenchmarkReport, stacklevel: int = 2) -> None:
+    """Warn (:class:`~graphprune.errors.SlowerModelWarning`) when ``report`` measured the compact
+    model slower than the original, with the causes :meth:`BenchmarkReport.slow_reasons` finds."""
+    if report.slower:
+        why = "; ".join(report.slow_reasons()) or "no cause found in widths or sizes"
+        warnings.warn(
+            f"graphprune: the compact model ran slower than the original in onnxruntime "
+            f"({report.speedup:.2f}x): {why}",
+            SlowerModelWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def benchmark(
@@ -334,7 +415,9 @@ def benchmark(
     Both models are exported to ONNX (into ``workdir`` if given, kept there as ``original.onnx`` and
     ``compact.onnx``; else a temporary directory), each export checked against torch unless
     ``check=False``, then timed in turns in the same process with the same thread count.
-    Neither model is modified.
+    Neither model is modified. When the compact model measured slower (``report.slower``) a
+    :class:`~graphprune.errors.SlowerModelWarning` says so, with the causes found
+    (``report.slow_reasons()``: widths off onnxruntime's fast kernels, a model too small to gain).
     """
     _check_counts(warmup, runs)
     threads = threads or default_threads()
@@ -354,7 +437,7 @@ def benchmark(
     flops_o, flops_c = count_flops(original, example_input), count_flops(compact, example_input)
     speedup = lat_o.median_ms / lat_c.median_ms if lat_c.median_ms > 0 else float("inf")
     ideal = _ratio(flops_o, flops_c)
-    return BenchmarkReport(
+    report = BenchmarkReport(
         original_params=count_params(original),
         compact_params=count_params(compact),
         original_flops=flops_o,
@@ -371,3 +454,5 @@ def benchmark(
         original_onnx=None if workdir is None else str(exports[0].path),
         compact_onnx=None if workdir is None else str(exports[1].path),
     )
+    warn_if_slower(report, stacklevel=3)
+    return report

@@ -235,8 +235,8 @@ def plot_candidates(result: Any, path: str | os.PathLike = "search.png") -> Path
     several were tried. Right, when candidates were timed: measured vs ideal speed-up, each
     measured point labelled with its ``round_to`` if there were several.
     """
-    cands = sorted(result.candidates, key=lambda c: (c.round_to, c.ratio))
-    rounds = sorted({c.round_to for c in cands})
+    cands = sorted(result.candidates, key=lambda c: (str(c.round_to), c.ratio))
+    rounds = sorted({c.round_to for c in cands}, key=str)
     many = len(rounds) > 1
     timed = any(c.speedup is not None for c in cands)
     fig = _figure(10.5 if timed else 6.0, 4.2)

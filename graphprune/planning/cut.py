@@ -16,6 +16,14 @@
   large enough. A unit may span several positions (a head spans ``head_dim`` features), so the
   kept *unit count* is rounded to a multiple of ``N / gcd(N, positions per unit)``: 4 heads of
   64 features already make a width that is a multiple of 8.
+* ``round_to="auto"`` (the default of ``compact``): the alignment is chosen per group from what
+  the group's layers run well in onnxruntime on CPU (measured by ``tools/width_speed.py``):
+  groups with convolution channels get multiples of 16 (MLAS's NCHWc block; a depthwise
+  convolution at a width that is not a multiple of 4 ran 2-5x slower per FLOP), narrower groups
+  8 or 4 so that one step stays at most half the width; groups of Linear/MatMul features only
+  are cut exactly (no width effect was measured). The kept width is the aligned one nearest to
+  ``units * (1 - ratio)`` (ties keep more), so a group never loses more than half a step beyond
+  what the ratio asks. ``round_to=1`` cuts every group exactly. See docs/speed.md.
 
 Every group keeps at least one unit, and a group that would lose nothing is left untouched
 (rounding never removes units from a group that the ratio spared).
@@ -32,7 +40,15 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Analysis, Group
-from graphprune.planning.options import CutOptions
+from graphprune.planning.options import AUTO, CutOptions
+
+# Alignments tried for groups with convolution channels, widest first (tools/width_speed.py):
+# 16 is MLAS's NCHWc block with AVX-512 (8 with AVX2, so 16 suits both); a depthwise conv falls
+# off its fast kernel below a multiple of 4.
+CONV_ALIGNMENTS = (16, 8, 4)
+# An alignment is used only when the group is at least this many steps wide, so that rounding to
+# the nearest aligned width moves a group's ratio by at most 1 / (2 * MIN_STEPS) of its width.
+MIN_STEPS = 2
 
 
 def output_modules(group: Group, model: nn.Module) -> list[str]:
@@ -82,7 +98,10 @@ def _positions_per_unit(group: Group) -> int:
 
 
 def round_keep(group: Group, n_keep: int, round_to: int | None) -> int:
-    """Round a kept unit count so the kept width is a multiple of ``round_to`` (if possible)."""
+    """Round a kept unit count so the kept width is a multiple of ``round_to`` (if possible).
+
+    ``round_to`` is an int here; resolve ``"auto"`` per group with :func:`alignment` first.
+    """
     units = group.num_units
     if not round_to or round_to <= 1 or n_keep >= units:
         return n_keep
@@ -91,6 +110,50 @@ def round_keep(group: Group, n_keep: int, round_to: int | None) -> int:
         return n_keep
     kept = int(round(n_keep / step)) * step
     return min(max(kept, step), (units // step) * step)
+
+
+def _conv_width(group: Group, model: nn.Module) -> int:
+    """Channels the group spans in a convolution weight (0: no convolution among its members)."""
+    width = 0
+    for m in group.members:
+        path, _, attr = m.name.rpartition(".")
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        if attr == "weight" and isinstance(mod, nn.modules.conv._ConvNd) and m.dim in (0, 1):
+            width = max(width, int((m.unit_of >= 0).sum()))
+    return width
+
+
+def alignment(group: Group, model: nn.Module, round_to: int | str | None) -> int:
+    """The width multiple ``group`` is rounded to: ``round_to`` itself, or for ``"auto"`` the widest
+    of :data:`CONV_ALIGNMENTS` the group is :data:`MIN_STEPS` steps wide for when it has
+    convolution channels, else 1 (exact)."""
+    if round_to != AUTO:
+        return int(round_to or 1)
+    width = _conv_width(group, model)
+    return next((a for a in CONV_ALIGNMENTS if width >= MIN_STEPS * a), 1)
+
+
+def aligned_keep(group: Group, target_keep: float, align: int) -> int:
+    """The kept unit count whose width is the multiple of ``align`` nearest to ``target_keep`` units.
+
+    The candidates are the aligned counts from one step up to the group's size, plus the group's
+    own size (leaving a group whole never makes it slower than the original). Ties keep more
+    units. Where no aligned count below the group's size exists, ``target_keep`` is rounded
+    exactly. Nearest rounding keeps at least ``target_keep - step / 2`` units: never a whole step
+    beyond what was asked.
+    """
+    units = group.num_units
+    exact = min(units, max(1, int(math.floor(target_keep + 0.5))))
+    if align <= 1 or exact >= units:
+        return exact
+    step = align // math.gcd(align, _positions_per_unit(group))
+    if step <= 1 or units <= step:
+        return exact
+    options = [*range(step, units, step), units]
+    return min(options, key=lambda k: (abs(k - target_keep), -k))
 
 
 def key_matches(key: str | int, group: Group, owners: list[str]) -> bool:
@@ -143,6 +206,7 @@ def choose_removed(
     matched: set[str | int] = set()
     ratios = opts.ratios or {}
     exact: set[int] = set()
+    wanted: dict[int, float] = {}  # group index -> kept units asked for (before rounding)
     for g in groups:
         if opts.counts is not None and g.index in opts.counts:
             counts[g.index] = max(0, min(int(opts.counts[g.index]), g.num_units - 1))
@@ -159,6 +223,7 @@ def choose_removed(
             continue
         r = ratio if r is None else r
         counts[g.index] = min(int(round(r * g.num_units)), g.num_units - 1)
+        wanted[g.index] = g.num_units * (1.0 - r)
     unknown = [k for k in ratios if k not in matched]
     if unknown:
         names = sorted({o for g in groups for o in output_modules(g, model)})
@@ -193,19 +258,31 @@ def choose_removed(
             )
     by_index = {g.index: g for g in groups}
     removed: dict[int, list[int]] = {}
+    aligned: dict[int, int] = {}  # alignment -> groups rounded to it (for the plan's notes)
     for gi, n_remove in counts.items():
         g = by_index[gi]
         if n_remove <= 0:
             continue
         n_keep = g.num_units - n_remove
-        if gi not in exact:
+        if gi not in exact and opts.round_to == AUTO:
+            align = alignment(g, model, AUTO)
+            n_keep = aligned_keep(g, wanted.get(gi, float(n_keep)), align)
+            if align > 1:
+                aligned[align] = aligned.get(align, 0) + 1
+        elif gi not in exact:
             n_keep = round_keep(g, n_keep, opts.round_to)
         n_remove = g.num_units - n_keep
         if n_remove <= 0:
             continue
         order = np.argsort(scores(g), kind="stable")
         removed[gi] = sorted(int(u) for u in order[:n_remove])
-    if pool and opts.round_to:
+    if aligned:
+        by = ", ".join(f"{n} to multiples of {a}" for a, n in sorted(aligned.items(), reverse=True))
+        notes.append(
+            f"round_to='auto': kept widths of groups with convolution channels aligned ({by}) for "
+            "onnxruntime's CPU kernels; round_to=1 cuts exactly"
+        )
+    if pool and opts.round_to and opts.round_to != 1:
         after = sum(len(removed.get(g.index, [])) for g in pool)
         notes.append(f"round_to={opts.round_to}: {after} units of the global pool removed after rounding")
     return removed, notes

@@ -18,6 +18,7 @@ from graphprune.errors import InputError
 from graphprune.graph.analysis import check_attention
 
 DEFAULT_MAX_RATIO = 0.9
+AUTO = "auto"  # round_to: each group's kept width aligned for onnxruntime's CPU kernels (planning.cut)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class CutOptions:
     global_pruning: bool = False
     max_ratio: float | None = None
     ratios: Mapping[str | int, float] | None = None
-    round_to: int | None = None
+    round_to: int | str | None = None  # None or 1: exact; "auto": aligned per group (planning.cut)
     counts: Mapping[int, int] | None = None  # group index -> exact units to remove (no rounding)
 
     def __post_init__(self) -> None:
@@ -70,10 +71,12 @@ def check_options(opts: CutOptions) -> CutOptions:
     """Refuse bad where-to-cut values with what to pass instead (called by ``CutOptions``)."""
     if opts.max_ratio is not None:
         check_fraction(opts.max_ratio, "max_ratio", upper_inclusive=True)
-    if opts.round_to is not None and (
+    if opts.round_to is not None and opts.round_to != AUTO and (
         isinstance(opts.round_to, bool) or not isinstance(opts.round_to, int) or opts.round_to < 1
     ):
-        raise InputError(f"round_to must be a positive integer (e.g. 8), got {opts.round_to!r}")
+        raise InputError(
+            f"round_to must be 'auto' or a positive integer (e.g. 8; 1 = exact widths), got {opts.round_to!r}"
+        )
     if opts.ratios is not None:
         if not isinstance(opts.ratios, Mapping):
             raise InputError(

@@ -45,6 +45,7 @@ from graphprune.graph.analysis import Analysis, Group, analyze, param_tensor
 from graphprune.graph.trace import check_model, eval_copy
 from graphprune.planning.cut import (
     CutOptions,
+    alignment,
     global_counts,
     output_modules,
     ratio_of,
@@ -102,7 +103,8 @@ class Pruner:
     ``model`` itself is never modified: the pruner works on a copy, available as
     :attr:`model` (the current, possibly shrunk, model). ``finetune(model)`` runs after every
     step (train the model in place, or return a new one). Other keywords are those of
-    :func:`graphprune.compact`. Example::
+    :func:`graphprune.compact`, except that ``round_to`` defaults to exact widths here (every
+    step's count follows the schedule); pass ``round_to="auto"`` for aligned widths. Example::
 
         pruner = graphprune.Pruner(model, x, target_ratio=0.5, steps=5, schedule="cubic",
                                    importance="taylor", data=calib, loss_fn=F.cross_entropy,
@@ -130,7 +132,7 @@ class Pruner:
         global_pruning: bool = False,
         max_ratio: float | None = None,
         ratios: dict[str | int, float] | None = None,
-        round_to: int | None = None,
+        round_to: int | str | None = None,
         verify: bool = True,
     ) -> None:
         check_model(model)
@@ -206,7 +208,7 @@ class Pruner:
             r = (self.target_ratio if final is None else final) * s
             keep = max(1, u0 - int(round(r * u0)))
             if keep < g.num_units:
-                keep = round_keep(g, keep, self.options.round_to)
+                keep = round_keep(g, keep, alignment(g, analysis.model, self.options.round_to))
             counts[g.index] = max(0, g.num_units - keep)
         if pool:
             max_ratio = self.options.cap

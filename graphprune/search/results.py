@@ -8,7 +8,15 @@ from typing import Any
 
 from torch import nn
 
+from graphprune.planning.options import AUTO
 from graphprune.planning.plan import Plan
+
+RoundTo = int | str  # a positive int, or "auto" (aligned per group, see graphprune.planning.cut)
+
+
+def round_order(round_to: RoundTo) -> tuple[int, int]:
+    """Sort key for ``round_to`` values: "auto" first, then the ints ascending."""
+    return (0, 0) if round_to == AUTO else (1, int(round_to))
 
 
 @dataclass
@@ -20,7 +28,7 @@ class Candidate:
     flops: int
     params_frac: float
     flops_frac: float
-    round_to: int = 1
+    round_to: RoundTo = 1
     step: int | None = None  # position on the ladder (None for plain-ratio sweeps)
     extra: int | None = None  # one later ladder step applied on top (fine-tuning a target)
     latency_ms: float | None = None  # onnxruntime median

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from graphprune.engine import importance_name, prepare, realize
 from graphprune.export.bench import count_flops, count_params, default_threads, interleaved_latency
 from graphprune.graph.analysis import Analysis, Group
-from graphprune.planning.cut import CutOptions, round_keep
+from graphprune.planning.cut import CutOptions, alignment, round_keep
 from graphprune.planning.importance import Criterion
 from graphprune.planning.plan import Plan, build_plan
-from graphprune.search.results import Candidate
+from graphprune.search.results import Candidate, RoundTo
 
 
 def allowed_kept(group: Group, round_to: int) -> list[int]:
@@ -58,14 +58,14 @@ class Ladder:
     monotonically along it.
     """
 
-    def __init__(self, analysis: Analysis, round_to: int = 1) -> None:
-        self.round_to = int(round_to)
+    def __init__(self, analysis: Analysis, round_to: RoundTo = 1) -> None:
+        self.round_to = round_to
         self.units = {g.index: g.num_units for g in analysis.groups if g.members and g.num_units > 1}
         events: list[tuple[float, int, int]] = []
         for g in analysis.groups:
             if g.index not in self.units:
                 continue
-            kept = allowed_kept(g, self.round_to)
+            kept = allowed_kept(g, alignment(g, analysis.model, self.round_to))
             n = g.num_units
             for a, b in zip(kept, kept[1:]):
                 events.append((1.0 - (a + b) / (2.0 * n), g.index, n - b))
@@ -151,7 +151,7 @@ class Search:
         self.flops = count_flops(model, example_input)
         self.runs, self.warmup = runs, warmup
         self.threads = threads or default_threads()
-        self._ladders: dict[int, Ladder] = {}
+        self._ladders: dict[RoundTo, Ladder] = {}
         self._static: dict[Any, Candidate] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._baseline: Path | None = None
@@ -159,7 +159,7 @@ class Search:
         self._meta: tuple[Analysis, Any] | bool | None = None
 
     # -- plans and models ------------------------------------------------------------------------
-    def ladder(self, round_to: int) -> Ladder:
+    def ladder(self, round_to: RoundTo) -> Ladder:
         if round_to not in self._ladders:
             self._ladders[round_to] = Ladder(self.analysis, round_to)
         return self._ladders[round_to]
@@ -168,13 +168,13 @@ class Search:
         self,
         ratio: float | None = None,
         *,
-        round_to: int = 1,
+        round_to: RoundTo = 1,
         step: int | None = None,
         extra: int | None = None,
     ) -> Plan:
         """A plan at a uniform ``ratio`` (``round_to`` 1) or at a ladder ``step`` (+ ``extra``)."""
         if step is None:  # a uniform ratio, rounded the way compact(round_to=N) rounds
-            opts = CutOptions(round_to=round_to if round_to > 1 else None)
+            opts = CutOptions(round_to=None if round_to == 1 else round_to)
             r = float(ratio or 0.0)
             return build_plan(self.analysis, r, self.criterion, self.importance, options=opts)
         lad = self.ladder(round_to)
@@ -231,7 +231,7 @@ class Search:
         plan: Plan,
         key: Any,
         *,
-        round_to: int = 1,
+        round_to: RoundTo = 1,
         step: int | None = None,
         extra: int | None = None,
     ) -> Candidate:
@@ -250,7 +250,7 @@ class Search:
             )
         return self._static[key]
 
-    def at_step(self, round_to: int, step: int, extra: int | None = None) -> Candidate:
+    def at_step(self, round_to: RoundTo, step: int, extra: int | None = None) -> Candidate:
         lad = self.ladder(round_to)
         step = max(0, min(step, len(lad)))
         plan = self.plan(round_to=round_to, step=step, extra=extra)
@@ -339,7 +339,7 @@ def bisect_steps(
 
 
 def static_search(
-    s: Search, kind: str, target: float, round_to: int, tolerance: float, bar: Any
+    s: Search, kind: str, target: float, round_to: RoundTo, tolerance: float, bar: Any
 ) -> Candidate:
     """Ladder position whose FLOPs/params fraction is closest to ``target``.
 
@@ -380,7 +380,7 @@ def speed_search(
     s: Search,
     kind: str,
     target: float,
-    round_to: int,
+    round_to: RoundTo,
     tolerance: float,
     max_candidates: int,
     bar: Any,
@@ -457,8 +457,8 @@ def speed_search(
 
 
 def choose_round_to_at(
-    s: Search, kind: str, value: float, choices: Sequence[int], bar: Any
-) -> tuple[int, list[Candidate]]:
+    s: Search, kind: str, value: float, choices: Sequence[RoundTo], bar: Any
+) -> tuple[RoundTo, list[Candidate]]:
     """Time each ``round_to`` at the FLOPs-ideal point of a speed target; return the fastest."""
     if kind == "speedup":
         want = 1.0 / value

@@ -12,8 +12,10 @@ reliably, so the ratio is *searched*:
   the ladder (with interpolation steps) hits a FLOPs or parameter target to within one group step,
   which is what makes a 2 % tolerance reachable even where many same-sized groups jump together.
 * ``round_to=N`` makes the ladder use only widths that are multiples of ``N`` (whole heads stay
-  whole: a unit of ``u`` positions counts ``u`` channels); ``round_to="measured"`` tries 1, 8, 16
-  and 32 and keeps the one whose compact model runs fastest in onnxruntime.
+  whole: a unit of ``u`` positions counts ``u`` channels); ``round_to="auto"`` (the default, as
+  in ``compact``) uses each group's own alignment (``graphprune.planning.cut.alignment``);
+  ``round_to="measured"`` tries "auto", 1, 8, 16 and 32 and keeps the one whose compact model
+  runs fastest in onnxruntime.
 * Speed targets export each candidate to ONNX and time it in onnxruntime interleaved with the
   original (warm-up, repeated runs, median), so load drift hits both alike; the search keeps the
   least-pruned candidate that meets the target.
@@ -34,7 +36,8 @@ from tqdm.auto import tqdm
 from graphprune.errors import InputError
 from graphprune.export.bench import count_flops, count_params
 from graphprune.planning.importance import Criterion
-from graphprune.search.results import Candidate, TargetResult
+from graphprune.planning.options import AUTO
+from graphprune.search.results import Candidate, RoundTo, TargetResult, round_order
 from graphprune.search.searcher import Search, choose_round_to_at, progress_bar, speed_search, static_search
 from graphprune.surgery.fallback import check_fallback
 
@@ -49,7 +52,7 @@ __all__ = [
     "targeted",
 ]
 
-ROUND_CHOICES = (1, 8, 16, 32)
+ROUND_CHOICES: tuple[RoundTo, ...] = (AUTO, 1, 8, 16, 32)
 _KINDS = ("flops", "params", "speedup", "latency_ms")
 
 
@@ -102,11 +105,21 @@ def _describe(kind: str, value: float) -> str:
     }[kind]
 
 
-def _round_choices(round_to: int | str) -> tuple[int, ...]:
+def _within(c: Candidate, kind: str, value: float, tolerance: float) -> bool:
+    """Whether a FLOPs/params candidate meets ``value`` within the relative ``tolerance``."""
+    got = c.flops_frac if kind == "flops" else c.params_frac
+    return abs(got / value - 1) <= tolerance
+
+
+def _round_choices(round_to: RoundTo | None) -> tuple[RoundTo, ...]:
     if round_to == "measured":
         return ROUND_CHOICES
+    if round_to is None:
+        return (1,)
+    if round_to == AUTO:
+        return (AUTO,)
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise InputError(f"round_to must be a positive int or 'measured', got {round_to!r}")
+        raise InputError(f"round_to must be 'auto', a positive int or 'measured', got {round_to!r}")
     return (int(round_to),)
 
 
@@ -124,7 +137,7 @@ def compact_to_target(
     attention: str = "heads",
     data: Any = None,
     loss_fn: Any = None,
-    round_to: int | str = 1,
+    round_to: RoundTo = AUTO,
     tolerance: float = 0.02,
     runs: int = 20,
     warmup: int = 5,
@@ -141,7 +154,8 @@ def compact_to_target(
     * ``target_speedup`` (onnxruntime median, original / compact) or ``target_latency_ms``: each
       candidate is exported to ONNX and timed interleaved with the original (``warmup`` + ``runs``
       runs, ``threads`` intra-op threads); the least-pruned candidate that meets the target wins.
-    * ``round_to``: kept widths are multiples of it; ``"measured"`` tries 1, 8, 16, 32 and keeps
+    * ``round_to``: kept widths are multiples of it; ``"auto"`` (default) aligns each group as
+      ``compact`` does, 1 cuts exactly; ``"measured"`` tries "auto", 1, 8, 16, 32 and keeps
       the fastest in onnxruntime (for FLOPs/params targets: each at the target; for speed
       targets: the best at the first probe, then searched with that one).
 
@@ -187,6 +201,14 @@ def compact_to_target(
                     )
                 else:
                     best = finals[0]
+                    if best.round_to == AUTO and not _within(best, kind, value, tolerance):
+                        # aligned steps too coarse for this budget (a small model): exact widths
+                        exact = static_search(s, kind, value, 1, tolerance, bar)
+                        tried = [c for c in s._static.values()]
+                        if _within(exact, kind, value, tolerance):
+                            best = exact
+                            note = ("aligned widths (round_to='auto') could not meet the target within "
+                                    f"{tolerance:.0%}; exact widths (round_to=1) used")
             else:
                 n = choices[0]
                 if len(choices) > 1:
@@ -201,7 +223,7 @@ def compact_to_target(
         if not any(c.chosen for c in tried):
             best.chosen = True
             tried.append(best)
-        tried.sort(key=lambda c: (c.round_to, c.ratio))
+        tried.sort(key=lambda c: (round_order(c.round_to), c.ratio))
         plan = s.plan_of(best)
         small, plan = s.realize(plan, quiet=False)
     finally:
@@ -260,7 +282,7 @@ def best_round_to(
     example_input: Any,
     ratio: float = 0.5,
     *,
-    choices: Sequence[int] = ROUND_CHOICES,
+    choices: Sequence[RoundTo] = ROUND_CHOICES,
     importance: str | Criterion = "l2",
     ignored_layers: Any = (),
     prune_hidden: bool = False,
@@ -269,7 +291,7 @@ def best_round_to(
     warmup: int = 5,
     threads: int | None = None,
     progress: bool = False,
-) -> tuple[int, list[Candidate]]:
+) -> tuple[RoundTo, list[Candidate]]:
     """Which ``round_to`` makes the model compacted at ``ratio`` run fastest in onnxruntime.
 
     Each choice rounds every group to its nearest allowed width at ``ratio`` (so FLOPs stay
@@ -300,7 +322,7 @@ def sweep(
     ignored_layers: Any = (),
     prune_hidden: bool = False,
     attention: str = "heads",
-    round_to: int = 1,
+    round_to: RoundTo = AUTO,
     latency: bool = True,
     runs: int = 20,
     warmup: int = 5,

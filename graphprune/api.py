@@ -81,7 +81,11 @@ def _unmasked(
             "model carries no such masks; prune it first (e.g. prune.ln_structured(conv, 'weight', "
             "amount=0.3, n=2, dim=0) on every conv) or use a weight criterion such as 'l2'."
         )
-    used = sorted(k for k, v in refused.items() if v not in (None, False, (), {}))
+    # round_to="auto" is every call's default and exact counts bypass rounding, so it is no choice
+    used = sorted(
+        k for k, v in refused.items()
+        if v not in (None, False, (), {}) and not (k == "round_to" and v in ("auto", 1))
+    )
     if used:
         raise InputError(
             f"importance='mask' removes exactly the units the masks emptied; {', '.join(used)} would "

@@ -10,6 +10,7 @@ The public API lives here and only here::
 from __future__ import annotations
 
 from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
+from graphprune.depth import find_blocks
 from graphprune.errors import (
     GraphPruneError,
     InputError,
@@ -27,6 +28,7 @@ from graphprune.export.bench import (
 )
 from graphprune.export.onnx_export import ExportResult, export_onnx
 from graphprune.graph.analysis import Analysis, Group, Member, analyze
+from graphprune.graph.blocks import Block
 from graphprune.methods import unstructured  # classic mask-based methods, as a namespace
 from graphprune.methods.recover import recover
 from graphprune.methods.sparsity import GroupLasso, bn_l1_penalty
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis",
     "BenchmarkReport",
+    "Block",
     "ExportResult",
     "GraphPruneError",
     "Group",
@@ -70,6 +73,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "export_onnx",
+    "find_blocks",
     "lamp",
     "load",
     "make_plan",

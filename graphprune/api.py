@@ -17,6 +17,7 @@ from graphprune.graph.trace import check_model
 from graphprune.planning.cut import CutOptions, check_options
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
 from graphprune.planning.plan import AttrUpdate, Plan, build_plan, check_ratio
+from graphprune.surgery.depth import remove_blocks
 from graphprune.surgery.fallback import (
     MAX_ROUNDS,
     Failure,
@@ -395,6 +396,9 @@ def compact(
     target_latency_ms: float | None = None,
     progress: bool = False,
     fallback: str = "freeze",
+    depth: float | int | None = None,
+    depth_importance: str | None = None,
+    depth_unit: str = "module",
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
@@ -422,7 +426,20 @@ def compact(
     ``reshape(B, N, C)`` with ``C`` read off the input): "freeze" (default) keeps every module
     of its class whole, prunes the rest and warns; "graph" prunes everything and returns an fx
     GraphModule instead of your class; "error" raises GraphPruneError naming the module.
+
+    ``depth`` first removes whole residual blocks (docs/depth.md): a fraction of the removable
+    blocks (rounded) or a count; ``ratio`` then narrows what is left and defaults to 0 when
+    ``depth`` is given. ``depth_importance`` ranks blocks: "weight" (default without ``data``)
+    or "cosine" (default with ``data``). ``graphprune.find_blocks`` lists the blocks.
     """
+    if depth is not None:
+        return compact_with_plan(
+            model, example_input, ratio, importance=importance, ignored_layers=ignored_layers,
+            prune_hidden=prune_hidden, attention=attention, verify=verify, data=data, loss_fn=loss_fn,
+            global_pruning=global_pruning, max_ratio=max_ratio, ratios=ratios, round_to=round_to,
+            target_flops=target_flops, target_params=target_params, target_speedup=target_speedup,
+            target_latency_ms=target_latency_ms, progress=progress, fallback=fallback, depth=depth,
+            depth_importance=depth_importance, depth_unit=depth_unit)[0]
     check_fallback(fallback)
     training = _modes(model)
     targets = {"target_flops": target_flops, "target_params": target_params,
@@ -492,6 +509,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, got {type(plan).__name__}")
     small = copy.deepcopy(model)
+    remove_blocks(small, plan)
     replay(small, plan)
     update_config(small, plan)
     return small
@@ -499,6 +517,10 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 
 def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Module, Plan]:
     """Like ``compact`` but also return the plan (for printing or saving)."""
+    depth, depth_importance = kwargs.pop("depth", None), kwargs.pop("depth_importance", None)
+    depth_unit = kwargs.pop("depth_unit", "module")
+    if depth is not None:
+        return _depth_then_width(model, example_input, ratio, depth, depth_importance, depth_unit, kwargs)
     verify = kwargs.pop("verify", True)
     fallback = check_fallback(kwargs.pop("fallback", "freeze"))
     training = _modes(model)
@@ -530,3 +552,41 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
         verify_compact(analysis, plan, small, example_input, original=model)
     _set_mode(small, training)
     return small, plan
+
+
+def _depth_then_width(model: nn.Module, example_input: Any, ratio: float | None, depth: float | int,
+                      depth_importance: str | None, depth_unit: str, kwargs: dict[str, Any]
+                      ) -> tuple[nn.Module, Plan]:
+    """Remove blocks (graphprune.depth), then cut widths of what is left; one plan for both.
+
+    The width plan is made on the shallower model, so replaying it needs the blocks removed
+    first: ``plan.depth`` lists them and ``apply_plan`` / ``graphprune.load`` remove them first.
+    """
+    from graphprune.depth import prune_depth
+
+    check_fallback(kwargs.get("fallback", "freeze"))
+    training = _modes(model)
+    result = prune_depth(model, example_input, depth, importance=depth_importance, data=kwargs.get("data"),
+                         ignored_layers=kwargs.get("ignored_layers", ()), verify=kwargs.get("verify", True),
+                         unit=depth_unit)
+    width = any(kwargs.get(k) is not None for k in kwargs if k.startswith("target_")) or bool(ratio)
+    if width:
+        kwargs["ignored_layers"] = result.ignored
+        small, plan = compact_with_plan(result.model, example_input, ratio, **kwargs)
+    else:
+        unknown = set(kwargs) - _COMPACT_KEYWORDS
+        if unknown:
+            raise InputError(f"unexpected arguments: {sorted(unknown)}")
+        small = result.model
+        plan = Plan(ratio=0.0, importance=_importance_name(kwargs.get("importance", "l2")))
+    plan.depth = [e.to_dict() for e in result.entries]
+    plan.notes[:0] = result.notes
+    _set_mode(small, training)
+    return small, plan
+
+
+_COMPACT_KEYWORDS = {
+    "importance", "ignored_layers", "prune_hidden", "attention", "verify", "data", "loss_fn",
+    "global_pruning", "max_ratio", "ratios", "round_to", "target_flops", "target_params",
+    "target_speedup", "target_latency_ms", "progress", "fallback",
+}

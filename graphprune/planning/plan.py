@@ -54,6 +54,8 @@ class Plan:
     # multiply before slicing: {"tensor", "dim", "index", "factor"} (q rows when SDPA's default
     # scale follows a pruned head size, see rules.attention._fold_scale_into_q)
     scales: list[dict[str, Any]] = field(default_factory=list)
+    # blocks removed before the width slices (graphprune.depth.DepthEntry as dicts), in order
+    depth: list[dict[str, Any]] = field(default_factory=list)
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -86,6 +88,7 @@ class Plan:
             notes=list(d.get("notes", [])),
             structure=dict(d.get("structure", {})),
             scales=[dict(x) for x in d.get("scales", [])],
+            depth=[dict(x) for x in d.get("depth", [])],
         )
 
     @classmethod
@@ -122,6 +125,12 @@ class Plan:
                 f"  rescaled (SDPA's default scale follows the pruned head size): {', '.join(scaled[:6])}"
                 + (f" +{len(scaled) - 6} more" if len(scaled) > 6 else "")
             )
+        if self.depth:
+            lines.append(f"  {len(self.depth)} blocks removed (before the width cut):")
+            for e in self.depth:
+                how = e.get("action", "removed")
+                score = "" if e.get("score") is None else f" score {e['score']:.3g}"
+                lines.append(f"    {e['module']} ({e['cls']}, {e.get('params', 0)} params){score}: {how}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 

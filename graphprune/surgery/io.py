@@ -34,6 +34,7 @@ from graphprune.graph.analysis import param_tensor
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import check_model, no_cache
 from graphprune.planning.plan import Plan
+from graphprune.surgery.depth import remove_blocks
 from graphprune.surgery.slicing import _MODULE_ATTRS, plan_tensor, replay
 
 FORMAT = "graphprune-saved/1"
@@ -287,8 +288,9 @@ def load(
         raise InputError(f"{directory} has no {PLAN}") from exc
     except (InputError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise PlanMismatchError(f"{directory / PLAN} is not a valid graphprune plan: {exc}") from exc
-    check_plan_fits(base_model, plan)
     small = copy.deepcopy(base_model)
+    remove_blocks(small, plan)  # the width plan was made on the shallower model
+    check_plan_fits(small, plan)
     replay(small, plan)
     weights = directory / WEIGHTS
     if not weights.is_file():

@@ -242,3 +242,30 @@ def test_hf_decoder_loses_a_layer_and_stays_its_class_with_cache_config_and_roun
         again = type(small).from_pretrained(tmp).eval()
     with torch.no_grad():
         assert torch.equal(again(**x).logits, small(**x).logits)
+
+
+def test_hf_attention_sub_layer_alone_becomes_zero_and_generation_still_matches() -> None:
+    model, x = _llama(layers=2)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()  # layer 0's attention adds nothing
+        before = model(**x).logits
+    branches = graphprune.find_blocks(model, x, unit="branch")
+    assert sorted(b.module for b in branches if b.removable) == [
+        "model.layers.0.mlp", "model.layers.0.self_attn", "model.layers.1.mlp", "model.layers.1.self_attn"]
+    small, plan = graphprune.compact_with_plan(model, x, depth=1, depth_unit="branch")
+    assert [e["module"] for e in plan.depth] == ["model.layers.0.self_attn"]
+    assert type(small.model.layers[0].self_attn).__name__ == "Zero" and len(small.model.layers) == 2
+    with torch.no_grad():
+        assert _close(small(**x).logits, before)
+        out = small.generate(x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=3,
+                             do_sample=False)
+    assert torch.equal(out, _greedy_without_cache(small, x["input_ids"], 3))
+
+
+def test_cli_plan_and_compact_take_depth(tmp_path, capsys) -> None:
+    from graphprune.cli.commands import main
+
+    assert main(["plan", "zoo:vit_tiny", "--depth", "1", "--json", str(tmp_path / "p.json")]) == 0
+    plan = graphprune.Plan.from_json(tmp_path / "p.json")
+    assert len(plan.depth) == 1 and plan.ratio == 0.0
+    assert "blocks removed" in capsys.readouterr().out

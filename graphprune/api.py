@@ -490,8 +490,9 @@ def make_plan(
     """Analyse and plan without returning a model (the plan replays with ``apply_plan``).
 
     ``where`` takes compact's data / where-to-cut keywords (data, loss_fn, global_pruning,
-    max_ratio, ratios, round_to) and its depth keywords (depth, depth_importance, depth_unit). ``fallback="freeze"`` (default) returns the plan whose
-    replay runs in your class (modules that cannot run smaller kept whole, see ``compact``).
+    max_ratio, ratios, round_to) and its depth keywords (depth, depth_importance, depth_unit).
+    ``fallback="freeze"`` (default) returns the plan whose replay runs in your class (modules
+    that cannot run smaller kept whole, see ``compact``).
     """
     check_fallback(fallback)
     if where.get("depth") is not None:  # blocks first, then widths: the plan carries both

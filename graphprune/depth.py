@@ -21,7 +21,7 @@ from graphprune.graph.blocks import Block
 from graphprune.graph.blocks import find_blocks as find_module_blocks
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import Traced, check_model, eval_copy, no_cache, trace
-from graphprune.planning.depth import SCORES, block_scores, check_depth, choose
+from graphprune.planning.depth import SCORES, block_scores, check_depth, check_depth_value, choose
 from graphprune.surgery.depth import DepthEntry, remove
 
 
@@ -126,6 +126,7 @@ def prune_depth(
     """
     if importance is not None and importance not in SCORES:
         raise InputError(f"depth_importance must be one of {SCORES} or None, got {importance!r}")
+    check_depth_value(depth)
     work, traced, blocks = find(model, example_input, ignored_layers, unit)
     ignored = [work.get_submodule(p) for p in _ignored_paths(model, ignored_layers) if p]
     n = check_depth(depth, sum(b.removable for b in blocks))

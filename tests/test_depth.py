@@ -269,3 +269,23 @@ def test_cli_plan_and_compact_take_depth(tmp_path, capsys) -> None:
     plan = graphprune.Plan.from_json(tmp_path / "p.json")
     assert len(plan.depth) == 1 and plan.ratio == 0.0
     assert "blocks removed" in capsys.readouterr().out
+
+
+def test_block_sensitivity_measures_each_block_removed_alone() -> None:
+    model = _net()
+    with torch.no_grad():
+        model.blocks[1].fc2.weight.zero_()
+        model.blocks[1].fc2.bias.zero_()
+        ref = model(X)
+
+    def error(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(X) - ref).abs().max())
+
+    table = graphprune.sensitivity(model, X, error, ratios=(), blocks=True, higher_is_better=False,
+                                   progress=False)
+    by = {r.module: r for r in table.blocks}
+    assert sorted(by) == ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "extra"]
+    assert by["blocks.1"].metric <= 1e-6 and by["blocks.1"].weight_score == 0.0
+    assert all(r.metric > 1e-3 for m, r in by.items() if m != "blocks.1")
+    assert "blocks.1" in table.to_markdown()

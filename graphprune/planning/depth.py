@@ -29,6 +29,15 @@ from graphprune.planning.calibration import batches, forward, split_batch
 SCORES = ("weight", "cosine")
 
 
+def check_depth_value(depth: Any) -> None:
+    """Refuse a bad ``depth`` before any tracing: a fraction in [0, 1) or a non-negative count."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)):
+        raise InputError(f"depth must be a fraction in [0, 1) or a number of blocks, got {depth!r}")
+    if (isinstance(depth, int) and depth < 0) or (isinstance(depth, float) and not 0 <= depth < 1):
+        raise InputError(f"depth must be a fraction in [0, 1) or a count >= 0, got {depth!r}; "
+                         "pass an int for a number of blocks")
+
+
 def check_depth(depth: Any, removable: int) -> int:
     """Number of blocks to remove: ``depth`` is a fraction in [0, 1) (rounded) or a count."""
     if isinstance(depth, bool) or not isinstance(depth, (int, float)):

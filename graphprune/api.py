@@ -431,6 +431,8 @@ def compact(
     blocks (rounded) or a count; ``ratio`` then narrows what is left and defaults to 0 when
     ``depth`` is given. ``depth_importance`` ranks blocks: "weight" (default without ``data``)
     or "cosine" (default with ``data``). ``graphprune.find_blocks`` lists the blocks.
+    ``depth="search"`` with one ``target_...`` tries several block counts, cuts widths to the
+    target and keeps the best mix (graphprune.search.mix; the plan's notes say which won).
     """
     if depth is not None:
         return compact_with_plan(
@@ -525,6 +527,13 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
     """Like ``compact`` but also return the plan (for printing or saving)."""
     depth, depth_importance = kwargs.pop("depth", None), kwargs.pop("depth_importance", None)
     depth_unit = kwargs.pop("depth_unit", "module")
+    if isinstance(depth, str) and depth == "search":
+        from graphprune.search.mix import search_mix
+
+        targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
+        result = search_mix(model, example_input, targets, ratio=ratio, depth_importance=depth_importance,
+                            depth_unit=depth_unit, **kwargs)
+        return result.model, result.plan
     if depth is not None:
         return _depth_then_width(model, example_input, ratio, depth, depth_importance, depth_unit, kwargs)
     verify = kwargs.pop("verify", True)

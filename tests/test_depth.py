@@ -289,3 +289,14 @@ def test_block_sensitivity_measures_each_block_removed_alone() -> None:
     assert by["blocks.1"].metric <= 1e-6 and by["blocks.1"].weight_score == 0.0
     assert all(r.metric > 1e-3 for m, r in by.items() if m != "blocks.1")
     assert "blocks.1" in table.to_markdown()
+
+
+@pytest.mark.slow
+def test_width_and_depth_search_reports_every_mix_and_meets_a_flops_budget() -> None:
+    from graphprune.search.mix import search_mix
+
+    result = search_mix(_net(), X, {"target_flops": 0.6}, depths=(0.0, 0.4), runs=3)
+    assert [r.blocks for r in result.rows] == [0, 2] and sum(r.chosen for r in result.rows) == 1
+    assert all(r.met and r.flops <= 0.6 * 1.02 for r in result.rows)
+    assert "won" in result.plan.notes[-1] and len(result.plan.depth) == result.rows[
+        [r.chosen for r in result.rows].index(True)].blocks

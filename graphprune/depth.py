@@ -16,7 +16,7 @@ from torch import nn
 from torch.fx import Interpreter, Node
 from torch.utils import _pytree as pytree
 
-from graphprune.errors import InputError, VerificationError
+from graphprune.errors import GraphPruneError, InputError, VerificationError
 from graphprune.graph.blocks import Block
 from graphprune.graph.blocks import find_blocks as find_module_blocks
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
@@ -145,7 +145,15 @@ def prune_depth(
     notes.insert(0, f"removed {len(entries)} of {sum(b.removable for b in blocks)} removable blocks: "
                     + ", ".join(e.module for e in entries))
     if ref is not None:
-        _check(ref, run(work, example_input), entries)
+        try:
+            got = run(work, example_input)
+        except Exception as exc:  # noqa: BLE001 - the user's forward refuses the shallower model
+            raise GraphPruneError(
+                f"{type(work).__name__} no longer runs after removing {[e.module for e in entries]} "
+                f"({type(exc).__name__}: {str(exc).strip()[:160]}): its forward depends on those modules "
+                "in a way the graph does not show (e.g. indexing layers by a count). Keep them with "
+                "ignored_layers=[...]") from exc
+        _check(ref, got, entries)
     return DepthResult(work, entries, notes, blocks, scores, [m for m in ignored if _inside(work, m)])
 
 

@@ -306,3 +306,24 @@ def test_width_and_depth_search_reports_every_mix_and_meets_a_flops_budget(reque
     assert all(r.met and r.flops <= 0.6 * 1.02 for r in result.rows)
     assert "won" in result.plan.notes[-1] and len(result.plan.depth) == result.rows[
         [r.chosen for r in result.rows].index(True)].blocks
+
+
+class Indexed(nn.Module):
+    """Reads its layers by a stored count: deleting one breaks the forward, which must be caught."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 3
+        self.layers = nn.ModuleList(Block(6) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.n):
+            x = self.layers[i](x)
+        return x
+
+
+def test_a_forward_that_breaks_after_the_cut_is_a_clear_error_and_the_model_is_untouched() -> None:
+    model = Indexed().eval()
+    with pytest.raises(graphprune.GraphPruneError, match="no longer runs"):
+        graphprune.compact(model, X, depth=1)
+    assert len(model.layers) == 3

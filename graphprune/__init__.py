@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
 from graphprune.depth import find_blocks
+from graphprune.engine import Engine
 from graphprune.errors import (
     GraphPruneError,
     InputError,
@@ -46,6 +47,7 @@ __all__ = [
     "Analysis",
     "BenchmarkReport",
     "Block",
+    "Engine",
     "ExportResult",
     "GraphPruneError",
     "Group",

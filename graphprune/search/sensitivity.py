@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphprune.engine import importance_name, prepare, realize
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Group, param_tensor
-from graphprune.planning.cut import _key_matches, output_modules
+from graphprune.planning.cut import key_matches, output_modules
 from graphprune.planning.importance import Criterion, scores_for
 from graphprune.planning.plan import check_ratio
 from graphprune.search.block_sensitivity import BlockRow, blocks_markdown, rows_for
-from graphprune.search.pruner import _zero_units
+from graphprune.search.pruner import zero_units
 
 
 @dataclass
@@ -169,7 +170,7 @@ def _ratios_key(group: Group, groups: list[Group], model: nn.Module) -> str | in
         return (not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)), path)
 
     for path in sorted(owners[group.index], key=readable):
-        if not any(_key_matches(path, g, owners[g.index]) for g in groups if g.index != group.index):
+        if not any(key_matches(path, g, owners[g.index]) for g in groups if g.index != group.index):
             return path
     return group.index
 
@@ -200,7 +201,6 @@ def sensitivity(
     removable residual block (or branch) alone, into ``table.blocks`` (docs/depth.md); with
     ``ratios=()`` only blocks are measured.
     """
-    from graphprune.api import _importance_name, _prepare, _realize
     from graphprune.planning.plan import build_plan
 
     if mode not in ("mask", "compact"):
@@ -212,7 +212,7 @@ def sensitivity(
         baseline = float(evaluate(copy.deepcopy(model).eval()))
         return SensitivityTable(baseline, [], [], higher_is_better, metric_name,
                                 _block_rows(model, example_input, evaluate, blocks, ignored_layers, progress))
-    analysis, criterion = _prepare(
+    analysis, criterion = prepare(
         model,
         example_input,
         importance,
@@ -244,15 +244,15 @@ def sensitivity(
                 if mode == "mask":
                     mask = np.zeros(g.num_units, dtype=bool)
                     mask[order[:n]] = True
-                    _zero_units(work, g, mask)
+                    zero_units(work, g, mask)
                     row.metric[r] = float(evaluate(work))
                     with torch.no_grad():
                         for name, t in saved.items():
                             param_tensor(work, name).copy_(t)
                 else:
                     counts = {h.index: (n if h.index == g.index else 0) for h in groups}
-                    plan = build_plan(analysis, r, criterion, _importance_name(importance), counts=counts)
-                    small = _realize(analysis, plan, example_input, copy_model=True).eval()
+                    plan = build_plan(analysis, r, criterion, importance_name(importance), counts=counts)
+                    small = realize(analysis, plan, example_input, copy_model=True)[0].eval()
                     row.metric[r] = float(evaluate(small))
                 if bar is not None:
                     bar.update(1)

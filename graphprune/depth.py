@@ -29,7 +29,7 @@ class Skipping(Interpreter):
     """Runs the traced program with some residual adds replaced by their skip input."""
 
     def __init__(self, gm: torch.fx.GraphModule, skip: dict[str, str]) -> None:
-        super().__init__(gm)
+        super().__init__(gm, garbage_collect_values=False)  # skip inputs are read late
         self.skip = skip
         self.by_name: dict[str, Node] = {n.name: n for n in gm.graph.nodes}
 

@@ -256,6 +256,7 @@ def test_hf_attention_sub_layer_alone_becomes_zero_and_generation_still_matches(
     small, plan = graphprune.compact_with_plan(model, x, depth=1, depth_unit="branch")
     assert [e["module"] for e in plan.depth] == ["model.layers.0.self_attn"]
     assert type(small.model.layers[0].self_attn).__name__ == "Zero" and len(small.model.layers) == 2
+    assert type(small.model.layers[0].input_layernorm).__name__ == "Skip"  # dies with the branch
     with torch.no_grad():
         assert _close(small(**x).logits, before)
         out = small.generate(x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=3,

@@ -120,10 +120,22 @@ def residuals(graph: torch.fx.Graph) -> list[Residual]:
         if sd is None or _shape_dtype(a) != sd or _shape_dtype(b) != sd:
             continue
         if anc[b] >> pos[a] & 1:
-            out.append(Residual(n, a, b))
+            out.append(Residual(n, _source(a), b))
         elif anc[a] >> pos[b] & 1:
-            out.append(Residual(n, b, a))
+            out.append(Residual(n, _source(b), a))
     return out
+
+
+def _source(x: Node) -> Node:
+    """``x`` seen through ops that return their input unchanged (``to`` the same dtype...).
+
+    torch.export may name a no-op cast inside a norm as the residual (the cast returns the same
+    tensor); the value the skip carries is its input, so the norm dies with the branch.
+    """
+    while (_target(x) in _IDENTITY_OPS and x.args and isinstance(x.args[0], Node)
+           and _shape_dtype(x.args[0]) == _shape_dtype(x)):
+        x = x.args[0]
+    return x
 
 
 def resolve(node: Node, removed: dict[Node, Node]) -> Node:

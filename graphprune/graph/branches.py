@@ -82,8 +82,8 @@ def find_branches(traced: Traced, model: nn.Module, example_input: Any, start: i
     plans = []
     for r in found:
         live = live_nodes(graph, {r.add: r.skip})
-        dead_paths = [p for p, (nodes, _) in calls.items()
-                      if p and nodes and nodes <= (before - live) and r.add not in nodes]
+        dead_paths = [p for p, (nodes, _) in calls.items()  # nothing of it live after, something before
+                      if p and nodes & before and not nodes & live and r.add not in nodes]
         outer = [p for p in dead_paths if not any(p.startswith(q + ".") for q in dead_paths)]
         plans.append((r, live, outer))
     wanted = {p for _, _, outer in plans for p in outer}

@@ -100,7 +100,7 @@ def find(model: nn.Module, example_input: Any, ignored_layers: Any = (), unit: s
 
         blocks = find_branches(traced, work, example_input)
     else:
-        blocks = find_module_blocks(traced, work)
+        blocks = find_module_blocks(traced, work, example_input)
     prefixes = _ignored_paths(model, ignored_layers)
     for b in blocks:
         if b.removable and _touches(b, prefixes):

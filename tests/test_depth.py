@@ -223,11 +223,13 @@ def _greedy_without_cache(model: nn.Module, ids: torch.Tensor, steps: int) -> to
 
 def test_hf_decoder_loses_a_layer_and_stays_its_class_with_cache_config_and_round_trip() -> None:
     model, x = _llama()
+    model.config.suppress_ids = [7, 8, 9, 10]  # as long as the layer list, but not per layer
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight.zero_()
         model.model.layers[1].mlp.down_proj.weight.zero_()
         before = model(**x).logits
     small, plan = graphprune.compact_with_plan(model, x, depth=1)
+    assert small.config.suppress_ids == [7, 8, 9, 10]
     assert type(small) is type(model) and len(small.model.layers) == 3
     assert [e["module"] for e in plan.depth] == ["model.layers.1"]
     assert small.config.num_hidden_layers == 3 and len(small.config.layer_types) == 3
@@ -328,3 +330,31 @@ def test_a_forward_that_breaks_after_the_cut_is_a_clear_error_and_the_model_is_u
     with pytest.raises(graphprune.GraphPruneError, match="no longer runs"):
         graphprune.compact(model, X, depth=1)
     assert len(model.layers) == 3
+
+
+class HasOutput(nn.Module):
+    def __init__(self, wide: int) -> None:
+        super().__init__()
+        self.block = Out(wide)  # a named attribute: a cut would make it Skip, which returns h
+        self.up = nn.Linear(6, wide)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.relu(self.up(x)), x)
+
+
+class Out(nn.Module):
+    """``x + dense(h)`` with the residual as the *second* input: deleting it would hand on ``h``."""
+
+    def __init__(self, wide: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(wide, 6)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x + self.dense(h)
+
+
+def test_a_block_whose_first_input_is_not_the_residual_stream_is_refused() -> None:
+    blocks = graphprune.find_blocks(HasOutput(wide=12).eval(), X)  # shapes differ: seen at once
+    assert len(blocks) == 1 and not blocks[0].removable and "first input" in blocks[0].reason
+    with pytest.raises(graphprune.VerificationError):  # same shapes: the reference catches it
+        graphprune.compact(HasOutput(wide=6).eval(), X, depth=1)

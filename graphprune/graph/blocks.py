@@ -28,11 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 from torch.fx import Node
+from torch.utils import _pytree as pytree
 
-from graphprune.graph.trace import Traced
+from graphprune.graph.inputs import normalize_inputs
+from graphprune.graph.trace import Traced, no_cache
 
 # ops that return their input's values unchanged (when dtype and shape are unchanged)
 _IDENTITY_OPS = {
@@ -254,6 +258,25 @@ def _tail_chain(out: Node, inside: set[Node], removed: dict[Node, Node], path: s
     return n, chain[::-1]
 
 
+def module_io(model: nn.Module, paths: set[str], example_input: Any) -> dict[str, tuple[Any, Any]]:
+    """(first tensor input shape, output) of each module in ``paths`` on one run."""
+    seen: dict[str, tuple[Any, Any]] = {}
+    handles = []
+    for path in paths:
+        def hook(_m: nn.Module, args: Any, kwargs: Any, out: Any, path: str = path) -> None:
+            first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
+            seen.setdefault(path, (None if first is None else tuple(first.shape), out))
+        handles.append(model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
+    args, kwargs = normalize_inputs(example_input)
+    try:
+        with torch.no_grad(), no_cache(model):
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def _container(model: torch.nn.Module, path: str) -> tuple[str | None, int | None]:
     parent, _, last = path.rpartition(".")
     try:
@@ -265,8 +288,12 @@ def _container(model: torch.nn.Module, path: str) -> tuple[str | None, int | Non
     return None, None
 
 
-def find_blocks(traced: Traced, model: torch.nn.Module) -> list[Block]:
-    """Every module performing residual adds, removable or not (``Block.reason`` says why not)."""
+def find_blocks(traced: Traced, model: torch.nn.Module, example_input: Any = None) -> list[Block]:
+    """Every module performing residual adds, removable or not (``Block.reason`` says why not).
+
+    With ``example_input`` the model is run once to check that each block's first tensor input
+    is its residual stream (what a deleted block hands on is its first input).
+    """
     graph = traced.program.graph
     found = residuals(graph)
     before = live_nodes(graph, {})
@@ -282,30 +309,46 @@ def find_blocks(traced: Traced, model: torch.nn.Module) -> list[Block]:
         outputs = sorted({p for r in rs for p in output_projections(r, traced)})
         block = Block(len(blocks), path, [r.add.name for r in rs], [r.skip.name for r in rs], owned,
                       _owned_modules(model, owned, traced), outputs)
-        block.reason = _why_not(block, graph, removed, live, model)
+        block.reason = _why_not(block, graph, removed, live, model, set(traced.param_names))
         blocks.append(block)
+    if example_input is not None:
+        _check_first_inputs(blocks, model, example_input, {r.add.name: r for r in found})
     return blocks
 
 
+def _check_first_inputs(blocks: list[Block], model: nn.Module, example_input: Any,
+                        by_add: dict[str, Residual]) -> None:
+    offered = [b for b in blocks if b.removable]
+    io = module_io(model, {b.module for b in offered}, example_input) if offered else {}
+    for b in offered:
+        stream = _shape_dtype(by_add[b.adds[0]].skip)
+        first = io.get(b.module, (None, None))[0]
+        if stream is None or first != stream[0]:
+            b.reason = (f"its first input (shape {first}) is not the residual stream (shape "
+                        f"{None if stream is None else stream[0]}): a deleted block hands on its first input")
+
+
 def _why_not(block: Block, graph: torch.fx.Graph, removed: dict[Node, Node], live: set[Node],
-             model: torch.nn.Module) -> str | None:
+             model: torch.nn.Module, tensors: set[str]) -> str | None:
     path = block.module
     if not path:
         return "the residual add is in the model's own forward, which cannot be removed"
     if not block.params:
         return "its branches own no parameters"
     inside = {n for n in graph.nodes if path in _paths(n)}
-    entries = {a for n in inside for a in n.all_input_nodes if a not in inside and a.op != "placeholder"}
+    entries = {a for n in inside for a in n.all_input_nodes  # the model's inputs count, its weights not
+               if a not in inside and not (a.op == "placeholder" and a.name in tensors)}
     exits = [n for n in inside if any(u not in inside for u in n.users)]
     if len(exits) != 1:
         return f"the module has {len(exits)} outputs, not 1"
     block.container, block.position = _container(model, path)
     reached = _identity_chain(exits[0], inside, removed)
-    if reached is not None and reached in entries:
+    sources = {_source(e) for e in entries}  # an entry behind a no-op (eval dropout) is the same value
+    if reached is not None and (reached in entries or reached in sources):
         return None
     if isinstance(model.get_submodule(block.container or path), torch.nn.Sequential) and block.container:
         tail = _tail_chain(exits[0], inside, removed, path, model)
-        if tail is not None and tail[0] in entries:
+        if tail is not None and (tail[0] in entries or tail[0] in sources):
             block.tail = tail[1]
             return None
     return "the module still computes something once its branches are removed (not an identity)"

@@ -24,11 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import Node
-from torch.utils import _pytree as pytree
 
-from graphprune.graph.blocks import Block, live_nodes, output_projections, residuals
-from graphprune.graph.inputs import normalize_inputs
-from graphprune.graph.trace import Traced, no_cache
+from graphprune.graph.blocks import Block, live_nodes, module_io, output_projections, residuals
+from graphprune.graph.trace import Traced
 
 
 def _calls(graph: torch.fx.Graph) -> dict[str, tuple[set[Node], set[str]]]:
@@ -40,25 +38,6 @@ def _calls(graph: torch.fx.Graph) -> dict[str, tuple[set[Node], set[str]]]:
             nodes.add(n)
             keys.add(key)
     return out
-
-
-def _io(model: nn.Module, paths: set[str], example_input: Any) -> dict[str, tuple[Any, Any]]:
-    """(first tensor input shape, output) of each module in ``paths`` on one run."""
-    seen: dict[str, tuple[Any, Any]] = {}
-    handles = []
-    for path in paths:
-        def hook(_m: nn.Module, args: Any, kwargs: Any, out: Any, path: str = path) -> None:
-            first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
-            seen.setdefault(path, (None if first is None else tuple(first.shape), out))
-        handles.append(model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
-    args, kwargs = normalize_inputs(example_input)
-    try:
-        with torch.no_grad(), no_cache(model):
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
 
 
 def _zero_spec(out: Any, shape: tuple[int, ...]) -> dict[str, Any] | None:
@@ -87,7 +66,7 @@ def find_branches(traced: Traced, model: nn.Module, example_input: Any, start: i
         outer = [p for p in dead_paths if not any(p.startswith(q + ".") for q in dead_paths)]
         plans.append((r, live, outer))
     wanted = {p for _, _, outer in plans for p in outer}
-    io = _io(model, wanted, example_input) if wanted else {}
+    io = module_io(model, wanted, example_input) if wanted else {}
     blocks = []
     for r, live, outer in plans:
         owned = sorted({traced.param_names[n.name] for n in before - live

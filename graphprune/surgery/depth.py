@@ -12,7 +12,8 @@ A removed block leaves the model's own class and forward working:
 * a Hugging Face config is edited so a model built from it has the new depth: integer fields that
   held the container's old length get the new length, and list fields with one entry per element
   (``layer_types``) lose the removed entries. An edit is kept only if a model built from the
-  edited config has exactly the compact model's tensors.
+  edited config has exactly the compact model's tensors (a list edit is also kept when the config
+  class refuses the config without it: ``layer_types`` must match ``num_hidden_layers``).
 
 Every change is plain data (``DepthEntry``), stored in the plan and replayed by ``apply_plan`` /
 ``graphprune.load`` before the width slices, which were planned on the shallower model.
@@ -167,12 +168,6 @@ def _update_config(model: nn.Module, container: str, old_len: int, removed: list
     new_len = old_len - len(removed)
     snapshot = copy.deepcopy(config)
     edits: list[str] = []
-    for key, val in list(vars(config).items()):
-        if key.startswith("_"):
-            continue
-        if isinstance(val, (list, tuple)) and len(val) == old_len:
-            setattr(config, key, type(val)(v for i, v in enumerate(val) if i not in set(removed)))
-            edits.append(f"{key}: {old_len} entries -> {new_len}")
     target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     best = _mismatch(model, config, target)
     ints = [k for k, v in vars(config).items()
@@ -185,12 +180,33 @@ def _update_config(model: nn.Module, container: str, old_len: int, removed: list
             edits.append(f"{key}: {old_len} -> {new_len}")
         else:
             setattr(config, key, old_len)
+    lists = [k for k, v in vars(config).items()
+             if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == old_len]
+    for key in lists:  # per-layer lists: kept if closer, or if the config is only valid with it
+        old = getattr(config, key)
+        valid_before = _valid(config)
+        setattr(config, key, type(old)(v for i, v in enumerate(old) if i not in set(removed)))
+        got = _mismatch(model, config, target)
+        if got < best or (got == best and not valid_before and _valid(config)):
+            best = got
+            edits.append(f"{key}: {old_len} entries -> {new_len}")
+        else:
+            setattr(config, key, old)
     if best != 0:
         config.__dict__.clear()
         config.__dict__.update(snapshot.__dict__)
         return [f"model.config left unchanged: no edit builds {container} with {new_len} elements; "
                 "use graphprune.save / graphprune.load"]
     return [f"model.config updated for depth ({'; '.join(edits)})"] if edits else []
+
+
+def _valid(config: Any) -> bool:
+    """The config class accepts it (what from_pretrained will check)."""
+    try:
+        type(config).from_dict(config.to_dict())
+    except Exception:  # noqa: BLE001 - any refusal means from_pretrained would refuse it too
+        return False
+    return True
 
 
 def _mismatch(model: nn.Module, config: Any, target: dict[str, tuple[int, ...]]) -> float:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.fx import Node
 
-from graphprune.graph.blocks import Block, live_nodes, module_io, output_projections, residuals
+from graphprune.graph.blocks import Block, Residual, live_nodes, module_io, output_projections, residuals
 from graphprune.graph.trace import Traced
 
 
@@ -73,7 +73,7 @@ def find_branches(traced: Traced, model: nn.Module, example_input: Any, start: i
                         if n.op == "placeholder" and n.name in traced.param_names})
         block = Block(start + len(blocks), _module_of(r.add), [r.add.name], [r.skip.name], owned, outer,
                       output_projections(r, traced), kind="branch")
-        block.reason = _realise(block, r, outer, calls, io, model)
+        block.reason = _realise(block, r, outer, calls, io)
         blocks.append(block)
     return blocks
 
@@ -83,7 +83,8 @@ def _module_of(n: Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _realise(block: Block, r: Any, outer: list[str], calls: dict, io: dict, model: nn.Module) -> str | None:
+def _realise(block: Block, r: Residual, outer: list[str], calls: dict, io: dict) -> str | None:
+    """Fill in the branch's stand-ins (rules 1-2 of the module docstring); the reason if none fit."""
     if not block.params:
         return "its branch owns no parameters"
     holding = [p for p in outer if r.branch in calls[p][0]]
@@ -113,5 +114,4 @@ def _realise(block: Block, r: Any, outer: list[str], calls: dict, io: dict, mode
             kept.append(p)
     block.params = [n for n in block.params if not any(n.startswith(k + ".") for k in kept)]
     block.modules = [p for p in outer if p not in kept]
-    del model
     return None

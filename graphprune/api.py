@@ -255,6 +255,7 @@ def _depth_then_width(model: nn.Module, example_input: Any, ratio: float | None,
 
     The width plan is made on the shallower model, so replaying it needs the blocks removed
     first: ``plan.depth`` lists them and ``apply_plan`` / ``graphprune.load`` remove them first.
+    A ``target_...`` still describes the whole model (graphprune.search.mix.remaining_target).
     """
     from graphprune.depth import prune_depth
 
@@ -263,6 +264,13 @@ def _depth_then_width(model: nn.Module, example_input: Any, ratio: float | None,
     result = prune_depth(model, example_input, depth, importance=depth_importance, data=kwargs.get("data"),
                          ignored_layers=kwargs.get("ignored_layers", ()), verify=kwargs.get("verify", True),
                          unit=depth_unit)
+    targets = {k: v for k, v in kwargs.items() if k.startswith("target_") and v is not None}
+    if len(targets) == 1:  # a target describes the whole model: what is left for the widths
+        from graphprune.search.mix import remaining_target
+
+        kind, value = next(iter(targets.items()))
+        rest, done = remaining_target(kind, value, model, result.model, example_input)
+        kwargs[kind] = None if done else rest
     width = any(kwargs.get(k) is not None for k in kwargs if k.startswith("target_")) or bool(ratio)
     if width:
         kwargs["ignored_layers"] = result.ignored

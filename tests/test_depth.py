@@ -153,6 +153,13 @@ def test_cosine_scores_need_data_and_pick_the_block_that_changes_least() -> None
     assert [e["module"] for e in plan.depth] == ["blocks.3"]  # the weight default is fooled
 
 
+def test_a_target_with_depth_describes_the_whole_model() -> None:
+    model = _net()
+    small = graphprune.compact(model, X, depth=1, target_flops=0.6)
+    kept = graphprune.count_flops(small, X) / graphprune.count_flops(model, X)
+    assert len(small.blocks) + (type(small.extra).__name__ != "Skip") == 4 and 0.55 <= kept <= 0.612
+
+
 def test_ignored_layers_keep_blocks() -> None:
     model = _net()
     with torch.no_grad():

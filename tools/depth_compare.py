@@ -86,9 +86,7 @@ def compare(name: str, depth: float, runs: int) -> list[dict[str, Any]]:
                      f"ratio {wplan.ratio:.3f} ({time.time() - t:.0f} s)"))
     half = n // 2
     t = time.time()
-    mid = graphprune.compact(model, x, depth=half)
-    rest = budget * flops / graphprune.count_flops(mid, x)
-    both, bplan = graphprune.compact_with_plan(model, x, depth=half, target_flops=min(rest, 0.999))
+    both, bplan = graphprune.compact_with_plan(model, x, depth=half, target_flops=budget)  # whole model
     rows.append(_row(name, "both", model, both, x, runs,
                      f"{half} blocks + ratio {bplan.ratio:.3f} ({time.time() - t:.0f} s)"))
     try:

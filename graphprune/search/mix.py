@@ -81,13 +81,9 @@ def search_mix(model: nn.Module, example_input: Any, targets: dict[str, float | 
     rows: list[MixRow] = []
     built: list[tuple[nn.Module, Plan]] = []
     for n in counts:
-        shallow, plan = graphprune.compact_with_plan(model, example_input, depth=n, **_depth_opts(options))
-        rest, done = _rest(kind, value, model, shallow, example_input, base_params, base_flops, runs)
-        if not done:
-            small, plan = graphprune.compact_with_plan(model, example_input, depth=n, **{kind: rest},
-                                                       **_width_opts(options))
-        else:
-            small = shallow
+        # compact_with_plan turns the whole-model target into what is left after the n blocks
+        small, plan = graphprune.compact_with_plan(model, example_input, depth=n, **{kind: value},
+                                                   **_width_opts(options))
         rep = graphprune.benchmark(model, small, example_input, runs=runs, warmup=3)
         row = MixRow(n, plan.ratio, rep.compact_params / base_params, rep.compact_flops / base_flops,
                      rep.speedup, _met(kind, value, rep, base_params))
@@ -103,24 +99,23 @@ def search_mix(model: nn.Module, example_input: Any, targets: dict[str, float | 
     return result
 
 
-def _depth_opts(options: dict[str, Any]) -> dict[str, Any]:
-    keep = ("importance", "ignored_layers", "verify", "data", "depth_importance", "depth_unit")
-    return {k: options[k] for k in keep if k in options}
-
-
 def _width_opts(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if not k.startswith("target_")}
 
 
-def _rest(kind: str, value: float, model: nn.Module, shallow: nn.Module, x: Any, base_params: int,
-          base_flops: int, runs: int) -> tuple[float, bool]:
-    """What the width search must still achieve on the shallower model; True if nothing is left."""
+def remaining_target(kind: str, value: float, model: nn.Module, shallow: nn.Module, x: Any,
+                     runs: int = 20) -> tuple[float, bool]:
+    """What the width search must still achieve on the shallower model; True if nothing is left.
+
+    FLOPs and parameter budgets are fractions of ``model``; a speed-up has the shallower
+    model's own measured speed-up taken out; an absolute latency is unchanged.
+    """
     import graphprune
 
     if kind == "target_flops":
-        frac = graphprune.count_flops(shallow, x) / base_flops
+        frac = graphprune.count_flops(shallow, x) / graphprune.count_flops(model, x)
     elif kind == "target_params":
-        frac = graphprune.count_params(shallow) / base_params
+        frac = graphprune.count_params(shallow) / graphprune.count_params(model)
     elif kind == "target_speedup":
         s = graphprune.benchmark(model, shallow, x, runs=runs, warmup=3).speedup
         return value / s, s >= value

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from graphprune import distributed  # torch.distributed helpers, as a namespace
 from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
+from graphprune.depth import find_blocks
 from graphprune.engine import Engine
 from graphprune.errors import (
     DistributedError,
@@ -31,6 +32,7 @@ from graphprune.export.bench import (
 )
 from graphprune.export.onnx_export import ExportResult, export_onnx
 from graphprune.graph.analysis import Analysis, Group, Member, analyze
+from graphprune.graph.blocks import Block
 from graphprune.methods import unstructured  # classic mask-based methods, as a namespace
 from graphprune.methods.recover import recover
 from graphprune.methods.sparsity import GroupLasso, bn_l1_penalty
@@ -47,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis",
     "BenchmarkReport",
+    "Block",
     "DistributedError",
     "Engine",
     "ExportResult",
@@ -78,6 +81,7 @@ __all__ = [
     "count_params",
     "distributed",
     "export_onnx",
+    "find_blocks",
     "lamp",
     "load",
     "make_plan",

@@ -8,13 +8,14 @@ from typing import Any
 from torch import nn
 
 from graphprune.distributed import agree, digest, is_distributed
-from graphprune.engine import Engine, Realized, modes, set_mode
+from graphprune.engine import Engine, Realized, importance_name, modes, set_mode
 from graphprune.errors import InputError
 from graphprune.graph.trace import check_model
 from graphprune.methods.prune_masks import MaskImportance, fold_masks
 from graphprune.planning.importance import Criterion
 from graphprune.planning.options import AUTO, CutOptions, StructureOptions
 from graphprune.planning.plan import Plan, check_ratio
+from graphprune.surgery.depth import remove_blocks
 from graphprune.surgery.fallback import check_fallback
 from graphprune.surgery.hf import update_config
 from graphprune.surgery.plan_checks import check_plan_fits
@@ -116,6 +117,9 @@ def compact(
     target_latency_ms: float | None = None,
     progress: bool = False,
     fallback: str = "freeze",
+    depth: float | int | None = None,
+    depth_importance: str | None = None,
+    depth_unit: str = "module",
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
@@ -150,7 +154,22 @@ def compact(
     ``reshape(B, N, C)`` with ``C`` read off the input): "freeze" (default) keeps every module
     of its class whole, prunes the rest and warns; "graph" prunes everything and returns an fx
     GraphModule instead of your class; "error" raises GraphPruneError naming the module.
+
+    ``depth`` first removes whole residual blocks (docs/depth.md): a fraction of the removable
+    blocks (rounded) or a count; ``ratio`` then narrows what is left and defaults to 0 when
+    ``depth`` is given. ``depth_importance`` ranks blocks: "weight" (default without ``data``)
+    or "cosine" (default with ``data``). ``graphprune.find_blocks`` lists the blocks.
+    ``depth="search"`` with one ``target_...`` tries several block counts, cuts widths to the
+    target and keeps the best mix (graphprune.search.mix; the plan's notes say which won).
     """
+    if depth is not None:
+        return compact_with_plan(
+            model, example_input, ratio, importance=importance, ignored_layers=ignored_layers,
+            prune_hidden=prune_hidden, attention=attention, verify=verify, data=data, loss_fn=loss_fn,
+            global_pruning=global_pruning, max_ratio=max_ratio, ratios=ratios, round_to=round_to,
+            target_flops=target_flops, target_params=target_params, target_speedup=target_speedup,
+            target_latency_ms=target_latency_ms, progress=progress, fallback=fallback, depth=depth,
+            depth_importance=depth_importance, depth_unit=depth_unit)[0]
     check_fallback(fallback)
     training = modes(model)
     targets = {"target_flops": target_flops, "target_params": target_params,
@@ -202,10 +221,16 @@ def make_plan(
     """Analyse and plan without returning a model (the plan replays with ``apply_plan``).
 
     ``where`` takes compact's data / where-to-cut keywords (data, loss_fn, global_pruning,
-    max_ratio, ratios, round_to). ``fallback="freeze"`` (default) returns the plan whose
-    replay runs in your class (modules that cannot run smaller kept whole, see ``compact``).
+    max_ratio, ratios, round_to) and its depth keywords (depth, depth_importance, depth_unit).
+    ``fallback="freeze"`` (default) returns the plan whose replay runs in your class (modules
+    that cannot run smaller kept whole, see ``compact``).
     """
     check_fallback(fallback)
+    if where.get("depth") is not None:  # blocks first, then widths: the plan carries both
+        return compact_with_plan(model, example_input, ratio, importance=importance,
+                                 ignored_layers=ignored_layers, prune_hidden=prune_hidden,
+                                 attention=attention, fallback=fallback, **where)[1]
+    where.pop("depth", None)
     cut = _where_to_cut(where)
     if where:
         raise InputError(f"unexpected arguments: {sorted(where)}")
@@ -224,8 +249,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, got {type(plan).__name__}")
     model = fold_masks(model)[0]  # a copy with torch.nn.utils.prune masks folded in, if any
-    check_plan_fits(model, plan)
     small = copy.deepcopy(model)
+    remove_blocks(small, plan)  # the width plan was made on the shallower model
+    check_plan_fits(small, plan)
     replay(small, plan)
     update_config(small, plan)
     return small
@@ -233,6 +259,17 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 
 def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Module, Plan]:
     """Like ``compact`` but also return the plan (for printing or saving)."""
+    depth, depth_importance = kwargs.pop("depth", None), kwargs.pop("depth_importance", None)
+    depth_unit = kwargs.pop("depth_unit", "module")
+    if isinstance(depth, str) and depth == "search":
+        from graphprune.search.mix import search_mix
+
+        targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
+        result = search_mix(model, example_input, targets, ratio=ratio, depth_importance=depth_importance,
+                            depth_unit=depth_unit, **kwargs)
+        return result.model, result.plan
+    if depth is not None:
+        return _depth_then_width(model, example_input, ratio, depth, depth_importance, depth_unit, kwargs)
     verify = kwargs.pop("verify", True)
     fallback = check_fallback(kwargs.pop("fallback", "freeze"))
     training = modes(model)
@@ -268,3 +305,49 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
         verify_compact(analysis, plan, small, example_input, original=model)
     set_mode(small, training)
     return small, plan
+
+
+def _depth_then_width(model: nn.Module, example_input: Any, ratio: float | None, depth: float | int,
+                      depth_importance: str | None, depth_unit: str, kwargs: dict[str, Any]
+                      ) -> tuple[nn.Module, Plan]:
+    """Remove blocks (graphprune.depth), then cut widths of what is left; one plan for both.
+
+    The width plan is made on the shallower model, so replaying it needs the blocks removed
+    first: ``plan.depth`` lists them and ``apply_plan`` / ``graphprune.load`` remove them first.
+    A ``target_...`` still describes the whole model (graphprune.search.mix.remaining_target).
+    """
+    from graphprune.depth import prune_depth
+
+    check_fallback(kwargs.get("fallback", "freeze"))
+    training = modes(model)
+    result = prune_depth(model, example_input, depth, importance=depth_importance, data=kwargs.get("data"),
+                         ignored_layers=kwargs.get("ignored_layers", ()), verify=kwargs.get("verify", True),
+                         unit=depth_unit)
+    targets = {k: v for k, v in kwargs.items() if k.startswith("target_") and v is not None}
+    if len(targets) == 1:  # a target describes the whole model: what is left for the widths
+        from graphprune.search.mix import remaining_target
+
+        kind, value = next(iter(targets.items()))
+        rest, done = remaining_target(kind, value, model, result.model, example_input)
+        kwargs[kind] = None if done else rest
+    width = any(kwargs.get(k) is not None for k in kwargs if k.startswith("target_")) or bool(ratio)
+    if width:
+        kwargs["ignored_layers"] = result.ignored
+        small, plan = compact_with_plan(result.model, example_input, ratio, **kwargs)
+    else:
+        unknown = set(kwargs) - _COMPACT_KEYWORDS
+        if unknown:
+            raise InputError(f"unexpected arguments: {sorted(unknown)}")
+        small = result.model
+        plan = Plan(ratio=0.0, importance=importance_name(kwargs.get("importance", "l2")))
+    plan.depth = [e.to_dict() for e in result.entries]
+    plan.notes[:0] = result.notes
+    set_mode(small, training)
+    return small, plan
+
+
+_COMPACT_KEYWORDS = {
+    "importance", "ignored_layers", "prune_hidden", "attention", "verify", "data", "loss_fn",
+    "global_pruning", "max_ratio", "ratios", "round_to", "target_flops", "target_params",
+    "target_speedup", "target_latency_ms", "progress", "fallback",
+}

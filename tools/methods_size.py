@@ -61,6 +61,8 @@ def variants(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.nn.Modu
         if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod.weight.shape[1] % 4 == 0
     ]
     out["2:4 (N:M)"] = U.make_permanent(U.nm_prune(copy.deepcopy(model), 2, 4, params=convs))
+    out["kernels 50%"] = U.make_permanent(U.kernel_prune(copy.deepcopy(model), 0.5))
+    out["4x4 blocks 50%"] = U.make_permanent(U.block_prune(copy.deepcopy(model), 0.5, 4))
     logits = model(x)
     data = [(x, logits.argmax(1))]
     out["SNIP 50%"] = U.make_permanent(U.snip(copy.deepcopy(model), data, 0.5, loss_fn=F.cross_entropy))

@@ -51,8 +51,9 @@ def _size_line(label: str, before: float, after: float) -> str:
 
 
 def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "ratio": args.ratio,
+    depth = getattr(args, "depth", None)
+    kwargs: dict[str, Any] = {
+        "ratio": args.ratio if args.ratio is not None else (0.0 if depth is not None else 0.3),
         "importance": args.importance,
         "ignored_layers": tuple(args.ignore),
         "prune_hidden": args.prune_hidden,
@@ -60,6 +61,9 @@ def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "fallback": args.fallback,
         "round_to": args.round_to,
     }
+    if depth is not None:
+        kwargs.update(depth=depth, depth_unit=args.depth_unit)
+    return kwargs
 
 
 def _compact(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, torch.nn.Module, Any]:
@@ -212,11 +216,24 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _depth(text: str) -> int | float:
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"depth must be a fraction or a count, got {text!r}") from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--ratio", type=_ratio, default=None,
-                   help="fraction of the units of every prunable group to remove (default 0.3; with "
-                        "--importance mask an upper bound, default none)")
+                   help="fraction of the units of every prunable group to remove (default 0.3, or 0 "
+                        "with --depth; with --importance mask an upper bound, default none)")
+    p.add_argument("--depth", type=_depth, default=None, metavar="D",
+                   help="remove whole residual blocks first: a fraction of the removable blocks "
+                        "(0.25) or a count (2); see docs/depth.md")
+    p.add_argument("--depth-unit", choices=("module", "branch"), default="module",
+                   help="a block is the module doing the residual adds (a decoder layer, default) "
+                        "or one residual branch (an attention or MLP sub-layer)")
     p.add_argument("--input-shape", type=shape_arg, metavar="SHAPE",
                    help="shape of a random float32 example input, e.g. 1,3,224,224 (required "
                         "unless MODEL provides an example input)")

@@ -102,6 +102,18 @@ def cmd_target(args: argparse.Namespace) -> int:
         raise InputError("give exactly one of --flops, --params, --speedup, --latency-ms")
     model, example = _load(args)
     t0 = time.perf_counter()
+    if args.with_depth:
+        from graphprune.search.mix import search_mix
+
+        mix = search_mix(model, example, targets, importance=args.importance,
+                         ignored_layers=tuple(args.ignore), prune_hidden=args.prune_hidden,
+                         attention=args.attention, runs=args.runs or 20)
+        print(mix)
+        print(f"searched in {time.perf_counter() - t0:.1f}s")
+        if args.plan:
+            Path(args.plan).write_text(mix.plan.to_json())
+            print(f"wrote plan to {args.plan}")
+        return 0
     result = compact_to_target(model, example, **targets, importance=args.importance,
                                ignored_layers=tuple(args.ignore), prune_hidden=args.prune_hidden,
                                attention=args.attention, round_to=args.round_to,
@@ -171,6 +183,9 @@ def register(sub: Any) -> None:
                         "'measured': try auto/1/8/16/32, keep the fastest")
     p.add_argument("--tolerance", type=float, default=0.02, help="relative tolerance (default 0.02)")
     p.add_argument("--max-candidates", type=int, default=8, help="most candidates timed (speed targets)")
+    p.add_argument("--with-depth", action="store_true",
+                   help="also try removing whole residual blocks: several block counts, each with "
+                        "widths cut to the target, every mix timed; prints which mix won (docs/depth.md)")
     p.add_argument("--json", metavar="PATH", help="write the search (every candidate) as JSON")
     p.add_argument("--plan", metavar="PATH", help="write the chosen plan as JSON")
     p.add_argument("--output", metavar="PATH", help="torch.save the compact model")

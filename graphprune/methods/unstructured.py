@@ -186,6 +186,78 @@ def nm_prune(model: nn.Module, n: int = 2, m: int = 4, *, params: Iterable[Any] 
     return model
 
 
+def _tile_scores(w: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """L2 norm of every tile of ``shape`` over ``w`` (edge tiles may be smaller), per tile."""
+    pads = []
+    for size, tile in zip(reversed(w.shape), reversed(shape), strict=True):
+        pads += [0, (-size) % tile]
+    padded = torch.nn.functional.pad(w.detach().float().pow(2), pads)
+    grid = [s // t for s, t in zip(padded.shape, shape, strict=True)]
+    inter = [v for g, t in zip(grid, shape, strict=True) for v in (g, t)]
+    perm = list(range(0, 2 * len(shape), 2)) + list(range(1, 2 * len(shape), 2))
+    return padded.reshape(inter).permute(perm).reshape(*grid, -1).sum(-1).sqrt()
+
+
+def _expand(mask: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    out = mask
+    for d, tile in enumerate(shape):
+        out = out.repeat_interleave(tile, dim=d)
+    return out[tuple(slice(0, s) for s in like.shape)]
+
+
+def kernel_prune(model: nn.Module, amount: float, *, scope: str = "local",
+                 params: Iterable[Any] | None = None) -> nn.Module:
+    """Zero whole k x k kernels (one input channel of one filter) with the smallest L2 norm.
+
+    Only convolution weights have kernels (``(out, in, *k)``); Linear layers are left alone
+    unless named in ``params`` (then each weight is one 1-element "kernel", i.e. magnitude).
+    ``amount`` is the share of kernels zeroed, per tensor or over all (``scope="global"``).
+    """
+    amount = _check_amount(amount)
+    tgts = [(m, n) for m, n in targets(model, params)
+            if params is not None or isinstance(m, nn.modules.conv._ConvNd)]
+    scores = [_tile_scores(effective(m, n), (1, 1, *effective(m, n).shape[2:])).reshape(
+        effective(m, n).shape[:2]) for m, n in tgts]
+    masks = _masks(scores, amount, scope)
+    for (m, n), keep in zip(tgts, masks, strict=True):
+        w = effective(m, n)
+        set_mask(m, n, keep.reshape(*keep.shape, *([1] * (w.dim() - 2))).expand_as(w))
+    return model
+
+
+def block_prune(model: nn.Module, amount: float, block: int | tuple[int, int] = 4, *,
+                scope: str = "local", params: Iterable[Any] | None = None) -> nn.Module:
+    """Zero whole ``b x b`` blocks of weight matrices (block-sparse kernels' layout).
+
+    A weight is seen as a matrix ``(out, in * k * k)``; edge blocks may be smaller and are
+    scored by their own L2 norm. ``amount`` is the share of blocks zeroed.
+    """
+    amount = _check_amount(amount)
+    bh, bw = (block, block) if isinstance(block, int) else block
+    if not (isinstance(bh, int) and isinstance(bw, int) and bh > 0 and bw > 0):
+        raise InputError(f"block must be a positive int or (rows, cols), got {block!r}")
+    tgts = targets(model, params)
+    mats = [effective(m, n).reshape(effective(m, n).shape[0], -1) for m, n in tgts]
+    scores = [_tile_scores(w, (bh, bw)) for w in mats]
+    masks = _masks(scores, amount, scope)
+    for (m, n), w, keep in zip(tgts, mats, masks, strict=True):
+        set_mask(m, n, _expand(keep, (bh, bw), w).reshape(effective(m, n).shape))
+    return model
+
+
+def _masks(scores: list[torch.Tensor], amount: float, scope: str) -> list[torch.Tensor]:
+    if scope not in ("local", "global"):
+        raise InputError(f"scope must be 'local' (each tensor) or 'global' (all together), got {scope!r}")
+    if scope == "local":
+        return [_keep_top(s, amount) for s in scores]
+    flat = _keep_top(torch.cat([s.reshape(-1).double() for s in scores]), amount)
+    out, at = [], 0
+    for s in scores:
+        out.append(flat[at : at + s.numel()].reshape(s.shape))
+        at += s.numel()
+    return out
+
+
 def snip(
     model: nn.Module,
     data: Any,

@@ -55,6 +55,8 @@ class Plan:
     # multiply before slicing: {"tensor", "dim", "index", "factor"} (q rows when SDPA's default
     # scale follows a pruned head size, see rules.attention._fold_scale_into_q)
     scales: list[dict[str, Any]] = field(default_factory=list)
+    # blocks removed before the width slices (graphprune.depth.DepthEntry as dicts), in order
+    depth: list[dict[str, Any]] = field(default_factory=list)
     # bool per unit class, removed or not: what surgery sizes from; derived data, not saved
     removed_class: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -87,6 +89,7 @@ class Plan:
             notes=c["notes"],
             structure=c["structure"],
             scales=c["scales"],
+            depth=c["depth"],
         )
 
     @classmethod
@@ -138,6 +141,12 @@ class Plan:
                 f"  rescaled (SDPA's default scale follows the pruned head size): {', '.join(scaled[:6])}"
                 + (f" +{len(scaled) - 6} more" if len(scaled) > 6 else "")
             )
+        if self.depth:
+            lines.append(f"  {len(self.depth)} blocks removed (before the width cut):")
+            for e in self.depth:
+                how = e.get("action", "removed")
+                score = "" if e.get("score") is None else f" score {e['score']:.3g}"
+                lines.append(f"    {e['module']} ({e['cls']}, {e.get('params', 0)} params){score}: {how}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 

@@ -184,4 +184,33 @@ def check_dict(d: Any, where: str = "plan") -> dict[str, Any]:
         **texts,
         "structure": dict(structure),
         "scales": _scales(d.get("scales", []), f"{where}.scales"),
+        "depth": _depth(d.get("depth", []), f"{where}.depth"),
     }
+
+
+_DEPTH_KEYS = {
+    "module", "cls", "container", "position", "tail", "score", "params", "zero", "skipped", "action",
+}
+
+
+def _plain(v: Any, where: str, depth: int = 0) -> Any:
+    """A JSON value of at most two levels of lists/objects holding scalars (what DepthEntry writes)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if depth < 2 and isinstance(v, list):
+        return [_plain(x, f"{where}[{k}]", depth + 1) for k, x in enumerate(v)]
+    if depth < 2 and isinstance(v, dict):
+        return {_str(k, where): _plain(x, f"{where}[{k!r}]", depth + 1) for k, x in v.items()}
+    raise _fail(where, "expected a plain value")
+
+
+def _depth(v: Any, where: str) -> list[dict[str, Any]]:
+    """Removed blocks: objects with DepthEntry's keys; their modules are checked on replay."""
+    out = []
+    for k, e in enumerate(_list(v, where)):
+        e = _dict(e, f"{where}[{k}]")
+        unknown = sorted(set(e) - _DEPTH_KEYS)
+        if unknown or not isinstance(e.get("module"), str) or not isinstance(e.get("cls"), str):
+            raise _fail(f"{where}[{k}]", f"expected a removed block (module, cls, ...), got keys {sorted(e)}")
+        out.append({key: _plain(x, f"{where}[{k}][{key!r}]") for key, x in e.items()})
+    return out

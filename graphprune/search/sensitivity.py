@@ -33,6 +33,7 @@ from graphprune.graph.analysis import Group, param_tensor
 from graphprune.planning.cut import key_matches, output_modules
 from graphprune.planning.importance import Criterion, scores_for
 from graphprune.planning.plan import check_ratio
+from graphprune.search.block_sensitivity import BlockRow, blocks_markdown, rows_for
 from graphprune.search.pruner import zero_units
 
 
@@ -52,6 +53,7 @@ class SensitivityTable:
     rows: list[SensitivityRow]
     higher_is_better: bool = True
     metric_name: str = "metric"
+    blocks: list[BlockRow] = field(default_factory=list)  # sensitivity(blocks=True): one per block
 
     def drop(self, row: SensitivityRow, ratio: float) -> float:
         """How much worse than the baseline (positive = worse), whatever the metric's direction."""
@@ -67,6 +69,8 @@ class SensitivityTable:
         for row in self.rows:
             vals = " | ".join(f"{row.metric[r]:.4g}" for r in self.ratios)
             lines.append(f"| {row.group} | {row.layers} | {row.units} | {vals} |")
+        if self.blocks:
+            lines += ["", blocks_markdown(self.blocks, self.baseline, self.metric_name)]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -78,6 +82,9 @@ class SensitivityTable:
         for row in self.rows:
             vals = " ".join(f"{row.metric[r]:>8.4g}" for r in self.ratios)
             lines.append(f"{row.group:>5}  {row.layers[:width]:<{width}} {row.units:>5}  {vals}")
+        if self.blocks:
+            lines.append(f"blocks removed alone ({self.metric_name}; weight score in brackets):")
+            lines += [f"  {r.module:<{width}} {r.metric:>8.4g}  [{r.weight_score:.3g}]" for r in self.blocks]
         return "\n".join(lines)
 
     def plot(self, path: str | None = None, ax: Any = None) -> Any:
@@ -184,20 +191,27 @@ def sensitivity(
     higher_is_better: bool = True,
     metric_name: str = "metric",
     progress: bool = True,
+    blocks: bool | str = False,
 ) -> SensitivityTable:
     """Evaluate ``evaluate(pruned_model)`` with each prunable group pruned alone at each ratio.
 
     ``evaluate`` gets a model in eval mode (a copy; ``model`` is never modified) and returns a
     number (accuracy: ``higher_is_better=True``; loss: ``False``). ``importance`` picks which
-    units go, exactly as in ``compact``.
+    units go, exactly as in ``compact``. ``blocks=True`` (or "branch") also removes each
+    removable residual block (or branch) alone, into ``table.blocks`` (docs/depth.md); with
+    ``ratios=()`` only blocks are measured.
     """
     from graphprune.planning.plan import build_plan
 
     if mode not in ("mask", "compact"):
         raise InputError(f"mode must be 'mask' or 'compact', got {mode!r}")
     ratios = [check_ratio(r) for r in ratios]
-    if not ratios or any(r == 0 for r in ratios):
+    if (not ratios and not blocks) or any(r == 0 for r in ratios):
         raise InputError("ratios must be a non-empty list of fractions in (0, 1)")
+    if blocks and not ratios:
+        baseline = float(evaluate(copy.deepcopy(model).eval()))
+        return SensitivityTable(baseline, [], [], higher_is_better, metric_name,
+                                _block_rows(model, example_input, evaluate, blocks, ignored_layers, progress))
     analysis, criterion = prepare(
         model,
         example_input,
@@ -246,4 +260,14 @@ def sensitivity(
     finally:
         if bar is not None:
             bar.close()
-    return SensitivityTable(baseline, ratios, rows, higher_is_better, metric_name)
+    table = SensitivityTable(baseline, ratios, rows, higher_is_better, metric_name)
+    if blocks:
+        table.blocks = _block_rows(model, example_input, evaluate, blocks, ignored_layers, progress)
+    return table
+
+
+def _block_rows(model: nn.Module, example_input: Any, evaluate: Callable[[nn.Module], float],
+                blocks: bool | str, ignored_layers: Any, progress: bool) -> list[BlockRow]:
+    unit = "branch" if blocks == "branch" else "module"
+    return rows_for(model, example_input, evaluate, unit=unit, ignored_layers=ignored_layers,
+                    progress=progress)

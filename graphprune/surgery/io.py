@@ -39,6 +39,7 @@ from graphprune.graph.analysis import param_tensor
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import check_model, no_cache
 from graphprune.planning.plan import Plan
+from graphprune.surgery.depth import remove_blocks
 from graphprune.surgery.plan_checks import check_plan_fits, check_size_change, kept_fractions
 from graphprune.surgery.slicing import replay
 
@@ -358,11 +359,12 @@ def load(
     except (OSError, UnicodeDecodeError) as exc:
         raise PlanMismatchError(f"{plan_file} cannot be read as text: {exc}") from exc
     plan = Plan.from_text(text, str(plan_file))  # parsed, never followed as a path
-    check_plan_fits(base_model, plan)
     weights = _existing(directory, WEIGHTS)
     if weights is None:
         raise InputError(f"{directory} has no {WEIGHTS}")
     small = copy.deepcopy(base_model)
+    remove_blocks(small, plan)  # the width plan was made on the shallower model
+    check_plan_fits(small, plan)
     replay(small, plan)
     _check_tensor_file(weights, small.state_dict(), "weights")
     device = next((t.device for t in small.parameters()), torch.device("cpu"))

@@ -11,6 +11,7 @@ from torch import nn
 
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.analysis import Analysis, analyze, check_attention, param_tensor
+from graphprune.graph.copies import private_copy
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.rules.attention import head_count_updates
 from graphprune.graph.trace import check_model
@@ -491,7 +492,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     check_model(model)
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, got {type(plan).__name__}")
-    small = copy.deepcopy(model)
+    small = private_copy(model)
     replay(small, plan)
     update_config(small, plan)
     return small

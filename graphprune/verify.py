@@ -59,6 +59,7 @@ from torch.utils import _pytree as pytree
 
 from graphprune.errors import VerificationError
 from graphprune.graph.analysis import Analysis, param_tensor
+from graphprune.graph.copies import eval_copy
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.labels import TensorLabels
 from graphprune.graph.rules.pointwise import REDUCE_EXACT, REDUCE_STAT, reduced_dims
@@ -502,7 +503,8 @@ def _flat_user_inputs(program: torch.export.ExportedProgram, example_input: Any)
 
 def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -> list[Any]:
     program = analysis.traced.program
-    user = iter(_flat_user_inputs(program, example_input))
+    user = iter(_flat_user_inputs(program, example_input))  # fresh copies (normalize_inputs)
+    copy_params = writes_inputs(program)
     flat: list[Any] = []
     for spec in program.graph_signature.input_specs:
         kind = spec.kind.name
@@ -515,12 +517,28 @@ def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -
                 t = program.constants.get(spec.target)
                 if t is None:
                     raise _Inexact(f"cannot find the original value of {spec.target}") from None
-            if kind != "PARAMETER":  # buffers may be mutated by the graph: never the user's
+            if kind != "PARAMETER" or copy_params:  # what the graph may write into: never the user's
                 t = t.detach().clone()
             flat.append(t.detach() if isinstance(t, torch.Tensor) else t)
         else:
             raise _Inexact(f"the traced graph has a {kind} input")
     return flat
+
+
+def writes_inputs(program: torch.export.ExportedProgram) -> bool:
+    """True if an op of the program (or of a wrapped region) writes into one of its arguments.
+
+    The reference runs the program on the user's own parameters (no copy for a model that only
+    reads them); an in-place op on a parameter (``embedding_renorm_`` from ``max_norm``, a
+    ``weight.clamp_()`` in forward) would write into the user's model, so then it gets copies.
+    """
+    for gm in program.graph_module.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            for n in gm.graph.nodes:
+                schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+                if schema is not None and schema.is_mutable:
+                    return True
+    return False
 
 
 def _protected(original: nn.Module, example_input: Any) -> set[int]:
@@ -949,4 +967,5 @@ def verify_model(
     if prune_hidden is not None:
         structure["prune_hidden"] = prune_hidden
     analysis = analyze(original, example_input, **structure)
+    small = eval_copy(small)  # like the reference: inference mode, and the caller's model never runs
     return verify_compact(analysis, plan, small, example_input, original=original, rtol=rtol)

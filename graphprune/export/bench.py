@@ -35,7 +35,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphprune.export.onnx_export import ExportResult, _feed, export_onnx, onnx_session
-from graphprune.graph.inputs import eval_mode, run_model
+from graphprune.graph.copies import eval_copy
+from graphprune.graph.inputs import run_model
 
 __all__ = [
     "BenchmarkReport",
@@ -77,12 +78,13 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, example_input: Any) -> int:
     """FLOPs of one forward pass on ``example_input``, as counted by ``FlopCounterMode``.
 
-    That is 2 x MACs of matmul/linear/conv/attention ops (see the module docstring); the model is
-    run in eval mode under ``torch.no_grad`` and its training flags are restored afterwards.
+    That is 2 x MACs of matmul/linear/conv/attention ops (see the module docstring); an eval-mode
+    copy of the model runs under ``torch.no_grad`` (a forward may write into its own weights).
     """
+    work = eval_copy(model)
     counter = FlopCounterMode(display=False)
-    with eval_mode(model), counter:
-        run_model(model, example_input)
+    with counter:
+        run_model(work, example_input)
     return int(counter.get_total_flops())
 
 

@@ -20,10 +20,11 @@ from torch.fx import Node
 
 from graphprune.errors import InputError
 from graphprune.graph import rules
+from graphprune.graph.copies import eval_copy
 from graphprune.graph.labels import Coupler, TensorLabels
 from graphprune.graph.rules import attention as attention_rules
 from graphprune.graph.rules.registry import RuleContext, lookup, where
-from graphprune.graph.trace import Traced, check_model, eval_copy, trace
+from graphprune.graph.trace import Traced, check_model, trace
 
 rules.load_all()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import re
@@ -172,10 +171,3 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
         if spec.kind.name == "USER_OUTPUT" and hasattr(spec.arg, "name")
     ]
     return Traced(program, names, user_outputs, [tuple(o.shape) for o in outputs])
-
-
-def eval_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode: graphprune never touches the user's model."""
-    work = copy.deepcopy(model)
-    work.eval()
-    return work

@@ -14,6 +14,7 @@ stream blocks of a transformer whose hidden size was not pruned).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphprune.errors import InputError
+from graphprune.graph.copies import eval_copy, kept_modes
 from graphprune.graph.inputs import flatten_outputs
 from graphprune.planning.calibration import forward, model_device, split_batch, to_device
 
@@ -91,9 +93,10 @@ def recover(
 
     ``data`` yields batches like a DataLoader (``(inputs, target)`` pairs - the target is
     ignored - or bare inputs); it is cycled if it has fewer than ``steps`` batches. The teacher
-    runs in eval mode without gradients and is not modified; the student trains in train mode
-    and gets its original mode back. Adam with learning rate ``lr`` unless ``optimizer`` is given.
-    A tqdm progress bar shows the running loss (``progress=False`` hides it).
+    (an eval-mode copy) runs without gradients and is not modified, nor are the batches; the
+    student trains in train mode and every submodule gets its own mode back. Adam with learning
+    rate ``lr`` unless ``optimizer`` is given. A tqdm progress bar shows the running loss
+    (``progress=False`` hides it).
     """
     if loss not in ("kl", "mse"):
         raise InputError(f"loss must be 'kl' (logits) or 'mse' (outputs/features), got {loss!r}")
@@ -103,9 +106,7 @@ def recover(
         raise InputError("recover needs data: an iterable of batches (e.g. a DataLoader of the training set)")
     features = list(features or [])
     opt = optimizer or torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
-    was_training, teacher_training = student.training, teacher.training
-    student.train()
-    teacher.eval()
+    teacher = eval_copy(teacher)  # its forward may write into its own weights: never the caller's
     device = model_device(student)
     s_feats: dict[str, torch.Tensor] = {}
     t_feats: dict[str, torch.Tensor] = {}
@@ -115,7 +116,10 @@ def recover(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="recover (distillation)", leave=False)
+    modes = contextlib.ExitStack()
     try:
+        modes.enter_context(kept_modes(student))  # every submodule gets its own flag back
+        student.train()
         it = iter(data)
         fresh = True
         step = 0
@@ -157,8 +161,7 @@ def recover(
             h.remove()
         if bar is not None:
             bar.close()
-        student.train(was_training)
-        teacher.train(teacher_training)
+        modes.close()
     return student
 
 
@@ -172,21 +175,15 @@ def evaluate_distillation(
     max_batches: int | None = None,
 ) -> float:
     """Mean distillation loss of ``student`` against ``teacher`` over ``data`` (eval mode, no grad)."""
-    modes = student.training, teacher.training
-    student.eval()
-    teacher.eval()
+    student, teacher = eval_copy(student), eval_copy(teacher)  # measuring changes neither
     device = model_device(student)
     total, n = 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch in itertools.islice(data, max_batches):
-                inputs, _ = split_batch(to_device(batch, device))
-                out_s, out_t = forward(student, inputs), forward(teacher, inputs)
-                total += float(distillation_loss(out_s, out_t, loss, temperature))
-                n += 1
-    finally:
-        student.train(modes[0])
-        teacher.train(modes[1])
+    with torch.no_grad():
+        for batch in itertools.islice(data, max_batches):
+            inputs, _ = split_batch(to_device(batch, device))
+            out_s, out_t = forward(student, inputs), forward(teacher, inputs)
+            total += float(distillation_loss(out_s, out_t, loss, temperature))
+            n += 1
     if n == 0:
         raise InputError("evaluate_distillation: data yielded no batches")
     return total / n

@@ -29,7 +29,6 @@ and keeps only the last sample; ``tests/test_importance.py`` checks ours against
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,8 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Analysis, Group, analyze, param_tensor
-from graphprune.graph.trace import check_model, eval_copy
+from graphprune.graph.copies import eval_copy, private_copy
+from graphprune.graph.trace import check_model
 from graphprune.planning.cut import (
     CutOptions,
     _ratio_of,
@@ -161,7 +161,7 @@ class Pruner:
         self.options = check_options(CutOptions(bool(global_pruning), max_ratio, ratios, round_to))
         self.verify = verify
         self._training = model.training
-        self.model: nn.Module = copy.deepcopy(model)
+        self.model: nn.Module = private_copy(model)
         self.step_count = 0
         self.history: list[StepRecord] = []
         self.plans: list[Plan] = []

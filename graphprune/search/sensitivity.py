@@ -18,7 +18,6 @@ Two ways to "prune a group alone":
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Group, param_tensor
+from graphprune.graph.copies import eval_copy
 from graphprune.planning.cut import _key_matches, output_modules
 from graphprune.planning.importance import Criterion, scores_for
 from graphprune.planning.plan import check_ratio
@@ -209,7 +209,7 @@ def sensitivity(
         attention=attention,
     )
     groups = [g for g in analysis.groups if g.members and g.num_units > 1]
-    work = copy.deepcopy(model).eval()
+    work = eval_copy(model)
     baseline = float(evaluate(work))
     rows: list[SensitivityRow] = []
     bar = None

@@ -31,6 +31,7 @@ from torch import nn
 
 from graphprune.errors import InputError, PlanMismatchError
 from graphprune.graph.analysis import param_tensor
+from graphprune.graph.copies import eval_copy, private_copy
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import check_model, no_cache
 from graphprune.planning.plan import Plan
@@ -273,8 +274,6 @@ def load(
     ``example_input`` the result is run once and must give the base model's output shapes.
     Raises ``PlanMismatchError`` when the plan or the weights do not fit ``base_model``.
     """
-    import copy
-
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -288,7 +287,7 @@ def load(
     except (InputError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise PlanMismatchError(f"{directory / PLAN} is not a valid graphprune plan: {exc}") from exc
     check_plan_fits(base_model, plan)
-    small = copy.deepcopy(base_model)
+    small = private_copy(base_model)  # keeps base_model's dtype, device and modes
     replay(small, plan)
     weights = directory / WEIGHTS
     if not weights.is_file():
@@ -304,23 +303,17 @@ def load(
             "the directory's weights and plan do not belong to this architecture."
         ) from exc
     _apply_config(small, directory)
-    small.train(base_model.training)
     if example_input is not None:
         _check_runs(base_model, small, example_input)
     return small
 
 
 def _check_runs(base_model: nn.Module, small: nn.Module, example_input: Any) -> None:
-    args, kwargs = normalize_inputs(example_input)
-
     def shapes(m: nn.Module) -> list[tuple[int, ...]]:
-        was = m.training
-        m.eval()
-        try:
-            with torch.no_grad(), no_cache(m):
-                return [tuple(t.shape) for t in flatten_outputs(m(*args, **kwargs))]
-        finally:
-            m.train(was)
+        m = eval_copy(m)  # neither the caller's base model nor the result is run itself
+        args, kwargs = normalize_inputs(example_input)
+        with torch.no_grad(), no_cache(m):
+            return [tuple(t.shape) for t in flatten_outputs(m(*args, **kwargs))]
 
     try:
         got = shapes(small)

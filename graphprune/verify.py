@@ -59,6 +59,7 @@ from torch.utils import _pytree as pytree
 
 from graphprune.errors import VerificationError
 from graphprune.graph.analysis import Analysis, param_tensor
+from graphprune.graph.codepath import code_path_change
 from graphprune.graph.copies import eval_copy
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.labels import TensorLabels
@@ -798,6 +799,12 @@ def verify_compact(
             f"output {i}: relative error {err:.3g} > {tol:g}" + (f" (dtype {gd} vs {ed})" if gd != ed else "")
             for i, err, tol, gd, ed in bad
         )
+        changed = code_path_change(analysis.traced.program, small, example_input)
+        if changed is not None:  # the user's code branches on a size: not a pruning rule's fault
+            raise VerificationError(
+                f"the compact model does not match the reference computed from the plan ({details}). "
+                f"{where} {changed}".replace("  ", " ")
+            )
         if plan.structure.get("attention") == "head_dim":
             hint = (
                 " With attention='head_dim' a scale recomputed from the head size in forward "

@@ -55,3 +55,15 @@ def test_tolerance_follows_the_output_dtype(dtype: torch.dtype, error: float, fa
     else:
         assert compare_outputs(got, [expected])[0][1] == pytest.approx(error, rel=0.1)
     assert np.isfinite(got[0]).all()
+
+
+def test_failed_export_leaves_an_existing_file_as_it_was(tmp_path: Path) -> None:
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"the user's previous export")
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    with pytest.raises(VerificationError):
+        graphprune.export_onnx(model, torch.randn(2, 8), target, rtol=0.0, atol=-1.0)  # cannot pass
+    assert target.read_bytes() == b"the user's previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no staging left behind
+    result = graphprune.export_onnx(model, torch.randn(2, 8), target)
+    assert result.path == target and target.read_bytes() != b"the user's previous export"

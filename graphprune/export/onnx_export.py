@@ -34,6 +34,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -458,6 +459,9 @@ def export_onnx(
     ``model`` is not run or changed: an eval-mode copy is exported. ``rtol`` / ``atol`` default to
     the output's precision (1e-4 / 1e-5 for float32, 1e-2 / 1e-3 for float16: ``DEFAULT_TOLERANCE``).
 
+    The file is written beside ``path`` and moved there once it passed: a failed export or check
+    leaves a file already at ``path`` as it was.
+
     Raises:
         OnnxExportError: no exporter could produce a valid model that onnxruntime loads.
         VerificationError: onnxruntime's outputs differ from torch's beyond ``atol + rtol*max|torch|``.
@@ -466,10 +470,33 @@ def export_onnx(
         raise InputError(f"export_onnx needs an nn.Module, got {type(model).__name__}")
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise InputError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}")
-    import onnx
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".graphprune-export-", dir=path.parent))
+    try:
+        staged = staging / path.name
+        result = _export_checked(model, example_input, staged, check, rtol, atol, opset, exporter)
+        for f in staging.iterdir():  # the model and its external data file, if any
+            os.replace(f, path.parent / f.name)
+        result.path = path
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_checked(
+    model: torch.nn.Module,
+    example_input: Any,
+    path: Path,
+    check: bool,
+    rtol: float | None,
+    atol: float | None,
+    opset: int | None,
+    exporter: str,
+) -> ExportResult:
+    """``export_onnx`` into ``path`` (a staging directory of its own)."""
+    import onnx
+
     tensors, input_names, spec, leaves = flat_input_tensors(example_input)
     order: list[Exporter] = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     external = _param_bytes(model) > _EXTERNAL_DATA_BYTES

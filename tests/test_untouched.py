@@ -3,7 +3,8 @@
 One hostile model does everything a forward can do to its own state and its input: an
 ``nn.Embedding(max_norm=...)`` renormalises the rows it looks up in place, ``conv.weight.clamp_()``
 under ``no_grad``, ``x.mul_(0.5)`` on the input, a BatchNorm in train mode (running statistics),
-a Python counter, hooks, mixed train/eval flags and a frozen parameter. Every entry point of
+a Python counter, a plain tensor attribute updated in place, hooks, mixed train/eval flags and a
+frozen parameter. Every entry point of
 ``graphprune.__all__`` is run on it and must leave the model's parameters, buffers, flags, hooks
 and plain attributes, the example input and torch's global RNG exactly as they were (issue 10).
 A name added to ``__all__`` fails ``test_every_public_name_is_classified`` until it is covered
@@ -34,11 +35,13 @@ class Hostile(nn.Module):
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.head = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         self.calls = 0
+        self.seen = torch.zeros(())  # a plain tensor attribute (neither parameter nor buffer)
         with torch.no_grad():
             self.emb.weight.mul_(5.0)  # rows well above max_norm: a renorm changes them
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += 1
+        self.seen.add_(1)
         with torch.no_grad():
             self.conv.weight.clamp_(-0.1, 0.1)
         x.mul_(0.5)
@@ -95,6 +98,7 @@ def snapshot(model: nn.Module, ex: Any) -> dict[str, Any]:
             for k, m in mods.items()
         },
         "plain": {k: {a: v for a, v in vars(m).items() if isinstance(v, _PLAIN)} for k, m in mods.items()},
+        "attrs": [(t, t.clone()) for m in mods.values() for t in vars(m).values() if torch.is_tensor(t)],
         "inputs": [(t, t.clone()) for t in pytree.tree_flatten(ex)[0] if isinstance(t, torch.Tensor)],
         "rng": torch.get_rng_state(),
     }
@@ -112,6 +116,7 @@ def assert_unchanged(before: dict[str, Any], model: nn.Module, ex: Any) -> None:
     assert after["modes"] == before["modes"], "train/eval flags changed"
     assert after["hooks"] == before["hooks"], "hooks added or removed"
     assert after["plain"] == before["plain"], "plain attributes (counters, sizes) changed"
+    assert all(torch.equal(t, value) for t, value in before["attrs"]), "a tensor attribute changed"
     for t, value in before["inputs"]:
         assert torch.equal(t, value), "the example input changed"
     assert torch.equal(after["rng"], before["rng"]), "torch's global RNG state was consumed"

@@ -11,7 +11,7 @@ from torch import nn
 
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.analysis import Analysis, analyze, check_attention, param_tensor
-from graphprune.graph.copies import private_copy
+from graphprune.graph.copies import keeps_global_rng, private_copy
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.rules.attention import head_count_updates
 from graphprune.graph.trace import check_model
@@ -374,6 +374,7 @@ def _set_mode(model: nn.Module, training: bool | dict[str, bool]) -> None:
             m.training = flags[name]
 
 
+@keeps_global_rng
 def compact(
     model: nn.Module,
     example_input: Any,
@@ -459,6 +460,7 @@ def compact(
     return small
 
 
+@keeps_global_rng
 def make_plan(
     model: nn.Module,
     example_input: Any,
@@ -498,6 +500,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     return small
 
 
+@keeps_global_rng
 def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Module, Plan]:
     """Like ``compact`` but also return the plan (for printing or saving)."""
     verify = kwargs.pop("verify", True)

@@ -60,7 +60,7 @@ from torch.utils import _pytree as pytree
 from graphprune.errors import VerificationError
 from graphprune.graph.analysis import Analysis, param_tensor
 from graphprune.graph.codepath import code_path_change
-from graphprune.graph.copies import eval_copy
+from graphprune.graph.copies import eval_copy, keeps_global_rng
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.labels import TensorLabels
 from graphprune.graph.rules.pointwise import REDUCE_EXACT, REDUCE_STAT, reduced_dims
@@ -952,6 +952,7 @@ def _localize(
 # ------------------------------------------------------------------------------------------
 
 
+@keeps_global_rng
 def verify_model(
     original: nn.Module,
     small: nn.Module,

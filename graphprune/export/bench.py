@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphprune.export.onnx_export import ExportResult, _feed, export_onnx, onnx_session
-from graphprune.graph.copies import eval_copy
+from graphprune.graph.copies import eval_copy, keeps_global_rng
 from graphprune.graph.inputs import run_model
 
 __all__ = [
@@ -75,6 +75,7 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
+@keeps_global_rng
 def count_flops(model: nn.Module, example_input: Any) -> int:
     """FLOPs of one forward pass on ``example_input``, as counted by ``FlopCounterMode``.
 
@@ -331,6 +332,7 @@ class BenchmarkReport:
         return "\n".join(lines)
 
 
+@keeps_global_rng
 def benchmark(
     original: nn.Module,
     compact: nn.Module,

@@ -48,7 +48,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphprune.errors import GraphPruneError, InputError, VerificationError
-from graphprune.graph.copies import eval_copy
+from graphprune.graph.copies import eval_copy, keeps_global_rng
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import no_cache
 
@@ -440,6 +440,7 @@ def _opset_of(path: Path) -> int | None:
     return None
 
 
+@keeps_global_rng
 def export_onnx(
     model: torch.nn.Module,
     example_input: Any,

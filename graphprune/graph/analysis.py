@@ -20,7 +20,7 @@ from torch.fx import Node
 
 from graphprune.errors import InputError
 from graphprune.graph import rules
-from graphprune.graph.copies import eval_copy
+from graphprune.graph.copies import eval_copy, keeps_global_rng
 from graphprune.graph.labels import Coupler, TensorLabels
 from graphprune.graph.rules import attention as attention_rules
 from graphprune.graph.rules.registry import RuleContext, lookup, where
@@ -152,6 +152,7 @@ def _freeze_mask(n_cls: int, cls: np.ndarray, items: list[tuple[np.ndarray, str]
     return mask
 
 
+@keeps_global_rng
 def analyze(
     model: nn.Module,
     example_input: Any,

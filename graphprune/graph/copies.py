@@ -6,7 +6,8 @@ under ``no_grad``), update buffers (BatchNorm in train mode, spectral norm's pow
 or write into its input (``x.mul_(0.5)``). graphprune runs models many times (trace,
 calibration, verification, export, FLOP counting), so every one of those runs happens on a
 private copy, never on the caller's objects (inputs are copied by
-``graph.inputs.normalize_inputs``, models here).
+``graph.inputs.normalize_inputs``, models here), and public calls give torch's global random
+state back (``keeps_global_rng``) for forwards that draw random numbers.
 
 Everything that copies a user's model goes through :func:`private_copy`, so a model that cannot
 be copied gets one clear error naming the module, the attribute and the fix, instead of a raw
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -53,6 +55,26 @@ def kept_modes(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def keeps_global_rng(fn: F) -> F:
+    """Give torch's global random state back after ``fn``: a public call leaves it as it found it.
+
+    A forward that draws random numbers (noise, sampling, ``randn_like`` in eval) consumes the
+    global generator every time graphprune runs it (trace, verification, export...), so the
+    caller's next ``torch.rand`` would depend on whether and how graphprune was called.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------

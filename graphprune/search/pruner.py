@@ -40,7 +40,7 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Analysis, Group, analyze, param_tensor
-from graphprune.graph.copies import eval_copy, private_copy
+from graphprune.graph.copies import eval_copy, keeps_global_rng, private_copy
 from graphprune.graph.trace import check_model
 from graphprune.planning.cut import (
     CutOptions,
@@ -110,6 +110,7 @@ class Pruner:
         small = pruner.run()          # or: for _ in range(5): pruner.step()
     """
 
+    @keeps_global_rng
     def __init__(
         self,
         model: nn.Module,
@@ -247,6 +248,7 @@ class Pruner:
         return self.model
 
     # ------------------------------------------------------------------------------------------
+    @keeps_global_rng  # pruning leaves the RNG alone; the user's finetune draws from it as it likes
     def _physical_step(self, k: int) -> Plan:
         from graphprune.api import _importance_name, _prepare, _realize, _set_mode
 
@@ -286,6 +288,7 @@ class Pruner:
         self.model = small
         return plan
 
+    @keeps_global_rng
     def _soft_step(self, k: int) -> None:
         """Select the lowest-scored units of every group on the current weights and zero them."""
         analysis = self._analysis

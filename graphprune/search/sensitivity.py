@@ -28,7 +28,7 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Group, param_tensor
-from graphprune.graph.copies import eval_copy
+from graphprune.graph.copies import eval_copy, keeps_global_rng
 from graphprune.planning.cut import _key_matches, output_modules
 from graphprune.planning.importance import Criterion, scores_for
 from graphprune.planning.plan import check_ratio
@@ -167,6 +167,7 @@ def _ratios_key(group: Group, groups: list[Group], model: nn.Module) -> str | in
     return group.index
 
 
+@keeps_global_rng
 def sensitivity(
     model: nn.Module,
     example_input: Any,

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from graphprune.errors import InputError
 from graphprune.export.bench import _interleaved_latency, count_flops, count_params, default_threads
 from graphprune.graph.analysis import Analysis, Group
+from graphprune.graph.copies import keeps_global_rng
 from graphprune.planning.cut import CutOptions, round_keep
 from graphprune.planning.importance import Criterion
 from graphprune.planning.plan import Plan, build_plan
@@ -673,6 +674,7 @@ def _round_choices(round_to: int | str) -> tuple[int, ...]:
     return (int(round_to),)
 
 
+@keeps_global_rng
 def compact_to_target(
     model: nn.Module,
     example_input: Any,
@@ -872,6 +874,7 @@ def best_round_to(
     return best.round_to, out
 
 
+@keeps_global_rng
 def sweep(
     model: nn.Module,
     example_input: Any,

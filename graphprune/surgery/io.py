@@ -31,7 +31,7 @@ from torch import nn
 
 from graphprune.errors import InputError, PlanMismatchError
 from graphprune.graph.analysis import param_tensor
-from graphprune.graph.copies import eval_copy, private_copy
+from graphprune.graph.copies import eval_copy, keeps_global_rng, private_copy
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import check_model, no_cache
 from graphprune.planning.plan import Plan
@@ -260,6 +260,7 @@ def check_plan_fits(base_model: nn.Module, plan: Plan) -> None:
             )
 
 
+@keeps_global_rng
 def load(
     directory: str | Path,
     base_model: nn.Module,

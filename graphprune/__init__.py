@@ -10,6 +10,7 @@ The public API lives here and only here::
 from __future__ import annotations
 
 from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
+from graphprune.engine import Engine
 from graphprune.errors import (
     GraphPruneError,
     InputError,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis",
     "BenchmarkReport",
+    "Engine",
     "ExportResult",
     "GraphPruneError",
     "Group",

@@ -155,6 +155,12 @@ def _verify(m: nn.Module, ex: Any, tmp: Path) -> None:
     graphprune.verify_model(m, m, ex, _plan(m, ex, 0.0))  # the caller's model as original and small
 
 
+def _engine(m: nn.Module, ex: Any, tmp: Path) -> None:
+    engine = graphprune.Engine(m, ex)
+    engine.verify(engine.realize(engine.plan(0.5)))
+    engine.realize(engine.plan(0.3), last=True)
+
+
 def _pruner(m: nn.Module, ex: Any, tmp: Path) -> None:
     graphprune.Pruner(m, ex, 0.5, steps=1).run()
 
@@ -188,6 +194,7 @@ CASES: dict[str, tuple[str, Runner]] = {  # case id -> (public name, runner)
     "sensitivity": ("sensitivity", lambda m, ex, tmp: graphprune.sensitivity(
         m, ex, lambda mm: float(call(mm, ex).sum()), ratios=(0.5,), progress=False)),
     "Pruner": ("Pruner", _pruner),
+    "Engine": ("Engine", _engine),
     "count_flops": ("count_flops", lambda m, ex, tmp: graphprune.count_flops(m, ex)),
     "count_params": ("count_params", lambda m, ex, tmp: graphprune.count_params(m)),
     "export_onnx": ("export_onnx", lambda m, ex, tmp: graphprune.export_onnx(m, ex, tmp / "m.onnx")),

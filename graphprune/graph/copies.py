@@ -103,7 +103,9 @@ def _problem(where: str, module: nn.Module, attr: str, value: Any, exc: BaseExce
                 f"{where} uses the old torch.nn.utils.weight_norm, whose {attr!r} is recomputed with "
                 "autograd history that torch cannot deep-copy. Call "
                 f"torch.nn.utils.remove_weight_norm(module, {attr!r}) before pruning (it folds g and v "
-                "into the weight), or use torch.nn.utils.parametrizations.weight_norm."
+                "into the weight; apply weight_norm to the result again to train on). With "
+                "torch.nn.utils.parametrizations.weight_norm the model can be copied, but the "
+                "channels of a parametrized weight are kept whole."
             )
         if "BasePruningMethod" in hooks:
             return (

@@ -14,13 +14,12 @@ No step changes the user's model or a caller's plan: a realised plan is a new ob
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from graphprune.errors import GraphPruneError
+from graphprune.errors import GraphPruneError, warn_user
 from graphprune.graph.analysis import Analysis, analyze, check_attention, param_tensor
 from graphprune.graph.copies import keeps_global_rng
 from graphprune.graph.inputs import normalize_inputs
@@ -289,7 +288,7 @@ def _freeze(analysis, plan, example_input, work, failure: Failure, copy_model: b
         new_analysis, new_plan = replan([p for f in frozen for p in f.paths])
         work, _, failure = _surgery(new_analysis, new_plan, example_input, copy_model)
         if failure is None:
-            warnings.warn(freeze_warning(type(work).__name__, frozen), stacklevel=5)
+            warn_user(freeze_warning(type(work).__name__, frozen))
             new_plan.notes.append(f"kept whole so that {type(work).__name__} runs at the new sizes: "
                                   f"{describe(frozen)}")
             return _finish(work, new_plan, example_input), new_plan, new_analysis

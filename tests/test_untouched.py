@@ -76,9 +76,10 @@ def example(form: str) -> Any:
 def call(model: nn.Module, ex: Any) -> torch.Tensor:
     """The model on a copy of ``ex`` (what a user's own metric would do)."""
     ex = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, ex)
-    if isinstance(ex, dict):
-        return model(**ex)
-    return model(*((ex,) if isinstance(ex, torch.Tensor) else ex))
+    with torch.no_grad():
+        if isinstance(ex, dict):
+            return model(**ex)
+        return model(*((ex,) if isinstance(ex, torch.Tensor) else ex))
 
 
 # ------------------------------------------------------------------------------------------

@@ -46,13 +46,13 @@ def fresh(value: Any) -> Any:
     what the previous run wrote. Inputs are small next to a model; copying them is cheap.
     """
 
-    def copy(t: Any) -> Any:
+    def clone(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
         c = t.detach().clone()
         return c.requires_grad_(True) if t.requires_grad and (c.is_floating_point() or c.is_complex()) else c
 
-    return pytree.tree_map(copy, value)
+    return pytree.tree_map(clone, value)
 
 
 def flatten_outputs(output: Any) -> list[torch.Tensor]:

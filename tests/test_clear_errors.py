@@ -67,6 +67,8 @@ def test_hook_holding_a_per_channel_tensor_keeps_those_channels() -> None:
     small, plan = graphprune.compact_with_plan(model, x(), 0.5)
     assert small[2].out_channels == 8, plan  # the channels the hook scales
     assert small[0].out_channels == 4, plan  # the rest is pruned
+    assert any("mul.Tensor in 2: reads a tensor of shape [8, 1, 1] from outside the model" in b
+               for b in plan.boundaries), plan.boundaries  # and the plan says why
 
 
 def test_torchscript_submodule_is_named_as_the_cause() -> None:

@@ -246,6 +246,12 @@ def analyze_traced(
         if node.op == "placeholder":
             shape = ctx.shape(node)
             labels[node] = TensorLabels(shape, []) if shape is not None and node not in param_nodes else None
+            if node.name in traced.foreign and shape is not None and any(s > 1 for s in shape):
+                users = ", ".join(sorted({where(u) for u in node.users}))
+                boundaries.append(
+                    f"{users}: reads a tensor of shape {list(shape)} from outside the model (a hook's "
+                    "closure or a global, not a parameter or buffer), which keeps its size"
+                )
             continue
         if node.op == "output":
             outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]

@@ -27,6 +27,9 @@ class Traced:
     param_names: dict[str, str]  # placeholder name -> parameter/buffer/constant FQN
     user_outputs: list[str]  # names of graph nodes returned to the user
     output_shapes: list[tuple[int, ...]]
+    # placeholder name -> constant the forward read from outside the model (a hook's closure, a
+    # global): no module holds it, so it keeps its size, and the plan says so
+    foreign: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def check_model(model: Any) -> nn.Module:
@@ -217,14 +220,17 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
         raise trace_error(model, exc) from exc
     sig = program.graph_signature
     names: dict[str, str] = {}
+    foreign: dict[str, str] = {}
     canonical = _canonical_names(model)
     for spec in sig.input_specs:
         if spec.target is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
-            if _owned(model, spec.target):  # else a constant from outside: fixed size, like an input
+            if _owned(model, spec.target):
                 names[spec.arg.name] = canonical.get(spec.target, spec.target)
+            else:  # a constant from outside the model: fixed size, like an input
+                foreign[spec.arg.name] = spec.target
     user_outputs = [
         spec.arg.name
         for spec in sig.output_specs
         if spec.kind.name == "USER_OUTPUT" and hasattr(spec.arg, "name")
     ]
-    return Traced(program, names, user_outputs, [tuple(o.shape) for o in outputs])
+    return Traced(program, names, user_outputs, [tuple(o.shape) for o in outputs], foreign)

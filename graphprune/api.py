@@ -44,8 +44,7 @@ def _plan_and_model(
 ) -> Realized:
     """One analysis, one plan, one surgery (with the fallback re-planning as compact documents)."""
     check_model(model)
-    ratio = check_ratio(ratio)
-    fallback = check_fallback(fallback)
+    ratio = check_ratio(ratio)  # ``fallback`` was checked by the public entry point
     engine = Engine(
         model, example_input, importance=importance, ignored_layers=ignored_layers, structure=structure,
         data=data, loss_fn=loss_fn,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from torch import nn
@@ -10,6 +9,7 @@ from torch import nn
 from graphprune.distributed import agree, digest, is_distributed
 from graphprune.engine import Engine, Realized, importance_name, modes, set_mode
 from graphprune.errors import InputError
+from graphprune.graph.copies import keeps_global_rng, private_copy
 from graphprune.graph.trace import check_model
 from graphprune.methods.prune_masks import MaskImportance, fold_masks
 from graphprune.planning.importance import Criterion
@@ -95,6 +95,7 @@ def _unmasked(
     return folded, MaskImportance(masks, None if ratio is None else check_ratio(ratio)), ratio
 
 
+@keeps_global_rng
 def compact(
     model: nn.Module,
     example_input: Any,
@@ -206,6 +207,7 @@ def compact(
     return small
 
 
+@keeps_global_rng
 def make_plan(
     model: nn.Module,
     example_input: Any,
@@ -249,7 +251,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     if not isinstance(plan, Plan):
         raise InputError(f"plan must be a graphprune.Plan, got {type(plan).__name__}")
     model = fold_masks(model)[0]  # a copy with torch.nn.utils.prune masks folded in, if any
-    small = copy.deepcopy(model)
+    small = private_copy(model)
     remove_blocks(small, plan)  # the width plan was made on the shallower model
     check_plan_fits(small, plan)
     replay(small, plan)
@@ -257,6 +259,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     return small
 
 
+@keeps_global_rng
 def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Module, Plan]:
     """Like ``compact`` but also return the plan (for printing or saving)."""
     depth, depth_importance = kwargs.pop("depth", None), kwargs.pop("depth_importance", None)

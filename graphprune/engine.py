@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from graphprune.distributed import check_same, together
-from graphprune.errors import GraphPruneError
+from graphprune.errors import GraphPruneError, warn_user
 from graphprune.graph.analysis import Analysis, analyze, param_tensor
+from graphprune.graph.copies import keeps_global_rng
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.trace import check_model
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
@@ -73,6 +73,7 @@ class Engine:
     Neither the user's model nor a plan passed in is ever modified.
     """
 
+    @keeps_global_rng
     def __init__(
         self,
         model: nn.Module,
@@ -101,6 +102,7 @@ class Engine:
         """Which units go at ``ratio`` (``cut``: global ranking, per-module ratios, round_to)."""
         return build_plan(self.analysis, ratio, self.criterion, self.importance, counts=counts, options=cut)
 
+    @keeps_global_rng
     def realize(
         self,
         plan: Plan,
@@ -135,6 +137,7 @@ class Engine:
             replan=again if replan else None,
         ))
 
+    @keeps_global_rng
     def verify(self, result: Realized) -> None:
         """Check ``result.model`` against the masked reference of ``result.plan`` (raises if off)."""
         from graphprune.verify import verify_compact
@@ -305,7 +308,7 @@ def _freeze(analysis, plan, example_input, work, failure: Failure, copy_model: b
         new_analysis, new_plan = replan([p for f in frozen for p in f.paths])
         work, _, failure = _surgery(new_analysis, new_plan, example_input, copy_model)
         if failure is None:
-            warnings.warn(freeze_warning(type(work).__name__, frozen), stacklevel=5)
+            warn_user(freeze_warning(type(work).__name__, frozen))
             new_plan.notes.append(f"kept whole so that {type(work).__name__} runs at the new sizes: "
                                   f"{describe(frozen)}")
             return _finish(work, new_plan, example_input), new_plan, new_analysis

@@ -57,6 +57,8 @@ from torch import nn
 
 from graphprune.errors import VerificationError
 from graphprune.graph.analysis import Analysis
+from graphprune.graph.codepath import code_path_change
+from graphprune.graph.copies import eval_copy, keeps_global_rng
 from graphprune.planning.plan import Plan
 from graphprune.reference.masks import (
     Inexact,
@@ -165,6 +167,12 @@ def verify_compact(
             f"output {i}: relative error {err:.3g} > {tol:g}" + (f" (dtype {gd} vs {ed})" if gd != ed else "")
             for i, err, tol, gd, ed in bad
         )
+        changed = code_path_change(analysis.traced.program, small, example_input)
+        if changed is not None:  # the user's code branches on a size: not a pruning rule's fault
+            raise VerificationError(
+                f"the compact model does not match the reference computed from the plan ({details}). "
+                f"{where} {changed}".replace("  ", " ")
+            )
         if plan.structure.get("attention") == "head_dim":
             hint = (
                 " With attention='head_dim' a scale recomputed from the head size in forward "
@@ -226,6 +234,7 @@ def _localize(
 # ------------------------------------------------------------------------------------------
 
 
+@keeps_global_rng
 def verify_model(
     original: nn.Module,
     small: nn.Module,
@@ -248,4 +257,5 @@ def verify_model(
     if prune_hidden is not None:
         structure["prune_hidden"] = prune_hidden
     analysis = analyze(original, example_input, **structure)
+    small = eval_copy(small)  # like the reference: inference mode, and the caller's model never runs
     return verify_compact(analysis, plan, small, example_input, original=original, rtol=rtol)

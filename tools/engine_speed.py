@@ -104,7 +104,8 @@ def pipeline(model: torch.nn.Module, x: Any, ratio: float, profile: bool) -> dic
     """Run the four stages once; seconds per stage (and cProfile hotspots if asked)."""
     from graphprune.engine import realize
     from graphprune.graph.analysis import analyze_traced
-    from graphprune.graph.trace import eval_copy, trace
+    from graphprune.graph.copies import eval_copy
+    from graphprune.graph.trace import trace
     from graphprune.planning.importance import resolve
     from graphprune.planning.plan import build_plan
 

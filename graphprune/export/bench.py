@@ -26,7 +26,6 @@ import json
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,9 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.errors import SlowerModelWarning
+from graphprune.errors import SlowerModelWarning, warn_user
 from graphprune.export.flops import count_flops
 from graphprune.export.onnx_export import ExportResult, export_onnx, onnx_feed, onnx_session
+from graphprune.graph.copies import keeps_global_rng
 from graphprune.planning.cut import CONV_ALIGNMENTS
 
 __all__ = [
@@ -386,19 +386,19 @@ def misaligned_convs(
     return out
 
 
-def warn_if_slower(report: BenchmarkReport, stacklevel: int = 2) -> None:
+def warn_if_slower(report: BenchmarkReport) -> None:
     """Warn (:class:`~graphprune.errors.SlowerModelWarning`) when ``report`` measured the compact
     model slower than the original, with the causes :meth:`BenchmarkReport.slow_reasons` finds."""
     if report.slower:
         why = "; ".join(report.slow_reasons()) or "no cause found in widths or sizes"
-        warnings.warn(
+        warn_user(
             f"graphprune: the compact model ran slower than the original in onnxruntime "
             f"({report.speedup:.2f}x): {why}",
             SlowerModelWarning,
-            stacklevel=stacklevel,
         )
 
 
+@keeps_global_rng
 def benchmark(
     original: nn.Module,
     compact: nn.Module,
@@ -454,5 +454,5 @@ def benchmark(
         original_onnx=None if workdir is None else str(exports[0].path),
         compact_onnx=None if workdir is None else str(exports[1].path),
     )
-    warn_if_slower(report, stacklevel=3)
+    warn_if_slower(report)
     return report

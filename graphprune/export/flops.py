@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from graphprune.graph.inputs import eval_mode, run_model
+from graphprune.graph.copies import eval_copy, keeps_global_rng
+from graphprune.graph.inputs import run_model
 
 aten = torch.ops.aten
 
@@ -120,14 +121,16 @@ def _extra_formulas() -> dict[Any, Any]:
     return table
 
 
+@keeps_global_rng
 def count_flops(model: nn.Module, example_input: Any) -> int:
     """FLOPs of one forward pass on ``example_input`` (2 x MACs of every matrix product).
 
     ``FlopCounterMode``'s count plus the fused CPU kernels it misses (recurrent layers, CPU
-    attention, see the module docstring). The model runs in eval mode under ``torch.no_grad``
-    and its training flags are restored afterwards.
+    attention, see the module docstring). An eval-mode copy of the model runs under
+    ``torch.no_grad`` (a forward may write into its own weights).
     """
+    work = eval_copy(model)
     counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
-    with eval_mode(model), counter:
-        run_model(model, example_input)
+    with counter:
+        run_model(work, example_input)
     return int(counter.get_total_flops())

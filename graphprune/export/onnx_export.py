@@ -20,8 +20,11 @@ How it works:
 3. ``onnx.checker`` validates the file, onnxruntime (CPU) runs it, and every output is compared
    with torch's. A mismatch raises :class:`~graphprune.errors.VerificationError` naming the output.
 
-The model passed in is never modified: it is put in eval mode for the export (so dropout and
-batch-norm statistics are inference-time) and every submodule's training flag is restored after.
+The model passed in is never modified or even run: an eval-mode copy is exported (dropout and
+batch-norm statistics are inference-time; spectral norm does no power iteration), and it is put
+back in eval mode before each exporter, because a failed TorchScript export restores the training
+flag it found on the wrapper, which would leave the dynamo exporter tracing a train-mode model.
+Outputs are compared at their own precision: half-precision models at a half-precision tolerance.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -44,7 +48,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphprune.errors import GraphPruneError, InputError, VerificationError
-from graphprune.graph.inputs import eval_mode, flatten_outputs, normalize_inputs
+from graphprune.graph.copies import eval_copy, keeps_global_rng
+from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import no_cache
 
 Exporter = Literal["torchscript", "dynamo"]
@@ -322,12 +327,28 @@ def run_onnx(path_or_session: str | os.PathLike | Any, example_input: Any) -> li
     return list(session.run(None, onnx_feed(session, example_input)))
 
 
+# (rtol, atol) by the torch output's dtype when the caller gives none: float16 and bfloat16 keep
+# 11 and 8 significant bits, so onnxruntime and torch, rounding at different points, differ by
+# several of their units in the last place (a float16 MLP: 2e-4); float32 and float64 as before.
+DEFAULT_TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (5e-2, 1e-2),
+}
+_FLOAT_TOLERANCE = (1e-4, 1e-5)
+
+
+def tolerance_for(dtype: torch.dtype, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    """The ``(rtol, atol)`` an output of ``dtype`` is held to; explicit values win."""
+    default_r, default_a = DEFAULT_TOLERANCE.get(dtype, _FLOAT_TOLERANCE)
+    return (default_r if rtol is None else rtol), (default_a if atol is None else atol)
+
+
 def compare_outputs(
     got: Sequence[np.ndarray],
     expected: Sequence[torch.Tensor],
     *,
-    rtol: float,
-    atol: float,
+    rtol: float | None = None,
+    atol: float | None = None,
     names: Sequence[str] | None = None,
 ) -> list[tuple[float, float]]:
     """Compare ONNX outputs with torch outputs; raise VerificationError if any differ.
@@ -335,6 +356,7 @@ def compare_outputs(
     An output passes when ``max|got - expected| <= atol + rtol * max|expected|``: the tolerance
     scales with the output's magnitude (logits of size 30 and features of size 1e-3 are both
     judged fairly), and NaNs must sit in the same places. Integer/bool outputs must match exactly.
+    ``rtol`` / ``atol`` left at None follow the output's dtype (``DEFAULT_TOLERANCE``).
     Returns ``(abs_err, rel_err)`` per output.
     """
     if len(got) != len(expected):
@@ -366,10 +388,12 @@ def compare_outputs(
         abs_err = float(diff.max()) if diff.size else 0.0
         scale = float(np.abs(b64[finite]).max()) if diff.size else 0.0
         rel_err = abs_err / max(scale, np.finfo(np.float64).tiny)
-        if not abs_err <= atol + rtol * scale:  # `not <=` also catches inf/nan differences
+        rt, at = tolerance_for(b_t.dtype, rtol, atol)
+        if not abs_err <= at + rt * scale:  # `not <=` also catches inf/nan differences
             raise VerificationError(
                 f"{label}: onnxruntime differs from torch: max abs err {abs_err:.3e}, max rel err "
-                f"{rel_err:.3e} (tolerance: atol {atol:g} + rtol {rtol:g} * max|torch| {scale:.3e})"
+                f"{rel_err:.3e} (tolerance for {str(b_t.dtype).replace('torch.', '')}: "
+                f"atol {at:g} + rtol {rt:g} * max|torch| {scale:.3e})"
             )
         errors.append((abs_err, rel_err))
     return errors
@@ -416,14 +440,15 @@ def _opset_of(path: Path) -> int | None:
     return None
 
 
+@keeps_global_rng
 def export_onnx(
     model: torch.nn.Module,
     example_input: Any,
     path: str | os.PathLike,
     *,
     check: bool = True,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     opset: int | None = None,
     exporter: Literal["auto", "torchscript", "dynamo"] = "auto",
 ) -> ExportResult:
@@ -432,6 +457,11 @@ def export_onnx(
     ``example_input`` is a tensor, a tuple of tensors or a dict of keyword inputs; its tensors
     become the ONNX inputs (named after the dict keys for keyword inputs), shapes fixed to theirs.
     ``exporter="auto"`` tries the TorchScript exporter, then the dynamo one; name one to force it.
+    ``model`` is not run or changed: an eval-mode copy is exported. ``rtol`` / ``atol`` default to
+    the output's precision (1e-4 / 1e-5 for float32, 1e-2 / 1e-3 for float16: ``DEFAULT_TOLERANCE``).
+
+    The file is written beside ``path`` and moved there once it passed: a failed export or check
+    leaves a file already at ``path`` as it was.
 
     Raises:
         OnnxExportError: no exporter could produce a valid model that onnxruntime loads.
@@ -441,16 +471,40 @@ def export_onnx(
         raise InputError(f"export_onnx needs an nn.Module, got {type(model).__name__}")
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise InputError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}")
-    import onnx
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".graphprune-export-", dir=path.parent))
+    try:
+        staged = staging / path.name
+        result = _export_checked(model, example_input, staged, check, rtol, atol, opset, exporter)
+        for f in staging.iterdir():  # the model and its external data file, if any
+            os.replace(f, path.parent / f.name)
+        result.path = path
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_checked(
+    model: torch.nn.Module,
+    example_input: Any,
+    path: Path,
+    check: bool,
+    rtol: float | None,
+    atol: float | None,
+    opset: int | None,
+    exporter: str,
+) -> ExportResult:
+    """``export_onnx`` into ``path`` (a staging directory of its own)."""
+    import onnx
+
     tensors, input_names, spec, leaves = flat_input_tensors(example_input)
     order: list[Exporter] = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     external = _param_bytes(model) > _EXTERNAL_DATA_BYTES
+    model = eval_copy(model)  # a forward may write into its weights; exporters run it more than once
 
-    with eval_mode(model), no_cache(model):  # decoder LMs: the forward pass without KV cache
-        flat = _FlatModule(model, spec, leaves)
+    with no_cache(model):  # decoder LMs: the forward pass without KV cache
+        flat = _FlatModule(model, spec, leaves).eval()
         args, kwargs = normalize_inputs(example_input)
         with torch.no_grad():
             raw = model(*args, **kwargs)
@@ -464,6 +518,7 @@ def export_onnx(
         session = None
         for which in order:
             try:
+                flat.eval()  # a failed TorchScript export leaves the wrapper's flag (train) behind
                 _export_with(which, flat, tensors, path, input_names, output_names, opset, external)
                 onnx.checker.check_model(str(path))
                 session = onnx_session(path)

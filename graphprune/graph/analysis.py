@@ -20,9 +20,10 @@ from torch.fx import Node
 
 from graphprune.errors import InputError
 from graphprune.graph import rules
+from graphprune.graph.copies import eval_copy, keeps_global_rng
 from graphprune.graph.labels import Coupler, TensorLabels
 from graphprune.graph.rules.registry import RuleContext, lookup, where
-from graphprune.graph.trace import Traced, check_model, eval_copy, node_source, trace
+from graphprune.graph.trace import Traced, check_model, node_source, trace
 from graphprune.surgery.constraints import module_constraints
 
 rules.load_all()
@@ -151,6 +152,7 @@ def _freeze_mask(n_cls: int, cls: np.ndarray, items: list[tuple[np.ndarray, str]
     return mask
 
 
+@keeps_global_rng
 def analyze(
     model: nn.Module,
     example_input: Any,
@@ -244,6 +246,12 @@ def analyze_traced(
         if node.op == "placeholder":
             shape = ctx.shape(node)
             labels[node] = TensorLabels(shape, []) if shape is not None and node not in param_nodes else None
+            if node.name in traced.foreign and shape is not None and any(s > 1 for s in shape):
+                users = ", ".join(sorted({where(u) for u in node.users}))
+                boundaries.append(
+                    f"{users}: reads a tensor of shape {list(shape)} from outside the model (a hook's "
+                    "closure or a global, not a parameter or buffer), which keeps its size"
+                )
             continue
         if node.op == "output":
             outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]

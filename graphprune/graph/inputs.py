@@ -8,12 +8,12 @@ tensors coming out. Keeping both conversions here means they cannot drift apart.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from graphprune.errors import InputError
 
@@ -24,18 +24,35 @@ def normalize_inputs(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any
     """Return ``(args, kwargs)`` for ``model(*args, **kwargs)``.
 
     A tensor becomes one positional argument, a tuple/list becomes the positional arguments and a
-    dict becomes keyword arguments.
+    dict becomes keyword arguments. Tensors are fresh copies (see ``fresh``): never the caller's.
     """
     if isinstance(example_input, torch.Tensor):
-        return (example_input,), {}
+        return (fresh(example_input),), {}
     if isinstance(example_input, Mapping):
-        return (), dict(example_input)
+        return (), {k: fresh(v) for k, v in example_input.items()}
     if isinstance(example_input, (tuple, list)):
-        return tuple(example_input), {}
+        return tuple(fresh(v) for v in example_input), {}
     raise InputError(
         f"example_input must be a tensor, a tuple of tensors or a dict of keyword inputs, "
         f"got {type(example_input).__name__}. Wrap a single input as a tensor, several as a tuple."
     )
+
+
+def fresh(value: Any) -> Any:
+    """``value`` with every tensor in it copied (tuples, lists and dicts rebuilt).
+
+    ``normalize_inputs`` hands out fresh copies on every call: a forward that writes into its
+    input (``x.mul_(0.5)``) must neither change the caller's tensors nor see, on its next run,
+    what the previous run wrote. Inputs are small next to a model; copying them is cheap.
+    """
+
+    def clone(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        c = t.detach().clone()
+        return c.requires_grad_(True) if t.requires_grad and (c.is_floating_point() or c.is_complex()) else c
+
+    return pytree.tree_map(clone, value)
 
 
 def flatten_outputs(output: Any) -> list[torch.Tensor]:
@@ -65,18 +82,3 @@ def run_model(model: torch.nn.Module, example_input: Any) -> Any:
     with torch.no_grad():
         return model(*args, **kwargs)
 
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own flag afterwards.
-
-    ``model.train(old)`` would not do: a user may keep some submodules (frozen BN) in a mode of
-    their own, and measuring must not change that.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag

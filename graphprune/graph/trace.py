@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import re
@@ -28,6 +27,9 @@ class Traced:
     param_names: dict[str, str]  # placeholder name -> parameter/buffer/constant FQN
     user_outputs: list[str]  # names of graph nodes returned to the user
     output_shapes: list[tuple[int, ...]]
+    # placeholder name -> constant the forward read from outside the model (a hook's closure, a
+    # global): no module holds it, so it keeps its size, and the plan says so
+    foreign: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def check_model(model: Any) -> nn.Module:
@@ -154,6 +156,58 @@ def _canonical_names(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def _owned(model: nn.Module, name: str) -> bool:
+    """True if ``name`` is a tensor the model holds (parameter, buffer or tensor attribute).
+
+    torch.export also lifts tensors the forward reads from elsewhere (a forward hook's closure,
+    a global) as constants named ``<module>.lifted_tensor_<k>``: no module attribute holds them,
+    so surgery could not slice them, and they must stay at their size like a model input.
+    """
+    mod_name, _, attr = name.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return False
+    return isinstance(getattr(mod, attr, None), torch.Tensor)
+
+
+def trace_error(model: nn.Module, exc: BaseException) -> TraceError:
+    """The real cause of a failed torch.export first, then the fix that fits that cause."""
+    where = _user_frame(exc)
+    cause = f"{type(exc).__name__}: {_first_line(exc)}" + (f" (at {where})" if where else "")
+    scripted = _outermost_scripts(model)
+    if scripted:
+        what = f"module {scripted[0]!r}" if scripted[0] else "the model itself"
+        more = f" (and {len(scripted) - 1} more)" if len(scripted) > 1 else ""
+        return TraceError(
+            f"torch.export could not trace the model because {what}{more} is TorchScript (made by "
+            f"torch.jit.script or torch.jit.trace), which torch.export cannot trace ({cause}). Prune "
+            "the plain nn.Module (before scripting it) and script the compact model afterwards."
+        )
+    text = f"{type(exc).__name__} {exc}".lower()
+    if "datadependent" in text.replace("-", "").replace(" ", "") or "data-dependent" in text:
+        hint = (
+            "The forward's Python control flow depends on tensor values (if x.sum() > 0, .item(), "
+            "data-dependent shapes): replace it by torch ops such as torch.where / torch.cond."
+        )
+    else:
+        hint = (
+            "graphprune traces with torch.export.export(model, args, kwargs, strict=False); make that "
+            "call work for this model (the error above says where it stops)."
+        )
+    return TraceError(f"torch.export could not trace the model: {cause}. {hint}")
+
+
+def _outermost_scripts(model: nn.Module) -> list[str]:
+    """Paths of the TorchScript modules in ``model`` that are not inside another one."""
+    found: list[str] = []
+    for path, m in model.named_modules():  # parents come before their children
+        inside = any(p == "" or path.startswith(p + ".") for p in found)
+        if isinstance(m, torch.jit.ScriptModule) and not inside:
+            found.append(path)
+    return found
+
+
 def trace(model: nn.Module, example_input: Any) -> Traced:
     """Export ``model`` (already an eval-mode copy) with torch.export, non-strict."""
     args, kwargs = normalize_inputs(example_input)
@@ -163,30 +217,20 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
             warnings.simplefilter("ignore")
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001
-        where = _user_frame(exc)
-        raise TraceError(
-            f"torch.export could not trace the model: {type(exc).__name__}: {_first_line(exc)}"
-            + (f" (at {where})" if where else "")
-            + ". graphprune needs a traceable forward: replace Python control flow that depends on "
-            "tensor values (if x.sum() > 0, .item(), data-dependent shapes) by torch ops such as "
-            "torch.where / torch.cond, or pass ignored_layers for the offending module."
-        ) from exc
+        raise trace_error(model, exc) from exc
     sig = program.graph_signature
     names: dict[str, str] = {}
+    foreign: dict[str, str] = {}
     canonical = _canonical_names(model)
     for spec in sig.input_specs:
         if spec.target is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
-            names[spec.arg.name] = canonical.get(spec.target, spec.target)
+            if _owned(model, spec.target):
+                names[spec.arg.name] = canonical.get(spec.target, spec.target)
+            else:  # a constant from outside the model: fixed size, like an input
+                foreign[spec.arg.name] = spec.target
     user_outputs = [
         spec.arg.name
         for spec in sig.output_specs
         if spec.kind.name == "USER_OUTPUT" and hasattr(spec.arg, "name")
     ]
-    return Traced(program, names, user_outputs, [tuple(o.shape) for o in outputs])
-
-
-def eval_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode: graphprune never touches the user's model."""
-    work = copy.deepcopy(model)
-    work.eval()
-    return work
+    return Traced(program, names, user_outputs, [tuple(o.shape) for o in outputs], foreign)

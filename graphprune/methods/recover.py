@@ -27,6 +27,7 @@ from torch import nn
 
 from graphprune.distributed import barrier, check_same, is_main, local, mean_over_ranks, together
 from graphprune.errors import InputError
+from graphprune.graph.copies import eval_copy, kept_modes
 from graphprune.graph.inputs import flatten_outputs
 from graphprune.methods.parallel import check_unwrapped, resolve_strategy, wrap
 from graphprune.planning.calibration import forward, model_device, split_batch, to_device
@@ -102,9 +103,10 @@ def recover(
 
     ``data`` yields batches like a DataLoader (``(inputs, target)`` pairs - the target is
     ignored - or bare inputs); it is cycled if it has fewer than ``steps`` batches. The teacher
-    runs in eval mode without gradients and is not modified; the student trains in train mode
-    and gets its original mode back. Adam with learning rate ``lr`` unless ``optimizer`` is given.
-    A tqdm progress bar shows the running loss (``progress=False`` hides it).
+    (an eval-mode copy) runs without gradients and is not modified, nor are the batches; the
+    student trains in train mode and every submodule gets its own mode back. Adam with learning
+    rate ``lr`` unless ``optimizer`` is given. A tqdm progress bar shows the running loss
+    (``progress=False`` hides it).
 
     Under an initialised torch.distributed process group of two or more ranks (``torchrun``)
     training is data-parallel (see graphprune.methods.parallel and docs/distributed.md): each
@@ -144,10 +146,11 @@ def recover(
                     "(with a DistributedSampler, at least as many samples as ranks)"
                 )
         par = wrap(student, strategy)
-        opt = optimizer or torch.optim.Adam(par.parameters(), lr=lr)
-        was_training, teacher_training = student.training, teacher.training
+        opt = optimizer or torch.optim.Adam([p for p in par.parameters() if p.requires_grad], lr=lr)
+        teacher = eval_copy(teacher)  # its forward may write into its own weights: never the caller's
+        modes = contextlib.ExitStack()
+        modes.enter_context(kept_modes(student))  # every submodule gets its own flag back
         par.module.train()
-        teacher.eval()
         device = model_device(par.trained)
         s_feats: dict[str, torch.Tensor] = {}
         t_feats: dict[str, torch.Tensor] = {}
@@ -192,8 +195,7 @@ def recover(
                 h.remove()
             if bar is not None:
                 bar.close()
-            student.train(was_training)
-            teacher.train(teacher_training)
+            modes.close()
     return student
 
 
@@ -233,21 +235,15 @@ def evaluate_distillation(
     max_batches: int | None = None,
 ) -> float:
     """Mean distillation loss of ``student`` against ``teacher`` over ``data`` (eval mode, no grad)."""
-    modes = student.training, teacher.training
-    student.eval()
-    teacher.eval()
+    student, teacher = eval_copy(student), eval_copy(teacher)  # measuring changes neither
     device = model_device(student)
     total, n = 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch in itertools.islice(data, max_batches):
-                inputs, _ = split_batch(to_device(batch, device))
-                out_s, out_t = forward(student, inputs), forward(teacher, inputs)
-                total += float(distillation_loss(out_s, out_t, loss, temperature))
-                n += 1
-    finally:
-        student.train(modes[0])
-        teacher.train(modes[1])
+    with torch.no_grad():
+        for batch in itertools.islice(data, max_batches):
+            inputs, _ = split_batch(to_device(batch, device))
+            out_s, out_t = forward(student, inputs), forward(teacher, inputs)
+            total += float(distillation_loss(out_s, out_t, loss, temperature))
+            n += 1
     if n == 0:
         raise InputError("evaluate_distillation: data yielded no batches")
     return total / n

@@ -28,6 +28,7 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import analyze, param_tensor
+from graphprune.graph.copies import keeps_global_rng
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -62,6 +63,7 @@ class GroupLasso:
     anyway). ``eps`` keeps the gradient of the square root finite at exactly-zero units.
     """
 
+    @keeps_global_rng
     def __init__(
         self,
         model: nn.Module,

@@ -21,7 +21,6 @@ only needed for criteria that must see data before scoring.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.errors import InputError
+from graphprune.errors import InputError, warn_user
 from graphprune.graph.analysis import Group, param_tensor
 from graphprune.planning.calibration import (
     LossFn,
@@ -263,16 +262,35 @@ def scores_for(criterion: Criterion, group: Group, model: nn.Module) -> np.ndarr
             f"{group.num_units} units; return exactly one score per unit."
         )
     if not np.isfinite(arr).all():
-        raise InputError(
-            f"importance returned non-finite scores for group {group.index} ({group.describe()}); "
-            "check the calibration data and loss (NaN/inf gradients or activations)."
-        )
+        raise InputError(_nonfinite_message(criterion, group, model))
     if has_ties(arr) and not isinstance(criterion, Magnitude):
         if arr.size > 1 and np.unique(arr).size == 1 and not getattr(criterion, "quiet_ties", False):
-            warnings.warn(
+            warn_user(
                 f"importance {getattr(criterion, 'name', 'custom')!r} gives every unit of some groups the "
-                "same score; their units are ranked by L2 magnitude instead of by position",
-                stacklevel=3,
+                "same score; their units are ranked by L2 magnitude instead of by position"
             )
         arr = lexicographic(arr, Magnitude(2)(group, model))
     return arr
+
+
+def _nonfinite_message(criterion: Criterion, group: Group, model: nn.Module) -> str:
+    """Why a group's scores are NaN/Inf, blaming what actually is: weights, data, or the callable."""
+    head = f"importance returned non-finite scores for group {group.index} ({group.describe()})"
+    bad = []
+    for name in dict.fromkeys(m.name for m in group.members):
+        t = param_tensor(model, name).detach()
+        n = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        if n:
+            bad.append(f"{name} ({n} of {t.numel()} values)")
+    if bad:
+        modules = sorted({b.split(" ")[0].rpartition(".")[0] for b in bad})
+        return (
+            f"{head}: the model's weights hold NaN/Inf: {', '.join(bad[:6])}, and the scores are "
+            "computed from them. Replace the non-finite values (a diverged training run? reload a "
+            f"good checkpoint), or keep those modules whole: ignored_layers={modules!r}."
+        )
+    if getattr(criterion, "needs_data", False):
+        return f"{head}; check the calibration data and loss (NaN/inf gradients or activations)."
+    if isinstance(criterion, Importance):
+        return f"{head}: the weights are finite but their scores overflowed; try importance='l1'."
+    return f"{head}: the importance callable returned NaN/Inf; return one finite score per unit."

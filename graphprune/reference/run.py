@@ -33,7 +33,8 @@ def _flat_user_inputs(program: torch.export.ExportedProgram, example_input: Any)
 
 def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -> list[Any]:
     program = analysis.traced.program
-    user = iter(_flat_user_inputs(program, example_input))
+    user = iter(_flat_user_inputs(program, example_input))  # fresh copies (normalize_inputs)
+    copy_params = writes_inputs(program)
     flat: list[Any] = []
     for spec in program.graph_signature.input_specs:
         kind = spec.kind.name
@@ -46,7 +47,7 @@ def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -
                 t = program.constants.get(spec.target)
                 if t is None:
                     raise Inexact(f"cannot find the original value of {spec.target}") from None
-            if kind != "PARAMETER":  # buffers may be mutated by the graph: never the user's
+            if kind != "PARAMETER" or copy_params:  # what the graph may write into: never the user's
                 t = t.detach().clone()
             flat.append(t.detach() if isinstance(t, torch.Tensor) else t)
         else:
@@ -54,11 +55,27 @@ def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -
     return flat
 
 
-def _protected(original: nn.Module, example_input: Any) -> set[int]:
+def writes_inputs(program: torch.export.ExportedProgram) -> bool:
+    """True if an op of the program (or of a wrapped region) writes into one of its arguments.
+
+    The reference runs the program on the user's own parameters (no copy for a model that only
+    reads them); an in-place op on a parameter (``embedding_renorm_`` from ``max_norm``, a
+    ``weight.clamp_()`` in forward) would write into the user's model, so then it gets copies.
+    """
+    for gm in program.graph_module.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            for n in gm.graph.nodes:
+                schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+                if schema is not None and schema.is_mutable:
+                    return True
+    return False
+
+
+def _protected(original: nn.Module) -> set[int]:
+    """Storages of the user's parameters and buffers: the masking never writes into them (the
+    example input needs no protection: every run gets fresh copies)."""
     ptrs = set()
-    args, kwargs = normalize_inputs(example_input)
-    tensors = [t for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-    for t in [*original.parameters(), *original.buffers(), *tensors]:
+    for t in [*original.parameters(), *original.buffers()]:
         p = storage_ptr(t)
         if p is not None:
             ptrs.add(p)
@@ -74,7 +91,7 @@ def run_reference(
 ) -> tuple[list[torch.Tensor], MaskedInterpreter]:
     program = analysis.traced.program
     flat = _graph_inputs(analysis, original, example_input)
-    interp = MaskedInterpreter(program.graph_module, *masks, _protected(original, example_input), record)
+    interp = MaskedInterpreter(program.graph_module, *masks, _protected(original), record)
     with torch.no_grad():
         outs = interp.run(*flat, enable_io_processing=False)
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]

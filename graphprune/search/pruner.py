@@ -29,7 +29,6 @@ and keeps only the last sample; ``tests/test_importance.py`` checks ours against
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,8 @@ from torch import nn
 from graphprune.engine import importance_name, prepare, realize, set_mode
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Analysis, Group, analyze, param_tensor
-from graphprune.graph.trace import check_model, eval_copy
+from graphprune.graph.copies import eval_copy, keeps_global_rng, private_copy
+from graphprune.graph.trace import check_model
 from graphprune.planning.cut import (
     CutOptions,
     alignment,
@@ -112,6 +112,7 @@ class Pruner:
         small = pruner.run()          # or: for _ in range(5): pruner.step()
     """
 
+    @keeps_global_rng
     def __init__(
         self,
         model: nn.Module,
@@ -163,7 +164,7 @@ class Pruner:
         self.options = CutOptions(bool(global_pruning), max_ratio, ratios, round_to)
         self.verify = verify
         self._training = model.training
-        self.model: nn.Module = copy.deepcopy(model)
+        self.model: nn.Module = private_copy(model)
         self.step_count = 0
         self.history: list[StepRecord] = []
         self.plans: list[Plan] = []
@@ -249,6 +250,7 @@ class Pruner:
         return self.model
 
     # ------------------------------------------------------------------------------------------
+    @keeps_global_rng  # pruning leaves the RNG alone; the user's finetune draws from it as it likes
     def _physical_step(self, k: int) -> Plan:
         soft_final = self.soft
         criterion: Criterion = _MaskScores(self._masks) if soft_final else self.criterion
@@ -286,6 +288,7 @@ class Pruner:
         self.model = small
         return plan
 
+    @keeps_global_rng
     def _soft_step(self, k: int) -> None:
         """Select the lowest-scored units of every group on the current weights and zero them."""
         analysis = self._analysis

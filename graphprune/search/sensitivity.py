@@ -18,7 +18,6 @@ Two ways to "prune a group alone":
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 from graphprune.engine import importance_name, prepare, realize
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Group, param_tensor
+from graphprune.graph.copies import eval_copy, keeps_global_rng
 from graphprune.planning.cut import key_matches, output_modules
 from graphprune.planning.importance import Criterion, scores_for
 from graphprune.planning.plan import check_ratio
@@ -175,6 +175,7 @@ def _ratios_key(group: Group, groups: list[Group], model: nn.Module) -> str | in
     return group.index
 
 
+@keeps_global_rng
 def sensitivity(
     model: nn.Module,
     example_input: Any,
@@ -209,7 +210,7 @@ def sensitivity(
     if (not ratios and not blocks) or any(r == 0 for r in ratios):
         raise InputError("ratios must be a non-empty list of fractions in (0, 1)")
     if blocks and not ratios:
-        baseline = float(evaluate(copy.deepcopy(model).eval()))
+        baseline = float(evaluate(eval_copy(model)))
         return SensitivityTable(baseline, [], [], higher_is_better, metric_name,
                                 _block_rows(model, example_input, evaluate, blocks, ignored_layers, progress))
     analysis, criterion = prepare(
@@ -223,7 +224,7 @@ def sensitivity(
         attention=attention,
     )
     groups = [g for g in analysis.groups if g.members and g.num_units > 1]
-    work = copy.deepcopy(model).eval()
+    work = eval_copy(model)
     baseline = float(evaluate(work))
     rows: list[SensitivityRow] = []
     bar = None

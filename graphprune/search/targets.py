@@ -26,15 +26,15 @@ Every candidate tried is kept in :attr:`TargetResult.candidates` and printed by 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from graphprune.errors import InputError
+from graphprune.errors import InputError, warn_user
 from graphprune.export.bench import count_flops, count_params
+from graphprune.graph.copies import keeps_global_rng
 from graphprune.planning.importance import Criterion
 from graphprune.planning.options import AUTO
 from graphprune.search.results import Candidate, RoundTo, TargetResult, round_order
@@ -123,6 +123,7 @@ def _round_choices(round_to: RoundTo | None) -> tuple[RoundTo, ...]:
     return (int(round_to),)
 
 
+@keeps_global_rng
 def compact_to_target(
     model: nn.Module,
     example_input: Any,
@@ -238,8 +239,7 @@ def compact_to_target(
     plan.notes.append(f"target {_describe(kind, value)}: {'met' if met else 'not met'} ({why}); "
                       f"{len(tried)} candidates tried")
     if not met:
-        warnings.warn(f"graphprune: target {_describe(kind, value)} not met; closest candidate kept ({why})",
-                      stacklevel=2)
+        warn_user(f"graphprune: target {_describe(kind, value)} not met; closest candidate kept ({why})")
     if verify:
         from graphprune.verify import verify_compact
 
@@ -313,6 +313,7 @@ def best_round_to(
     return best.round_to, out
 
 
+@keeps_global_rng
 def sweep(
     model: nn.Module,
     example_input: Any,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.errors import GraphPruneError, InputError
+from graphprune.errors import GraphPruneError, InputError, warn_user
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import no_cache, quiet_torch_logs
 
@@ -395,11 +395,10 @@ def graph_fallback(analysis: Any, plan: Any, changes: dict, work: nn.Module, exa
             batch_note = (f"; it only accepts the example's batch size ({batch}) and input shapes: {why}"
                           if batch is not None else "")
     why = f" ({why_not_freeze})" if why_not_freeze else ""
-    warnings.warn(
+    warn_user(
         f"graphprune: the compact model of class {type(work).__name__} cannot run at the new sizes "
         f"({failure.problem}); returning an fx GraphModule with the same behaviour instead{why}"
-        f"{batch_note}. To get your own class back, {FIX}.",
-        stacklevel=4,
+        f"{batch_note}. To get your own class back, {FIX}."
     )
     plan.notes.append(f"returned an fx GraphModule{batch_note}: {failure.problem}")
     return gm

@@ -36,6 +36,7 @@ from torch import nn
 
 from graphprune.errors import InputError, PlanMismatchError
 from graphprune.graph.analysis import param_tensor
+from graphprune.graph.copies import eval_copy, keeps_global_rng, private_copy
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import check_model, no_cache
 from graphprune.planning.plan import Plan
@@ -328,6 +329,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+@keeps_global_rng
 def load(
     directory: str | Path,
     base_model: nn.Module,
@@ -343,8 +345,6 @@ def load(
     Raises ``PlanMismatchError`` when the plan or the weights do not fit ``base_model``, or when
     any file is not what ``save`` writes (see the module docstring).
     """
-    import copy
-
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -362,7 +362,7 @@ def load(
     weights = _existing(directory, WEIGHTS)
     if weights is None:
         raise InputError(f"{directory} has no {WEIGHTS}")
-    small = copy.deepcopy(base_model)
+    small = private_copy(base_model)  # keeps base_model's dtype, device and modes
     remove_blocks(small, plan)  # the width plan was made on the shallower model
     check_plan_fits(small, plan)
     replay(small, plan)
@@ -385,23 +385,17 @@ def load(
         )
     _load_buffers(small, directory, manifest)
     _apply_config(small, directory, plan)
-    small.train(base_model.training)
     if example_input is not None:
         _check_runs(base_model, small, example_input)
     return small
 
 
 def _check_runs(base_model: nn.Module, small: nn.Module, example_input: Any) -> None:
-    args, kwargs = normalize_inputs(example_input)
-
     def shapes(m: nn.Module) -> list[tuple[int, ...]]:
-        was = m.training
-        m.eval()
-        try:
-            with torch.no_grad(), no_cache(m):
-                return [tuple(t.shape) for t in flatten_outputs(m(*args, **kwargs))]
-        finally:
-            m.train(was)
+        m = eval_copy(m)  # neither the caller's base model nor the result is run itself
+        args, kwargs = normalize_inputs(example_input)
+        with torch.no_grad(), no_cache(m):
+            return [tuple(t.shape) for t in flatten_outputs(m(*args, **kwargs))]
 
     try:
         got = shapes(small)

@@ -19,8 +19,9 @@ from torch.utils import _pytree as pytree
 from graphprune.errors import GraphPruneError, InputError, VerificationError
 from graphprune.graph.blocks import Block
 from graphprune.graph.blocks import find_blocks as find_module_blocks
+from graphprune.graph.copies import eval_copy, keeps_global_rng
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
-from graphprune.graph.trace import Traced, check_model, eval_copy, no_cache, trace
+from graphprune.graph.trace import Traced, check_model, no_cache, trace
 from graphprune.planning.depth import SCORES, block_scores, check_depth, check_depth_value, choose
 from graphprune.surgery.depth import DepthEntry, remove
 
@@ -179,6 +180,7 @@ def _inside(model: nn.Module, module: nn.Module) -> bool:
     return any(m is module for m in model.modules())
 
 
+@keeps_global_rng
 def find_blocks(model: nn.Module, example_input: Any, ignored_layers: Any = (), unit: str = "module"
                    ) -> list[Block]:
     """Every block with a residual add, removable or not (``Block.reason`` says why not).

@@ -33,6 +33,7 @@ class Hostile(nn.Module):
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.res = nn.Linear(8, 8)  # a residual branch: a block depth pruning may remove
         self.head = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         self.calls = 0
         self.seen = torch.zeros(())  # a plain tensor attribute (neither parameter nor buffer)
@@ -49,6 +50,7 @@ class Hostile(nn.Module):
         y = self.conv2(torch.relu(self.bn(self.conv(x)))).mean((2, 3))
         if ids is not None:
             y = y + self.emb(ids).sum(1)
+        y = y + self.res(torch.relu(y))
         return self.head(y)
 
 
@@ -208,18 +210,23 @@ CASES: dict[str, tuple[str, Runner]] = {  # case id -> (public name, runner)
     "GroupLasso": ("GroupLasso", _lasso),
     "bn_l1_penalty": ("bn_l1_penalty", lambda m, ex, tmp: graphprune.bn_l1_penalty(m)),
     "unstructured": ("unstructured", _masked_copy),
+    "compact-depth": ("compact", lambda m, ex, tmp: graphprune.compact(
+        m, ex, 0.0, depth=1, depth_unit="branch")),
+    "find_blocks": ("find_blocks", lambda m, ex, tmp: graphprune.find_blocks(m, ex, unit="branch")),
+    "distributed": ("distributed", lambda m, ex, tmp: graphprune.distributed.fingerprint(m)),
 }
 
 # Public names that take no model and input of the caller's (types, errors, criteria), with why.
 NOT_ENTRY_POINTS = {
     **dict.fromkeys(
         ["Analysis", "BenchmarkReport", "ExportResult", "Group", "LatencyStats", "Member", "Plan",
-         "SensitivityTable", "TargetResult", "VerifyReport", "__version__"],
+         "SensitivityTable", "TargetResult", "VerifyReport", "Block", "__version__"],
         "a result type",
     ),
     **dict.fromkeys(
-        ["GraphPruneError", "InputError", "PlanMismatchError", "TraceError", "VerificationError"],
-        "an error type",
+        ["GraphPruneError", "InputError", "PlanMismatchError", "TraceError", "VerificationError",
+         "DistributedError", "SlowerModelWarning"],
+        "an error or warning type",
     ),
     "Importance": "a criterion's base class: graphprune calls criteria on its own copies",
     "lamp": "builds a criterion: graphprune calls criteria on its own copies",

@@ -35,6 +35,7 @@ from graphprune.planning.plan import Plan
 from graphprune.search.pruner import Pruner
 from graphprune.search.sensitivity import SensitivityTable, sensitivity
 from graphprune.search.targets import TargetResult, compact_to_target, sweep
+from graphprune.surgery.checkpoint import CheckpointResult, compact_checkpoint
 from graphprune.surgery.io import load, save
 from graphprune.verify import VerifyReport, verify_model
 
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis",
     "BenchmarkReport",
+    "CheckpointResult",
     "ExportResult",
     "GraphPruneError",
     "Group",
@@ -65,6 +67,7 @@ __all__ = [
     "benchmark",
     "bn_l1_penalty",
     "compact",
+    "compact_checkpoint",
     "compact_to_target",
     "compact_with_plan",
     "count_flops",

@@ -6,6 +6,7 @@ import copy
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,7 +14,7 @@ from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.analysis import Analysis, analyze, check_attention, param_tensor
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.rules.attention import head_count_updates
-from graphprune.graph.trace import check_model
+from graphprune.graph.trace import check_model, shared_copy, unshare
 from graphprune.planning.cut import CutOptions, check_options
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
 from graphprune.planning.plan import AttrUpdate, Plan, build_plan, check_ratio
@@ -34,7 +35,7 @@ from graphprune.surgery.fallback import (
 )
 from graphprune.surgery.hf import update_config
 from graphprune.surgery.sizes import Sizer, UncertainUpdate, attribute_updates, graph_constant_changes
-from graphprune.surgery.slicing import apply_attr_updates, module_updates, replay, slice_tensors
+from graphprune.surgery.slicing import apply_attr_updates, module_updates, replay, set_tensor, slice_tensors
 
 
 def _importance_name(importance: str | Criterion) -> str:
@@ -66,7 +67,11 @@ def _plan_and_model(
     loss_fn: Any = None,
     options: CutOptions | None = None,
     fallback: str = "freeze",
+    inplace: bool = False,
+    verify: bool = False,
 ) -> tuple[Plan, nn.Module, Analysis]:
+    """(plan, compact model sharing no memory with ``model``, analysis); or ``model`` itself,
+    shrunk and (with ``verify``) verified, when ``inplace``."""
     check_model(model)
     ratio = check_ratio(ratio)
     fallback = check_fallback(fallback)
@@ -85,8 +90,36 @@ def _plan_and_model(
         again = analyze(model, example_input, ignored_layers=ignored, **structure)
         return again, build_plan(again, ratio, criterion, name, options=options)
 
+    if inplace:
+        small = _realize_inplace(model, analysis, plan, example_input, verify)
+        return plan, small, analysis
     small, plan, analysis = _realize_full(analysis, plan, example_input, fallback=fallback, replan=replan)
+    unshare(small, model)
     return plan, small, analysis
+
+
+def _realize_inplace(model: nn.Module, analysis: Analysis, plan: Plan, example_input: Any, verify: bool):
+    """Surgery on the analysis' copy (which shares ``model``'s memory) handing each new tensor to
+    ``model`` at once, so the old one is freed: memory never holds the model twice. The reference
+    is computed before slicing. No fallback: the original is gone once slicing starts."""
+    from graphprune.verify import verify_compact
+
+    hand_over = lambda name, new: set_tensor(model, name, new)  # noqa: E731
+    work, _, failure = _surgery(analysis, plan, example_input, False, hand_over, need_reference=verify)
+    if failure is not None:
+        raise GraphPruneError(
+            f"compact(inplace=True): {type(work).__name__} does not run at the new sizes "
+            f"({failure.problem}); its weights were already replaced, so the model passed in is no "
+            "longer usable. Rebuild it and call compact without inplace=True (it keeps such modules "
+            "whole), or pass fallback='error' first to see which module fails."
+        )
+    apply_attr_updates(model, plan.attr_updates)
+    _finish(work, plan, example_input)
+    if getattr(work, "config", None) is not None and getattr(model, "config", None) is not None:
+        model.config.__dict__.update(work.config.__dict__)  # the object submodules hold
+    if verify:
+        verify_compact(analysis, plan, model, example_input)
+    return model
 
 
 def _as_list(ignored: Any) -> list[Any]:
@@ -176,9 +209,16 @@ def _realize_full(
     return gm, plan, analysis
 
 
-def _surgery(analysis: Analysis, plan: Plan, example_input: Any, copy_model: bool):
-    """Slice, update attributes, run: (model, graph constant changes, Failure or None)."""
-    work = copy.deepcopy(analysis.model) if copy_model else analysis.model
+def _surgery(
+    analysis: Analysis, plan: Plan, example_input: Any, copy_model: bool, on_slice=None, need_reference=False
+):
+    """Slice, update attributes, run: (model, graph constant changes, Failure or None).
+
+    The copy shares the analysis' weights (``shared_copy``): slicing makes new tensors, so the
+    analysis stays unsliced without holding the model twice. The plan's reference, when one is
+    computed (ambiguous attributes, or ``need_reference``), is kept on the plan for verify.
+    """
+    work = shared_copy(analysis.model) if copy_model else analysis.model
     plan.shapes = {name: list(param_tensor(work, name).shape) for name in plan.slices}
     removed = plan._removed_class  # type: ignore[attr-defined]
     sizer = Sizer(analysis, removed)
@@ -190,14 +230,17 @@ def _surgery(analysis: Analysis, plan: Plan, example_input: Any, copy_model: boo
     plan.notes.extend(notes)
     # ambiguous attribute choices are judged by the plan's reference outputs (computed on the
     # unsliced weights), not by shapes alone: num_heads == head_dim == 2 runs either way
-    reference = _reference_if_ambiguous(analysis, removed, work, attr_ups, example_input)
-    slice_tensors(work, plan)
+    reference = _reference_if_ambiguous(analysis, removed, work, attr_ups, example_input, need_reference)
+    plan._reference = None if reference is None else (np.array(removed, copy=True), reference)
+    slice_tensors(work, plan, on_slice)
     mod_ups = module_updates(work)
     apply_attr_updates(work, mod_ups)
-    attr_ups = _choose_attr_updates(
+    attr_ups, ran = _choose_attr_updates(
         work, attr_ups, example_input, analysis.traced.output_shapes, reference=reference
     )
     plan.attr_updates = mod_ups + attr_ups
+    if ran:  # the choice already ran the model as it now is, with the expected output shapes
+        return work, changes, None
     return work, changes, find_failure(work, example_input, analysis.traced.output_shapes)
 
 
@@ -249,14 +292,16 @@ def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
     return [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
 
 
-def _reference_if_ambiguous(analysis, removed, work, ups, example_input):
-    """The plan's reference (verify.py, per layer), only when attribute choices need judging."""
-    if not _ambiguous_sets(ups) or any(p.is_meta for p in work.parameters()):
+def _reference_if_ambiguous(analysis, removed, work, ups, example_input, always: bool = False):
+    """The plan's reference (verify.py): per layer when attribute choices need judging, outputs
+    only when ``always`` (the weights are about to go: ``inplace``); else None."""
+    ambiguous = bool(_ambiguous_sets(ups))
+    if not (ambiguous or always) or any(p.is_meta for p in work.parameters()):
         return None  # nothing to choose, or no values to compare (meta: shapes decide)
     from graphprune.verify import compute_reference
 
     try:
-        return compute_reference(analysis, removed, work, example_input, per_module=True)
+        return compute_reference(analysis, removed, work, example_input, per_module=ambiguous)
     except Exception:  # noqa: BLE001 - no reference: choose by shapes as before
         return None
 
@@ -294,7 +339,7 @@ def _per_module(ambiguous: list[list[AttrUpdate]], options: list[list[list[AttrU
 
 def _choose_attr_updates(
     work, ups: list[AttrUpdate], example_input, expected, reference: Any = None
-) -> list[AttrUpdate]:
+) -> tuple[list[AttrUpdate], bool]:
     """Apply the attribute updates found in the graph; resolve ambiguous ones by running the model.
 
     When two attributes of one module hold the same old value (GPT-2's Conv1D has ``nx == nf``)
@@ -302,7 +347,8 @@ def _choose_attr_updates(
     traced to the innermost running module with an ambiguous choice, whose next option is tried:
     linear in the number of choices, not exponential. With a ``reference`` (verify.Reference) a
     trial that runs must also compute the plan's numbers; otherwise the first layer whose output
-    differs is the failure location.
+    differs is the failure location. Returns the updates applied and whether the model was run
+    with them and gave the ``expected`` output shapes.
     """
     sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
     for u in ups:
@@ -311,7 +357,7 @@ def _choose_attr_updates(
     ambiguous = [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
     apply_attr_updates(work, ups)
     if not ambiguous:
-        return ups
+        return ups, False
     # uncertain ones start from "leave it": applied only if the model needs them
     options = [_subsets(g, smallest_first=isinstance(g[0], UncertainUpdate)) for g in ambiguous]
     ambiguous, options = _per_module(ambiguous, options)
@@ -328,7 +374,7 @@ def _choose_attr_updates(
             wrong = first_mismatch(reference, work, example_input)  # runs, but are the numbers right?
             failing = None if wrong is None else ["", wrong[0]]
         if failing is None:
-            return trial
+            return trial, True
         candidates = [
             k
             for k, g in enumerate(ambiguous)
@@ -346,7 +392,7 @@ def _choose_attr_updates(
         choice[k] += 1
     apply_attr_updates(work, revert)
     apply_attr_updates(work, ups)
-    return ups
+    return ups, False
 
 
 def _modes(model: Any) -> dict[str, bool] | bool:
@@ -395,6 +441,7 @@ def compact(
     target_latency_ms: float | None = None,
     progress: bool = False,
     fallback: str = "freeze",
+    inplace: bool = False,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
@@ -422,6 +469,12 @@ def compact(
     ``reshape(B, N, C)`` with ``C`` read off the input): "freeze" (default) keeps every module
     of its class whole, prunes the rest and warns; "graph" prunes everything and returns an fx
     GraphModule instead of your class; "error" raises GraphPruneError naming the module.
+
+    Memory: the result never shares memory with ``model``; planning works on a copy that shares
+    ``model``'s weights, so the peak is about ``model`` plus the compact model. ``inplace=True``
+    (for a model you no longer need: a large LLM) returns ``model`` itself, shrunk: each sliced
+    tensor replaces the old one as soon as it is made, so the peak is about ``model`` alone. There
+    is no fallback then (a module that cannot run smaller is an error, and the model is lost).
     """
     check_fallback(fallback)
     training = _modes(model)
@@ -430,6 +483,9 @@ def compact(
     if any(v is not None for v in targets.values()):
         from graphprune.search.targets import targeted
 
+        if inplace:
+            raise InputError("inplace=True works with ratio=, not with target_*: a search compacts "
+                             "many candidates from the same original")
         small = targeted(model, example_input, ratio, targets, importance=importance,
                          ignored_layers=ignored_layers, prune_hidden=prune_hidden, attention=attention,
                          verify=verify,
@@ -449,8 +505,10 @@ def compact(
         loss_fn=loss_fn,
         options=CutOptions(bool(global_pruning), max_ratio, ratios, round_to),
         fallback=fallback,
+        inplace=inplace,
+        verify=verify,
     )
-    if verify:
+    if verify and not inplace:
         from graphprune.verify import verify_compact
 
         verify_compact(analysis, plan, small, example_input, original=model)
@@ -500,6 +558,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Module, Plan]:
     """Like ``compact`` but also return the plan (for printing or saving)."""
     verify = kwargs.pop("verify", True)
+    inplace = bool(kwargs.pop("inplace", False))
     fallback = check_fallback(kwargs.pop("fallback", "freeze"))
     training = _modes(model)
     targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
@@ -521,10 +580,12 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
         {"prune_hidden": kwargs.pop("prune_hidden", False), "attention": kwargs.pop("attention", "heads")},
         **_where_to_cut(kwargs),
         fallback=fallback,
+        inplace=inplace,
+        verify=verify,
     )
     if kwargs:
         raise InputError(f"unexpected arguments: {sorted(kwargs)}")
-    if verify:
+    if verify and not inplace:
         from graphprune.verify import verify_compact
 
         verify_compact(analysis, plan, small, example_input, original=model)

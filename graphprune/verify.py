@@ -59,7 +59,7 @@ from torch.utils import _pytree as pytree
 
 from graphprune.errors import VerificationError
 from graphprune.graph.analysis import Analysis, param_tensor
-from graphprune.graph.inputs import flatten_outputs, normalize_inputs
+from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
 from graphprune.graph.labels import TensorLabels
 from graphprune.graph.rules.pointwise import REDUCE_EXACT, REDUCE_STAT, reduced_dims
 from graphprune.graph.rules.registry import ops
@@ -585,7 +585,7 @@ def compute_reference(
     outs_of = _module_outputs(graph) if per_module else {}
     wanted = {n for nodes in outs_of.values() for n in nodes}
     outputs, interp = _run_reference(analysis, masks, original, example_input, record=wanted)
-    ref = Reference(outputs, rtol=_tight_rtol(original, example_input))
+    ref = Reference(outputs, rtol=tight_rtol(original, example_input))
     index = {n: i for i, n in enumerate(graph.nodes)}
     for path, nodes in outs_of.items():
         views = []
@@ -700,7 +700,7 @@ def _on_meta(model: nn.Module) -> bool:
 def _small_outputs(small: nn.Module, example_input: Any) -> list[torch.Tensor]:
     args, kwargs = normalize_inputs(example_input)
     with torch.no_grad(), no_cache(small):
-        return flatten_outputs(small(*args, **kwargs))
+        return flatten_outputs(forward(small, args, kwargs))
 
 
 def verify_compact(
@@ -714,7 +714,10 @@ def verify_compact(
     """Check ``small`` against the plan's reference; raise ``VerificationError`` on a mismatch.
 
     ``analysis`` is the analysis the plan was made from, ``original`` the user's (unmodified)
-    model whose weights the reference uses. Without ``original`` only shapes are checked.
+    model whose weights the reference uses. A reference surgery computed for the same removed
+    units (``plan._reference``, before slicing) is reused instead of running the masked program
+    again; it is the only one when the original weights are gone (``compact(inplace=True)``).
+    Without ``original`` or such a reference only shapes are checked.
     """
     expected_shapes = analysis.traced.output_shapes
     try:
@@ -729,10 +732,11 @@ def verify_compact(
             f"compact model output shapes {shapes} differ from the original {expected_shapes}"
         )
     report = VerifyReport()
-    if original is None:
+    cached = getattr(plan, "_reference", None)
+    if original is None and cached is None:
         report.skipped = "no original model given"
         return report
-    if _on_meta(original) or any(t.is_meta for t in got):
+    if (original is not None and _on_meta(original)) or any(t.is_meta for t in got):
         report.skipped = "the model is on the meta device (no values to compare)"
         return report
     removed = removed_classes(analysis, plan)
@@ -744,9 +748,12 @@ def verify_compact(
             f"{_describe_classes(analysis, frozen_removed)}. Was the plan made with prune_hidden=True? "
             "Then verify with the same setting."
         )
+    reuse = cached is not None and np.array_equal(cached[0], removed)
+    if not reuse and original is None:
+        report.skipped = "no original model given, and surgery's reference is for other units"
+        return report
     try:
-        masks = reference_masks(analysis, removed)
-        ref, _ = _run_reference(analysis, masks, original, example_input)
+        ref = cached[1].outputs if reuse else reference_outputs(analysis, removed, original, example_input)
     except _Inexact as why:
         report.skipped = f"no exact reference: {why}"
         return report
@@ -755,7 +762,7 @@ def verify_compact(
     # Small float32 models are held to their own rounding error (measured against float64), not
     # to the blanket 1e-4: random-weight attention is so uniform that regrouped heads moved Phi's
     # outputs by only 4e-5 (a real bug, which the blanket tolerance let through).
-    tight = _tight_rtol(original, example_input) if rtol is None else None
+    tight = None if rtol is not None else cached[1].rtol if reuse else tight_rtol(original, example_input)
     bad = []
     for i, (g, e) in enumerate(zip(got, ref)):
         tol = tight if tight is not None and e.dtype == torch.float32 else _tolerance(e, rtol)
@@ -764,6 +771,14 @@ def verify_compact(
         report.tolerances.append(tol)
         if not err <= tol:
             bad.append((i, err, tol, g.dtype, e.dtype))
+    if bad and original is None:
+        raise VerificationError(
+            "the compact model does not match the reference computed from the plan ("
+            + ", ".join(f"output {i}: relative error {err:.3g} > {tol:g}" for i, err, tol, _, _ in bad)
+            + "). This is a graphprune bug: please report it with the model; the original weights are "
+            "gone (inplace=True), so rebuild the model and compact it without inplace=True to see "
+            "which layer differs."
+        )
     if bad:
         noise = _rounding_amplification(original, example_input)
         if noise is not None and all(err <= max(tol, 10 * noise) for _, err, tol, _, _ in bad):
@@ -810,7 +825,7 @@ def _tight(original: nn.Module) -> bool:
     )
 
 
-def _tight_rtol(original: nn.Module, example_input: Any) -> float | None:
+def tight_rtol(original: nn.Module, example_input: Any) -> float | None:
     """10x the model's own float32 rounding error (at least ``TIGHT_FLOOR``) for a small float32
     model; None (the dtype's default) otherwise. Used by verify and by the attribute choice."""
     if not _tight(original):

@@ -346,7 +346,7 @@ EPILOG = """examples:
 """
 
 
-def _ratio(text: str) -> float:
+def ratio_arg(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -365,7 +365,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--ratio", type=_ratio, default=0.3,
+    p.add_argument("--ratio", type=ratio_arg, default=0.3,
                    help="fraction of the units of every prunable group to remove (default 0.3)")
     p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
                    help="shape of a random float32 example input, e.g. 1,3,224,224 (required "
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small CNN on scikit-learn's bundled digits (no "
                                    "download), compact it, fine-tune briefly, export both models "
                                    "to ONNX and print the before/after table.")
-    p.add_argument("--ratio", type=_ratio, default=0.5, help="pruning ratio (default 0.5)")
+    p.add_argument("--ratio", type=ratio_arg, default=0.5, help="pruning ratio (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after compaction")
@@ -459,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     from graphprune.cli.speed import register as register_speed_commands
 
     register_speed_commands(sub)  # sweep, target
+    from graphprune.cli.checkpoint import register as register_checkpoint_command
+
+    register_checkpoint_command(sub)  # checkpoint
     return parser
 
 

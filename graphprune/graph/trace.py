@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import InputError, TraceError
-from graphprune.graph.inputs import flatten_outputs, normalize_inputs
+from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
 
 
 @dataclass
@@ -87,7 +87,7 @@ def reference_outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor
     args, kwargs = normalize_inputs(example_input)
     try:
         with torch.no_grad(), no_cache(model):
-            out = model(*args, **kwargs)
+            out = forward(model, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure here is the user's input
         where = _user_frame(exc)
         raise InputError(
@@ -174,8 +174,54 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
     return Traced(program, names, user_outputs, [tuple(o.shape) for o in outputs])
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters view the original's storage: no weight is copied.
+
+    Every module, buffer and attribute is copied (buffers are small and a forward may update
+    them); each parameter becomes a new ``nn.Parameter`` over the same memory, so replacing it
+    (``param.data = sliced``, what surgery does) leaves the original's parameter as it was.
+    Nothing in graphprune writes a parameter in place; a tensor of the copy that still shares
+    the original's storage at the end is cloned (``unshare``) before the copy is handed out.
+    Tied weights stay tied (one new parameter per original one).
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def storages(model: nn.Module) -> set[int]:
+    """Data pointers of the storages of ``model``'s parameters and buffers."""
+    out = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if not t.is_meta and t.numel():
+            out.add(t.untyped_storage().data_ptr())
+    return out
+
+
+def unshare(copy_: nn.Module, original: nn.Module) -> None:
+    """Clone the tensors of ``copy_`` that still share storage with ``original``.
+
+    What ``shared_copy`` shares and surgery did not slice (embeddings, norms) must not stay
+    shared: training the compact model would otherwise write the user's weights.
+    """
+    theirs = storages(original)
+    if not theirs:
+        return
+    named = [*copy_.named_parameters(), *copy_.named_buffers()]
+    for name, t in named:
+        if not t.is_meta and t.numel() and t.untyped_storage().data_ptr() in theirs:
+            mod_name, _, attr = name.rpartition(".")
+            mod = copy_.get_submodule(mod_name) if mod_name else copy_
+            if isinstance(t, nn.Parameter):
+                t.data = t.detach().clone()
+            else:
+                mod._buffers[attr] = t.clone()
+
+
 def eval_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode: graphprune never touches the user's model."""
-    work = copy.deepcopy(model)
+    """A copy in eval mode sharing the weights' memory (``shared_copy``): graphprune never
+    touches the user's model, and a 7B model is not held twice."""
+    work = shared_copy(model)
     work.eval()
     return work

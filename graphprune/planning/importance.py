@@ -52,7 +52,7 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm
 # ----------------------------------------------------------------------------------------------
 
 
-def _per_position(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
+def per_position(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
     """Sum of |t|^p over every dim but ``dim`` (p=0 means a plain sum of the values)."""
     t = t.detach().float()
     if t.is_meta:
@@ -148,11 +148,16 @@ class Magnitude(Importance):
             used = False
             for m in group.members:
                 if m.name in params and (with_shifts or m.name.rpartition(".")[2] != "bias"):
-                    vals = _per_position(param_tensor(model, m.name), m.dim, self.p)
+                    vals = self.position_values(model, m.name, m.dim)
                     used |= _accumulate(total, m, vals, self.normalize_members)
             if used:
                 return total
         return total
+
+    def position_values(self, model: nn.Module, name: str, dim: int) -> np.ndarray:
+        """Sum of |w|^p over every dim of tensor ``name`` but ``dim`` (overridden where the
+        weights are read from elsewhere: ``compact_checkpoint`` reads them from the shards)."""
+        return per_position(param_tensor(model, name), dim, self.p)
 
 
 def magnitude(p: int) -> Criterion:
@@ -194,7 +199,7 @@ class BNScale(Importance):
         for m in group.members:
             mod, attr = _owner(model, m.name)
             if isinstance(mod, _NORMS) and attr == "weight" and isinstance(mod.weight, nn.Parameter):
-                found |= _accumulate(total, m, _per_position(mod.weight, m.dim, 1), False)
+                found |= _accumulate(total, m, per_position(mod.weight, m.dim, 1), False)
         return total if found else Magnitude(2)(group, model)
 
 
@@ -295,7 +300,7 @@ class _ElementStats(Importance):
         for m in group.members:
             s = self.stats.get(m.name)
             if s is not None:
-                _accumulate(total, m, _per_position(s, m.dim, 0), False)
+                _accumulate(total, m, per_position(s, m.dim, 0), False)
         return total
 
 

@@ -143,23 +143,57 @@ def _canonical_names(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def trace(model: nn.Module, example_input: Any) -> Traced:
-    """Export ``model`` (already an eval-mode copy) with torch.export, non-strict."""
-    args, kwargs = normalize_inputs(example_input)
-    outputs = reference_outputs(model, example_input)
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings(), no_cache(model), _quiet_torch_logs():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, args, kwargs, strict=False)
+
+
+def _program_output_shapes(program: torch.export.ExportedProgram) -> list[tuple[int, ...]] | None:
+    """The user outputs' shapes as ``flatten_outputs`` orders them, from the program's fake values
+    (no forward run); None if the output structure cannot be rebuilt."""
+    from torch.utils import _pytree as pytree
+
+    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    leaves = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
+    specs = program.graph_signature.output_specs
+    values = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+              for a, spec in zip(leaves, specs, strict=False) if spec.kind.name == "USER_OUTPUT"]
     try:
-        with warnings.catch_warnings(), no_cache(model), _quiet_torch_logs():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(model, args, kwargs, strict=False)
-    except Exception as exc:  # noqa: BLE001
-        where = _user_frame(exc)
-        raise TraceError(
-            f"torch.export could not trace the model: {type(exc).__name__}: {_first_line(exc)}"
-            + (f" (at {where})" if where else "")
-            + ". graphprune needs a traceable forward: replace Python control flow that depends on "
-            "tensor values (if x.sum() > 0, .item(), data-dependent shapes) by torch ops such as "
-            "torch.where / torch.cond, or pass ignored_layers for the offending module."
-        ) from exc
+        tree = pytree.tree_unflatten(values, program.call_spec.out_spec)
+    except Exception:  # noqa: BLE001 - the caller runs the model instead
+        return None
+    return [tuple(int(d) for d in t.shape) for t in flatten_outputs(tree)]
+
+
+def trace(model: nn.Module, example_input: Any) -> Traced:
+    """Export ``model`` (already an eval-mode copy) with torch.export, non-strict.
+
+    The output shapes come from the program itself. The model is run eagerly only when that
+    is not enough: export failed (the eager run then says whether the input is the problem, and
+    registers dataclass outputs for a second try) or the output structure cannot be rebuilt.
+    Skipping the eager run saves a forward pass of the whole model (seconds on an LLM).
+    """
+    args, kwargs = normalize_inputs(example_input)
+    try:
+        program = _export(model, args, kwargs)
+    except Exception as first:  # noqa: BLE001
+        reference_outputs(model, example_input)  # InputError if the model rejects the input
+        try:
+            program = _export(model, args, kwargs)  # dataclass outputs are registered now
+        except Exception:  # noqa: BLE001
+            exc = first
+            where = _user_frame(exc)
+            raise TraceError(
+                f"torch.export could not trace the model: {type(exc).__name__}: {_first_line(exc)}"
+                + (f" (at {where})" if where else "")
+                + ". graphprune needs a traceable forward: replace Python control flow that depends on "
+                "tensor values (if x.sum() > 0, .item(), data-dependent shapes) by torch ops such as "
+                "torch.where / torch.cond, or pass ignored_layers for the offending module."
+            ) from exc
+    shapes = _program_output_shapes(program)
+    if shapes is None:
+        shapes = [tuple(o.shape) for o in reference_outputs(model, example_input)]
     sig = program.graph_signature
     names: dict[str, str] = {}
     canonical = _canonical_names(model)
@@ -171,7 +205,7 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
         for spec in sig.output_specs
         if spec.kind.name == "USER_OUTPUT" and hasattr(spec.arg, "name")
     ]
-    return Traced(program, names, user_outputs, [tuple(o.shape) for o in outputs])
+    return Traced(program, names, user_outputs, shapes)
 
 
 def shared_copy(model: nn.Module) -> nn.Module:

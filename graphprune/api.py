@@ -94,7 +94,7 @@ def _plan_and_model(
         small = _realize_inplace(model, analysis, plan, example_input, verify)
         return plan, small, analysis
     small, plan, analysis = _realize_full(analysis, plan, example_input, fallback=fallback, replan=replan)
-    unshare(small, model)
+    unshare(small, analysis.user_storages)
     return plan, small, analysis
 
 
@@ -171,6 +171,7 @@ def _realize(
     )
     if new_plan is not plan:
         plan.__dict__.update(new_plan.__dict__)
+    unshare(small, analysis.user_storages)
     return small
 
 

@@ -23,7 +23,7 @@ from graphprune.graph import rules
 from graphprune.graph.labels import Coupler, TensorLabels
 from graphprune.graph.rules import attention as attention_rules
 from graphprune.graph.rules.registry import RuleContext, lookup, where
-from graphprune.graph.trace import Traced, check_model, eval_copy, trace
+from graphprune.graph.trace import Traced, check_model, eval_copy, storages, trace
 
 rules.load_all()
 
@@ -75,6 +75,9 @@ class Analysis:
     boundaries: list[str] = field(default_factory=list)
     frozen_reasons: dict[int, str] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # prune_hidden, attention (kept in plans)
+    # storages of the user's tensors, which ``model`` shares (trace.shared_copy): a result handed
+    # to the user must not keep any of them (trace.unshare)
+    user_storages: set[int] = field(default_factory=set)
 
 
 def to_networkx(analysis: Analysis):
@@ -168,7 +171,11 @@ def analyze(
     names = _ignored_prefixes(model, ignored_layers)  # module objects belong to the user's model
     work = eval_copy(model)
     traced = trace(work, example_input)
-    return analyze_traced(traced, work, prune_hidden=prune_hidden, attention=attention, ignored_names=names)
+    analysis = analyze_traced(
+        traced, work, prune_hidden=prune_hidden, attention=attention, ignored_names=names
+    )
+    analysis.user_storages = storages(model)
+    return analysis
 
 
 ATTENTION_MODES = {

@@ -233,13 +233,12 @@ def storages(model: nn.Module) -> set[int]:
     return out
 
 
-def unshare(copy_: nn.Module, original: nn.Module) -> None:
-    """Clone the tensors of ``copy_`` that still share storage with ``original``.
+def unshare(copy_: nn.Module, theirs: set[int]) -> None:
+    """Clone the tensors of ``copy_`` whose storage is in ``theirs`` (``storages(original)``).
 
     What ``shared_copy`` shares and surgery did not slice (embeddings, norms) must not stay
     shared: training the compact model would otherwise write the user's weights.
     """
-    theirs = storages(original)
     if not theirs:
         return
     named = [*copy_.named_parameters(), *copy_.named_buffers()]

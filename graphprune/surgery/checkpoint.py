@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphPruneError, InputError
-from graphprune.planning.importance import Magnitude, per_position
 from graphprune.planning.plan import Plan
+from graphprune.planning.scoring import Magnitude, per_position
 from graphprune.surgery.slicing import scaled, sliced
 
 INDEX = "model.safetensors.index.json"

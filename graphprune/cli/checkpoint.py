@@ -27,8 +27,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from graphprune.cli.commands import ratio_arg
-    from graphprune.cli.common import add_structure_args
+    from graphprune.cli.common import add_structure_args, ratio_arg
 
     p = sub.add_parser(
         "checkpoint",

@@ -41,7 +41,7 @@ def _ids(n: int = 12) -> torch.Tensor:
 def test_meta_llama_with_default_config_plans_from_input_ids_alone():
     """SDPA + no attention_mask made HF's mask code call .item() on meta tensors; the meta model
     now runs on fake tensors, and its plan equals the real twin's."""
-    cfg = dict(num_key_value_heads=2)
+    cfg = dict(num_key_value_heads=2, num_hidden_layers=1)
     with torch.device("meta"):
         twin = transformers.LlamaForCausalLM(_config(**cfg)).eval()
     assert twin.config._attn_implementation == "sdpa"
@@ -94,7 +94,7 @@ def sharded(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("ckpt") / "src"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _llama(seed=3, num_hidden_layers=3).save_pretrained(src, max_shard_size="100KB")
+        _llama(seed=3).save_pretrained(src, max_shard_size="100KB")
     assert len(list(src.glob("*.safetensors"))) > 2
     return src
 

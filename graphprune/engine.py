@@ -14,6 +14,7 @@ No step changes the user's model or a caller's plan: a realised plan is a new ob
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Any, NamedTuple
 
@@ -118,7 +119,7 @@ class Engine:
         """
         if self._spent:
             raise GraphPruneError("this Engine realised a plan with last=True; build a new Engine")
-        own = copy.deepcopy(plan)
+        own = _own(plan)
 
         def again(prefixes: list[str]) -> tuple[Analysis, Plan]:
             """The same plan with ``prefixes`` frozen, as if the user had listed them in ignored_layers
@@ -139,6 +140,23 @@ class Engine:
         from graphprune.verify import verify_compact
 
         verify_compact(result.analysis, result.plan, result.model, self.example_input, original=self.model)
+
+
+def _own(plan: Plan) -> Plan:
+    """A copy of ``plan`` that surgery may fill in (shapes, notes, attribute updates) without
+    touching the caller's; the kept-index lists are shared (nothing modifies them), which keeps
+    this cheap for plans of billion-parameter models where a deep copy takes seconds."""
+    return dataclasses.replace(
+        plan,
+        slices={name: dict(dims) for name, dims in plan.slices.items()},
+        shapes=dict(plan.shapes),
+        groups=[dataclasses.replace(g, removed=list(g.removed)) for g in plan.groups],
+        attr_updates=list(plan.attr_updates),
+        boundaries=list(plan.boundaries),
+        notes=list(plan.notes),
+        structure=dict(plan.structure),
+        scales=[dict(s) for s in plan.scales],
+    )
 
 
 def _as_list(ignored: Any) -> list[Any]:
@@ -192,7 +210,7 @@ def realize(
     has their units dropped. Callers without a re-plan (the target search, Pruner, sensitivity) cut
     each group on its own, for which dropping the frozen units is the same as re-planning.
     """
-    own = copy.deepcopy(plan)
+    own = _own(plan)
     small, new_plan, _ = realize_full(analysis, own, example_input, copy_model=copy_model, fallback=fallback)
     return small, new_plan
 

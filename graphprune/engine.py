@@ -13,7 +13,6 @@ No step changes the user's model or a caller's plan: a realised plan is a new ob
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from typing import Any, NamedTuple

@@ -41,6 +41,7 @@ from graphprune.planning.plan import Plan
 from graphprune.search.pruner import Pruner
 from graphprune.search.sensitivity import SensitivityTable, sensitivity
 from graphprune.search.targets import TargetResult, compact_to_target, sweep
+from graphprune.surgery.checkpoint import CheckpointResult, compact_checkpoint
 from graphprune.surgery.io import load, save
 from graphprune.verify import VerifyReport, verify_model
 
@@ -50,6 +51,7 @@ __all__ = [
     "Analysis",
     "BenchmarkReport",
     "Block",
+    "CheckpointResult",
     "DistributedError",
     "Engine",
     "ExportResult",
@@ -75,6 +77,7 @@ __all__ = [
     "benchmark",
     "bn_l1_penalty",
     "compact",
+    "compact_checkpoint",
     "compact_to_target",
     "compact_with_plan",
     "count_flops",

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from graphprune.distributed import agree, digest, is_distributed
-from graphprune.engine import Engine, Realized, importance_name, modes, set_mode
+from graphprune.engine import Engine, Realized, importance_name, modes, realize_inplace, set_mode
 from graphprune.errors import InputError
 from graphprune.graph.copies import keeps_global_rng, private_copy
 from graphprune.graph.trace import check_model
@@ -45,8 +45,13 @@ def _plan_and_model(
     loss_fn: Any = None,
     options: CutOptions | None = None,
     fallback: str = "freeze",
+    inplace: bool = False,
+    verify: bool = False,
 ) -> Realized:
-    """One analysis, one plan, one surgery (with the fallback re-planning as compact documents)."""
+    """One analysis, one plan, one surgery (with the fallback re-planning as compact documents).
+
+    The result shares no memory with ``model``; with ``inplace`` it is ``model`` itself, shrunk
+    (and verified here when ``verify``: the reference must be computed before slicing)."""
     check_model(model)
     bound = None if ratio is None else check_ratio(ratio)
     # importance="mask": the criterion's exact counts decide, a ratio only caps them
@@ -56,7 +61,12 @@ def _plan_and_model(
         model, example_input, importance=importance, ignored_layers=ignored_layers, structure=structure,
         data=data, loss_fn=loss_fn,
     )
-    result = engine.realize(engine.plan(ratio, cut=options), fallback=fallback, cut=options, last=True)
+    plan = engine.plan(ratio, cut=options)
+    if inplace:
+        result = Realized(realize_inplace(model, engine.analysis, plan, example_input, verify), plan,
+                          engine.analysis)
+    else:
+        result = engine.realize(plan, fallback=fallback, cut=options, last=True)
     if is_distributed():  # every rank must hold the same plan (graphprune.distributed)
         agree(digest(result.plan.to_json()), "the plan", "The model, example input and statistics agreed, "
               "so a criterion or option is not deterministic; plan on one rank and use broadcast_plan.")
@@ -121,6 +131,7 @@ def compact(
     depth: float | int | None = None,
     depth_importance: str | None = None,
     depth_unit: str = "module",
+    inplace: bool = False,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
@@ -162,6 +173,12 @@ def compact(
     or "cosine" (default with ``data``). ``graphprune.find_blocks`` lists the blocks.
     ``depth="search"`` with one ``target_...`` tries several block counts, cuts widths to the
     target and keeps the best mix (graphprune.search.mix; the plan's notes say which won).
+
+    Memory: the result never shares memory with ``model``; planning works on a copy that shares
+    ``model``'s weights, so the peak is about ``model`` plus the compact model. ``inplace=True``
+    (for a model you no longer need: a large LLM) returns ``model`` itself, shrunk: each sliced
+    tensor replaces the old one as soon as it is made, so the peak is about ``model`` alone. There
+    is no fallback then (a module that cannot run smaller is an error, and the model is lost).
     """
     if depth is not None:
         return compact_with_plan(
@@ -180,6 +197,9 @@ def compact(
     if any(v is not None for v in targets.values()):
         from graphprune.search.targets import targeted
 
+        if inplace:
+            raise InputError("inplace=True works with ratio=, not with target_*: a search compacts "
+                             "many candidates from the same original")
         small = targeted(model, example_input, ratio, targets, importance=importance,
                          ignored_layers=ignored_layers, prune_hidden=prune_hidden, attention=attention,
                          verify=verify,
@@ -198,8 +218,10 @@ def compact(
         loss_fn=loss_fn,
         options=CutOptions(bool(global_pruning), max_ratio, ratios, round_to),
         fallback=fallback,
+        inplace=inplace,
+        verify=verify,
     )
-    if verify:
+    if verify and not inplace:
         from graphprune.verify import verify_compact
 
         verify_compact(analysis, plan, small, example_input, original=model)
@@ -274,6 +296,7 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
     if depth is not None:
         return _depth_then_width(model, example_input, ratio, depth, depth_importance, depth_unit, kwargs)
     verify = kwargs.pop("verify", True)
+    inplace = bool(kwargs.pop("inplace", False))
     fallback = check_fallback(kwargs.pop("fallback", "freeze"))
     training = modes(model)
     targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
@@ -299,10 +322,12 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
         StructureOptions(kwargs.pop("attention", "heads"), kwargs.pop("prune_hidden", False)),
         **_where_to_cut(kwargs),
         fallback=fallback,
+        inplace=inplace,
+        verify=verify,
     )
     if kwargs:
         raise InputError(f"unexpected arguments: {sorted(kwargs)}")
-    if verify:
+    if verify and not inplace:
         from graphprune.verify import verify_compact
 
         verify_compact(analysis, plan, small, example_input, original=model)

@@ -13,17 +13,17 @@ No step changes the user's model or a caller's plan: a realised plan is a new ob
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from graphprune.distributed import check_same, together
 from graphprune.errors import GraphPruneError, warn_user
 from graphprune.graph.analysis import Analysis, analyze, param_tensor
-from graphprune.graph.copies import keeps_global_rng
+from graphprune.graph.copies import keeps_global_rng, shared_copy, unshare
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.trace import check_model
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
@@ -48,7 +48,7 @@ from graphprune.surgery.fallback import (
 from graphprune.surgery.heads import head_count_updates
 from graphprune.surgery.hf import update_config
 from graphprune.surgery.sizes import Sizer, attribute_updates, graph_constant_changes
-from graphprune.surgery.slicing import apply_attr_updates, module_updates, slice_tensors
+from graphprune.surgery.slicing import apply_attr_updates, module_updates, set_tensor, slice_tensors
 
 
 class Realized(NamedTuple):
@@ -238,6 +238,12 @@ def realize_full(
     fallback = check_fallback(fallback)
     if fallback == "freeze" and replan is None:
         copy_model = True
+    small, plan, analysis = _realize_full(analysis, plan, example_input, copy_model, fallback, replan)
+    unshare(small, analysis.user_storages)  # the result never shares the user's memory
+    return small, plan, analysis
+
+
+def _realize_full(analysis, plan, example_input, copy_model, fallback, replan):
     work, changes, failure = _surgery(analysis, plan, example_input, copy_model)
     if failure is None:
         return _finish(work, plan, example_input), plan, analysis
@@ -255,9 +261,40 @@ def realize_full(
     return gm, plan, analysis
 
 
-def _surgery(analysis: Analysis, plan: Plan, example_input: Any, copy_model: bool):
-    """Slice, update attributes, run: (model, graph constant changes, Failure or None)."""
-    work = copy.deepcopy(analysis.model) if copy_model else analysis.model
+def realize_inplace(model: nn.Module, analysis: Analysis, plan: Plan, example_input: Any, verify: bool):
+    """Surgery on the analysis' copy (which shares ``model``'s memory) handing each new tensor to
+    ``model`` at once, so the old one is freed: memory never holds the model twice. The reference
+    is computed before slicing. No fallback: the original is gone once slicing starts."""
+    from graphprune.verify import verify_compact
+
+    hand_over = lambda name, new: set_tensor(model, name, new)  # noqa: E731
+    work, _, failure = _surgery(analysis, plan, example_input, False, hand_over, need_reference=verify)
+    if failure is not None:
+        raise GraphPruneError(
+            f"compact(inplace=True): {type(work).__name__} does not run at the new sizes "
+            f"({failure.problem}); its weights were already replaced, so the model passed in is no "
+            "longer usable. Rebuild it and call compact without inplace=True (it keeps such modules "
+            "whole), or pass fallback='error' first to see which module fails."
+        )
+    apply_attr_updates(model, plan.attr_updates)
+    _finish(work, plan, example_input)
+    if getattr(work, "config", None) is not None and getattr(model, "config", None) is not None:
+        model.config.__dict__.update(work.config.__dict__)  # the object submodules hold
+    if verify:
+        verify_compact(analysis, plan, model, example_input)
+    return model
+
+
+def _surgery(
+    analysis: Analysis, plan: Plan, example_input: Any, copy_model: bool, on_slice=None, need_reference=False
+):
+    """Slice, update attributes, run: (model, graph constant changes, Failure or None).
+
+    The copy shares the analysis' weights (``shared_copy``): slicing makes new tensors, so the
+    analysis stays unsliced without holding the model twice. The plan's reference, when one is
+    computed (ambiguous attributes, or ``need_reference``), is kept on the plan for verify.
+    """
+    work = shared_copy(analysis.model) if copy_model else analysis.model
     plan.shapes = {name: list(param_tensor(work, name).shape) for name in plan.slices}
     removed = plan.removed_class
     sizer = Sizer(analysis, removed)
@@ -269,14 +306,17 @@ def _surgery(analysis: Analysis, plan: Plan, example_input: Any, copy_model: boo
     plan.notes.extend(notes)
     # ambiguous attribute choices are judged by the plan's reference outputs (computed on the
     # unsliced weights), not by shapes alone: num_heads == head_dim == 2 runs either way
-    reference = reference_if_ambiguous(analysis, removed, work, attr_ups, example_input)
-    slice_tensors(work, plan)
+    reference = reference_if_ambiguous(analysis, removed, work, attr_ups, example_input, need_reference)
+    plan._reference = None if reference is None else (np.array(removed, copy=True), reference)
+    slice_tensors(work, plan, on_slice)
     mod_ups = module_updates(work)
     apply_attr_updates(work, mod_ups)
-    attr_ups = choose_attr_updates(
+    attr_ups, ran = choose_attr_updates(
         work, attr_ups, example_input, analysis.traced.output_shapes, reference=reference
     )
     plan.attr_updates = mod_ups + attr_ups
+    if ran:  # the choice already ran the model as it now is, with the expected output shapes
+        return work, changes, None
     return work, changes, find_failure(work, example_input, analysis.traced.output_shapes)
 
 

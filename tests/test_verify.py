@@ -94,7 +94,7 @@ def _corrupting_slicer(target: str):
     """A surgery that slices ``target`` dim 0 with one wrong kept index (a plausible off-by-one)."""
     real = engine.slice_tensors
 
-    def wrong(model: nn.Module, plan: graphprune.Plan) -> None:
+    def wrong(model: nn.Module, plan: graphprune.Plan, *rest) -> None:
         bad = copy.deepcopy(plan)
         kept = bad.slices[target][0]
         dropped = sorted(set(range(bad.shapes[target][0])) - set(kept))
@@ -102,7 +102,7 @@ def _corrupting_slicer(target: str):
         kept[0] = dropped[0] if dropped[0] < kept[1] else kept[0]
         assert kept != plan.slices[target][0], "the corruption changed nothing"
         bad.slices[target][0] = sorted(kept)
-        real(model, bad)
+        real(model, bad, *rest)
 
     return wrong
 

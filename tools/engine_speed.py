@@ -62,11 +62,11 @@ def _llama_config(layers: int, small: bool = False) -> Any:
         return LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=layers,
                            num_attention_heads=8, num_key_value_heads=8, vocab_size=256,
                            max_position_embeddings=64, attn_implementation="eager")
-    # LLaMA-2-7B shapes. Eager attention: HF's SDPA mask helpers call .item(), which meta
-    # tensors cannot answer when the model is run eagerly (tracing itself would not need it).
+    # LLaMA-2-7B shapes, the config's defaults (SDPA attention): graphprune never runs a meta
+    # model on meta tensors (fake tensors where it must run it), so HF's .item() checks pass.
     return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                       max_position_embeddings=2048, attn_implementation="eager")
+                       max_position_embeddings=2048)
 
 
 def build(case: str) -> tuple[torch.nn.Module, Any]:
@@ -94,9 +94,7 @@ def build(case: str) -> tuple[torch.nn.Module, Any]:
         with torch.device("meta"):
             model = LlamaForCausalLM(_llama_config(layers))
         model.eval()
-        ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
-        # attention_mask given: without it HF checks position_ids for packed sequences (.item()).
-        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return model, {"input_ids": torch.zeros(1, 16, dtype=torch.long, device="meta")}
     raise SystemExit(f"unknown case {case!r}; cases: {', '.join(CASES)}")
 
 

@@ -25,6 +25,7 @@ from graphprune.cli.common import (
     add_structure_args,
     load_model,
     parse_round_to,
+    ratio_arg,
     shape_arg,
 )
 from graphprune.errors import GraphPruneError, InputError
@@ -206,16 +207,6 @@ EPILOG = """examples:
 """
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
-    return value
-
-
 def _depth(text: str) -> int | float:
     try:
         return int(text) if text.strip().isdigit() else float(text)
@@ -225,7 +216,7 @@ def _depth(text: str) -> int | float:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--ratio", type=_ratio, default=None,
+    p.add_argument("--ratio", type=ratio_arg, default=None,
                    help="fraction of the units of every prunable group to remove (default 0.3, or 0 "
                         "with --depth; with --importance mask an upper bound, default none)")
     p.add_argument("--depth", type=_depth, default=None, metavar="D",
@@ -270,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small CNN on scikit-learn's bundled digits (no "
                                    "download), compact it, fine-tune briefly, export both models "
                                    "to ONNX and print the before/after table.")
-    p.add_argument("--ratio", type=_ratio, default=0.5, help="pruning ratio (default 0.5)")
+    p.add_argument("--ratio", type=ratio_arg, default=0.5, help="pruning ratio (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after compaction")
@@ -318,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     from graphprune.cli.speed import register as register_speed_commands
 
     register_speed_commands(sub)  # sweep, target
+    from graphprune.cli.checkpoint import register as register_checkpoint_command
+
+    register_checkpoint_command(sub)  # checkpoint
     return parser
 
 

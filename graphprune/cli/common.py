@@ -214,3 +214,13 @@ def add_importance_arg(p: argparse.ArgumentParser) -> None:
                    help="unit importance criterion (default l2; data-driven criteria such as taylor "
                         "need calibration data: use the Python API); 'mask': remove exactly the "
                         "units the model's torch.nn.utils.prune masks emptied")
+
+
+def ratio_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
+    return value

@@ -20,10 +20,10 @@ from torch.fx import Node
 
 from graphprune.errors import InputError
 from graphprune.graph import rules
-from graphprune.graph.copies import eval_copy, keeps_global_rng
+from graphprune.graph.copies import keeps_global_rng, shared_eval_copy, storages, unshare
 from graphprune.graph.labels import Coupler, TensorLabels
 from graphprune.graph.rules.registry import RuleContext, lookup, where
-from graphprune.graph.trace import Traced, check_model, node_source, trace
+from graphprune.graph.trace import Traced, check_model, node_source, trace, writes_inputs
 from graphprune.surgery.constraints import module_constraints
 
 rules.load_all()
@@ -76,6 +76,9 @@ class Analysis:
     boundaries: list[str] = field(default_factory=list)
     frozen_reasons: dict[int, str] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # prune_hidden, attention (kept in plans)
+    # storages of the user's tensors, which ``model`` shares (trace.shared_copy): a result handed
+    # to the user must not keep any of them (trace.unshare)
+    user_storages: set[int] = field(default_factory=set)
 
 
 def to_networkx(analysis: Analysis):
@@ -168,9 +171,17 @@ def analyze(
     check_model(model)
     check_attention(attention)
     names = _ignored_prefixes(model, ignored_layers)  # module objects belong to the user's model
-    work = eval_copy(model)
-    traced = trace(work, example_input)
-    return analyze_traced(traced, work, prune_hidden=prune_hidden, attention=attention, ignored_names=names)
+    work = shared_eval_copy(model)  # shares the weights' memory: a 7B model is not held twice
+    traced = trace(work, example_input)  # fake tensors only: nothing is written
+    theirs = storages(model)
+    if writes_inputs(traced.program):  # the forward writes into its arguments: never the user's
+        unshare(work, theirs)
+        theirs = set()
+    analysis = analyze_traced(
+        traced, work, prune_hidden=prune_hidden, attention=attention, ignored_names=names
+    )
+    analysis.user_storages = theirs
+    return analysis
 
 
 ATTENTION_MODES = {

@@ -43,6 +43,61 @@ def eval_copy(model: nn.Module) -> nn.Module:
     return work
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters view the original's storage: no weight is copied.
+
+    Every module, buffer and attribute is copied (buffers are small and a forward may update
+    them); each parameter becomes a new ``nn.Parameter`` over the same memory, so replacing it
+    (``param.data = sliced``, what surgery does) leaves the original's parameter as it was.
+    Only for work that never writes a parameter in place: analysis runs the model only once its
+    traced program is known not to write into its arguments (else it unshares first), and a
+    tensor of the copy that still shares the original's storage at the end is cloned
+    (``unshare``) before the copy is handed out. Tied weights stay tied.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # noqa: BLE001 - diagnosed below and re-raised as a clear error
+        raise InputError(why_not_copyable(model, exc)) from exc
+
+
+def shared_eval_copy(model: nn.Module) -> nn.Module:
+    """``shared_copy`` in eval mode: what analysis plans on (a 7B model is not held twice)."""
+    work = shared_copy(model)
+    work.eval()
+    return work
+
+
+def storages(model: nn.Module) -> set[int]:
+    """Data pointers of the storages of ``model``'s parameters and buffers."""
+    out = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if not t.is_meta and t.numel():
+            out.add(t.untyped_storage().data_ptr())
+    return out
+
+
+def unshare(copy_: nn.Module, theirs: set[int]) -> None:
+    """Clone the tensors of ``copy_`` whose storage is in ``theirs`` (``storages(original)``).
+
+    What ``shared_copy`` shares and surgery did not slice (embeddings, norms) must not stay
+    shared: training the compact model would otherwise write the user's weights.
+    """
+    if not theirs:
+        return
+    named = [*copy_.named_parameters(), *copy_.named_buffers()]
+    for name, t in named:
+        if not t.is_meta and t.numel() and t.untyped_storage().data_ptr() in theirs:
+            mod_name, _, attr = name.rpartition(".")
+            mod = copy_.get_submodule(mod_name) if mod_name else copy_
+            if isinstance(t, nn.Parameter):
+                t.data = t.detach().clone()
+            else:
+                mod._buffers[attr] = t.clone()
+
+
 @contextlib.contextmanager
 def kept_modes(model: nn.Module) -> Iterator[None]:
     """Give every submodule its own training flag back afterwards.

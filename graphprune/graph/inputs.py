@@ -77,8 +77,38 @@ def flatten_outputs(output: Any) -> list[torch.Tensor]:
 
 
 def run_model(model: torch.nn.Module, example_input: Any) -> Any:
-    """Call ``model`` on ``example_input`` under ``torch.no_grad``."""
+    """Call ``model`` on ``example_input`` under ``torch.no_grad`` (on fake tensors if on meta)."""
     args, kwargs = normalize_inputs(example_input)
     with torch.no_grad():
+        return forward(model, args, kwargs)
+
+
+def on_meta(model: torch.nn.Module, example_input: Any = None) -> bool:
+    """Does ``model`` (or the example input) hold tensors on the meta device (shapes, no values)?"""
+    tensors = [*model.parameters(), *model.buffers()]
+    if example_input is not None:
+        args, kwargs = normalize_inputs(example_input)
+        tensors += [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return any(t.is_meta for t in tensors)
+
+
+def forward(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``model(*args, **kwargs)``; a model on the meta device runs on fake tensors.
+
+    A meta tensor has a shape but no values, so library code that asks a value (Hugging Face's
+    mask helpers call ``.item()`` to look for packed sequences) fails on it. Fake tensors are
+    what torch.export traces with, and libraries skip such value checks while tracing; running
+    a meta model on them gives the output shapes that torch.export would see. Values stay
+    unknown: callers skip numeric checks for meta models (``on_meta``).
+    """
+    if not on_meta(model) and not any(
+        isinstance(t, torch.Tensor) and t.is_meta for t in pytree.tree_leaves((args, kwargs))
+    ):
+        return model(*args, **kwargs)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
         return model(*args, **kwargs)
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from graphprune.errors import InputError, TraceError
-from graphprune.graph.inputs import flatten_outputs, normalize_inputs
+from graphprune.graph.copies import private_copy
+from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
 
 
 @dataclass
@@ -100,7 +101,7 @@ def reference_outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor
     args, kwargs = normalize_inputs(example_input)
     try:
         with torch.no_grad(), no_cache(model):
-            out = model(*args, **kwargs)
+            out = forward(model, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure here is the user's input
         where = _user_frame(exc)
         raise InputError(
@@ -208,16 +209,51 @@ def _outermost_scripts(model: nn.Module) -> list[str]:
     return found
 
 
-def trace(model: nn.Module, example_input: Any) -> Traced:
-    """Export ``model`` (already an eval-mode copy) with torch.export, non-strict."""
-    args, kwargs = normalize_inputs(example_input)
-    outputs = reference_outputs(model, example_input)
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings(), no_cache(model), quiet_torch_logs():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, args, kwargs, strict=False)
+
+
+def _program_output_shapes(program: torch.export.ExportedProgram) -> list[tuple[int, ...]] | None:
+    """The user outputs' shapes as ``flatten_outputs`` orders them, from the program's fake values
+    (no forward run); None if the output structure cannot be rebuilt."""
+    from torch.utils import _pytree as pytree
+
+    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    leaves = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
+    specs = program.graph_signature.output_specs
+    values = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+              for a, spec in zip(leaves, specs, strict=False) if spec.kind.name == "USER_OUTPUT"]
     try:
-        with warnings.catch_warnings(), no_cache(model), quiet_torch_logs():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(model, args, kwargs, strict=False)
-    except Exception as exc:  # noqa: BLE001
-        raise trace_error(model, exc) from exc
+        tree = pytree.tree_unflatten(values, program.call_spec.out_spec)
+    except Exception:  # noqa: BLE001 - the caller runs the model instead
+        return None
+    return [tuple(int(d) for d in t.shape) for t in flatten_outputs(tree)]
+
+
+def trace(model: nn.Module, example_input: Any) -> Traced:
+    """Export ``model`` (already an eval-mode copy) with torch.export, non-strict.
+
+    The output shapes come from the program itself. The model is run eagerly only when that
+    is not enough: export failed (the eager run then says whether the input is the problem, and
+    registers dataclass outputs for a second try) or the output structure cannot be rebuilt.
+    Skipping the eager run saves a forward pass of the whole model (seconds on an LLM). An eager
+    run happens on a private copy: ``model`` may share the user's weights (``copies.shared_copy``)
+    and a forward may write into its own.
+    """
+    args, kwargs = normalize_inputs(example_input)
+    try:
+        program = _export(model, args, kwargs)
+    except Exception as first:  # noqa: BLE001
+        reference_outputs(private_copy(model), example_input)  # InputError if the model rejects the input
+        try:
+            program = _export(model, args, kwargs)  # dataclass outputs are registered now
+        except Exception:  # noqa: BLE001
+            raise trace_error(model, first) from first
+    shapes = _program_output_shapes(program)
+    if shapes is None:
+        shapes = [tuple(o.shape) for o in reference_outputs(private_copy(model), example_input)]
     sig = program.graph_signature
     names: dict[str, str] = {}
     foreign: dict[str, str] = {}
@@ -233,4 +269,20 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
         for spec in sig.output_specs
         if spec.kind.name == "USER_OUTPUT" and hasattr(spec.arg, "name")
     ]
-    return Traced(program, names, user_outputs, [tuple(o.shape) for o in outputs], foreign)
+    return Traced(program, names, user_outputs, shapes, foreign)
+
+
+def writes_inputs(program: torch.export.ExportedProgram) -> bool:
+    """True if an op of the program (or of a wrapped region) writes into one of its arguments.
+
+    Running such a program (or the model's forward) on tensors that share the user's memory
+    would write into the user's model (``embedding_renorm_`` from ``max_norm``, a
+    ``weight.clamp_()`` in forward): then graphprune runs it on copies.
+    """
+    for gm in program.graph_module.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            for n in gm.graph.nodes:
+                schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+                if schema is not None and schema.is_mutable:
+                    return True
+    return False

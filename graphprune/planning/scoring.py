@@ -107,11 +107,16 @@ class Magnitude(Importance):
             used = False
             for m in group.members:
                 if m.name in params and (with_shifts or m.name.rpartition(".")[2] != "bias"):
-                    vals = per_position(param_tensor(model, m.name), m.dim, self.p)
+                    vals = self.position_values(model, m.name, m.dim)
                     used |= accumulate(total, m, vals, self.normalize_members)
             if used:
                 return total
         return total
+
+    def position_values(self, model: nn.Module, name: str, dim: int) -> np.ndarray:
+        """Sum of |w|^p over every dim of tensor ``name`` but ``dim`` (overridden where the
+        weights are read from elsewhere: ``compact_checkpoint`` reads them from the shards)."""
+        return per_position(param_tensor(model, name), dim, self.p)
 
 
 def magnitude(p: int) -> Criterion:

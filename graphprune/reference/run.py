@@ -13,8 +13,8 @@ from torch.fx import Node
 from torch.utils import _pytree as pytree
 
 from graphprune.graph.analysis import Analysis, param_tensor
-from graphprune.graph.inputs import flatten_outputs, normalize_inputs
-from graphprune.graph.trace import no_cache
+from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
+from graphprune.graph.trace import no_cache, writes_inputs
 from graphprune.reference.interpreter import MaskedInterpreter, storage_ptr
 from graphprune.reference.masks import Inexact, reference_masks
 from graphprune.reference.tolerance import relative_error, tight_rtol, tolerance
@@ -53,22 +53,6 @@ def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -
         else:
             raise Inexact(f"the traced graph has a {kind} input")
     return flat
-
-
-def writes_inputs(program: torch.export.ExportedProgram) -> bool:
-    """True if an op of the program (or of a wrapped region) writes into one of its arguments.
-
-    The reference runs the program on the user's own parameters (no copy for a model that only
-    reads them); an in-place op on a parameter (``embedding_renorm_`` from ``max_norm``, a
-    ``weight.clamp_()`` in forward) would write into the user's model, so then it gets copies.
-    """
-    for gm in program.graph_module.modules():
-        if isinstance(gm, torch.fx.GraphModule):
-            for n in gm.graph.nodes:
-                schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
-                if schema is not None and schema.is_mutable:
-                    return True
-    return False
 
 
 def _protected(original: nn.Module) -> set[int]:
@@ -214,7 +198,7 @@ def on_meta(model: nn.Module) -> bool:
 def small_outputs(small: nn.Module, example_input: Any) -> list[torch.Tensor]:
     args, kwargs = normalize_inputs(example_input)
     with torch.no_grad(), no_cache(small):
-        return flatten_outputs(small(*args, **kwargs))
+        return flatten_outputs(forward(small, args, kwargs))
 
 
 def module_outputs(graph: torch.fx.Graph) -> dict[str, list[Node]]:

@@ -31,14 +31,16 @@ def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
     return [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
 
 
-def reference_if_ambiguous(analysis, removed, work, ups, example_input):
-    """The plan's reference (verify.py, per layer), only when attribute choices need judging."""
-    if not _ambiguous_sets(ups) or any(p.is_meta for p in work.parameters()):
+def reference_if_ambiguous(analysis, removed, work, ups, example_input, always: bool = False):
+    """The plan's reference (verify.py): per layer when attribute choices need judging, outputs
+    only when ``always`` (the weights are about to go: ``inplace``); else None."""
+    ambiguous = bool(_ambiguous_sets(ups))
+    if not (ambiguous or always) or any(p.is_meta for p in work.parameters()):
         return None  # nothing to choose, or no values to compare (meta: shapes decide)
     from graphprune.reference.run import compute_reference
 
     try:
-        return compute_reference(analysis, removed, work, example_input, per_module=True)
+        return compute_reference(analysis, removed, work, example_input, per_module=ambiguous)
     except Exception:  # noqa: BLE001 - no reference: choose by shapes as before
         return None
 
@@ -76,7 +78,7 @@ def _per_module(ambiguous: list[list[AttrUpdate]], options: list[list[list[AttrU
 
 def choose_attr_updates(
     work, ups: list[AttrUpdate], example_input, expected, reference: Any = None
-) -> list[AttrUpdate]:
+) -> tuple[list[AttrUpdate], bool]:
     """Apply the attribute updates found in the graph; resolve ambiguous ones by running the model.
 
     When two attributes of one module hold the same old value (GPT-2's Conv1D has ``nx == nf``)
@@ -84,7 +86,8 @@ def choose_attr_updates(
     traced to the innermost running module with an ambiguous choice, whose next option is tried:
     linear in the number of choices, not exponential. With a ``reference`` (verify.Reference) a
     trial that runs must also compute the plan's numbers; otherwise the first layer whose output
-    differs is the failure location.
+    differs is the failure location. Returns the updates applied and whether the model was run
+    with them and gave the ``expected`` output shapes.
     """
     sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
     for u in ups:
@@ -93,7 +96,7 @@ def choose_attr_updates(
     ambiguous = [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
     apply_attr_updates(work, ups)
     if not ambiguous:
-        return ups
+        return ups, False
     # uncertain ones start from "leave it": applied only if the model needs them
     options = [_subsets(g, smallest_first=isinstance(g[0], UncertainUpdate)) for g in ambiguous]
     ambiguous, options = _per_module(ambiguous, options)
@@ -110,7 +113,7 @@ def choose_attr_updates(
             wrong = first_mismatch(reference, work, example_input)  # runs, but are the numbers right?
             failing = None if wrong is None else ["", wrong[0]]
         if failing is None:
-            return trial
+            return trial, True
         candidates = [
             k
             for k, g in enumerate(ambiguous)
@@ -128,4 +131,4 @@ def choose_attr_updates(
         choice[k] += 1
     apply_attr_updates(work, revert)
     apply_attr_updates(work, ups)
-    return ups
+    return ups, False

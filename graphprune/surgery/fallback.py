@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphPruneError, InputError, warn_user
-from graphprune.graph.inputs import flatten_outputs, normalize_inputs
+from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
 from graphprune.graph.trace import no_cache, quiet_torch_logs
 
 FALLBACKS = {
@@ -70,7 +70,7 @@ def _first_line(exc: BaseException) -> str:
 def output_shapes(model: nn.Module, example_input: Any) -> list[tuple[int, ...]]:
     args, kwargs = normalize_inputs(example_input)
     with torch.no_grad(), no_cache(model):
-        return [tuple(t.shape) for t in flatten_outputs(model(*args, **kwargs))]
+        return [tuple(t.shape) for t in flatten_outputs(forward(model, args, kwargs))]
 
 
 def find_failure(model: nn.Module, example_input: Any, expected: list[tuple[int, ...]]) -> Failure | None:

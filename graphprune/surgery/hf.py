@@ -56,6 +56,23 @@ def _signature(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[tuple
     return shapes, _int_attrs(model)
 
 
+def _same_constants(small: nn.Module, config: Any, plan: Any) -> bool:
+    """Without values to compare (meta), the next best check of an edited config: a model built
+    from it holds every attribute the plan changed at its new value (``head_dim`` 16 -> 8 must not
+    come back as 2 heads of 16) and the same float attributes (attention scales) as ``small``."""
+    fresh = _build(small, config)
+    if fresh is None:
+        return False
+    modules = dict(fresh.named_modules())
+    for u in plan.attr_updates:
+        mod = modules.get(u.module)
+        if mod is not None and type(u.new) is int and getattr(mod, u.attr, u.new) != u.new:
+            return False
+    theirs = {(p, a): v for p, m in modules.items() for a, v in vars(m).items() if type(v) is float}
+    return all(theirs.get((p, a), v) == v
+               for p, m in small.named_modules() for a, v in vars(m).items() if type(v) is float)
+
+
 def _build(model: nn.Module, config: Any) -> nn.Module | None:
     """``type(model)(config)`` on the meta device; None if the config is refused."""
     try:
@@ -215,16 +232,22 @@ def _rebuilds(small: nn.Module, config: Any, example_input: Any) -> bool:
         return False
 
 
-def update_config(small: nn.Module, plan: Any, example_input: Any = None) -> list[str]:
+def update_config(
+    small: nn.Module, plan: Any, example_input: Any = None, shapes_only: bool = False
+) -> list[str]:
     """Edit ``small.config`` in place so it describes ``small``; return notes for the plan.
 
     The config object of the compact model is its own (``compact`` works on a deep copy), and its
     submodules that keep a reference to it see the edit. Nothing changes when no consistent edit
     exists; the note then says why and what to use instead. Never raises: the compact model is
-    valid whatever happens to its config.
+    valid whatever happens to its config. Meta models are skipped unless ``shapes_only`` (a
+    compacted checkpoint: the search matches shapes and attributes; outputs cannot be compared).
     """
-    if not is_hf_model(small) or any(p.is_meta for p in small.parameters()):
+    meta = any(p.is_meta for p in small.parameters())
+    if not is_hf_model(small) or (meta and not shapes_only):
         return []  # meta twins (size searches) have no outputs to check and need no config
+    if meta:
+        example_input = None  # no values: _update_config compares float attributes instead
     snapshot = copy.deepcopy(small.config)
     try:
         return _update_config(small, plan, example_input)
@@ -295,6 +318,9 @@ def _update_config(small: nn.Module, plan: Any, example_input: Any) -> list[str]
     if example_input is not None and not _rebuilds(small, cur, example_input):
         return [f"model.config left unchanged: a model rebuilt from the edited config {changed} "
                 "does not reproduce the compact model; use graphprune.save / graphprune.load"]
+    if example_input is None and not _same_constants(small, cur, plan):
+        return [f"model.config left unchanged: a model rebuilt from the edited config {changed} "
+                "would hold other constants (head sizes, attention scales) than the compact model"]
     for field in changed:
         _set(config, field, _get(cur, field))
     if before is not None and not _same_outputs(_outputs(small, example_input), before):

@@ -11,6 +11,7 @@ built base model. Two kinds of attribute changes exist:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,15 +47,42 @@ def plan_tensor(model: nn.Module, name: str, verb: str) -> torch.Tensor:
 
 
 def scale_tensors(model: nn.Module, plan: Plan) -> None:
-    """Multiply the plan's rows by their factors (before slicing: indices are the original ones)."""
+    """Multiply the plan's rows by their factors (before slicing: indices are the original ones).
+
+    Out of place: the model's tensors may share memory with the user's (``trace.shared_copy``).
+    """
     with torch.no_grad():
         for entry in plan.scales:
-            t = plan_tensor(model, entry["tensor"], "rescales")
-            index = torch.tensor(entry["index"], dtype=torch.long, device=t.device)
-            t.index_copy_(entry["dim"], index, t.index_select(entry["dim"], index) * entry["factor"])
+            set_tensor(model, entry["tensor"], scaled(plan_tensor(model, entry["tensor"], "rescales"), entry))
 
 
-def slice_tensors(model: nn.Module, plan: Plan) -> None:
+def scaled(t: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
+    """``t`` with rows ``entry["index"]`` along ``entry["dim"]`` times ``entry["factor"]`` (new tensor)."""
+    t, dim = t.detach(), entry["dim"]
+    index = torch.tensor(entry["index"], dtype=torch.long, device=t.device)
+    return t.index_copy(dim, index, t.index_select(dim, index) * entry["factor"])
+
+
+def sliced(t: torch.Tensor, dims: dict[int, list[int]], name: str = "tensor") -> torch.Tensor:
+    """A new contiguous tensor holding the kept positions ``dims`` ({dim: kept indices}) of ``t``."""
+    new = t.detach()
+    for dim, kept in sorted(dims.items()):
+        if dim >= new.dim() or (kept and max(kept) >= new.shape[dim]):
+            raise PlanMismatchError(
+                f"the plan's indices for {name} dim {dim} do not fit its shape {tuple(t.shape)}"
+            )
+        new = new.index_select(dim, torch.tensor(kept, dtype=torch.long, device=new.device))
+    return new.contiguous()
+
+
+def slice_tensors(
+    model: nn.Module, plan: Plan, on_slice: Callable[[str, torch.Tensor], None] | None = None
+) -> None:
+    """Replace every tensor the plan slices by a new, smaller one (never written in place).
+
+    ``on_slice(name, new)`` is called after each replacement (``compact(inplace=True)`` uses it to
+    hand the new tensor to the user's model at once, so the old one is freed tensor by tensor).
+    """
     scale_tensors(model, plan)
     for name, dims in plan.slices.items():
         t = plan_tensor(model, name, "slices")
@@ -64,14 +92,10 @@ def slice_tensors(model: nn.Module, plan: Plan) -> None:
                 f"the plan expects {name} of shape {tuple(expected)} but the model has {tuple(t.shape)}; "
                 "build the base model with the same configuration the plan was made for."
             )
-        new = t.detach()
-        for dim, kept in sorted(dims.items()):
-            if dim >= new.dim() or (kept and max(kept) >= new.shape[dim]):
-                raise PlanMismatchError(
-                    f"the plan's indices for {name} dim {dim} do not fit its shape {tuple(t.shape)}"
-                )
-            new = new.index_select(dim, torch.tensor(kept, dtype=torch.long, device=new.device))
-        set_tensor(model, name, new.contiguous())
+        new = sliced(t, dims, name)
+        set_tensor(model, name, new)
+        if on_slice is not None:
+            on_slice(name, new)
 
 
 def _shape_of(mod: nn.Module, name: str) -> tuple[int, ...] | None:

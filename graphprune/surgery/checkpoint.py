@@ -1,0 +1,365 @@
+"""Compact a Hugging Face checkpoint folder shard by shard, without ever holding the model.
+
+A 70B model does not fit in memory twice, often not once. Everything graphprune needs to plan
+is the architecture (built from ``config.json`` on the meta device: shapes, no weights) and,
+for magnitude importance, one number per position of every tensor dimension. So:
+
+1. read ``config.json`` and the shards' headers (``model.safetensors`` or an index + shards);
+2. build the model on the meta device and analyse it (``make_plan`` runs meta models on fake
+   tensors);
+3. score: read each shard (memory-mapped by safetensors), reduce every tensor to its
+   per-position L1/L2 sums, release the shard; the criterion then reads those sums instead of
+   weights (``Magnitude.position_values``), so the plan is the one ``compact`` makes on the
+   loaded model;
+4. write: for each input shard, read it, rescale and slice the tensors the plan names, write
+   the output shard of the same name; config.json gets the new widths where the config can
+   describe them, and ``graphprune_plan.json`` always goes beside the weights.
+
+Peak memory is about one shard plus its compact copy, whatever the model size. Everything is
+written to a temporary folder next to ``dst_dir`` and renamed at the end: ``dst_dir`` either
+does not exist or holds the whole result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphprune.errors import GraphPruneError, InputError
+from graphprune.planning.plan import Plan
+from graphprune.planning.scoring import Magnitude, per_position
+from graphprune.surgery.slicing import scaled, sliced
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+CONFIG = "config.json"
+PLAN_FILE = "graphprune_plan.json"
+_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder: shard file -> {tensor name: (dtype, shape)}."""
+
+    root: Path
+    shards: dict[str, dict[str, tuple[str, list[int]]]]
+    indexed: bool  # written with an index file (else one model.safetensors)
+    index_metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def location(self) -> dict[str, str]:
+        return {name: shard for shard, tensors in self.shards.items() for name in tensors}
+
+
+@dataclass
+class CheckpointResult:
+    """What ``compact_checkpoint`` wrote: the folder, the plan and what config.json says."""
+
+    path: Path
+    plan: Plan
+    config_updated: bool
+    bytes_in: int
+    bytes_out: int
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        cfg = "config.json updated" if self.config_updated else (
+            f"config.json unchanged (widths it cannot describe): load with {PLAN_FILE}, see docs/llm.md")
+        size = f"{self.bytes_out / 2**30:.2f} GiB written from {self.bytes_in / 2**30:.2f} GiB"
+        return f"{self.path}: {size}; {cfg}"
+
+
+def read_checkpoint(src: Path) -> Checkpoint:
+    """Headers of every shard (no weights read); clear errors for what is not a checkpoint."""
+    from safetensors import safe_open
+
+    if not src.is_dir():
+        raise InputError(f"{src} is not a folder; pass a Hugging Face checkpoint folder "
+                         "(config.json + safetensors)")
+    if not (src / CONFIG).is_file():
+        raise InputError(f"{src} has no {CONFIG}: not a Hugging Face checkpoint folder")
+    if (src / INDEX).is_file():
+        try:
+            index = json.loads((src / INDEX).read_text())
+            files = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{src / INDEX} is not a safetensors index ({exc})") from exc
+        indexed, meta = True, dict(index.get("metadata") or {})
+    elif (src / SINGLE).is_file():
+        files, indexed, meta = [SINGLE], False, {}
+    else:
+        raise InputError(f"{src} has neither {INDEX} nor {SINGLE}; only safetensors checkpoints "
+                         "are supported")
+    shards: dict[str, dict[str, tuple[str, list[int]]]] = {}
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise InputError(f"shard {name} listed in {INDEX} is missing from {src}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shards[name] = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape()))
+                                for k in f.keys()}
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise InputError(f"shard {path} cannot be read as safetensors ({exc})") from exc
+    if indexed:
+        where = {k: s for s, ts in shards.items() for k in ts}
+        wrong = [k for k, s in index["weight_map"].items() if where.get(k) != s]
+        if wrong:
+            raise InputError(f"{INDEX} lists tensors its shards do not hold: {wrong[:3]}")
+    return Checkpoint(src, shards, indexed, meta)
+
+
+def build_meta_model(src: Path) -> nn.Module:
+    """The checkpoint's architecture on the meta device, from config.json (no weights)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(src))
+    except Exception as exc:  # noqa: BLE001
+        why = f"{type(exc).__name__}: {exc}"
+        raise InputError(f"{src / CONFIG} cannot be read by transformers ({why})") from exc
+    names = list(getattr(config, "architectures", None) or [])
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if cls is None:
+        raise InputError(
+            f"{src / CONFIG} names no transformers model class (architectures={names}); graphprune builds "
+            "the model from it. Add the class name to config.json's 'architectures'."
+        )
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception as exc:  # noqa: BLE001
+        why = f"{type(exc).__name__}: {exc}"
+        raise InputError(f"{cls.__name__} cannot be built from {src / CONFIG} ({why})") from exc
+    return model.eval()
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Every name of a tensor -> the name the plan uses for it (tied weights share one)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in tensors:
+        out[name] = first.setdefault(id(t), name)
+    return out
+
+
+class ShardMagnitude(Magnitude):
+    """L1/L2 magnitude from per-position sums computed shard by shard (``position_sums``)."""
+
+    def __init__(self, p: int, sums: dict[tuple[str, int], np.ndarray]) -> None:
+        super().__init__(p)
+        self.sums = sums
+
+    def position_values(self, model: nn.Module, name: str, dim: int) -> np.ndarray:
+        try:
+            return self.sums[(name, dim)]
+        except KeyError:
+            raise GraphPruneError(f"the checkpoint has no tensor {name}, which the model's importance needs; "
+                                  "are its tensor names those of the model class in config.json?") from None
+
+
+def _shard_bar(total: int, desc: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not progress, leave=False)
+
+
+def position_sums(
+    ckpt: Checkpoint, names: dict[str, str], p: int, progress: bool
+) -> dict[tuple[str, int], np.ndarray]:
+    """Per-position |w|^p sums of every dim of every model tensor, one shard resident at a time."""
+    from safetensors import safe_open
+
+    sums: dict[tuple[str, int], np.ndarray] = {}
+    for shard, tensors in ckpt.shards.items():
+        with safe_open(str(ckpt.root / shard), framework="pt") as f, \
+                _shard_bar(len(tensors), f"scoring {shard}", progress) as bar:
+            for key in tensors:
+                bar.update()
+                name = names.get(key)
+                if name is None:
+                    continue
+                t = f.get_tensor(key)
+                for dim in range(t.dim()):
+                    sums[(name, dim)] = per_position(t, dim, p)
+                del t
+    return sums
+
+
+def _out_tensor(t: torch.Tensor, name: str | None, plan: Plan, scales: dict[str, list[dict]]) -> torch.Tensor:
+    if name is None:
+        return t
+    for entry in scales.get(name, []):
+        t = scaled(t, entry)
+    dims = plan.slices.get(name)
+    return sliced(t, {int(d): k for d, k in dims.items()}, name) if dims else t
+
+
+def _out_shape(shape: list[int], dims: dict[int, list[int]] | None) -> list[int]:
+    out = list(shape)
+    for d, kept in (dims or {}).items():
+        out[int(d)] = len(kept)
+    return out
+
+
+def _check_plan_covers(ckpt: Checkpoint, names: dict[str, str], plan: Plan, persistent: set[str]) -> None:
+    present = {names.get(k, k) for k in ckpt.location}
+    missing = [n for n in plan.slices if n in persistent and n not in present]
+    if missing:
+        raise GraphPruneError(f"the plan slices {missing[:3]} but no shard holds them; the checkpoint's "
+                              "tensor names do not match the model class in config.json")
+
+
+def _persistent_names(model: nn.Module) -> set[str]:
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return names | set(model.state_dict().keys())
+
+
+def _bytes(ckpt: Checkpoint, names: dict[str, str], plan: Plan) -> tuple[int, int]:
+    b_in = b_out = 0
+    for tensors in ckpt.shards.values():
+        for key, (dtype, shape) in tensors.items():
+            size = _DTYPES.get(dtype, 4)
+            b_in += size * int(np.prod(shape))
+            name = names.get(key)
+            b_out += size * int(np.prod(_out_shape(shape, plan.slices.get(name) if name else None)))
+    return b_in, b_out
+
+
+def _write_shards(ckpt: Checkpoint, tmp: Path, names: dict[str, str], plan: Plan, progress: bool) -> int:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    scales: dict[str, list[dict]] = {}
+    for entry in plan.scales:
+        scales.setdefault(entry["tensor"], []).append(entry)
+    total = 0
+    for shard, tensors in ckpt.shards.items():
+        out: dict[str, torch.Tensor] = {}
+        with safe_open(str(ckpt.root / shard), framework="pt") as f, \
+                _shard_bar(len(tensors), f"writing {shard}", progress) as bar:
+            meta = f.metadata()
+            for key in tensors:
+                out[key] = _out_tensor(f.get_tensor(key), names.get(key), plan, scales).contiguous()
+                bar.update()
+        save_file(out, str(tmp / shard), metadata=meta)
+        total += sum(t.numel() * t.element_size() for t in out.values())
+        del out
+    return total
+
+
+def _write_index(ckpt: Checkpoint, tmp: Path, total: int) -> None:
+    if not ckpt.indexed:
+        return
+    meta = dict(ckpt.index_metadata)
+    meta["total_size"] = total
+    index = {"metadata": meta, "weight_map": dict(sorted(ckpt.location.items()))}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_config(small_meta: nn.Module, plan: Plan, tmp: Path, src: Path) -> bool:
+    """config.json with the new widths if the config can describe them (else the source's)."""
+    from graphprune.surgery.hf import update_config
+
+    notes = update_config(small_meta, plan, None, shapes_only=True)
+    plan.notes.extend(notes)
+    updated = any(n.startswith("model.config updated") for n in notes)
+    if updated:
+        small_meta.config.save_pretrained(str(tmp))
+    else:
+        shutil.copy2(src / CONFIG, tmp / CONFIG)
+    return updated
+
+
+def _copy_other_files(src: Path, tmp: Path, ckpt: Checkpoint) -> None:
+    """Tokenizer files, generation config...: everything that is not weights, index or config."""
+    skip = {CONFIG, INDEX, *ckpt.shards}
+    for item in src.iterdir():
+        if item.name in skip or item.name.startswith("."):
+            continue
+        if item.is_file():
+            shutil.copy2(item, tmp / item.name)
+        elif item.is_dir():
+            shutil.copytree(item, tmp / item.name)
+
+
+def _check_dst(dst: Path, src: Path) -> None:
+    if dst.resolve() == src.resolve():
+        raise InputError("dst_dir must differ from src_dir: the source is read while the result is written")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise InputError(f"{dst} already exists and is not an empty folder; choose a new dst_dir (nothing "
+                         "is ever written over)")
+
+
+def compact_checkpoint(
+    src_dir: str | Path,
+    dst_dir: str | Path,
+    ratio: float = 0.3,
+    *,
+    example_input: Any = None,
+    importance: str = "l2",
+    progress: bool = True,
+    **compact_options: Any,
+) -> CheckpointResult:
+    """Compact the Hugging Face checkpoint in ``src_dir`` into ``dst_dir``, shard by shard.
+
+    The result equals ``graphprune.compact(loaded_model, example_input, ratio, importance=...,
+    **compact_options)`` saved with the source's shard layout: same plan, same weights. Memory
+    is about one shard, whatever the model size (see the module docstring). ``importance`` is
+    "l1" or "l2" (weights read from the shards); ``compact_options`` are make_plan's
+    (attention, prune_hidden, ignored_layers, global_pruning, ratios, round_to...).
+    ``example_input`` defaults to 16 token ids (``dict(input_ids=...)``) on the meta device.
+    """
+    from graphprune.api import apply_plan, make_plan
+
+    src, dst = Path(src_dir), Path(dst_dir)
+    if importance not in ("l1", "l2"):
+        raise InputError(f"compact_checkpoint scores weights read from the shards: importance must be "
+                         f"'l1' or 'l2', got {importance!r}. Load the model and use graphprune.compact "
+                         "for other criteria.")
+    unknown = {"data", "loss_fn", "inplace", "verify"} & set(compact_options)
+    if unknown:
+        raise InputError(f"compact_checkpoint does not take {sorted(unknown)} (it never loads the model)")
+    ckpt = read_checkpoint(src)
+    _check_dst(dst, src)
+    model = build_meta_model(src)
+    names = _aliases(model)
+    x = example_input if example_input is not None else {
+        "input_ids": torch.zeros(1, 16, dtype=torch.long, device="meta")}
+    criterion = ShardMagnitude(1 if importance == "l1" else 2, position_sums(ckpt, names, int(importance[1]),
+                                                                              progress))
+    criterion.name = importance
+    plan = make_plan(model, x, ratio, importance=criterion, **compact_options)
+    _check_plan_covers(ckpt, names, plan, _persistent_names(model))
+    b_in, b_out = _bytes(ckpt, names, plan)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dst.parent).free
+    if free < b_out + 2**20:
+        raise InputError(f"{dst.parent} has {free / 2**30:.2f} GiB free, the compact checkpoint needs "
+                         f"{b_out / 2**30:.2f} GiB; free some space or choose another dst_dir")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        written = _write_shards(ckpt, tmp, names, plan, progress)
+        _write_index(ckpt, tmp, written)
+        small = apply_plan(model, plan)
+        updated = _write_config(small, plan, tmp, src)
+        (tmp / PLAN_FILE).write_text(plan.to_json())
+        _copy_other_files(src, tmp, ckpt)
+        if dst.exists():
+            dst.rmdir()  # empty (checked above)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CheckpointResult(dst, plan, updated, b_in, written, list(plan.notes))

@@ -1,0 +1,229 @@
+"""Memory and time of compacting an LLM: graphprune vs Torch-Pruning, and a streamed checkpoint.
+
+Every run is its own subprocess, so its peak RSS (``ru_maxrss``) is its own; runs go one after
+another, never two at once. Real float32 weights (random values: memory and time do not depend
+on them). The model is a LLaMA built from a config, no download.
+
+    python tools/llm_memory.py                        # TinyLlama-1.1B shape (4.1 GiB fp32)
+    python tools/llm_memory.py --shape small          # ~0.4 GiB, for development
+    python tools/llm_memory.py --tools graphprune --profile   # where graphprune's time goes
+    python tools/llm_memory.py --checkpoint DIR       # write a sharded checkpoint, compact it
+                                                      # with compact_checkpoint, report peak RSS
+
+Targets (issue 12): peak RSS <= 1.3x the model's size + 0.8 GiB, and no slower than
+Torch-Pruning on the same model. Without ``inplace`` graphprune keeps the user's model and
+builds the compact one beside it (peak about model + compact model); ``inplace=True`` shrinks
+the model itself. Torch-Pruning always prunes in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHAPES = {
+    # TinyLlama-1.1B: hidden 2048, 22 blocks, 32 heads in 4 KV groups, SwiGLU 5632, vocab 32000
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+}
+TOOLS = ("graphprune", "graphprune-inplace", "torch-pruning")
+
+
+def _peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process: on a shared machine a fairer clock than wall time."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _config(shape: str) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[shape])
+
+
+def run_one(tool: str, shape: str, ratio: float, profile: bool) -> dict[str, Any]:
+    """Build the model, compact it with ``tool``; seconds and peak RSS of this process."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(shape)).eval()
+    model.config.use_cache = False  # as Torch-Pruning's LLM example does (its tracer cannot walk a cache)
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    after_build = _peak_gib()
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    x = {"input_ids": ids}
+    prof = cProfile.Profile() if profile else None
+    cpu0 = _cpu_s()
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    if tool.startswith("graphprune"):
+        import graphprune
+
+        small = graphprune.compact(model, x, ratio, inplace=tool.endswith("inplace"))
+    else:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from tp_baseline import prune_with_tp
+
+        small = prune_with_tp(model, x, ratio)
+    if prof:
+        prof.disable()
+    seconds = time.perf_counter() - t0
+    cpu = _cpu_s() - cpu0
+    with torch.no_grad():
+        runs = tuple(small(**x).logits.shape) == (1, 16, model.config.vocab_size)
+    out = {
+        "tool": tool, "shape": shape, "model_gib": size, "rss_after_build_gib": after_build,
+        "peak_rss_gib": _peak_gib(), "seconds": seconds, "cpu_seconds": cpu, "runs": runs,
+        "compact_gib": sum(p.numel() * p.element_size() for p in small.parameters()) / 2**30,
+        "loadavg": os.getloadavg()[0],
+    }
+    if prof:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats("graphprune", 30)
+        out["profile"] = buf.getvalue()
+    return out
+
+
+def write_checkpoint(folder: Path, shape: str, shard_gib: float) -> None:
+    """A sharded safetensors checkpoint of random float32 weights, written tensor by tensor from
+    the meta model's shapes: the writer never holds more than one shard."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    folder.mkdir(parents=True)
+    config = _config(shape)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(config)
+    names = list(meta.state_dict().items())
+    gen = torch.Generator().manual_seed(0)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    plan = []
+    for name, t in names:
+        nbytes = t.numel() * 4
+        if sizes[-1] and sizes[-1] + nbytes > shard_gib * 2**30:
+            shards.append({})
+            sizes.append(0)
+        plan.append((len(shards) - 1, name, tuple(t.shape)))
+        sizes[-1] += nbytes
+    n = len(shards)
+    weight_map = {}
+    for k in range(n):
+        fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {name: torch.randn(shp, generator=gen) * 0.02 for s, name, shp in plan if s == k}
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def run_checkpoint(src: Path, ratio: float) -> dict[str, Any]:
+    import graphprune
+
+    dst = src.with_name(src.name + "-compact")
+    shutil.rmtree(dst, ignore_errors=True)
+    shards = sorted(src.glob("*.safetensors"))
+    cpu0 = _cpu_s()
+    t0 = time.perf_counter()
+    result = graphprune.compact_checkpoint(src, dst, ratio, progress=False)
+    seconds = time.perf_counter() - t0
+    cpu = _cpu_s() - cpu0
+    shutil.rmtree(dst, ignore_errors=True)
+    return {
+        "tool": "compact_checkpoint", "shards": len(shards),
+        "largest_shard_gib": max(p.stat().st_size for p in shards) / 2**30,
+        "model_gib": result.bytes_in / 2**30, "written_gib": result.bytes_out / 2**30,
+        "peak_rss_gib": _peak_gib(), "seconds": seconds, "cpu_seconds": cpu,
+        "config_updated": result.config_updated,
+        "read_write_gib_per_s": (2 * result.bytes_in + result.bytes_out) / 2**30 / seconds,
+        "loadavg": os.getloadavg()[0],
+    }
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, *args]
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's graphprune, not an installed one
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {"failed": proc.stderr[-2000:], "args": args}
+    return json.loads(line[len("RESULT "):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=tuple(SHAPES), default="tinyllama")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--tools", default=",".join(TOOLS))
+    p.add_argument("--profile", action="store_true", help="cProfile graphprune's call (cumulative)")
+    p.add_argument("--checkpoint", metavar="DIR", help="write a sharded checkpoint here (deleted after)")
+    p.add_argument("--shard-gib", type=float, default=0.5)
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--one-checkpoint", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args.shape, args.ratio, args.profile)))
+        return 0
+    if args.one_checkpoint:
+        print("RESULT " + json.dumps(run_checkpoint(Path(args.one_checkpoint), args.ratio)))
+        return 0
+    if args.checkpoint:
+        src = Path(args.checkpoint) / f"{args.shape}-fp32"
+        shutil.rmtree(src, ignore_errors=True)
+        write_checkpoint(src, args.shape, args.shard_gib)
+        try:
+            r = _child(["--one-checkpoint", str(src), "--ratio", str(args.ratio)])
+        finally:
+            shutil.rmtree(src, ignore_errors=True)
+        print(json.dumps(r, indent=1))
+        return 0
+    rows = []
+    for tool in args.tools.split(","):
+        extra = ["--profile"] if args.profile else []
+        r = _child(["--one", tool, "--shape", args.shape, "--ratio", str(args.ratio), *extra])
+        if "profile" in r:
+            print(r.pop("profile"))
+        rows.append(r)
+        print(json.dumps(r), file=sys.stderr)
+    print(f"{'tool':<20} {'model GiB':>9} {'peak GiB':>9} {'target':>7} {'seconds':>8} {'cpu s':>8} "
+          f"{'compact GiB':>11} {'runs':>5} {'load':>5}")
+    for r in rows:
+        if "failed" in r:
+            print(f"{r['args'][1]:<20} failed: {r['failed'][-300:]}")
+            continue
+        target = 1.3 * r["model_gib"] + 0.8
+        print(f"{r['tool']:<20} {r['model_gib']:9.2f} {r['peak_rss_gib']:9.2f} {target:7.2f} "
+              f"{r['seconds']:8.1f} {r['cpu_seconds']:8.1f} {r['compact_gib']:11.2f} {str(r['runs']):>5} "
+              f"{r['loadavg']:5.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -220,7 +220,8 @@ CASES: dict[str, tuple[str, Runner]] = {  # case id -> (public name, runner)
 NOT_ENTRY_POINTS = {
     **dict.fromkeys(
         ["Analysis", "BenchmarkReport", "ExportResult", "Group", "LatencyStats", "Member", "Plan",
-         "SensitivityTable", "TargetResult", "VerifyReport", "Block", "__version__"],
+         "SensitivityTable", "TargetResult", "VerifyReport", "Block", "CheckpointResult",
+         "__version__"],
         "a result type",
     ),
     **dict.fromkeys(
@@ -230,6 +231,7 @@ NOT_ENTRY_POINTS = {
     ),
     "Importance": "a criterion's base class: graphprune calls criteria on its own copies",
     "lamp": "builds a criterion: graphprune calls criteria on its own copies",
+    "compact_checkpoint": "reads checkpoint folders, never a model object (tests/test_llm.py)",
 }
 # unstructured's magnitude_prune / random_prune / nm_prune / snip / make_permanent / find_ticket and
 # recover's student change the model they are given, by contract (like torch.nn.utils.prune):

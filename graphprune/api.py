@@ -14,6 +14,7 @@ from graphprune.graph.analysis import Analysis, analyze, check_attention, param_
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.rules.attention import head_count_updates
 from graphprune.graph.trace import check_model
+from graphprune.reconstruct import hook as recon
 from graphprune.planning.cut import CutOptions, check_options
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
 from graphprune.planning.plan import AttrUpdate, Plan, build_plan, check_ratio
@@ -51,7 +52,12 @@ def _where_to_cut(kwargs: dict[str, Any]) -> dict[str, Any]:
         ratios=kwargs.pop("ratios", None),
         round_to=kwargs.pop("round_to", None),
     )
-    return {"data": kwargs.pop("data", None), "loss_fn": kwargs.pop("loss_fn", None), "options": opts}
+    return {
+        "data": kwargs.pop("data", None),
+        "loss_fn": kwargs.pop("loss_fn", None),
+        "options": opts,
+        "reconstruct": kwargs.pop("reconstruct", False),
+    }
 
 
 def _plan_and_model(
@@ -66,26 +72,50 @@ def _plan_and_model(
     loss_fn: Any = None,
     options: CutOptions | None = None,
     fallback: str = "freeze",
+    reconstruct: Any = False,
+    progress: bool = False,
+    verify: bool = False,
 ) -> tuple[Plan, nn.Module, Analysis]:
+    """Plan, (reconstruct,) realise, (verify): (plan, model, analysis).
+
+    With ``reconstruct`` the reference weights of the verification are the reconstructed
+    full-size model (the analysis' model, left unsliced), not the user's.
+    """
     check_model(model)
     ratio = check_ratio(ratio)
     fallback = check_fallback(fallback)
     if options is not None:
         check_options(options)
+    rec = recon.check_request(reconstruct, data, example_input)  # bad data: refused before any work
+    source, added = recon.prepare_model(model) if rec else (model, [])
     analysis, criterion = _prepare(
-        model, example_input, importance, ignored_layers, data=data, loss_fn=loss_fn, **structure
+        source, example_input, importance, ignored_layers, data=data, loss_fn=loss_fn, **structure
     )
     name = _importance_name(importance)
-    plan = build_plan(analysis, ratio, criterion, name, options=options)
+
+    def planned(an: Analysis) -> Plan:
+        plan = build_plan(an, ratio, criterion, name, options=options)
+        if rec:
+            plan = recon.reconstructed_plan(an, plan, data, rec, options, progress=progress)
+        return plan
 
     def replan(prefixes: list[str]) -> tuple[Analysis, Plan]:
         """The same plan with ``prefixes`` frozen, as if the user had listed them in ignored_layers
         (a fresh analysis of the untouched user model; the criterion's measurements are reused)."""
         ignored = [*_as_list(ignored_layers), *prefixes]
-        again = analyze(model, example_input, ignored_layers=ignored, **structure)
-        return again, build_plan(again, ratio, criterion, name, options=options)
+        again = analyze(source, example_input, ignored_layers=ignored, **structure)
+        return again, planned(again)
 
-    small, plan, analysis = _realize_full(analysis, plan, example_input, fallback=fallback, replan=replan)
+    plan = planned(analysis)
+    small, plan, analysis = _realize_full(
+        analysis, plan, example_input, fallback=fallback, replan=replan, copy_model=bool(rec)
+    )
+    if verify:
+        from graphprune.verify import verify_compact
+
+        verify_compact(analysis, plan, small, example_input, original=analysis.model if rec else model)
+    if rec:
+        recon.finish(small, plan, added)  # after verifying: the plan then forgets the unused biases
     return plan, small, analysis
 
 
@@ -395,6 +425,7 @@ def compact(
     target_latency_ms: float | None = None,
     progress: bool = False,
     fallback: str = "freeze",
+    reconstruct: Any = False,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
@@ -422,6 +453,12 @@ def compact(
     ``reshape(B, N, C)`` with ``C`` read off the input): "freeze" (default) keeps every module
     of its class whole, prunes the rest and warns; "graph" prunes everything and returns an fx
     GraphModule instead of your class; "error" raises GraphPruneError naming the module.
+
+    ``reconstruct=True`` (needs ``data``: model inputs or ``(inputs, target)`` batches, no labels
+    needed) chooses each group's units by the reconstruction error of the layers that read them
+    and refits those layers by ridge least squares, group by group on the already-compacted
+    model, then re-estimates BatchNorm statistics; ``graphprune.ReconstructOptions(...)`` tunes
+    it. See graphprune.reconstruct and docs/methods/reconstruction.md.
     """
     check_fallback(fallback)
     training = _modes(model)
@@ -449,11 +486,10 @@ def compact(
         loss_fn=loss_fn,
         options=CutOptions(bool(global_pruning), max_ratio, ratios, round_to),
         fallback=fallback,
+        reconstruct=reconstruct,
+        progress=progress,
+        verify=verify,
     )
-    if verify:
-        from graphprune.verify import verify_compact
-
-        verify_compact(analysis, plan, small, example_input, original=model)
     _set_mode(small, training)
     return small
 
@@ -521,12 +557,10 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
         {"prune_hidden": kwargs.pop("prune_hidden", False), "attention": kwargs.pop("attention", "heads")},
         **_where_to_cut(kwargs),
         fallback=fallback,
+        progress=progress,
+        verify=verify,
     )
     if kwargs:
         raise InputError(f"unexpected arguments: {sorted(kwargs)}")
-    if verify:
-        from graphprune.verify import verify_compact
-
-        verify_compact(analysis, plan, small, example_input, original=model)
     _set_mode(small, training)
     return small, plan

@@ -54,6 +54,8 @@ class Plan:
     # multiply before slicing: {"tensor", "dim", "index", "factor"} (q rows when SDPA's default
     # scale follows a pruned head size, see rules.attention._fold_scale_into_q)
     scales: list[dict[str, Any]] = field(default_factory=list)
+    # modules given a zero bias before slicing (reconstruction's bias compensation needed one)
+    biases: list[str] = field(default_factory=list)
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -86,6 +88,7 @@ class Plan:
             notes=list(d.get("notes", [])),
             structure=dict(d.get("structure", {})),
             scales=[dict(x) for x in d.get("scales", [])],
+            biases=[str(x) for x in d.get("biases", [])],
         )
 
     @classmethod

@@ -209,9 +209,15 @@ def check_plan_fits(base_model: nn.Module, plan: Plan) -> None:
 
     Every sliced tensor must exist with the shape the plan was made on, every kept index must be
     in range, and every attribute the plan changes must exist with the value the plan expects
-    (and be a size: an int or a tuple of ints, nothing else).
+    (and be a size: an int or a tuple of ints, nothing else). Biases the plan adds
+    (``plan.biases``, from reconstruction) need only their layer's weight.
     """
+    added = {f"{p}.bias" if p else "bias" for p in plan.biases}
+    for path in plan.biases:
+        plan_tensor(base_model, f"{path}.weight" if path else "weight", "adds a bias next to")
     for name, dims in plan.slices.items():
+        if name in added:
+            continue  # replay creates it (zeros sized by the weight) before slicing
         t = plan_tensor(base_model, name, "slices")
         if not isinstance(t, torch.Tensor):
             raise PlanMismatchError(f"the plan slices {name!r} but the base model's {name} is not a tensor")

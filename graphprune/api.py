@@ -14,10 +14,10 @@ from graphprune.graph.analysis import Analysis, analyze, check_attention, param_
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.rules.attention import head_count_updates
 from graphprune.graph.trace import check_model
-from graphprune.reconstruct import hook as recon
 from graphprune.planning.cut import CutOptions, check_options
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
 from graphprune.planning.plan import AttrUpdate, Plan, build_plan, check_ratio
+from graphprune.reconstruct import hook as recon
 from graphprune.surgery.fallback import (
     MAX_ROUNDS,
     Failure,

@@ -31,7 +31,7 @@ import sysconfig
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import graphprune  # noqa: E402
 from accuracy import Task, make_cnn, make_transformer, tp_prune, train_generic  # noqa: E402
+
+import graphprune  # noqa: E402
 from graphprune.cli.demo import load_digits_data  # noqa: E402
 
 GP_ROWS = ["l2", "taylor", "hessian", "activation", "random", "l2 + refit", "reconstruct"]
@@ -222,45 +223,84 @@ def fmt(values: list[float], metric: str) -> str:
     return f"{m:.1f} ± {s:.1f}{unit}" if metric == "accuracy" else f"{m:.2f} ± {s:.2f}"
 
 
-def run_model(spec: Spec, ratios: list[float], seeds: int, log: Callable[[str], None]) -> list[str]:
-    t = spec.task
-    base = score(spec, t.model)
-    base_params = graphprune.count_params(t.model)
-    size = 32 if spec.metric == "perplexity" else 64
-    cells: dict[tuple[float, str, str], list[float]] = {}
-    params: dict[tuple[float, str, str], int] = {}
-    errors: dict[tuple[float, str, str], str] = {}
-    cost: dict[str, list[tuple[float, float]]] = {}
+@dataclass
+class Results:
+    cells: dict[tuple[float, str, str], list[float]] = field(default_factory=dict)
+    params: dict[tuple[float, str, str], int] = field(default_factory=dict)
+    errors: dict[tuple[float, str, str], str] = field(default_factory=dict)
+    cost: dict[tuple[float, str], list[tuple[float, float]]] = field(default_factory=dict)
+
+
+def prune_once(spec: Spec, lib: str, row: str, ratio: float, seed: int, res: Results) -> None:
+    """One pruning, scored; a failure is recorded as a result."""
+    key = (ratio, lib, row)
+    calib = calibration(spec.task, seed, 32 if spec.metric == "perplexity" else 64)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if lib == "graphprune":
+            small, plan = gp_prune(spec, row, ratio, calib, seed)
+            rec = getattr(plan, "reconstruction", None)
+            mib = rec.peak_bytes / 2**20 if rec else 0.0
+            res.cost.setdefault((ratio, row), []).append((time.perf_counter() - t0, mib))
+        else:
+            small = tp_run(spec, row, ratio, calib, seed)
+    res.cells.setdefault(key, []).append(score(spec, small))
+    res.params[key] = graphprune.count_params(small)
+
+
+def measure(spec: Spec, ratios: list[float], seeds: int, log: Callable[[str], None]) -> Results:
+    res = Results()
     for ratio in ratios:
         for lib, rows in (("graphprune", GP_ROWS), ("torch-pruning", TP_ROWS)):
             for row in rows:
                 key = (ratio, lib, row)
                 for seed in range(seeds if row in SEEDED else 1):
-                    calib = calibration(t, seed, size)
-                    t0 = time.perf_counter()
                     try:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            if lib == "graphprune":
-                                small, plan = gp_prune(spec, row, ratio, calib, seed)
-                                rec = getattr(plan, "reconstruction", None)
-                                if row in ("l2", "reconstruct"):
-                                    mib = rec.peak_bytes / 2**20 if rec else 0.0
-                                    cost.setdefault(f"{ratio}:{row}", []).append((time.perf_counter() - t0, mib))
-                            else:
-                                small = tp_run(spec, row, ratio, calib, seed)
-                        cells.setdefault(key, []).append(score(spec, small))
-                        params[key] = graphprune.count_params(small)
+                        prune_once(spec, lib, row, ratio, seed, res)
                     except Exception as exc:  # noqa: BLE001 - a failure is a result
-                        errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:70] if str(exc) else ''}"
+                        first = str(exc).splitlines()[0][:70] if str(exc) else ""
+                        res.errors[key] = f"{type(exc).__name__}: {first}"
                         break
-                log(f"  {ratio} {lib:<13} {row:<12} {fmt(cells.get(key, []), spec.metric)} "
-                    f"{errors.get(key, '')}")
+                log(f"  {ratio} {lib:<13} {row:<12} {fmt(res.cells.get(key, []), spec.metric)} "
+                    f"{res.errors.get(key, '')}")
+    return res
+
+
+def cell(res: Results, key: tuple[float, str, str], metric: str) -> str:
+    if key[1] == "torch-pruning" and key[2] not in TP_ROWS:
+        return " | "
+    if key in res.errors:
+        return f"failed: {res.errors[key]} | "
+    return f"{fmt(res.cells.get(key, []), metric)} | {res.params.get(key, 0):,}"
+
+
+def verdict(res: Results, ratio: float, metric: str) -> str:
+    """Does reconstruct beat every plain criterion (both libraries) at this ratio?"""
+    def mean(key: tuple[float, str, str]) -> float | None:
+        vals = res.cells.get(key)
+        return statistics.mean(vals) if vals and key not in res.errors else None
+
+    rec = mean((ratio, "graphprune", "reconstruct"))
+    plain = [(f"{lib} {row}", mean((ratio, lib, row))) for lib, rows in
+             (("graphprune", GP_ROWS[:5]), ("torch-pruning", TP_ROWS)) for row in rows]
+    plain = [(n, v) for n, v in plain if v is not None]
+    if rec is None or not plain:
+        return ""
+    best_name, best = (max if metric == "accuracy" else min)(plain, key=lambda nv: nv[1])
+    wins = rec > best if metric == "accuracy" else rec < best
+    return (f"reconstruct {'beats' if wins else 'does NOT beat'} the best plain criterion "
+            f"({best_name}: {fmt([best], metric)}) with {fmt([rec], metric)} (means).")
+
+
+def render(spec: Spec, res: Results, ratios: list[float]) -> list[str]:
+    t = spec.task
     better = "higher" if spec.metric == "accuracy" else "lower"
     lines = [
         f"### {t.name}",
         "",
-        f"Unpruned: {spec.metric} {fmt([base], spec.metric)} ({better} is better), {base_params:,} parameters.",
+        f"Unpruned: {spec.metric} {fmt([score(spec, t.model)], spec.metric)} ({better} is better), "
+        f"{graphprune.count_params(t.model):,} parameters.",
         "",
     ]
     for ratio in ratios:
@@ -271,28 +311,21 @@ def run_model(spec: Spec, ratios: list[float], seeds: int, log: Callable[[str], 
             "|---|---:|---:|---:|---:|",
         ]
         for row in GP_ROWS:
-            def col(lib: str) -> str:
-                key = (ratio, lib, row)
-                if lib == "torch-pruning" and row not in TP_ROWS:
-                    return " | "
-                if key in errors:
-                    return f"failed: {errors[key]} | "
-                return f"{fmt(cells.get(key, []), spec.metric)} | {params.get(key, 0):,}"
             label = f"**{row}**" if row == "reconstruct" else row
-            lines.append(f"| {label} | {col('graphprune')} | {col('torch-pruning')} |")
-        lines.append("")
+            lines.append(f"| {label} | {cell(res, (ratio, 'graphprune', row), spec.metric)} "
+                         f"| {cell(res, (ratio, 'torch-pruning', row), spec.metric)} |")
+        lines += ["", verdict(res, ratio, spec.metric), ""]
     timing = []
     for ratio in ratios:
-        l2 = cost.get(f"{ratio}:l2", [])
-        rc = cost.get(f"{ratio}:reconstruct", [])
+        l2, rc = res.cost.get((ratio, "l2"), []), res.cost.get((ratio, "reconstruct"), [])
         if l2 and rc:
             timing.append(
-                f"ratio {ratio}: compact {statistics.mean(s for s, _ in l2):.1f}s with l2, "
+                f"ratio {ratio}: {statistics.mean(s for s, _ in l2):.1f}s with l2, "
                 f"{statistics.mean(s for s, _ in rc):.1f}s with reconstruct=True "
                 f"(statistics peak {max(m for _, m in rc):.2f} MiB)"
             )
     if timing:
-        lines += ["Cost (wall time of the whole compact call, loaded machine): " + "; ".join(timing) + ".", ""]
+        lines += ["Cost (wall time of the whole compact call): " + "; ".join(timing) + ".", ""]
     return lines
 
 
@@ -327,13 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         spec = makers[key](args.quick)
         print(f"{spec.task.name}: trained in {time.perf_counter() - t0:.0f}s, "
               f"{spec.metric} {score(spec, spec.task.model):.4f}", flush=True)
-        sections += run_model(spec, ratios, seeds, lambda s: print(s, flush=True))
+        res = measure(spec, ratios, seeds, lambda s: print(s, flush=True))
+        sections += render(spec, res, ratios)
     import torch_pruning as tp
 
+    cmd = " ".join(argv if argv is not None else sys.argv[1:])
     head = [
         "## Accuracy right after pruning (no fine-tuning): graphprune vs Torch-Pruning",
         "",
-        f"Generated by `python tools/reconstruction.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
+        f"Generated by `python tools/reconstruction.py {cmd}` "
         f"(torch {torch.__version__}, torch-pruning {getattr(tp, '__version__', '?')}, CPU, 1 thread, "
         f"{time.perf_counter() - t_start:.0f}s on a shared, loaded machine). mean ± std over {seeds} "
         "seeds of the calibration sample (and of the random scores); a single number where nothing is "

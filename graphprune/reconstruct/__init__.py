@@ -13,6 +13,6 @@ surgery:
 """
 
 from graphprune.reconstruct.moments import Moments, SecondMoments
-from graphprune.reconstruct.run import ReconstructOptions, Reconstruction
+from graphprune.reconstruct.run import Reconstruction, ReconstructOptions
 
 __all__ = ["Moments", "ReconstructOptions", "Reconstruction", "SecondMoments"]

@@ -21,10 +21,9 @@ recurrent weights (``weight_hh``) are not refit: their input is the state being 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
-
-import re
 
 import numpy as np
 import torch

@@ -90,7 +90,8 @@ def reconstructed_plan(
     new.notes.append(
         f"reconstruct: {len(rec.refit)} consumer weights refit by ridge least squares (ridge "
         f"{options.ridge:g}) on the compacted prefix, {rec.passes} calibration passes, "
-        f"{rec.seconds:.1f}s, statistics peak {rec.peak_bytes / 2**20:.1f} MiB" + ("; BatchNorm statistics re-estimated" if rec.batchnorm else "")
+        f"{rec.seconds:.1f}s, statistics peak {rec.peak_bytes / 2**20:.1f} MiB"
+        + ("; BatchNorm statistics re-estimated" if rec.batchnorm else "")
     )
     new.reconstruction = rec  # type: ignore[attr-defined]  # the run's summary, not saved
     return new

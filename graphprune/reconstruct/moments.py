@@ -56,7 +56,9 @@ class SecondMoments:
         self.dtype = dtype
         self.stats: dict[Hashable, Moments] = {}
 
-    def add(self, key: Hashable, x: torch.Tensor, y: torch.Tensor | None = None, *, diagonal: bool = False) -> None:
+    def add(
+        self, key: Hashable, x: torch.Tensor, y: torch.Tensor | None = None, *, diagonal: bool = False
+    ) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
         if y is not None:
             y = y.detach().reshape(-1, y.shape[-1]).to(self.dtype)
@@ -88,12 +90,19 @@ class SecondMoments:
     def __contains__(self, key: Hashable) -> bool:
         return key in self.stats
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the sums (what one group's statistics cost)."""
+        tensors = [t for m in self.stats.values() for t in (m.xx, m.xy) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def merge(self, other: SecondMoments) -> None:
         """Add another accumulator's sums (e.g. from another shard of the calibration data)."""
         for key, m in other.stats.items():
             old = self.stats.get(key)
             if old is None:
-                self.stats[key] = Moments(m.xx.clone(), None if m.xy is None else m.xy.clone(), m.n, m.diagonal)
+                xy = None if m.xy is None else m.xy.clone()
+                self.stats[key] = Moments(m.xx.clone(), xy, m.n, m.diagonal)
             else:
                 old.xx += m.xx
                 if m.xy is not None:

@@ -24,7 +24,9 @@ def reestimate_batchnorm(model: nn.Module, data: Any, max_batches: int | None = 
     norms = {
         p: m
         for p, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
     }
     if not norms:
         return 0

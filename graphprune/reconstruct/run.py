@@ -45,7 +45,7 @@ from graphprune.reconstruct.consumers import (
 )
 from graphprune.reconstruct.moments import SecondMoments
 from graphprune.reconstruct.norms import reestimate_batchnorm
-from graphprune.reconstruct.select import greedy_obs, make_problem, refit
+from graphprune.reconstruct.select import Problem, greedy_obs, make_problem, refit
 
 DEFAULT_RIDGE = 1e-2
 
@@ -228,6 +228,49 @@ def _group_order(groups: list[Group], work: nn.Module, order: dict[str, int]) ->
     return sorted(groups, key=lambda g: (first(g), g.index))
 
 
+def _problem(c: Consumer, target: nn.Module, work: nn.Module, stats: SecondMoments,
+             dead: dict[str, np.ndarray], ridge: float) -> Problem:
+    """Consumer ``c``'s least-squares problem on its live columns (not removed by earlier groups)."""
+    kk = kernel_size(work.get_submodule(c.module))
+    col_unit = np.append(np.repeat(c.unit_of, kk), -1)  # the constant column is no unit
+    dead_cols = np.repeat(dead.get(c.weight, np.zeros(len(c.unit_of), dtype=bool)), kk)
+    live = np.flatnonzero(np.append(~dead_cols, c.bias is not None))
+    w_orig = weight_matrix(target, c).double()
+    if c.bias is not None:
+        b_orig = param_tensor(target, c.bias).detach().double()
+    else:
+        b_orig = torch.zeros(w_orig.shape[0], dtype=torch.float64)
+    m = stats[c.key]
+    return make_problem(m.gram, m.cross, torch.cat([w_orig, b_orig[:, None]], 1), col_unit, live, ridge)
+
+
+def _solve_group(
+    g: Group,
+    cons: list[Consumer],
+    planned: list[int],
+    target: nn.Module,
+    work: nn.Module,
+    data: Any,
+    dead: dict[str, np.ndarray],
+    opts: ReconstructOptions,
+    result: Reconstruction,
+) -> list[int]:
+    """Statistics, selection and refit for one group; returns its removed units."""
+    stats = collect(target, work, cons, data, opts.max_batches)
+    result.passes += 1
+    problems = [_problem(c, target, work, stats, dead, opts.ridge) for c in cons]
+    held = stats.nbytes + sum(p.hinv.numel() * 8 + p.w.numel() * 8 for p in problems)
+    result.peak_bytes = max(result.peak_bytes, held)
+    forced = planned if opts.selection == "plan" else None
+    removed = greedy_obs(problems, g.num_units, len(planned), forced=forced)
+    for p, c in zip(problems, cons):
+        w = weight_matrix(work, c)
+        weight, bias = refit(p, w.shape[1], w.shape[0], c.bias is not None)
+        write(work, c, weight, bias)
+        result.refit.append(c.weight)
+    return removed
+
+
 def reconstruct(
     analysis: Analysis,
     planned: dict[int, list[int]],
@@ -254,39 +297,9 @@ def reconstruct(
     dead: dict[str, np.ndarray] = {}
     bar = _bar(len(todo), progress)
     for g in todo:
-        k = len(planned[g.index])
         cons = consumers_of(g, work)
         if cons:
-            stats = collect(target, work, cons, data, opts.max_batches)
-            result.passes += 1
-            problems, shapes = [], []
-            for c in cons:
-                mod = work.get_submodule(c.module)
-                kk = kernel_size(mod)
-                col_unit = np.append(np.repeat(c.unit_of, kk), -1)  # the constant column is no unit
-                w = weight_matrix(work, c)
-                d = w.shape[1]
-                dead_cols = np.repeat(dead.get(c.weight, np.zeros(len(c.unit_of), dtype=bool)), kk)
-                live = np.flatnonzero(np.append(~dead_cols, c.bias is not None))
-                w_orig = weight_matrix(target, c).double()
-                b_orig = (
-                    param_tensor(target, c.bias).detach().double()
-                    if c.bias is not None
-                    else torch.zeros(w.shape[0], dtype=torch.float64)
-                )
-                w_aug = torch.cat([w_orig, b_orig[:, None]], 1)
-                m = stats[c.key]
-                problems.append(make_problem(m.gram, m.cross, w_aug, col_unit, live, opts.ridge))
-                shapes.append((c, d, w.shape[0]))
-            forced = planned[g.index] if opts.selection == "plan" else None
-            held = sum(t.numel() * t.element_size() for m in stats.stats.values() for t in (m.xx, m.xy) if t is not None)
-            held += sum(p.hinv.numel() * 8 + p.w.numel() * 8 for p in problems)
-            result.peak_bytes = max(result.peak_bytes, held)
-            removed = greedy_obs(problems, g.num_units, k, forced=forced)
-            for p, (c, d, out) in zip(problems, shapes):
-                weight, bias = refit(p, d, out, c.bias is not None)
-                write(work, c, weight, bias)
-                result.refit.append(c.weight)
+            removed = _solve_group(g, cons, planned[g.index], target, work, data, dead, opts, result)
         else:
             removed = sorted(planned[g.index])
         result.chosen[g.index] = removed

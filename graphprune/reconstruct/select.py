@@ -78,7 +78,7 @@ def _unit_errors(p: Problem, units: list[int]) -> np.ndarray:
         cols = p.cols_of.get(u)
         if cols is not None and cols.size:
             by_size.setdefault(cols.size, []).append(i)
-    for size, idxs in by_size.items():
+    for idxs in by_size.values():
         idx = torch.as_tensor(np.stack([p.cols_of[units[i]] for i in idxs]), dtype=torch.long)  # (n, s)
         block = p.hinv[idx[:, :, None], idx[:, None, :]]  # (n, s, s)
         wu = p.w[idx]  # (n, s, out)

@@ -102,7 +102,7 @@ def check_data(data: Any, example_input: Any) -> None:
         )
     for a, b in zip([*ea, *(ek[k] for k in sorted(ek))], [*da, *(dk[k] for k in sorted(dk))]):
         if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor) or (
-            isinstance(a, torch.Tensor) and (a.dim() != b.dim() or a.shape[1:] != b.shape[1:] and a.dim() > 2)
+            isinstance(a, torch.Tensor) and a.dim() != b.dim()
         ):
             raise InputError(
                 f"{what}: a calibration input of shape {tuple(getattr(b, 'shape', ()))} does not match "
@@ -113,7 +113,13 @@ def check_data(data: Any, example_input: Any) -> None:
 
 
 def execution_order(model: nn.Module, inputs: Any) -> dict[str, int]:
-    """Module path -> index of its first call on ``inputs``."""
+    """Module path -> index of its first call on ``inputs`` (the first calibration batch).
+
+    This first run is also the last check of the data: a batch the model cannot take, or one
+    that makes it produce NaN/inf, is refused here, before any statistic is taken.
+    """
+    from graphprune.graph.inputs import flatten_outputs
+
     order: dict[str, int] = {}
     handles = []
 
@@ -126,10 +132,21 @@ def execution_order(model: nn.Module, inputs: Any) -> dict[str, int]:
         handles.append(mod.register_forward_pre_hook(first_call(path)))
     try:
         with torch.no_grad():
-            forward(model, inputs)
+            outputs = flatten_outputs(forward(model, inputs))
+    except Exception as exc:  # noqa: BLE001 - the user's data, the user's model: say which
+        raise InputError(
+            f"reconstruct=True: the model fails on the first calibration batch ({type(exc).__name__}: "
+            f"{exc}). Calibration batches must be inputs like the example input (only the batch size "
+            "may differ), or (inputs, target) pairs."
+        ) from exc
     finally:
         for h in handles:
             h.remove()
+    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in outputs):
+        raise InputError(
+            "reconstruct=True: the model's outputs on the first calibration batch are not finite (NaN "
+            "or inf); check the calibration data (scale, dtype) before reconstructing."
+        )
     return order
 
 

@@ -471,7 +471,8 @@ def compact(
                          ignored_layers=ignored_layers, prune_hidden=prune_hidden, attention=attention,
                          verify=verify,
                          data=data, loss_fn=loss_fn, global_pruning=global_pruning, max_ratio=max_ratio,
-                         ratios=ratios, round_to=round_to, progress=progress, fallback=fallback).model
+                         ratios=ratios, round_to=round_to, progress=progress, fallback=fallback,
+                         reconstruct=reconstruct).model
         _set_mode(small, training)
         return small
     ratio = 0.3 if ratio is None else ratio

@@ -324,3 +324,30 @@ def test_bare_inputs_and_input_target_pairs_agree() -> None:
     a = graphprune.compact(model, calib[0][:4], 0.5, data=calib, reconstruct=True)
     b = graphprune.compact(model, calib[0][:4], 0.5, data=[(c, np.zeros(1)) for c in calib], reconstruct=True)
     assert_same_outputs(a, b, calib[1], rtol=0.0, what="inputs vs (inputs, target) pairs")
+
+
+def test_cli_calib_and_reconstruct(tmp_path, capsys) -> None:
+    from graphprune.cli import commands as cli
+
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(64, 64), calib)
+    assert cli.main(["compact", "zoo:mlp", "--ratio", "0.5", "--calib", str(calib), "--reconstruct"]) == 0
+    assert "importance=obs" in capsys.readouterr().out
+    assert cli.main(["compact", "zoo:mlp", "--reconstruct"]) == 2
+    assert "--calib" in capsys.readouterr().err
+
+
+def test_target_search_and_pruner_reconstruct_too() -> None:
+    model = _mlp(0, (6, 32, 32, 4))
+    calib = [torch.randn(64, 6) for _ in range(2)]
+    x = calib[0][:4]
+    plain = graphprune.compact(model, x, target_params=0.5)
+    rec = graphprune.compact(model, x, target_params=0.5, data=calib, reconstruct=True)
+    assert [m.out_features for m in rec if isinstance(m, nn.Linear)] == [
+        m.out_features for m in plain if isinstance(m, nn.Linear)
+    ]
+    assert _calib_error(rec, model, calib) < _calib_error(plain, model, calib)
+    pruner = graphprune.Pruner(model, x, 0.5, steps=2, data=calib, reconstruct=True)
+    small = pruner.run()
+    assert [m.out_features for m in small if isinstance(m, nn.Linear)][:2] == [16, 16]
+    assert _calib_error(small, model, calib) < _calib_error(graphprune.compact(model, x, 0.5), model, calib)

@@ -131,7 +131,7 @@ def make_lm(quick: bool) -> Task:
     x_te, y_te = lm_tensors(test_text, stoi, 64)
     model = CharLM(vocab)
     gen = torch.Generator().manual_seed(0)
-    steps = 300 if quick else 1500
+    steps = 300 if quick else 1000
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     model.train()
@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     text = "\n".join(head + sections) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
     return 0

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 import graphprune
+from graphprune.cli.calib import add_calibration_args, calibration_kwargs
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.analysis import ATTENTION_MODES
 
@@ -199,6 +200,7 @@ def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "prune_hidden": args.prune_hidden,
         "attention": args.attention,
         "fallback": args.fallback,
+        **calibration_kwargs(args),
     }
 
 
@@ -375,6 +377,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance", choices=("l1", "l2"), default="l2",
                    help="channel importance criterion (default l2)")
     add_structure_args(p)
+    add_calibration_args(p)
     p.add_argument("--fallback", choices=("freeze", "graph", "error"), default="freeze",
                    help="when a module's code cannot run at the new sizes: keep such modules whole "
                         "(default), return an fx GraphModule, or stop with an error")

@@ -56,7 +56,7 @@ def _where_to_cut(kwargs: dict[str, Any]) -> dict[str, Any]:
         "data": kwargs.pop("data", None),
         "loss_fn": kwargs.pop("loss_fn", None),
         "options": opts,
-        "reconstruct": kwargs.pop("reconstruct", False),
+        "reconstruct": kwargs.pop("reconstruct", None),
     }
 
 
@@ -408,7 +408,7 @@ def compact(
     example_input: Any,
     ratio: float | None = None,
     *,
-    importance: str | Criterion = "l2",
+    importance: str | Criterion | None = None,
     ignored_layers: Any = (),
     prune_hidden: bool = False,
     attention: str = "heads",
@@ -425,7 +425,7 @@ def compact(
     target_latency_ms: float | None = None,
     progress: bool = False,
     fallback: str = "freeze",
-    reconstruct: Any = False,
+    reconstruct: Any = None,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
@@ -433,8 +433,8 @@ def compact(
     units (channels, heads, ...) removed from each coupled group, like torch.nn.utils.prune's
     ``amount``; each group keeps at least one unit.
 
-    ``importance``: "l1", "l2" (default), "random", "fpgm", "bn_scale", "lamp", or measured on
-    calibration ``data`` (an iterable of ``(inputs, target)`` batches): "taylor" and "hessian"
+    ``importance``: "l1", "l2" (default without ``data``), "random", "fpgm", "bn_scale", "lamp", or
+    measured on calibration ``data`` (an iterable of ``(inputs, target)`` batches): "taylor" and "hessian"
     (need ``loss_fn(output, target)``), "activation", "apoz"; or any callable(group, model).
     ``prune_hidden=True`` also prunes the residual stream (hidden size) of transformers.
     ``attention`` says what attention layers lose: "heads" (default; grouped-query attention loses
@@ -458,9 +458,12 @@ def compact(
     needed) chooses each group's units by the reconstruction error of the layers that read them
     and refits those layers by ridge least squares, group by group on the already-compacted
     model, then re-estimates BatchNorm statistics; ``graphprune.ReconstructOptions(...)`` tunes
-    it. See graphprune.reconstruct and docs/methods/reconstruction.md.
+    it. It is the default when ``data`` is given and ``importance`` is not (it beat every plain
+    criterion measured); pass ``reconstruct=False`` to only use the data for a criterion. See
+    graphprune.reconstruct and docs/methods/reconstruction.md.
     """
     check_fallback(fallback)
+    importance, reconstruct = recon.defaults(importance, reconstruct, data)
     training = _modes(model)
     targets = {"target_flops": target_flops, "target_params": target_params,
                "target_speedup": target_speedup, "target_latency_ms": target_latency_ms}
@@ -500,7 +503,7 @@ def make_plan(
     example_input: Any,
     ratio: float = 0.3,
     *,
-    importance: str | Criterion = "l2",
+    importance: str | Criterion | None = None,
     ignored_layers: Any = (),
     prune_hidden: bool = False,
     attention: str = "heads",
@@ -517,6 +520,7 @@ def make_plan(
     cut = _where_to_cut(where)
     if where:
         raise InputError(f"unexpected arguments: {sorted(where)}")
+    importance, cut["reconstruct"] = recon.defaults(importance, cut["reconstruct"], cut["data"])
     structure = {"prune_hidden": prune_hidden, "attention": attention}
     return _plan_and_model(
         model, example_input, ratio, importance, ignored_layers, structure, fallback=fallback, **cut
@@ -538,6 +542,9 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
     """Like ``compact`` but also return the plan (for printing or saving)."""
     verify = kwargs.pop("verify", True)
     fallback = check_fallback(kwargs.pop("fallback", "freeze"))
+    kwargs["importance"], kwargs["reconstruct"] = recon.defaults(
+        kwargs.get("importance"), kwargs.get("reconstruct"), kwargs.get("data")
+    )
     training = _modes(model)
     targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
     progress = kwargs.pop("progress", False)

@@ -351,3 +351,13 @@ def test_target_search_and_pruner_reconstruct_too() -> None:
     small = pruner.run()
     assert [m.out_features for m in small if isinstance(m, nn.Linear)][:2] == [16, 16]
     assert _calib_error(small, model, calib) < _calib_error(graphprune.compact(model, x, 0.5), model, calib)
+
+
+def test_data_without_a_criterion_means_reconstruct() -> None:
+    model = _mlp(0)
+    calib = [torch.randn(64, 6) for _ in range(2)]
+    x = calib[0][:4]
+    _, auto = graphprune.compact_with_plan(model, x, 0.5, data=calib)
+    _, named = graphprune.compact_with_plan(model, x, 0.5, data=calib, importance="l2")
+    _, off = graphprune.compact_with_plan(model, x, 0.5, data=calib, reconstruct=False)
+    assert (auto.importance, named.importance, off.importance) == ("obs", "l2", "l2")

@@ -20,7 +20,16 @@ from graphprune.planning.plan import Plan, build_plan
 from graphprune.reconstruct.biases import strip_unused, with_biases
 from graphprune.reconstruct.run import ReconstructOptions, check_data, reconstruct
 
-__all__ = ["check_request", "finish", "prepare_model", "reconstructed_plan"]
+__all__ = ["check_request", "defaults", "finish", "prepare_model", "reconstructed_plan"]
+
+
+def defaults(importance: Any, reconstruct: Any, data: Any) -> tuple[Any, Any]:
+    """``importance=None`` / ``reconstruct=None`` (not given) resolved: with calibration ``data`` and
+    no criterion named, reconstruct (the best data-driven choice measured, see
+    docs/methods/reconstruction.md); otherwise l2 magnitude and no reconstruction."""
+    if reconstruct is None:
+        reconstruct = data is not None and importance is None
+    return ("l2" if importance is None else importance), reconstruct
 
 
 def check_request(reconstruct: Any, data: Any, example_input: Any) -> ReconstructOptions | None:

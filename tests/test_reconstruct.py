@@ -361,3 +361,24 @@ def test_data_without_a_criterion_means_reconstruct() -> None:
     _, named = graphprune.compact_with_plan(model, x, 0.5, data=calib, importance="l2")
     _, off = graphprune.compact_with_plan(model, x, 0.5, data=calib, reconstruct=False)
     assert (auto.importance, named.importance, off.importance) == ("obs", "l2", "l2")
+
+
+class FunctionalConsumer(nn.Module):
+    """fc2's weights are used functionally: its module never runs, so no hook sees its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.relu(self.fc1(x)), self.fc2.weight, self.fc2.bias)
+
+
+def test_consumer_that_never_runs_as_a_module_keeps_the_criterion_choice() -> None:
+    torch.manual_seed(0)
+    model = FunctionalConsumer().eval()
+    calib = [torch.randn(32, 6) for _ in range(2)]
+    small = graphprune.compact(model, calib[0][:4], 0.5, data=calib, reconstruct=True)
+    plain = graphprune.compact(model, calib[0][:4], 0.5)
+    assert small.fc1.out_features == 6
+    assert_same_outputs(small, plain, calib[1], rtol=1e-6, what="no statistics: l2's units, no refit")

@@ -288,9 +288,11 @@ def verdict(res: Results, ratio: float, metric: str) -> str:
     if rec is None or not plain:
         return ""
     best_name, best = (max if metric == "accuracy" else min)(plain, key=lambda nv: nv[1])
-    wins = rec > best if metric == "accuracy" else rec < best
-    return (f"reconstruct {'beats' if wins else 'does NOT beat'} the best plain criterion "
-            f"({best_name}: {fmt([best], metric)}) with {fmt([rec], metric)} (means).")
+    gain = rec - best if metric == "accuracy" else best - rec
+    tie = 5e-4 if metric == "accuracy" else 5e-3 * best
+    word = "ties with" if abs(gain) <= tie else "beats" if gain > 0 else "does NOT beat"
+    return (f"reconstruct {word} the best plain criterion ({best_name}: {fmt([best], metric)}) "
+            f"with {fmt([rec], metric)} (means).")
 
 
 def render(spec: Spec, res: Results, ratios: list[float]) -> list[str]:

@@ -272,9 +272,16 @@ def _solve_group(
     opts: ReconstructOptions,
     result: Reconstruction,
 ) -> list[int]:
-    """Statistics, selection and refit for one group; returns its removed units."""
+    """Statistics, selection and refit for one group; returns its removed units.
+
+    A consumer whose module never runs as a module (``nn.MultiheadAttention`` uses its
+    ``out_proj`` weights functionally) gets no statistics and is left as it is.
+    """
     stats = collect(target, work, cons, data, opts.max_batches)
     result.passes += 1
+    cons = [c for c in cons if c.key in stats]
+    if not cons:
+        return sorted(planned)
     problems = [_problem(c, target, work, stats, dead, opts.ridge) for c in cons]
     held = stats.nbytes + sum(p.hinv.numel() * 8 + p.w.numel() * 8 for p in problems)
     result.peak_bytes = max(result.peak_bytes, held)

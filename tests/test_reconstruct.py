@@ -100,12 +100,17 @@ def test_linear_consumer_of_linear_combinations_is_reconstructed_exactly() -> No
     assert _rel(graphprune.compact(model, x[:8], 0.5), model, x) > 1e-2  # without: far off
 
 
-def test_kxk_conv_consumer_is_reconstructed_exactly() -> None:
-    # 1x1 conv of 3 channels -> 8 channels of rank 3 + constant; unpadded 3x3 conv reads them
+@pytest.mark.parametrize("dims", [1, 2])
+def test_kxk_conv_consumer_is_reconstructed_exactly(dims: int) -> None:
+    # 1x1 conv of 3 channels -> 8 channels of rank 3 + constant; an unpadded, strided, dilated
+    # kxk conv reads them (reflect padding would read the same kept values: also exact)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 3)).eval()
-    calib = [torch.randn(16, 3, 7, 7) for _ in range(2)]
-    x = torch.randn(20, 3, 7, 7)
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    model = nn.Sequential(conv(3, 8, 1), conv(8, 4, 3, stride=2, dilation=2, padding=1,
+                                                 padding_mode="reflect")).eval()
+    shape = (3, 9) if dims == 1 else (3, 9, 9)
+    calib = [torch.randn(16, *shape) for _ in range(2)]
+    x = torch.randn(20, *shape)
     small = graphprune.compact(model, x[:2], 0.5, data=calib, reconstruct=EXACT)
     assert small[0].out_channels == 4
     assert _rel(small, model, x) < 1e-5

@@ -256,7 +256,7 @@ def _problem(c: Consumer, target: nn.Module, work: nn.Module, stats: SecondMomen
     if c.bias is not None:
         b_orig = param_tensor(target, c.bias).detach().double()
     else:
-        b_orig = torch.zeros(w_orig.shape[0], dtype=torch.float64)
+        b_orig = torch.zeros(w_orig.shape[0], dtype=torch.float64, device=w_orig.device)
     m = stats[c.key]
     return make_problem(m.gram, m.cross, torch.cat([w_orig, b_orig[:, None]], 1), col_unit, live, ridge)
 

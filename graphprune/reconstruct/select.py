@@ -53,12 +53,12 @@ def make_problem(
     ``gram`` = E[x x^T] and ``cross`` = E[x x_o^T] in the augmented column space,
     ``w_orig`` = [W_o b_o] (out, columns + 1).
     """
-    live_t = torch.as_tensor(live, dtype=torch.long)
+    live_t = torch.as_tensor(live, dtype=torch.long, device=gram.device)
     h = gram[live_t][:, live_t]
-    c = cross[live_t] @ w_orig.T.to(cross.dtype)
+    c = cross[live_t] @ w_orig.T.to(cross.device, cross.dtype)
     diag = torch.diagonal(h)
     damp = ridge * float(diag.mean()) if diag.numel() else 0.0
-    h = h + torch.eye(h.shape[0], dtype=h.dtype) * max(damp, 1e-12)
+    h = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * max(damp, 1e-12)
     try:
         hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     except RuntimeError:
@@ -79,7 +79,8 @@ def _unit_errors(p: Problem, units: list[int]) -> np.ndarray:
         if cols is not None and cols.size:
             by_size.setdefault(cols.size, []).append(i)
     for idxs in by_size.values():
-        idx = torch.as_tensor(np.stack([p.cols_of[units[i]] for i in idxs]), dtype=torch.long)  # (n, s)
+        cols = np.stack([p.cols_of[units[i]] for i in idxs])
+        idx = torch.as_tensor(cols, dtype=torch.long, device=p.w.device)  # (n, s)
         block = p.hinv[idx[:, :, None], idx[:, None, :]]  # (n, s, s)
         wu = p.w[idx]  # (n, s, out)
         try:
@@ -95,7 +96,7 @@ def _remove(p: Problem, unit: int) -> None:
     cols = p.cols_of.pop(unit, None)
     if cols is None or not cols.size:
         return
-    c = torch.as_tensor(cols, dtype=torch.long)
+    c = torch.as_tensor(cols, dtype=torch.long, device=p.w.device)
     block = p.hinv[c][:, c]
     binv = torch.linalg.pinv(block, hermitian=True)
     left = p.hinv[:, c] @ binv
@@ -133,7 +134,7 @@ def greedy_obs(problems: list[Problem], num_units: int, k: int, forced: list[int
 
 def refit(p: Problem, columns: int, out: int, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The problem's solution as a full ``(out, columns)`` weight (zeros on dead columns) and bias."""
-    weight = torch.zeros(out, columns, dtype=p.w.dtype)
+    weight = torch.zeros(out, columns, dtype=p.w.dtype, device=p.w.device)
     bias = None
     for row, col in enumerate(p.live.tolist()):
         if col == columns:
@@ -141,5 +142,5 @@ def refit(p: Problem, columns: int, out: int, has_bias: bool) -> tuple[torch.Ten
         else:
             weight[:, col] = p.w[row]
     if has_bias and bias is None:
-        bias = torch.zeros(out, dtype=p.w.dtype)
+        bias = torch.zeros(out, dtype=p.w.dtype, device=p.w.device)
     return weight, bias

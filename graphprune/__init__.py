@@ -10,6 +10,7 @@ The public API lives here and only here::
 from __future__ import annotations
 
 from graphprune.api import apply_plan, compact, compact_with_plan, make_plan
+from graphprune.engine import Engine
 from graphprune.errors import (
     GraphPruneError,
     InputError,
@@ -46,6 +47,7 @@ __all__ = [
     "SecondMoments",
     "Analysis",
     "BenchmarkReport",
+    "Engine",
     "ExportResult",
     "GraphPruneError",
     "Group",

@@ -20,6 +20,7 @@ from torch import nn
 import graphprune
 import graphprune.cli.demo
 from graphprune.cli import commands as cli
+from graphprune.cli import common
 
 
 def _ort_run(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -104,7 +105,7 @@ def test_compact_zoo_mlp_writes_matching_onnx(tmp_path, capsys):
     argv = ["compact", "zoo:mlp", "--ratio", "0.3", "--onnx", str(onnx_path), "--output", str(pt_path)]
     rc = cli.main(argv)
     assert rc == 0
-    model, x = cli.load_model("zoo:mlp")
+    model, x = common.load_model("zoo:mlp")
     small = _assert_onnx_matches_saved(onnx_path, pt_path, x)
     assert graphprune.count_params(small) < graphprune.count_params(model)
     assert "params" in capsys.readouterr().out
@@ -126,7 +127,7 @@ def test_compact_module_callable_with_plan_and_benchmark(tmp_path, user_module, 
     rc = cli.main(["compact", f"{user_module}:build", "--ratio", "0.5", "--onnx", str(onnx_path),
                    "--output", str(pt_path), "--plan", str(plan_path), "--benchmark", "--runs", "3"])
     assert rc == 0
-    model, x = cli.load_model(f"{user_module}:build")
+    model, x = common.load_model(f"{user_module}:build")
     small = _assert_onnx_matches_saved(onnx_path, pt_path, x)
     assert graphprune.count_params(small) < graphprune.count_params(model)
     # The saved plan re-applies to the same model and gives the same compact model.
@@ -143,7 +144,7 @@ def test_plan_then_compact_from_plan(tmp_path, user_module, capsys):
     argv = ["compact", f"{user_module}:build", "--from-plan", str(plan_path), "--output", str(pt_path)]
     rc = cli.main(argv)
     assert rc == 0
-    model, x = cli.load_model(f"{user_module}:build")
+    model, x = common.load_model(f"{user_module}:build")
     expected = graphprune.compact(model, x, ratio=0.25)
     torch.testing.assert_close(torch.load(pt_path, weights_only=False)(x), expected(x))
 
@@ -194,8 +195,8 @@ def test_usage_errors_return_2_and_help_returns_0(capsys):
 
 
 def test_parse_shape():
-    assert cli.parse_shape("1,3,224,224") == (1, 3, 224, 224)
-    assert cli.parse_shape("2x16") == (2, 16)
+    assert common.parse_shape("1,3,224,224") == (1, 3, 224, 224)
+    assert common.parse_shape("2x16") == (2, 16)
     for bad in ("", "a,b", "1,0", "-1,3"):
         with pytest.raises(graphprune.InputError):
-            cli.parse_shape(bad)
+            common.parse_shape(bad)

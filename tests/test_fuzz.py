@@ -99,7 +99,7 @@ REGRESSIONS = [
     ),
     # num_heads == head_dim == num_kv_heads == 2: the view constants (2, 2) -> (1, 2) made every
     # attribute holding 2 a candidate; the shape-only search accepted head_dim=1 (2 heads of
-    # width 1: runs, wrong numbers; caught by verify). Fixed in api._choose_attr_updates: all
+    # width 1: runs, wrong numbers; caught by verify). Fixed in surgery.attributes.choose_attr_updates: all
     # subsets of a small ambiguous set are tried and a choice must match the plan's reference.
     (
         "heads_equal_head_dim_sdpa",
@@ -138,7 +138,7 @@ REGRESSIONS = [
     # GQA, 4 q heads of width 4, 2 kv heads, one kv group removed: num_heads 4 -> 2 (not
     # head_dim, also 4) and num_kv_heads 2 -> 1 must be chosen together; the one-set-at-a-time
     # walk missed the pair and returned a batch-specialised GraphModule. Fixed: the ambiguous
-    # sets of one module are searched jointly (api._per_module).
+    # sets of one module are searched jointly (surgery.attributes._per_module).
     (
         "gqa_heads_equal_head_dim",
         _seq(

@@ -196,3 +196,26 @@ def test_per_head_attention_bias_is_removed_with_its_head() -> None:
     assert small.bias.shape[0] == small.heads == 2
     kept = plan.slices["bias"][0]
     assert plan.slices["qkv.weight"][0][: len(kept) * 4] == [h * 4 + i for h in kept for i in range(4)]
+
+
+class _ReluNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))  # the line a crashing relu rule must point at
+
+
+def test_a_crashing_rule_freezes_and_names_the_users_line(monkeypatch) -> None:
+    from graphprune.graph.rules import registry
+
+    def broken(ctx, node):
+        raise ValueError("rule bug")
+
+    for op in registry.ops("relu.default"):
+        monkeypatch.setitem(registry._RULES, op, broken)
+    analysis = graphprune.analyze(_ReluNet().eval(), torch.randn(2, 4))
+    reasons = [b for b in analysis.boundaries if "rule bug" in b]
+    assert reasons, analysis.boundaries
+    assert "test_rules.py:" in reasons[0] and "the line a crashing relu rule must point at" in reasons[0]

@@ -17,7 +17,8 @@ from torch import nn
 import graphprune
 from graphprune import zoo
 from graphprune.planning.cut import round_keep
-from graphprune.search.targets import Ladder, allowed_kept, best_round_to, compact_to_target, sweep
+from graphprune.search.searcher import Ladder, allowed_kept
+from graphprune.search.targets import best_round_to, compact_to_target, sweep
 
 
 def _frac(kind: str, small: nn.Module, model: nn.Module, x) -> float:

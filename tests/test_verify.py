@@ -1,6 +1,6 @@
 """compact(verify=True) checks the compact model against a reference computed from the plan.
 
-The reference (graphprune/verify.py) is the original traced program with every removed
+The reference (graphprune/verify.py, graphprune/reference/) is the original traced program with every removed
 position held at zero. These tests check both directions:
 
 * it agrees with correct compact models (CNN families, transformers, with and without
@@ -20,13 +20,14 @@ from oracles import assert_untouched, relative_error, snapshot
 from torch import nn
 
 import graphprune
-import graphprune.api as api
+import graphprune.engine as engine
 from graphprune import zoo
 from graphprune.graph.inputs import flatten_outputs, run_model
 from graphprune.graph.rules import registry as rules
 from graphprune.graph.rules.pointwise import unary
 from graphprune.graph.rules.registry import ops
-from graphprune.verify import reference_outputs, removed_classes
+from graphprune.reference.masks import removed_classes
+from graphprune.reference.run import reference_outputs
 
 
 def _outputs(model: nn.Module, x) -> list[torch.Tensor]:
@@ -91,7 +92,7 @@ def test_reference_differs_from_the_original_and_equals_it_at_ratio_zero() -> No
 
 def _corrupting_slicer(target: str):
     """A surgery that slices ``target`` dim 0 with one wrong kept index (a plausible off-by-one)."""
-    real = api.slice_tensors
+    real = engine.slice_tensors
 
     def wrong(model: nn.Module, plan: graphprune.Plan) -> None:
         bad = copy.deepcopy(plan)
@@ -111,7 +112,7 @@ def test_corrupted_surgery_raises_verification_error_naming_the_layer(monkeypatc
     target = "layers.0.0.conv1.weight"
     plan = graphprune.make_plan(model, x, ratio=0.4)
     assert target in plan.slices and 0 in plan.slices[target]
-    monkeypatch.setattr(api, "slice_tensors", _corrupting_slicer(target))
+    monkeypatch.setattr(engine, "slice_tensors", _corrupting_slicer(target))
     before = snapshot(model)
 
     with pytest.raises(graphprune.VerificationError) as info:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphprune.verify import _rounding_amplification
+from graphprune.reference.tolerance import rounding_amplification
 
 
 def test_conditioning_is_tiny_for_a_well_behaved_model_and_absent_for_half_precision() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    noise = _rounding_amplification(model, torch.randn(3, 8))
+    noise = rounding_amplification(model, torch.randn(3, 8))
     assert noise is not None and 0 <= noise < 1e-5
-    assert _rounding_amplification(model.half(), torch.randn(3, 8).half()) is None
+    assert rounding_amplification(model.half(), torch.randn(3, 8).half()) is None
 
 
 def test_conditioning_grows_with_batchnorm_amplification() -> None:
@@ -26,4 +26,4 @@ def test_conditioning_grows_with_batchnorm_amplification() -> None:
     model = nn.Sequential(*layers, nn.Linear(16, 2)).eval()
     well = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2)).eval()
     x = torch.randn(4, 8)
-    assert _rounding_amplification(model, x) > 10 * _rounding_amplification(well, x)
+    assert rounding_amplification(model, x) > 10 * rounding_amplification(well, x)

@@ -31,7 +31,7 @@ import graphprune  # noqa: E402
 from graphprune import unstructured as U  # noqa: E402
 from graphprune import zoo  # noqa: E402
 from graphprune.cli.demo import DigitsCNN  # noqa: E402
-from graphprune.export.bench import _interleaved_latency, count_flops  # noqa: E402
+from graphprune.export.bench import count_flops, interleaved_latency  # noqa: E402
 
 
 def state_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -81,7 +81,7 @@ def measure(name: str, model: torch.nn.Module, x: torch.Tensor, runs: int) -> li
             paths.append(p)
         # three interleaved rounds, best median per variant: a burst of load from other processes
         # on a shared machine can hit one variant's samples in one round (seen: 6x outliers)
-        rounds = [_interleaved_latency(paths, x, warmup=5, runs=runs, threads=1) for _ in range(3)]
+        rounds = [interleaved_latency(paths, x, warmup=5, runs=runs, threads=1) for _ in range(3)]
         lat = [min(r[i].median_ms for r in rounds) for i in range(len(paths))]
         base = lat[0]
         for (label, m), p, ms in zip(vs.items(), paths, lat):

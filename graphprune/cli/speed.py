@@ -1,6 +1,6 @@
 """``graphprune sweep`` and ``graphprune target``: the speed commands of the command line.
 
-Kept apart from ``graphprune/cli/commands.py`` (which registers them with one call) so the measured-speed
+Kept apart from ``cli/commands.py`` (which registers them with one call) so the measured-speed
 features live next to each other: ``sweep`` draws latency vs ratio, ``target`` searches the ratio
 that meets a FLOPs / params / speed-up / latency target. Both show progress bars (the library
 calls they wrap are quiet by default).
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import graphprune
+from graphprune.cli.common import MODEL_HELP, add_importance_arg, add_structure_args, load_model, shape_arg
 from graphprune.errors import InputError
 
 
@@ -44,14 +45,11 @@ def _round_to(text: str) -> int | str:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from graphprune.cli.commands import MODEL_HELP, _shape, add_structure_args
-
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
+    p.add_argument("--input-shape", type=shape_arg, metavar="SHAPE",
                    help="shape of a random float32 example input, e.g. 1,3,224,224")
     p.add_argument("--size", default=None, help="size of a zoo: model: 'tiny' (default) or 'bench'")
-    p.add_argument("--importance", choices=("l1", "l2", "random"), default="l2",
-                   help="unit importance criterion (default l2)")
+    add_importance_arg(p)
     add_structure_args(p)
     p.add_argument("--runs", type=int, default=20, help="timed onnxruntime runs per model (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per model (default 5)")
@@ -60,13 +58,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
-    from graphprune.cli.commands import load_model
-
     return load_model(args.model, args.input_shape, args.size)
 
 
 def _rows_table(rows: list[dict[str, Any]]) -> str:
-    from graphprune.search.targets import Candidate, candidates_table
+    from graphprune.search.results import Candidate, candidates_table
 
     fields = Candidate.__dataclass_fields__
     return candidates_table([Candidate(**{k: v for k, v in r.items() if k in fields}) for r in rows])

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from graphprune.export.onnx_export import ExportResult, _feed, export_onnx, onnx_session
+from graphprune.export.onnx_export import ExportResult, export_onnx, onnx_feed, onnx_session
 from graphprune.graph.inputs import eval_mode, run_model
 
 __all__ = [
@@ -182,7 +182,7 @@ def measure_latency(
     _check_counts(warmup, runs)
     threads = threads or default_threads()
     session = onnx_session(onnx_path, threads=threads)
-    feed = _feed(session, example_input)
+    feed = onnx_feed(session, example_input)
     for _ in range(warmup):
         session.run(None, feed)
     samples = []
@@ -193,12 +193,12 @@ def measure_latency(
     return LatencyStats.from_samples(samples, threads)
 
 
-def _interleaved_latency(
+def interleaved_latency(
     paths: Sequence[Path], example_input: Any, *, warmup: int, runs: int, threads: int
 ) -> list[LatencyStats]:
     """Time several ONNX models in turns (A B, B A, A B, ...) so drift in load hits all alike."""
     sessions = [onnx_session(p, threads=threads) for p in paths]
-    feeds = [_feed(s, example_input) for s in sessions]
+    feeds = [onnx_feed(s, example_input) for s in sessions]
     for _ in range(warmup):
         for s, f in zip(sessions, feeds):
             s.run(None, f)
@@ -359,7 +359,7 @@ def benchmark(
             export_onnx(m, example_input, out / f"{tag}.onnx", check=check)
             for tag, m in (("original", original), ("compact", compact))
         ]
-        lat_o, lat_c = _interleaved_latency(
+        lat_o, lat_c = interleaved_latency(
             [e.path for e in exports], example_input, warmup=warmup, runs=runs, threads=threads
         )
     flops_o, flops_c = count_flops(original, example_input), count_flops(compact, example_input)

@@ -296,7 +296,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().numpy()
 
 
-def _feed(session: Any, example_input: Any) -> dict[str, np.ndarray]:
+def onnx_feed(session: Any, example_input: Any) -> dict[str, np.ndarray]:
     """Map ``example_input``'s tensors onto the session's inputs.
 
     By name when the session uses the names :func:`export_onnx` gives (exporters may drop inputs
@@ -319,7 +319,7 @@ def run_onnx(path_or_session: str | os.PathLike | Any, example_input: Any) -> li
     session = (
         onnx_session(path_or_session) if isinstance(path_or_session, (str, os.PathLike)) else path_or_session
     )
-    return list(session.run(None, _feed(session, example_input)))
+    return list(session.run(None, onnx_feed(session, example_input)))
 
 
 def compare_outputs(
@@ -490,7 +490,7 @@ def export_onnx(
         fallback_reason="; ".join(failures) or None,
     )
     if check:
-        got = session.run(None, _feed(session, example_input))
+        got = session.run(None, onnx_feed(session, example_input))
         errs = compare_outputs(got, list(reference), rtol=rtol, atol=atol, names=result.output_names)
         result.per_output_errors = errs
         result.max_abs_err = max((e[0] for e in errs), default=0.0)

@@ -21,9 +21,9 @@ from torch.fx import Node
 from graphprune.errors import InputError
 from graphprune.graph import rules
 from graphprune.graph.labels import Coupler, TensorLabels
-from graphprune.graph.rules import attention as attention_rules
 from graphprune.graph.rules.registry import RuleContext, lookup, where
-from graphprune.graph.trace import Traced, check_model, eval_copy, trace
+from graphprune.graph.trace import Traced, check_model, eval_copy, node_source, trace
+from graphprune.surgery.constraints import module_constraints
 
 rules.load_all()
 
@@ -253,7 +253,7 @@ def analyze_traced(
             continue
         if node.op == "call_function":
             _apply_rule(ctx, node, boundaries)
-    attention_rules.module_constraints(work, coupler)  # widths tied in Python (nn.MultiheadAttention)
+    module_constraints(work, coupler)  # widths tied in Python (nn.MultiheadAttention)
     prefixes = _ignored_prefixes(work, ignored_layers) + list(ignored_names or [])
     for (name, _dim), ids in coupler.param_ids.items():
         if any(name == p or name.startswith(p + ".") for p in prefixes):
@@ -281,7 +281,9 @@ def _apply_rule(ctx: RuleContext, node: Node, boundaries: list[str]) -> None:
     try:
         ctx.labels_of[node] = fn(ctx, node)
     except Exception as exc:  # noqa: BLE001 - a rule bug must freeze, never crash or guess
-        _boundary(ctx, node, f"rule for {node.target} failed ({type(exc).__name__}: {exc})", boundaries)
+        src = node_source(node)  # a rule bug is reported with the user's line that produced the op
+        why = f"rule for {node.target} failed ({type(exc).__name__}: {exc})" + (f" at {src}" if src else "")
+        _boundary(ctx, node, why, boundaries)
 
 
 def _walk_wrapped(ctx: RuleContext, node: Node, boundaries: list[str]) -> Any:

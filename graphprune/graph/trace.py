@@ -54,7 +54,7 @@ def no_cache(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
+def quiet_torch_logs() -> Iterator[None]:
     """torch.export logs whole graphs on failure; our error already says what went wrong."""
     names = ["torch._dynamo", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes"]
     loggers = [logging.getLogger(n) for n in names]
@@ -79,6 +79,17 @@ def _user_frame(exc: BaseException) -> str:
     for fr in reversed(frames):
         if not re.search(r"(site-packages|dist-packages)/(torch|graphprune)|/graphprune/", fr.filename):
             return f"{fr.filename}:{fr.lineno} ({fr.line})"
+    return ""
+
+
+def node_source(node: Any) -> str:
+    """Where in the user's code an exported node came from: its innermost frame outside torch and
+    graphprune, read from ``node.stack_trace`` ("" when the exporter recorded none)."""
+    stack = getattr(node, "stack_trace", None) or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)', stack)
+    for filename, lineno, code in reversed(frames):
+        if not re.search(r"(site-packages|dist-packages)/(torch|graphprune)|/graphprune/", filename):
+            return f"{filename}:{lineno} ({code.strip()})"
     return ""
 
 
@@ -148,7 +159,7 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
     args, kwargs = normalize_inputs(example_input)
     outputs = reference_outputs(model, example_input)
     try:
-        with warnings.catch_warnings(), no_cache(model), _quiet_torch_logs():
+        with warnings.catch_warnings(), no_cache(model), quiet_torch_logs():
             warnings.simplefilter("ignore")
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,47 +32,7 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Analysis, Group
-
-DEFAULT_MAX_RATIO = 0.9
-
-
-@dataclass
-class CutOptions:
-    global_pruning: bool = False
-    max_ratio: float | None = None
-    ratios: Mapping[str | int, float] | None = None
-    round_to: int | None = None
-    counts: Mapping[int, int] | None = None  # group index -> exact units to remove (no rounding)
-
-
-def _check_fraction(value: Any, what: str, upper_inclusive: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = 0 <= v <= 1 if upper_inclusive else 0 <= v < 1
-    if not ok:
-        rng = "[0, 1]" if upper_inclusive else "[0, 1)"
-        raise InputError(f"{what} must be a number in {rng}, got {value!r}")
-    return float(value)
-
-
-def check_options(opts: CutOptions) -> CutOptions:
-    if opts.max_ratio is not None:
-        _check_fraction(opts.max_ratio, "max_ratio", upper_inclusive=True)
-    if opts.round_to is not None and (
-        isinstance(opts.round_to, bool) or not isinstance(opts.round_to, int) or opts.round_to < 1
-    ):
-        raise InputError(f"round_to must be a positive integer (e.g. 8), got {opts.round_to!r}")
-    if opts.ratios is not None:
-        if not isinstance(opts.ratios, Mapping):
-            raise InputError(
-                "ratios must be a dict {module path or group index: ratio}, e.g. {'layer1': 0.5}"
-            )
-        for k, v in opts.ratios.items():
-            if isinstance(k, bool) or not isinstance(k, (str, int)):
-                raise InputError(f"ratios keys are module paths (str) or group indices (int), got {k!r}")
-            _check_fraction(v, f"ratios[{k!r}]")
-    return opts
+from graphprune.planning.options import CutOptions
 
 
 def output_modules(group: Group, model: nn.Module) -> list[str]:
@@ -124,18 +83,18 @@ def round_keep(group: Group, n_keep: int, round_to: int | None) -> int:
     return min(max(kept, step), (units // step) * step)
 
 
-def _key_matches(key: str | int, group: Group, owners: list[str]) -> bool:
+def key_matches(key: str | int, group: Group, owners: list[str]) -> bool:
     if isinstance(key, int):
         return key == group.index
     return any(o == key or o.startswith(key + ".") for o in owners)
 
 
-def _ratio_of(group: Group, owners: list[str], ratios: Mapping[str | int, float]) -> float | None:
+def ratio_of(group: Group, owners: list[str], ratios: Mapping[str | int, float]) -> float | None:
     """An int key naming the group wins; otherwise the longest matching module path."""
     if group.index in ratios:
         return float(ratios[group.index])
     hits = [
-        (len(k), float(r)) for k, r in ratios.items() if isinstance(k, str) and _key_matches(k, group, owners)
+        (len(k), float(r)) for k, r in ratios.items() if isinstance(k, str) and key_matches(k, group, owners)
     ]
     return max(hits)[1] if hits else None
 
@@ -166,7 +125,6 @@ def choose_removed(
     scores_for: Callable[[Any, Group, nn.Module], np.ndarray],
 ) -> tuple[dict[int, list[int]], list[str]]:
     """Removed unit indices per group index, plus notes for the plan."""
-    check_options(opts)
     model = analysis.model
     notes: list[str] = []
     groups = [g for g in analysis.groups if g.members and g.num_units > 1]
@@ -183,9 +141,9 @@ def choose_removed(
         r = None
         if ratios:
             owners = output_modules(g, model)
-            r = _ratio_of(g, owners, ratios)
+            r = ratio_of(g, owners, ratios)
             if r is not None:
-                matched.update(k for k in ratios if _key_matches(k, g, owners))
+                matched.update(k for k in ratios if key_matches(k, g, owners))
         if r is None and opts.global_pruning:
             pool.append(g)
             continue
@@ -207,7 +165,7 @@ def choose_removed(
         return cache[g.index]
 
     if pool:
-        max_ratio = DEFAULT_MAX_RATIO if opts.max_ratio is None else float(opts.max_ratio)
+        max_ratio = opts.cap
         total = sum(g.num_units for g in pool)
         target = int(round(ratio * total))
         caps = {g.index: min(g.num_units - 1, int(math.floor(max_ratio * g.num_units))) for g in pool}

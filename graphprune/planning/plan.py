@@ -56,10 +56,13 @@ class Plan:
     scales: list[dict[str, Any]] = field(default_factory=list)
     # modules given a zero bias before slicing (reconstruction's bias compensation needed one)
     biases: list[str] = field(default_factory=list)
+    # bool per unit class, removed or not: what surgery sizes from; derived data, not saved
+    removed_class: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("removed_class")
         d["slices"] = {k: {str(dim): v for dim, v in dims.items()} for k, dims in self.slices.items()}
         d["format"] = "graphprune-plan/1"
         return d
@@ -178,14 +181,21 @@ def build_plan(
         for u in removed:
             removed_class[unit_to_class[(g.index, u)]] = True
         plan.groups.append(GroupPlan(g.index, g.describe(), g.num_units, removed, g.frozen_units, g.reason))
+    plan.slices = slices_of(analysis, removed_class)
+    plan.scales = scale_entries(analysis, removed_class)
+    plan.removed_class = removed_class
+    return plan
+
+
+def slices_of(analysis: Analysis, removed_class: np.ndarray) -> dict[str, dict[int, list[int]]]:
+    """Kept indices per parameter dimension when the unit classes in ``removed_class`` go."""
+    slices: dict[str, dict[int, list[int]]] = {}
     cls = analysis.unit_class
     for (name, dim), ids in analysis.coupler.param_ids.items():
         drop = removed_class[cls[ids]]
         if drop.any():
-            plan.slices.setdefault(name, {})[dim] = [int(i) for i in np.flatnonzero(~drop)]
-    plan.scales = scale_entries(analysis, removed_class)
-    plan._removed_class = removed_class  # type: ignore[attr-defined]  # used by surgery, not saved
-    return plan
+            slices.setdefault(name, {})[dim] = [int(i) for i in np.flatnonzero(~drop)]
+    return slices
 
 
 def scale_entries(analysis: Analysis, removed_class: np.ndarray) -> list[dict[str, Any]]:

@@ -40,15 +40,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphprune.engine import importance_name, prepare, realize, set_mode
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Analysis, Group, analyze, param_tensor
 from graphprune.graph.trace import check_model, eval_copy
 from graphprune.planning.cut import (
     CutOptions,
-    _ratio_of,
-    check_options,
     global_counts,
     output_modules,
+    ratio_of,
     round_keep,
 )
 from graphprune.planning.importance import Criterion, Importance, prepare_criterion, resolve, scores_for
@@ -170,7 +170,7 @@ class Pruner:
         self.soft = bool(soft)
         self.ignored_layers = ignored_layers
         self.structure = {"prune_hidden": prune_hidden, "attention": attention}
-        self.options = check_options(CutOptions(bool(global_pruning), max_ratio, ratios, round_to))
+        self.options = CutOptions(bool(global_pruning), max_ratio, ratios, round_to)
         self.verify = verify
         self._training = model.training
         self.model: nn.Module = copy.deepcopy(model)
@@ -183,7 +183,7 @@ class Pruner:
         self._units0 = {_signature(g): g.num_units for g in prunable}
         self._final: dict[tuple[tuple[str, int], ...], float | None] = {}
         for g in prunable:
-            r = _ratio_of(g, output_modules(g, analysis.model), ratios) if ratios else None
+            r = ratio_of(g, output_modules(g, analysis.model), ratios) if ratios else None
             self._final[_signature(g)] = r  # None: the overall target (or global pool)
         self._masks: dict[tuple[tuple[str, int], ...], np.ndarray] = {
             sig: np.zeros(u, dtype=bool) for sig, u in self._units0.items()
@@ -221,7 +221,7 @@ class Pruner:
                 keep = round_keep(g, keep, self.options.round_to)
             counts[g.index] = max(0, g.num_units - keep)
         if pool:
-            max_ratio = 0.9 if self.options.max_ratio is None else float(self.options.max_ratio)
+            max_ratio = self.options.cap
             total0 = sum(u0 for _, u0 in pool)
             gone = sum(u0 - g.num_units for g, u0 in pool) if not self.soft else 0
             need = max(0, int(round(self.target_ratio * s * total0)) - gone)
@@ -260,8 +260,6 @@ class Pruner:
 
     # ------------------------------------------------------------------------------------------
     def _physical_step(self, k: int) -> Plan:
-        from graphprune.api import _importance_name, _prepare, _realize, _set_mode
-
         soft_final = self.soft
         criterion: Criterion = _MaskScores(self._masks) if soft_final else self.criterion
         if soft_final:
@@ -270,7 +268,7 @@ class Pruner:
         if rec is not None and soft_final:  # the soft selection stands: refit only
             rec = dataclasses.replace(rec, selection="plan")
         source, added = recon.prepare_model(self.model) if rec else (self.model, [])
-        analysis, _ = _prepare(
+        analysis, _ = prepare(
             source,
             self.example_input,
             criterion,
@@ -287,13 +285,13 @@ class Pruner:
             }
         else:
             counts = self._counts(analysis, analysis.model, k)
-        name = _importance_name(self.criterion)
+        name = importance_name(self.criterion)
         plan = build_plan(analysis, self.fraction_at(k), criterion, name, counts=counts)
         if rec:
             plan = recon.reconstructed_plan(analysis, plan, self.data, rec, None)
         mode = "soft, final removal" if soft_final else "physical"
         plan.notes.append(f"Pruner step {k}/{self.steps} ({mode})")
-        small = _realize(analysis, plan, self.example_input, copy_model=bool(rec))
+        small, plan = realize(analysis, plan, self.example_input, copy_model=bool(rec))
         if self.verify:
             from graphprune.verify import verify_compact
 
@@ -303,7 +301,7 @@ class Pruner:
             recon.finish(small, plan, added)
         if not soft_final and hasattr(self.criterion, "remap"):
             self.criterion.remap(plan)
-        _set_mode(small, self._training)
+        set_mode(small, self._training)
         self.model = small
         return plan
 
@@ -323,7 +321,7 @@ class Pruner:
                 order = np.argsort(scores_for(self.criterion, g, measured), kind="stable")
                 mask[order[:n]] = True
             self._masks[sig] = mask
-            _zero_units(self.model, g, mask)
+            zero_units(self.model, g, mask)
 
     def _widths(self) -> dict[str, int]:
         if self.soft and not self.done:
@@ -338,7 +336,7 @@ class Pruner:
         return {gp.layers: gp.units - len(gp.removed) for gp in plan.groups if gp.units > 1}
 
 
-def _zero_units(model: nn.Module, group: Group, mask: np.ndarray) -> None:
+def zero_units(model: nn.Module, group: Group, mask: np.ndarray) -> None:
     """Zero every parameter slice of the masked units (buffers such as running stats are kept)."""
     if not mask.any():
         return

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphprune.engine import importance_name, prepare, realize
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Group, param_tensor
-from graphprune.planning.cut import _key_matches, output_modules
+from graphprune.planning.cut import key_matches, output_modules
 from graphprune.planning.importance import Criterion, scores_for
 from graphprune.planning.plan import check_ratio
-from graphprune.search.pruner import _zero_units
+from graphprune.search.pruner import zero_units
 
 
 @dataclass
@@ -162,7 +163,7 @@ def _ratios_key(group: Group, groups: list[Group], model: nn.Module) -> str | in
         return (not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)), path)
 
     for path in sorted(owners[group.index], key=readable):
-        if not any(_key_matches(path, g, owners[g.index]) for g in groups if g.index != group.index):
+        if not any(key_matches(path, g, owners[g.index]) for g in groups if g.index != group.index):
             return path
     return group.index
 
@@ -190,7 +191,6 @@ def sensitivity(
     number (accuracy: ``higher_is_better=True``; loss: ``False``). ``importance`` picks which
     units go, exactly as in ``compact``.
     """
-    from graphprune.api import _importance_name, _prepare, _realize
     from graphprune.planning.plan import build_plan
 
     if mode not in ("mask", "compact"):
@@ -198,7 +198,7 @@ def sensitivity(
     ratios = [check_ratio(r) for r in ratios]
     if not ratios or any(r == 0 for r in ratios):
         raise InputError("ratios must be a non-empty list of fractions in (0, 1)")
-    analysis, criterion = _prepare(
+    analysis, criterion = prepare(
         model,
         example_input,
         importance,
@@ -230,15 +230,15 @@ def sensitivity(
                 if mode == "mask":
                     mask = np.zeros(g.num_units, dtype=bool)
                     mask[order[:n]] = True
-                    _zero_units(work, g, mask)
+                    zero_units(work, g, mask)
                     row.metric[r] = float(evaluate(work))
                     with torch.no_grad():
                         for name, t in saved.items():
                             param_tensor(work, name).copy_(t)
                 else:
                     counts = {h.index: (n if h.index == g.index else 0) for h in groups}
-                    plan = build_plan(analysis, r, criterion, _importance_name(importance), counts=counts)
-                    small = _realize(analysis, plan, example_input, copy_model=True).eval()
+                    plan = build_plan(analysis, r, criterion, importance_name(importance), counts=counts)
+                    small = realize(analysis, plan, example_input, copy_model=True)[0].eval()
                     row.metric[r] = float(evaluate(small))
                 if bar is not None:
                     bar.update(1)

@@ -29,7 +29,7 @@ from torch import nn
 
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
-from graphprune.graph.trace import _quiet_torch_logs, no_cache
+from graphprune.graph.trace import no_cache, quiet_torch_logs
 
 FALLBACKS = {
     "freeze": "keep the modules that cannot run smaller whole (and every module of their class); "
@@ -178,9 +178,9 @@ def restrict_plan(analysis: Any, plan: Any, prefixes: list[str]) -> Any:
     counts): freezing a module freezes whole units, the other groups' choices do not depend on it.
     Global ranking would move the budget elsewhere; callers that use it re-plan instead.
     """
-    from graphprune.planning.plan import scale_entries
+    from graphprune.planning.plan import scale_entries, slices_of
 
-    removed = np.array(plan._removed_class, copy=True)
+    removed = np.array(plan.removed_class, copy=True)
     cls = analysis.unit_class
     hit = np.zeros_like(removed)
     for (name, _dim), ids in analysis.coupler.param_ids.items():
@@ -188,16 +188,12 @@ def restrict_plan(analysis: Any, plan: Any, prefixes: list[str]) -> Any:
             hit[cls[ids]] = True
     removed &= ~hit
     new = copy.deepcopy(plan)
-    new.slices, new.shapes, new.attr_updates = {}, {}, []
-    for (name, dim), ids in analysis.coupler.param_ids.items():
-        drop = removed[cls[ids]]
-        if drop.any():
-            new.slices.setdefault(name, {})[dim] = [int(i) for i in np.flatnonzero(~drop)]
+    new.slices, new.shapes, new.attr_updates = slices_of(analysis, removed), {}, []
     unit_to_class = {v: c for c, v in analysis.class_unit.items()}
     for g in new.groups:
         g.removed = [u for u in g.removed if not hit[unit_to_class.get((g.index, u), 0)]]
     new.scales = scale_entries(analysis, removed)
-    new._removed_class = removed
+    new.removed_class = removed
     return new
 
 
@@ -281,7 +277,7 @@ def dynamic_batch_graph(analysis: Any, plan: Any, changes: dict, work: nn.Module
     args, kwargs = normalize_inputs(example_input)
     src = _restored(work, plan)
     try:
-        with warnings.catch_warnings(), no_cache(src), _quiet_torch_logs():
+        with warnings.catch_warnings(), no_cache(src), quiet_torch_logs():
             warnings.simplefilter("ignore")
             program = torch.export.export(
                 src, args, kwargs, dynamic_shapes={**_arg_names(src, dyn_args), **dyn_kwargs}, strict=False

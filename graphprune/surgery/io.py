@@ -34,7 +34,7 @@ from graphprune.graph.analysis import param_tensor
 from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import check_model, no_cache
 from graphprune.planning.plan import Plan
-from graphprune.surgery.slicing import _MODULE_ATTRS, plan_tensor, replay
+from graphprune.surgery.slicing import MODULE_ATTRS, plan_tensor, replay
 
 FORMAT = "graphprune-saved/1"
 MANIFEST = "graphprune.json"
@@ -247,7 +247,7 @@ def check_plan_fits(base_model: nn.Module, plan: Plan) -> None:
             raise PlanMismatchError(
                 f"the plan changes {u.module}.{u.attr} but the base model has no module {u.module!r}"
             ) from exc
-        if u.attr in _MODULE_ATTRS:
+        if u.attr in MODULE_ATTRS:
             continue  # recomputed from the sliced tensors by replay()
         if not hasattr(mod, u.attr):
             raise PlanMismatchError(

@@ -148,7 +148,7 @@ class UncertainUpdate(AttrUpdate):
 
     In LLaMA's ``expand(batch, kv_heads, n_rep, ...)`` with 2 kv heads and ``n_rep == 2``, the 2
     that changes is the kv head count, but an attribute holding 2 may be ``n_rep``. Such updates
-    are applied only when the model cannot run without them (see ``api._choose_attr_updates``).
+    are applied only when the model cannot run without them (see ``attributes.choose_attr_updates``).
     """
 
 

@@ -171,11 +171,11 @@ def replay(model: nn.Module, plan: Plan) -> nn.Module:
     add_planned_biases(model, plan)
     slice_tensors(model, plan)
     apply_attr_updates(model, module_updates(model))
-    apply_attr_updates(model, [u for u in plan.attr_updates if u.attr not in _MODULE_ATTRS])
+    apply_attr_updates(model, [u for u in plan.attr_updates if u.attr not in MODULE_ATTRS])
     return model
 
 
-_MODULE_ATTRS = {
+MODULE_ATTRS = {
     "in_channels",
     "out_channels",
     "groups",

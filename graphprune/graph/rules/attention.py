@@ -10,7 +10,7 @@ from torch.fx import Node
 
 from graphprune.graph.labels import FIXED, Factor, Rescale, TensorLabels, new_joint
 from graphprune.graph.rules.algebra import LETTERS, einsum_labels
-from graphprune.graph.rules.registry import RuleContext, int_attributes, module_path, ops, rule, where
+from graphprune.graph.rules.registry import RuleContext, ops, rule, where
 
 
 def _matmul_letters(ra: int, rb: int) -> tuple[str, str, str]:
@@ -225,7 +225,7 @@ def _head_grid(ctx: RuleContext, lab: TensorLabels | None, shape, why: str, insi
     return rep
 
 
-def _repeats(lab: TensorLabels | None, shape) -> int:
+def kv_repeats(lab: TensorLabels | None, shape) -> int:
     """How many consecutive heads of a k/v operand are copies of one kv head (else 1).
 
     ``expand`` + ``reshape`` and ``repeat_interleave`` copy ids, so head ``h`` of the repeated
@@ -394,7 +394,7 @@ def _sdpa_heads(ctx: RuleContext, node: Node, mask, oshape, why: str, mode: str)
     v_rep = _head_grid(ctx, lv, sv, why)
     ctx.coupler.union(k_rep, v_rep)
     # kv heads: given at their own count (enable_gqa) or repeated (ids copied) before the call
-    rk = min(_repeats(lk, sk), _repeats(lv, sv)) if sk[-3] == hq else 1
+    rk = min(kv_repeats(lk, sk), kv_repeats(lv, sv)) if sk[-3] == hq else 1
     k_rep, v_rep = k_rep[::rk], v_rep[::rk]
     hk = len(k_rep)
     r = hq // hk
@@ -441,139 +441,3 @@ def _output_from_v(ctx: RuleContext, lv, sv, oshape, hq: int, why: str) -> Tenso
         elif (f := lv.factor_at(len(sv) - 1)) is not None and len(f.dims) == 1:
             out_factors.append(Factor((len(oshape) - 1,), f.ids))
     return TensorLabels(oshape, out_factors)
-
-
-# ---------------------------------------------------------------------------------------------
-# Module-level constraints and attribute updates that no single ATen op can express
-# ---------------------------------------------------------------------------------------------
-
-
-def _mha_constraints(path: str, mod, coupler) -> None:
-    """nn.MultiheadAttention computes with one width, ``embed_dim``, everywhere.
-
-    ``F.multi_head_attention_forward`` asserts that the query's last dim equals ``embed_dim``, that
-    the packed ``in_proj_weight`` has ``3 * embed_dim`` rows and that ``out_proj`` maps back to
-    ``embed_dim``; ``head_dim = embed_dim // num_heads``. So the q rows (the heads' channels), the
-    query input channels and the output channels must be removed together, position by position.
-    Where the input is the residual stream (frozen unless ``prune_hidden=True``) the heads stay;
-    otherwise heads go together with the channels of the layer feeding the query.
-    """
-    prefix = f"{path}." if path else ""
-    e = mod.embed_dim
-    ids = coupler.param_ids
-    if mod._qkv_same_embed_dim:
-        rows = ids.get((prefix + "in_proj_weight", 0))
-        cols = ids.get((prefix + "in_proj_weight", 1))
-    else:
-        rows = ids.get((prefix + "q_proj_weight", 0))
-        cols = ids.get((prefix + "q_proj_weight", 1))
-    out_rows = ids.get((prefix + "out_proj.weight", 0))
-    if rows is None:
-        return
-    q_rows = rows[:e]
-    for other in (cols, out_rows):
-        if other is not None and len(other) == e:
-            coupler.union(q_rows, other)
-    if mod.bias_k is not None:  # add_bias_kv: (1, 1, E) tensors concatenated to k and v
-        for name in ("bias_k", "bias_v"):
-            bias = ids.get((prefix + name, 2))
-            if bias is not None:
-                coupler.union(q_rows, bias)
-
-
-def module_constraints(model, coupler) -> None:
-    """Constraints of modules whose Python code ties widths the traced ops do not tie."""
-    from torch import nn
-
-    for path, mod in model.named_modules():
-        if isinstance(mod, nn.MultiheadAttention):
-            _mha_constraints(path, mod, coupler)
-
-
-_HEAD_COUNT_WORDS = ("head",)
-_NOT_HEAD_COUNT_WORDS = ("dim", "size", "width", "mask", "idx", "index", "layer")
-
-
-def _head_count_attr(attr: str) -> bool:
-    a = attr.lower()
-    return any(w in a for w in _HEAD_COUNT_WORDS) and not any(w in a for w in _NOT_HEAD_COUNT_WORDS)
-
-
-def _head_dim_attr(attr: str) -> bool:
-    a = attr.lower()
-    return a in ("head_dim", "head_size", "d_head", "dim_head", "attention_head_size", "d_k", "d_v")
-
-
-def _group_attr(attr: str) -> bool:
-    """``num_key_value_groups``, ``n_rep``, ``num_queries_per_kv``: q heads per kv head."""
-    a = attr.lower()
-    return any(w in a for w in ("group", "rep", "per_kv")) and not any(w in a for w in ("dim", "size"))
-
-
-def _shape4(arg: Any) -> tuple[int, ...] | None:
-    val = arg.meta.get("val") if isinstance(arg, Node) else None
-    shape = tuple(val.shape) if hasattr(val, "shape") else None
-    return shape if shape is not None and len(shape) == 4 else None
-
-
-ATTENTION_OPS = ops(
-    "scaled_dot_product_attention.default",
-    "_scaled_dot_product_flash_attention_for_cpu.default",
-    "_scaled_dot_product_efficient_attention.default",
-    "_scaled_dot_product_flash_attention.default",
-    "matmul.default",
-)
-
-
-def head_count_updates(analysis, sizer, model, known) -> list:
-    """``self.num_heads``-style attributes of modules running attention, for the new head count.
-
-    Reshapes often split heads with ``-1`` (``view(B, N, -1, self.head_dim)``) and merge them
-    with ``self.num_heads * self.head_dim``: the graph then holds no constant equal to
-    ``num_heads``, so the constant-driven search cannot find it. The head count is the size of
-    dim -3 of every attention operand (q, k, v); an integer attribute named like a head count
-    (``num_heads``, ``n_kv_heads``...) of the module running that op, holding the old count,
-    gets the new one. Likewise ``head_dim``-named attributes when heads lose channels inside,
-    and q-heads-per-kv-head attributes when q heads go within groups. ``known`` (updates found
-    from graph constants) wins over these, except uncertain ones, which these replace.
-    """
-    from graphprune.planning.plan import AttrUpdate
-    from graphprune.surgery.sizes import UncertainUpdate
-
-    per_module: dict[str, dict[tuple[int, str], set[int]]] = {}
-    for node in analysis.traced.program.graph.nodes:
-        if node.op != "call_function" or node.target not in ATTENTION_OPS:
-            continue
-        path = module_path(node)
-        heads: list[tuple[int, int, int]] = []  # (old, new, repeats) of dim 1 of q and k
-        for arg in node.args[:3]:
-            shape = _shape4(arg)
-            lab = analysis.labels.get(arg) if shape else None
-            if not isinstance(lab, TensorLabels):
-                continue
-            for dim, kind in ((1, "count"), (3, "dim")):
-                old = int(shape[dim])
-                new = sizer.size(lab, dim, old)
-                if new != old:
-                    per_module.setdefault(path, {}).setdefault((old, kind), set()).add(new)
-            heads.append((int(shape[1]), sizer.size(lab, 1, int(shape[1])), _repeats(lab, shape)))
-        if len(heads) >= 2:
-            # q heads per kv head (HF's num_key_value_groups): changes with attention="q_heads"
-            (q_old, q_new, _), (k_old, k_new, rk) = heads[0], heads[1]
-            if k_old % rk == 0 and k_new % rk == 0 and k_new:
-                r_old, r_new = q_old // (k_old // rk), q_new // max(k_new // rk, 1)
-                if r_old != r_new:
-                    per_module.setdefault(path, {}).setdefault((r_old, "group"), set()).add(r_new)
-    # an uncertain graph-constant guess (a view constant equal to head_dim) is settled here: the
-    # attention op's operand shapes say what head_dim is (Phi: leaving it ran, wrongly regrouped)
-    taken = {(u.module, u.attr) for u in known if not isinstance(u, UncertainUpdate)}
-    ups = []
-    for path, mapping in per_module.items():
-        for attr, val in int_attributes(model, path):
-            if (path, attr) in taken:
-                continue
-            for (old, kind), news in mapping.items():
-                named = {"dim": _head_dim_attr, "count": _head_count_attr, "group": _group_attr}[kind](attr)
-                if val == old and named and len(news) == 1:
-                    ups.append(AttrUpdate(path, attr, old, next(iter(news))))
-    return ups

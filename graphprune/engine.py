@@ -1,0 +1,345 @@
+"""The engine: analyse a model once, then plan and realise (with fallback) any number of times.
+
+``Engine`` is the object; the functions below are its steps, used directly by the searches that
+keep their own analysis (``search.targets``, ``search.pruner``, ``search.sensitivity``):
+
+* ``prepare``: check the arguments, trace and analyse, let a data-driven criterion measure;
+* ``realize`` / ``realize_full``: surgery on (a copy of) the analysed model, and when the user's
+  class cannot run at the new sizes, the ``fallback`` (freeze the failing modules' classes and
+  re-plan, or return an fx GraphModule, or raise).
+
+No step changes the user's model or a caller's plan: a realised plan is a new object.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from graphprune.errors import GraphPruneError
+from graphprune.graph.analysis import Analysis, analyze, check_attention, param_tensor
+from graphprune.graph.inputs import normalize_inputs
+from graphprune.graph.trace import check_model
+from graphprune.planning.importance import Criterion, prepare_criterion, resolve
+from graphprune.planning.options import CutOptions, StructureOptions
+from graphprune.planning.plan import Plan, build_plan
+from graphprune.reconstruct import hook as recon
+from graphprune.reconstruct.run import ReconstructOptions
+from graphprune.surgery.attributes import choose_attr_updates, reference_if_ambiguous
+from graphprune.surgery.fallback import (
+    MAX_ROUNDS,
+    Failure,
+    Frozen,
+    Replan,
+    check_fallback,
+    culprit,
+    describe,
+    error_message,
+    find_failure,
+    freeze_warning,
+    graph_fallback,
+    restrict_plan,
+    same_class,
+)
+from graphprune.surgery.heads import head_count_updates
+from graphprune.surgery.hf import update_config
+from graphprune.surgery.sizes import Sizer, attribute_updates, graph_constant_changes
+from graphprune.surgery.slicing import apply_attr_updates, module_updates, slice_tensors
+
+
+class Realized(NamedTuple):
+    """A compact model, the plan that describes it, and the analysis that plan refers to."""
+
+    model: nn.Module
+    plan: Plan
+    analysis: Analysis
+
+
+class Engine:
+    """Analyse ``model`` once; then plan and realise any number of times.
+
+    ::
+
+        engine = Engine(model, x, importance="l2")
+        for r in (0.2, 0.4):
+            small, plan, _ = engine.realize(engine.plan(r))
+
+    The analysis works on its own copy of the model; ``realize`` slices a further copy unless
+    ``last=True`` (cheaper for a one-shot compact: the engine can then not realise again).
+    Neither the user's model nor a plan passed in is ever modified.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: Any,
+        *,
+        importance: str | Criterion = "l2",
+        ignored_layers: Any = (),
+        structure: StructureOptions | None = None,
+        data: Any = None,
+        loss_fn: Any = None,
+        reconstruct: ReconstructOptions | None = None,
+        progress: bool = False,
+    ) -> None:
+        # reconstruction: layers without a bias get a zero one before analysis (bias compensation)
+        self.reconstruct, self.data, self.progress = reconstruct, data, progress
+        model, self.added_biases = recon.prepare_model(model) if reconstruct else (model, [])
+        self.model = model
+        self.example_input = example_input
+        self.ignored_layers = ignored_layers
+        self.structure = structure if structure is not None else StructureOptions()
+        self.importance = importance_name(importance)
+        self.analysis, self.criterion = prepare(
+            model, example_input, importance, ignored_layers, data=data, loss_fn=loss_fn,
+            **self.structure.as_kwargs(),
+        )
+        self._spent = False
+
+    def plan(
+        self, ratio: float, *, cut: CutOptions | None = None, counts: dict[int, int] | None = None
+    ) -> Plan:
+        """Which units go at ``ratio`` (``cut``: global ranking, per-module ratios, round_to)."""
+        return build_plan(self.analysis, ratio, self.criterion, self.importance, counts=counts, options=cut)
+
+    def realize(
+        self,
+        plan: Plan,
+        *,
+        fallback: str = "freeze",
+        cut: CutOptions | None = None,
+        replan: bool = True,
+        last: bool = False,
+    ) -> Realized:
+        """Surgery for ``plan`` with the ``fallback``; ``plan`` itself is left as it was.
+
+        With ``fallback="freeze"`` and ``replan=True`` the modules that cannot run smaller are
+        added to ``ignored_layers`` and the model re-analysed and re-planned at ``plan.ratio``
+        with ``cut`` (what compact does); ``replan=False`` only drops their units from the plan
+        (use it for plans made with ``counts``, which a re-plan at ``plan.ratio`` would not keep).
+        """
+        if self._spent:
+            raise GraphPruneError("this Engine realised a plan with last=True; build a new Engine")
+        own = copy.deepcopy(plan)
+        analysis = self.analysis
+        if self.reconstruct:  # refit a copy (unless last): it is also the verification's reference
+            if not last:
+                analysis = dataclasses.replace(analysis, model=copy.deepcopy(analysis.model))
+            own = self._reconstructed(analysis, own, cut)
+
+        def again(prefixes: list[str]) -> tuple[Analysis, Plan]:
+            """The same plan with ``prefixes`` frozen, as if the user had listed them in ignored_layers
+            (a fresh analysis of the untouched user model; the criterion's measurements are reused)."""
+            ignored = [*_as_list(self.ignored_layers), *prefixes]
+            structure = self.structure.as_kwargs()
+            fresh = analyze(self.model, self.example_input, ignored_layers=ignored, **structure)
+            again_plan = build_plan(fresh, own.ratio, self.criterion, self.importance, options=cut)
+            return fresh, self._reconstructed(fresh, again_plan, cut)
+
+        self._spent = last
+        return Realized(*realize_full(
+            analysis, own, self.example_input, copy_model=not last or bool(self.reconstruct),
+            fallback=fallback, replan=again if replan else None,
+        ))
+
+    def _reconstructed(self, analysis: Analysis, plan: Plan, cut: CutOptions | None) -> Plan:
+        """With reconstruction: refit ``analysis.model`` in place and return the plan it matches."""
+        if not self.reconstruct:
+            return plan
+        return recon.reconstructed_plan(
+            analysis, plan, self.data, self.reconstruct, cut, progress=self.progress
+        )
+
+    def verify(self, result: Realized) -> None:
+        """Check ``result.model`` against the masked reference of ``result.plan`` (raises if off)."""
+        from graphprune.verify import verify_compact
+
+        # reconstructed: the refit full-size weights (the analysis' model, never sliced) are the truth
+        original = result.analysis.model if self.reconstruct else self.model
+        verify_compact(result.analysis, result.plan, result.model, self.example_input, original=original)
+
+    def finish(self, result: Realized) -> None:
+        """After verifying: take the zero biases reconstruction did not need out of the model."""
+        if self.reconstruct:
+            recon.finish(result.model, result.plan, self.added_biases)
+
+
+def _as_list(ignored: Any) -> list[Any]:
+    if ignored is None:
+        return []
+    if isinstance(ignored, (str, nn.Module)):
+        return [ignored]
+    return list(ignored)
+
+
+def importance_name(importance: str | Criterion) -> str:
+    """The name a plan records for ``importance`` (a registry name, or the callable's name)."""
+    if isinstance(importance, str):
+        return importance
+    return getattr(importance, "name", None) or getattr(importance, "__name__", "custom")
+
+
+def prepare(
+    model: nn.Module,
+    example_input: Any,
+    importance: str | Criterion,
+    ignored_layers: Any,
+    *,
+    data: Any = None,
+    loss_fn: Any = None,
+    **structure: Any,
+) -> tuple[Analysis, Criterion]:
+    """Check the arguments and analyse once; plans for any number of ratios can follow.
+
+    Data-driven criteria (taylor, hessian, activation...) refuse early when ``data`` is missing,
+    then measure on the analysis' copy of the model (same parameter names as the plan uses).
+    ``structure`` are the analysis options (``prune_hidden``, ``attention``).
+    """
+    check_model(model)
+    check_attention(structure.get("attention", "heads"))
+    criterion = resolve(importance, data=data, loss_fn=loss_fn, check_data=True)
+    normalize_inputs(example_input)
+    analysis = analyze(model, example_input, ignored_layers=ignored_layers, **structure)
+    prepare_criterion(criterion, analysis.model, data, loss_fn)
+    return analysis, criterion
+
+
+def realize(
+    analysis: Analysis, plan: Plan, example_input: Any, *, copy_model: bool = False, fallback: str = "freeze"
+) -> tuple[nn.Module, Plan]:
+    """Surgery for ``plan``: on ``analysis.model`` itself, or on a copy when more plans will follow.
+
+    ``copy_model=True`` leaves the analysis reusable (its weights unsliced), which is what a search
+    over ratios needs: analyse once, then build and realise a plan per candidate. Returns the model
+    and the plan that describes it: ``plan`` itself is never changed (a copy gets the shapes and
+    attribute updates); when modules had to be kept whole (``fallback="freeze"``) the returned plan
+    has their units dropped. Callers without a re-plan (the target search, Pruner, sensitivity) cut
+    each group on its own, for which dropping the frozen units is the same as re-planning.
+    """
+    own = copy.deepcopy(plan)
+    small, new_plan, _ = realize_full(analysis, own, example_input, copy_model=copy_model, fallback=fallback)
+    return small, new_plan
+
+
+def realize_full(
+    analysis: Analysis,
+    plan: Plan,
+    example_input: Any,
+    *,
+    copy_model: bool = False,
+    fallback: str = "freeze",
+    replan: Replan | None = None,
+) -> tuple[nn.Module, Plan, Analysis]:
+    """Surgery, then the ``fallback`` if the user's class cannot run: (model, plan, analysis).
+
+    ``replan(prefixes)`` returns a fresh (analysis, plan) with those modules frozen and every
+    other option as before; without it the plan is restricted (``fallback.restrict_plan``),
+    which needs the analysis' weights unsliced, so the surgery then works on a copy.
+    """
+    fallback = check_fallback(fallback)
+    if fallback == "freeze" and replan is None:
+        copy_model = True
+    work, changes, failure = _surgery(analysis, plan, example_input, copy_model)
+    if failure is None:
+        return _finish(work, plan, example_input), plan, analysis
+    model_cls = type(work).__name__
+    if fallback == "error":
+        path = culprit(work, failure.stack, set())
+        raise GraphPruneError(error_message(model_cls, failure, path, work))
+    why_not = ""
+    if fallback == "freeze":
+        got = _freeze(analysis, plan, example_input, work, failure, copy_model, replan)
+        if not isinstance(got, str):
+            return got
+        why_not = got
+    gm = graph_fallback(analysis, plan, changes, work, example_input, failure, why_not_freeze=why_not)
+    return gm, plan, analysis
+
+
+def _surgery(analysis: Analysis, plan: Plan, example_input: Any, copy_model: bool):
+    """Slice, update attributes, run: (model, graph constant changes, Failure or None)."""
+    work = copy.deepcopy(analysis.model) if copy_model else analysis.model
+    plan.shapes = {name: list(param_tensor(work, name).shape) for name in plan.slices}
+    removed = plan.removed_class
+    sizer = Sizer(analysis, removed)
+    changes = graph_constant_changes(analysis, sizer)
+    attr_ups, notes = attribute_updates(analysis, changes, work)
+    heads = head_count_updates(analysis, sizer, work, attr_ups)
+    settled = {(u.module, u.attr) for u in heads}
+    attr_ups = [u for u in attr_ups if (u.module, u.attr) not in settled] + heads
+    plan.notes.extend(notes)
+    # ambiguous attribute choices are judged by the plan's reference outputs (computed on the
+    # unsliced weights), not by shapes alone: num_heads == head_dim == 2 runs either way
+    reference = reference_if_ambiguous(analysis, removed, work, attr_ups, example_input)
+    slice_tensors(work, plan)
+    mod_ups = module_updates(work)
+    apply_attr_updates(work, mod_ups)
+    attr_ups = choose_attr_updates(
+        work, attr_ups, example_input, analysis.traced.output_shapes, reference=reference
+    )
+    plan.attr_updates = mod_ups + attr_ups
+    return work, changes, find_failure(work, example_input, analysis.traced.output_shapes)
+
+
+def _finish(small: nn.Module, plan: Plan, example_input: Any) -> nn.Module:
+    """Hugging Face: model.config describes the new widths where it can."""
+    plan.notes.extend(update_config(small, plan, example_input))
+    return small
+
+
+def _freeze(analysis, plan, example_input, work, failure: Failure, copy_model: bool, replan):
+    """Keep the failing modules' classes whole, round by round, until the user's class runs.
+
+    Returns (model, plan, analysis), or a string saying why freezing did not help (the caller
+    then falls back to the graph).
+    """
+    if replan is None:
+        def replan(prefixes: list[str]) -> tuple[Analysis, Plan]:
+            return analysis, restrict_plan(analysis, plan, prefixes)
+
+    frozen: list[Frozen] = []
+    for _ in range(MAX_ROUNDS):
+        path = culprit(work, failure.stack, {f.cls for f in frozen})
+        if path is None:
+            if not frozen:
+                return f"the failure is in {type(work).__name__}'s own forward, which cannot be kept whole"
+            return f"keeping {describe(frozen)} whole was not enough: {failure.problem}"
+        cls = type(work.get_submodule(path))
+        frozen.append(Frozen(cls, path, failure.problem, same_class(work, cls)))
+        new_analysis, new_plan = replan([p for f in frozen for p in f.paths])
+        work, _, failure = _surgery(new_analysis, new_plan, example_input, copy_model)
+        if failure is None:
+            warnings.warn(freeze_warning(type(work).__name__, frozen), stacklevel=5)
+            new_plan.notes.append(f"kept whole so that {type(work).__name__} runs at the new sizes: "
+                                  f"{describe(frozen)}")
+            return _finish(work, new_plan, example_input), new_plan, new_analysis
+    return f"still failing after keeping {describe(frozen)} whole: {failure.problem}"
+
+
+def modes(model: Any) -> dict[str, bool] | bool:
+    """Train/eval flag of every submodule (a train-mode model may hold frozen, eval-mode BNs)."""
+    if not isinstance(model, nn.Module):
+        return False
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def set_mode(model: nn.Module, training: bool | dict[str, bool]) -> None:
+    """Give the result the input model's train/eval modes, per submodule when given a dict.
+
+    Graph fallbacks stay in eval.
+    """
+    flags = training if isinstance(training, dict) else {"": bool(training)}
+    try:
+        model.train(flags.get("", False))
+    except NotImplementedError:
+        return
+    if isinstance(model, torch.fx.GraphModule) and isinstance(training, dict):
+        return
+    for name, m in model.named_modules():
+        if name and name in flags:
+            m.training = flags[name]

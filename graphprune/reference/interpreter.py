@@ -1,0 +1,201 @@
+"""The original traced program, run with every removed position held at zero (an fx Interpreter)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import Interpreter, Node
+
+from graphprune.graph.rules.pointwise import reduced_dims
+from graphprune.reference.masks import NORM_OPS, REDUCE_OPS, Inexact
+
+
+def storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class MaskedInterpreter(Interpreter):
+    """Runs the traced program holding every removed position at zero (see module docstring)."""
+
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        masks: dict[Node, Any],
+        hard_masks: dict[Node, Any],
+        protected: set[int],
+        record: set[Node] | None = None,
+    ):
+        super().__init__(gm)
+        self.masks = masks
+        self.hard_masks = hard_masks  # inputs of statistics: False only where pruning is not allowed
+        self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
+        self.protected = protected  # storages of the user's tensors: never written
+        self.record = record or set()
+        self.values: dict[Node, Any] = {}  # the recorded nodes' (masked) values
+
+    # -- masks ---------------------------------------------------------------------------
+    def _keep(self, node: Node, k: int | None, like: torch.Tensor) -> torch.Tensor | None:
+        entry = self.masks.get(node)
+        if entry is None:
+            return None
+        if k is not None:
+            entry = entry[k] if isinstance(entry, list) and k < len(entry) else None
+        elif isinstance(entry, list):
+            return None
+        if entry is None:
+            return None
+        key = (id(entry), like.dim(), str(like.device))
+        if key not in self.torch_masks:
+            t = torch.as_tensor(entry, device=like.device)
+            if t.dim() < like.dim():
+                t = t.reshape((1,) * (like.dim() - t.dim()) + tuple(t.shape))
+            self.torch_masks[key] = t
+        return self.torch_masks[key]
+
+    def _apply(self, t: Any, keep: torch.Tensor | None) -> Any:
+        if keep is None or not isinstance(t, torch.Tensor):
+            return t
+        drop = ~keep
+        expanded = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+        if not expanded and storage_ptr(t) not in self.protected:
+            try:
+                return t.masked_fill_(drop, 0)  # in place: views of t see the zeros, as in the model
+            except RuntimeError:  # expanded/overlapping memory
+                pass
+        return t.masked_fill(drop, 0)
+
+    def _mask_value(self, node: Node, value: Any) -> Any:
+        if node not in self.masks:
+            return value
+        if isinstance(value, (tuple, list)):
+            out = [
+                self._apply(v, self._keep(node, i, v)) if isinstance(v, torch.Tensor) else v
+                for i, v in enumerate(value)
+            ]
+            return type(value)(out) if isinstance(value, tuple) else out
+        if isinstance(value, torch.Tensor):
+            return self._apply(value, self._keep(node, None, value))
+        return value
+
+    # -- execution -----------------------------------------------------------------------
+    def run_node(self, n: Node) -> Any:
+        if n.op == "call_function" and (n.target in NORM_OPS or n.target in REDUCE_OPS):
+            result = self._run_statistic(n)
+        else:
+            result = super().run_node(n)
+        if n.op in ("placeholder", "call_function"):
+            result = self._mask_value(n, result)
+        if n.op == "call_function":
+            self._remask_mutated(n)
+        if n in self.record:
+            self.values[n] = result
+        return result
+
+    def _hard_keep(self, node: Node, like: torch.Tensor) -> torch.Tensor | None:
+        entry = self.hard_masks.get(node)
+        if entry is None or isinstance(entry, list):
+            return None
+        t = torch.as_tensor(entry, device=like.device)
+        return t.reshape((1,) * (like.dim() - t.dim()) + tuple(t.shape)).expand(like.shape)
+
+    def _remask_mutated(self, n: Node) -> None:
+        schema = getattr(n.target, "_schema", None)
+        if schema is None or not schema.is_mutable:
+            return
+        for arg, spec in zip(n.args, schema.arguments):
+            if isinstance(arg, Node) and spec.alias_info is not None and spec.alias_info.is_write:
+                value = self.env.get(arg)
+                if isinstance(value, torch.Tensor):
+                    self._apply(value, self._keep(arg, None, value))
+
+    def _run_statistic(self, n: Node) -> Any:
+        """Run a reduction/normalisation on the kept positions only (exact under removal)."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x = args[0] if args else None
+        src = n.args[0] if n.args else None
+        keep = self._keep(src, None, x) if isinstance(src, Node) and isinstance(x, torch.Tensor) else None
+        if keep is None:
+            return n.target(*args, **kwargs)
+        r = x.dim()
+        dims = _reduced_dims(n, args, kwargs, r)
+        plan = _gather_plan(keep.expand(x.shape), dims)
+        if plan is None or _mixes(self._hard_keep(src, x), dims):
+            return n.target(*args, **kwargs)  # nothing to gather, or a pruning no rule allowed
+        args = list(args)
+        args[0] = _gather(x, plan)
+        kind = NORM_OPS.get(n.target)
+        if kind is not None:
+            nd = len(args[1])
+            off = r - nd
+            args[1] = list(args[0].shape[off:])
+            for wi in (2, 3) if kind == "layer_norm" else (2,):
+                if wi < len(args) and isinstance(args[wi], torch.Tensor):
+                    args[wi] = _gather(args[wi], [(d - off, idx) for d, idx in plan])
+        out = n.target(*args, **kwargs)
+        if kind is not None:
+            if isinstance(out, (tuple, list)):
+                return type(out)([_scatter(out[0], plan, x.shape)] + list(out[1:]))
+            return _scatter(out, plan, x.shape)
+        return out
+
+
+def _reduced_dims(n: Node, args: list[Any], kwargs: dict[str, Any], r: int) -> list[int]:
+    if n.target in NORM_OPS:
+        return list(range(r - len(args[1]), r))
+    return reduced_dims(n.target, args, kwargs, r)
+
+
+def _mixes(keep: torch.Tensor | None, dims: list[int]) -> bool:
+    """True if some row along ``dims`` has both kept and removed positions."""
+    if keep is None or not dims or keep.numel() == 0:
+        return False
+    return not torch.equal(keep.amax(dim=dims), keep.amin(dim=dims))
+
+
+def _gather_plan(keep: torch.Tensor, dims: list[int]) -> list[tuple[int, torch.Tensor]] | None:
+    """Indices to gather along ``dims`` so a reduction sees only kept positions; None if no need.
+
+    No gathering is needed when every row (position over the other dims) is wholly kept or
+    wholly removed: a removed row's result is zeroed afterwards anyway.
+    """
+    if not dims:
+        return None
+    any_k = keep.amax(dim=dims, keepdim=True) if keep.numel() else keep
+    all_k = keep.amin(dim=dims, keepdim=True) if keep.numel() else keep
+    if torch.equal(any_k, all_k):
+        return None
+    others = [d for d in range(keep.dim()) if d not in dims]
+    pattern = keep.amax(dim=others, keepdim=True) if others else keep
+    if ((keep != pattern) & any_k).any():
+        raise Inexact("a statistic over pruned channels whose kept positions differ between rows")
+    plan = []
+    outer = torch.ones_like(pattern)
+    for d in dims:
+        rest = [e for e in range(keep.dim()) if e != d]
+        k_d = pattern.amax(dim=rest, keepdim=True)
+        outer = outer & k_d
+        plan.append((d, torch.nonzero(k_d.reshape(-1)).reshape(-1)))
+    if not torch.equal(outer, pattern):
+        raise Inexact("a statistic over pruned channels whose kept positions are not a rectangle")
+    return [(d, idx) for d, idx in plan if len(idx) < keep.shape[d]]
+
+
+def _gather(t: torch.Tensor, plan: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    for d, idx in plan:
+        if 0 <= d < t.dim() and t.shape[d] > 1:
+            t = t.index_select(d, idx.to(t.device))
+    return t
+
+
+def _scatter(t: torch.Tensor, plan: list[tuple[int, torch.Tensor]], shape: torch.Size) -> torch.Tensor:
+    for d, idx in reversed(plan):
+        full = list(t.shape)
+        full[d] = shape[d]
+        out = t.new_zeros(full)
+        out.index_copy_(d, idx.to(t.device), t)
+        t = out
+    return t

@@ -1,0 +1,235 @@
+"""Running the masked reference on the original weights, and comparing a compact model with it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.fx import Node
+from torch.utils import _pytree as pytree
+
+from graphprune.graph.analysis import Analysis, param_tensor
+from graphprune.graph.inputs import flatten_outputs, normalize_inputs
+from graphprune.graph.trace import no_cache
+from graphprune.reference.interpreter import MaskedInterpreter, storage_ptr
+from graphprune.reference.masks import Inexact, reference_masks
+from graphprune.reference.tolerance import relative_error, tight_rtol, tolerance
+
+
+def _flat_user_inputs(program: torch.export.ExportedProgram, example_input: Any) -> list[Any]:
+    args, kwargs = normalize_inputs(example_input)
+    spec = program.call_spec.in_spec
+    try:
+        kw_spec = spec.children()[1] if hasattr(spec, "children") else spec.children_specs[1]
+        kwargs = {k: kwargs[k] for k in kw_spec.context} if kw_spec.context else kwargs
+    except (AttributeError, IndexError, KeyError, TypeError):
+        pass
+    return pytree.tree_flatten((tuple(args), kwargs))[0]
+
+
+def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -> list[Any]:
+    program = analysis.traced.program
+    user = iter(_flat_user_inputs(program, example_input))
+    flat: list[Any] = []
+    for spec in program.graph_signature.input_specs:
+        kind = spec.kind.name
+        if kind == "USER_INPUT":
+            flat.append(next(user))
+        elif kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            try:
+                t = param_tensor(original, spec.target)
+            except AttributeError:
+                t = program.constants.get(spec.target)
+                if t is None:
+                    raise Inexact(f"cannot find the original value of {spec.target}") from None
+            if kind != "PARAMETER":  # buffers may be mutated by the graph: never the user's
+                t = t.detach().clone()
+            flat.append(t.detach() if isinstance(t, torch.Tensor) else t)
+        else:
+            raise Inexact(f"the traced graph has a {kind} input")
+    return flat
+
+
+def _protected(original: nn.Module, example_input: Any) -> set[int]:
+    ptrs = set()
+    args, kwargs = normalize_inputs(example_input)
+    tensors = [t for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    for t in [*original.parameters(), *original.buffers(), *tensors]:
+        p = storage_ptr(t)
+        if p is not None:
+            ptrs.add(p)
+    return ptrs
+
+
+def run_reference(
+    analysis: Analysis,
+    masks: tuple[dict[Node, Any], dict[Node, Any]],
+    original: nn.Module,
+    example_input: Any,
+    record: set[Node] | None = None,
+) -> tuple[list[torch.Tensor], MaskedInterpreter]:
+    program = analysis.traced.program
+    flat = _graph_inputs(analysis, original, example_input)
+    interp = MaskedInterpreter(program.graph_module, *masks, _protected(original, example_input), record)
+    with torch.no_grad():
+        outs = interp.run(*flat, enable_io_processing=False)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    specs = program.graph_signature.output_specs
+    user = [o for o, s in zip(outs, specs) if s.kind.name == "USER_OUTPUT"]
+    try:
+        tree = pytree.tree_unflatten(user, program.call_spec.out_spec)
+        return flatten_outputs(tree), interp
+    except Exception:  # noqa: BLE001 - structure mismatch: compare the flat tensors in order
+        return [u for u in user if isinstance(u, torch.Tensor)], interp
+
+
+@dataclass
+class Reference:
+    """The plan's reference: model outputs and, optionally, every module's output (compact layout).
+
+    ``modules[path]`` holds the reference values leaving module ``path`` (first call), restricted
+    to the kept positions, so they compare directly with the compact model's module outputs
+    (None where the kept positions are not a grid). ``order`` is their position in the graph.
+    """
+
+    outputs: list[torch.Tensor]
+    rtol: float | None = None  # the tight tolerance of a small model (``tight_rtol``), else default
+    modules: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    order: dict[str, int] = field(default_factory=dict)
+
+
+def compute_reference(
+    analysis: Analysis,
+    removed: np.ndarray,
+    original: nn.Module,
+    example_input: Any,
+    *,
+    per_module: bool = False,
+) -> Reference:
+    """Run the masked reference once (see module docstring); ``per_module`` also keeps layer outputs."""
+    masks = reference_masks(analysis, removed)
+    graph = analysis.traced.program.graph
+    outs_of = module_outputs(graph) if per_module else {}
+    wanted = {n for nodes in outs_of.values() for n in nodes}
+    outputs, interp = run_reference(analysis, masks, original, example_input, record=wanted)
+    ref = Reference(outputs, rtol=tight_rtol(original, example_input))
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    for path, nodes in outs_of.items():
+        views = []
+        for node in nodes:
+            value = interp.values.get(node)
+            if isinstance(value, torch.Tensor):
+                views.append(kept_view(value, interp._keep(node, None, value)))
+            else:
+                views.append(None)
+        if nodes:
+            ref.modules[path] = views
+            ref.order[path] = index[nodes[0]]
+    return ref
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, rtol: float | None) -> tuple[bool, float]:
+    if got.dtype != expected.dtype or tuple(got.shape) != tuple(expected.shape):
+        return False, math.inf
+    err = relative_error(got, expected.to(got.device))
+    return err <= tolerance(expected, rtol), err
+
+
+def first_mismatch(
+    reference: Reference, small: nn.Module, example_input: Any, rtol: float | None = None
+) -> tuple[str, float] | None:
+    """None if ``small``'s outputs match the reference; else ``(first differing layer, its error)``.
+
+    The layer is the module (in graph order) whose output first differs from the reference;
+    ``""`` when outputs differ but no module output could be compared.
+    """
+    recorded: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    if reference.modules:
+        for path, mod in small.named_modules():
+            if path in reference.modules:
+
+                def hook(m: nn.Module, a: Any, out: Any, path: str = path) -> None:
+                    recorded.setdefault(path, flatten_outputs(out))
+
+                handles.append(mod.register_forward_hook(hook))
+    try:
+        got = small_outputs(small, example_input)
+    except Exception:  # noqa: BLE001 - a model that does not run matches nothing
+        return "", math.inf
+    finally:
+        for h in handles:
+            h.remove()
+    rtol = reference.rtol if rtol is None else rtol
+    results = [_close(g, e, rtol) for g, e in zip(got, reference.outputs)]
+    if len(got) == len(reference.outputs) and all(ok for ok, _ in results):
+        return None
+    worst = max((err for _, err in results), default=math.inf)
+    for path in sorted(reference.modules, key=reference.order.__getitem__):
+        mine = recorded.get(path)
+        refs = reference.modules[path]
+        if not mine or len(mine) != len(refs):
+            continue
+        for g, e in zip(mine, refs):
+            if e is None or tuple(e.shape) != tuple(g.shape) or e.dtype != g.dtype:
+                continue
+            ok, err = _close(g, e, rtol)
+            if not ok:
+                return path, err
+    return "", worst
+
+
+def reference_outputs(
+    analysis: Analysis, removed: np.ndarray, original: nn.Module, example_input: Any
+) -> list[torch.Tensor]:
+    """The outputs the compact model must produce: the masked original program (see module doc)."""
+    return run_reference(analysis, reference_masks(analysis, removed), original, example_input)[0]
+
+
+def on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def small_outputs(small: nn.Module, example_input: Any) -> list[torch.Tensor]:
+    args, kwargs = normalize_inputs(example_input)
+    with torch.no_grad(), no_cache(small):
+        return flatten_outputs(small(*args, **kwargs))
+
+
+def module_outputs(graph: torch.fx.Graph) -> dict[str, list[Node]]:
+    """For each module path (first call only): the graph values that leave the module."""
+    inside: dict[str, set[Node]] = {}
+    order: dict[Node, int] = {}
+    for i, node in enumerate(graph.nodes):
+        order[node] = i
+        for key, entry in (node.meta.get("nn_module_stack") or {}).items():
+            path = entry[0] if isinstance(entry, tuple) else str(entry)
+            if "@" in str(key):
+                continue
+            inside.setdefault(path, set()).add(node)
+    outs: dict[str, list[Node]] = {}
+    for path, nodes in inside.items():
+        leaving = [n for n in nodes if n.op == "call_function" and any(u not in nodes for u in n.users)]
+        outs[path] = sorted(leaving, key=order.__getitem__)
+    return outs
+
+
+def kept_view(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """The reference value restricted to kept positions (compact layout), or None if not a grid."""
+    if keep is None:
+        return value
+    keep = keep.expand(value.shape)
+    out = value
+    outer = torch.ones((1,) * keep.dim(), dtype=torch.bool, device=keep.device)
+    for d in range(keep.dim()):
+        rest = [e for e in range(keep.dim()) if e != d]
+        k_d = keep.amax(dim=rest, keepdim=True) if rest else keep
+        outer = outer & k_d
+        out = out.index_select(d, torch.nonzero(k_d.reshape(-1)).reshape(-1).to(out.device))
+    if not torch.equal(outer.expand(keep.shape), keep):
+        return None
+    return out

@@ -1,0 +1,105 @@
+"""How close a compact model must come to the reference.
+
+Per-dtype defaults, or for a small float32 model its own rounding error, measured against float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphprune.graph.inputs import flatten_outputs, normalize_inputs
+from graphprune.graph.trace import no_cache
+
+# relative tolerance (max|a - b| / max|b| per output tensor) by output dtype
+DEFAULT_RTOL = {
+    torch.float64: 1e-7,
+    torch.float32: 1e-4,
+    torch.float16: 2e-2,
+    torch.bfloat16: 6e-2,
+}
+
+
+def tolerance(t: torch.Tensor, rtol: float | None) -> float:
+    if rtol is not None:
+        return rtol
+    if not t.dtype.is_floating_point:
+        return 0.0
+    return DEFAULT_RTOL.get(t.dtype, 1e-4)
+
+
+TIGHT_FLOOR = 2e-6  # float32 outputs of a well-conditioned model agree with float64 to ~1e-7
+
+
+TIGHT_MAX_PARAMS = 20_000_000  # a float64 copy of larger models costs more than the check is worth
+
+
+def _tight(original: nn.Module) -> bool:
+    """Worth a float64 run to set the tolerance: a small float32 model on the CPU."""
+    params = list(original.parameters())
+    return (
+        bool(params)
+        and sum(p.numel() for p in params) <= TIGHT_MAX_PARAMS
+        and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
+    )
+
+
+def tight_rtol(original: nn.Module, example_input: Any) -> float | None:
+    """10x the model's own float32 rounding error (at least ``TIGHT_FLOOR``) for a small float32
+    model; None (the dtype's default) otherwise. Used by verify and by the attribute choice."""
+    if not _tight(original):
+        return None
+    noise = rounding_amplification(original, example_input)
+    return None if noise is None else max(TIGHT_FLOOR, 10 * noise)
+
+
+def rounding_amplification(original: nn.Module, example_input: Any) -> float | None:
+    """Relative error of the model's float32 outputs against float64: its conditioning.
+
+    Removal changes the summation order inside every pruned layer, so compact and reference
+    can only agree to about the model's own float32 rounding error. Returns None when the
+    model is not float32 or cannot run in float64.
+    """
+    import copy
+
+    try:
+        if any(p.dtype != torch.float32 for p in original.parameters()):
+            return None
+        args, kwargs = normalize_inputs(example_input)
+
+        def to64(v: Any) -> Any:
+            return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        model64 = copy.deepcopy(original).double().eval()
+        with torch.no_grad(), no_cache(original), no_cache(model64):
+            out32 = flatten_outputs(copy.deepcopy(original).eval()(*args, **kwargs))
+            kwargs64 = {k: to64(v) for k, v in kwargs.items()}
+            out64 = flatten_outputs(model64(*[to64(a) for a in args], **kwargs64))
+        errs = [relative_error(a.double(), b) for a, b in zip(out32, out64) if a.is_floating_point()]
+        return max(errs) if errs else None
+    except Exception:  # noqa: BLE001 - no float64 run, no excuse: the mismatch is reported
+        return None
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max|actual - expected| / max|expected|`` (absolute error where ``expected`` is all zero)."""
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    if a.numel() == 0:
+        return 0.0
+    if not torch.isfinite(e).all() or not torch.isfinite(a).all():
+        same = torch.equal(torch.isnan(a), torch.isnan(e)) and torch.equal(
+            a[~torch.isfinite(a)], e[~torch.isfinite(e)]
+        )
+        if not same:
+            return math.inf
+        fin = torch.isfinite(e)
+        a, e = a[fin], e[fin]
+        if a.numel() == 0:
+            return 0.0
+    diff = (a - e).abs().max().item()
+    scale = e.abs().max().item()
+    return diff / scale if scale > 0 else diff

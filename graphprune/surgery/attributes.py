@@ -1,0 +1,131 @@
+"""Choosing among ambiguous attribute updates by running the model.
+
+When two attributes of one module hold the same old size (GPT-2's Conv1D has ``nx == nf``) or a
+graph constant only *may* be a size (``UncertainUpdate``), shapes alone cannot say which ones to
+change. The choice is made by trial: apply one option, run the model on the example input, and
+compare with the plan's masked reference where one is available.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from graphprune.planning.plan import AttrUpdate
+from graphprune.surgery.fallback import find_failure
+from graphprune.surgery.sizes import UncertainUpdate
+from graphprune.surgery.slicing import apply_attr_updates
+
+
+def _failing_modules(model: nn.Module, example_input: Any, expected) -> list[str] | None:
+    """Run the model; return None if it works, else the paths of the modules active at failure."""
+    failure = find_failure(model, example_input, expected)
+    return None if failure is None else failure.stack
+
+
+def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
+    sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
+    for u in ups:
+        sets.setdefault((u.module, u.old, u.new), []).append(u)
+    return [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
+
+
+def reference_if_ambiguous(analysis, removed, work, ups, example_input):
+    """The plan's reference (verify.py, per layer), only when attribute choices need judging."""
+    if not _ambiguous_sets(ups) or any(p.is_meta for p in work.parameters()):
+        return None  # nothing to choose, or no values to compare (meta: shapes decide)
+    from graphprune.reference.run import compute_reference
+
+    try:
+        return compute_reference(analysis, removed, work, example_input, per_module=True)
+    except Exception:  # noqa: BLE001 - no reference: choose by shapes as before
+        return None
+
+
+def _subsets(g: list[AttrUpdate], smallest_first: bool) -> list[list[AttrUpdate]]:
+    """Every subset of a small ambiguous set (sizes ascending or descending); else the old options."""
+    from itertools import combinations
+
+    if len(g) > 4:
+        return [[]] + [[u] for u in g] if smallest_first else [list(g)] + [[u] for u in g] + [[]]
+    sizes = range(len(g) + 1) if smallest_first else range(len(g), -1, -1)
+    return [list(c) for k in sizes for c in combinations(g, k)]
+
+
+def _per_module(ambiguous: list[list[AttrUpdate]], options: list[list[list[AttrUpdate]]]):
+    """Merge the ambiguous sets of one module into one choice over their joint options.
+
+    GQA with 4 q heads of width 4 and 2 kv heads: ``4 -> 2`` (num_heads or head_dim) and
+    ``2 -> 1`` (num_kv_heads) must be chosen together; a walk that changes one set at a time
+    can miss the only right pair (found by fuzzing). Joint options are ordered by how far they
+    are from each set's first option, and capped.
+    """
+    from itertools import product
+
+    by_module: dict[str, list[int]] = {}
+    for k, g in enumerate(ambiguous):
+        by_module.setdefault(g[0].module, []).append(k)
+    groups, opts = [], []
+    for ks in by_module.values():
+        combos = sorted(product(*[range(len(options[k])) for k in ks]), key=sum)[:256]
+        groups.append([u for k in ks for u in ambiguous[k]])
+        opts.append([[u for k, i in zip(ks, c) for u in options[k][i]] for c in combos])
+    return groups, opts
+
+
+def choose_attr_updates(
+    work, ups: list[AttrUpdate], example_input, expected, reference: Any = None
+) -> list[AttrUpdate]:
+    """Apply the attribute updates found in the graph; resolve ambiguous ones by running the model.
+
+    When two attributes of one module hold the same old value (GPT-2's Conv1D has ``nx == nf``)
+    only some of them may be sizes that changed. Starting from "update all", each failure is
+    traced to the innermost running module with an ambiguous choice, whose next option is tried:
+    linear in the number of choices, not exponential. With a ``reference`` (verify.Reference) a
+    trial that runs must also compute the plan's numbers; otherwise the first layer whose output
+    differs is the failure location.
+    """
+    sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
+    for u in ups:
+        sets.setdefault((u.module, u.old, u.new), []).append(u)
+    sure = [u for g in sets.values() if len(g) == 1 and not isinstance(g[0], UncertainUpdate) for u in g]
+    ambiguous = [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
+    apply_attr_updates(work, ups)
+    if not ambiguous:
+        return ups
+    # uncertain ones start from "leave it": applied only if the model needs them
+    options = [_subsets(g, smallest_first=isinstance(g[0], UncertainUpdate)) for g in ambiguous]
+    ambiguous, options = _per_module(ambiguous, options)
+    choice = [0] * len(ambiguous)
+    revert = [AttrUpdate(u.module, u.attr, u.new, u.old) for u in ups]
+    for _ in range(sum(len(o) for o in options) + 1):
+        trial = sure + [u for k, g in enumerate(options) for u in g[choice[k]]]
+        apply_attr_updates(work, revert)
+        apply_attr_updates(work, trial)
+        failing = _failing_modules(work, example_input, expected)
+        if failing is None and reference is not None:
+            from graphprune.reference.run import first_mismatch
+
+            wrong = first_mismatch(reference, work, example_input)  # runs, but are the numbers right?
+            failing = None if wrong is None else ["", wrong[0]]
+        if failing is None:
+            return trial
+        candidates = [
+            k
+            for k, g in enumerate(ambiguous)
+            if choice[k] + 1 < len(options[k])
+            and any(
+                f == g[0].module or f.startswith(g[0].module + ".") or g[0].module.startswith(f)
+                for f in failing[-1:]
+            )
+        ]
+        if not candidates:
+            candidates = [k for k in range(len(ambiguous)) if choice[k] + 1 < len(options[k])]
+        if not candidates:
+            break
+        k = max(candidates, key=lambda k: len(ambiguous[k][0].module))
+        choice[k] += 1
+    apply_attr_updates(work, revert)
+    apply_attr_updates(work, ups)
+    return ups

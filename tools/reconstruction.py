@@ -251,6 +251,9 @@ def prune_once(spec: Spec, lib: str, row: str, ratio: float, seed: int, res: Res
 
 def measure(spec: Spec, ratios: list[float], seeds: int, log: Callable[[str], None]) -> Results:
     res = Results()
+    with warnings.catch_warnings():  # warm-up: the first torch.export in a process is slow
+        warnings.simplefilter("ignore")
+        graphprune.compact(spec.task.model, spec.task.example, 0.1, verify=False)
     for ratio in ratios:
         for lib, rows in (("graphprune", GP_ROWS), ("torch-pruning", TP_ROWS)):
             for row in rows:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from graphprune.errors import InputError
+from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.analysis import Analysis, Group
 from graphprune.planning.cut import CutOptions
 from graphprune.planning.plan import Plan, build_plan
@@ -94,7 +94,10 @@ def reconstructed_plan(
     )
     for g in new.groups:
         if g.removed and g.removed != rec.chosen.get(g.index, []):  # pragma: no cover - invariant
-            raise AssertionError(f"group {g.index}: plan and reconstruction disagree")
+            raise GraphPruneError(
+                f"internal error: group {g.index}'s plan and reconstruction disagree; please report it "
+                "with the model, and pass reconstruct=False meanwhile"
+            )
     new.notes = [n for n in plan.notes if n not in new.notes] + new.notes
     new.notes.append(
         f"reconstruct: {len(rec.refit)} consumer weights refit by ridge least squares (ridge "

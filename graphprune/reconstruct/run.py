@@ -22,6 +22,7 @@ choice. BatchNorm running statistics are then re-estimated on the calibration da
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -307,8 +308,6 @@ def reconstruct(
     ``planned``: group index -> units the plan would remove (only the count is used where the
     group has a refittable consumer).
     """
-    import copy
-
     opts = options or ReconstructOptions()
     t0 = time.perf_counter()
     work = analysis.model

@@ -54,8 +54,7 @@ def _plan_and_model(
     """One analysis, one plan, one surgery (with the fallback re-planning as compact documents),
     then the verification (``verify``) and, with ``reconstruct``, the unused added biases out."""
     check_model(model)
-    ratio = check_ratio(ratio)
-    fallback = check_fallback(fallback)
+    ratio = check_ratio(ratio)  # ``fallback`` was checked by the public entry point
     rec = recon.check_request(reconstruct, data, example_input)  # bad data: refused before any work
     engine = Engine(
         model, example_input, importance=importance, ignored_layers=ignored_layers, structure=structure,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphPruneError
-from graphprune.graph.analysis import Analysis, analyze, check_attention, param_tensor
+from graphprune.graph.analysis import Analysis, analyze, param_tensor
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.trace import check_model
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
@@ -125,7 +125,7 @@ class Engine:
         """
         if self._spent:
             raise GraphPruneError("this Engine realised a plan with last=True; build a new Engine")
-        own = copy.deepcopy(plan)
+        own = _own(plan)
         analysis = self.analysis
         if self.reconstruct:  # refit a copy (unless last): it is also the verification's reference
             if not last:
@@ -169,6 +169,23 @@ class Engine:
             recon.finish(result.model, result.plan, self.added_biases)
 
 
+def _own(plan: Plan) -> Plan:
+    """A copy of ``plan`` that surgery may fill in (shapes, notes, attribute updates) without
+    touching the caller's; the kept-index lists are shared (nothing modifies them), which keeps
+    this cheap for plans of billion-parameter models where a deep copy takes seconds."""
+    return dataclasses.replace(
+        plan,
+        slices={name: dict(dims) for name, dims in plan.slices.items()},
+        shapes=dict(plan.shapes),
+        groups=[dataclasses.replace(g, removed=list(g.removed)) for g in plan.groups],
+        attr_updates=list(plan.attr_updates),
+        boundaries=list(plan.boundaries),
+        notes=list(plan.notes),
+        structure=dict(plan.structure),
+        scales=[dict(s) for s in plan.scales],
+    )
+
+
 def _as_list(ignored: Any) -> list[Any]:
     if ignored is None:
         return []
@@ -200,8 +217,7 @@ def prepare(
     then measure on the analysis' copy of the model (same parameter names as the plan uses).
     ``structure`` are the analysis options (``prune_hidden``, ``attention``).
     """
-    check_model(model)
-    check_attention(structure.get("attention", "heads"))
+    check_model(model)  # ``attention`` is checked by StructureOptions / analyze, once each
     criterion = resolve(importance, data=data, loss_fn=loss_fn, check_data=True)
     normalize_inputs(example_input)
     analysis = analyze(model, example_input, ignored_layers=ignored_layers, **structure)
@@ -221,7 +237,7 @@ def realize(
     has their units dropped. Callers without a re-plan (the target search, Pruner, sensitivity) cut
     each group on its own, for which dropping the frozen units is the same as re-planning.
     """
-    own = copy.deepcopy(plan)
+    own = _own(plan)
     small, new_plan, _ = realize_full(analysis, own, example_input, copy_model=copy_model, fallback=fallback)
     return small, new_plan
 

@@ -358,18 +358,18 @@ def graphprune_prune(task: Task, name: str, ratio: float, calib: list[Any]) -> n
     group); the benchmark uses TP's rounding so that both sides have the same widths and only the
     choice of units differs.
     """
-    from graphprune.api import _prepare, _realize
+    from graphprune.engine import prepare, realize
     from graphprune.planning.plan import build_plan
 
     kw = {"data": calib, "loss_fn": F.cross_entropy} if name in DATA_DRIVEN else {}
-    analysis, crit = _prepare(task.model, task.example, name, (), **kw)
+    analysis, crit = prepare(task.model, task.example, name, (), **kw)
     counts = {
         g.index: g.num_units - max(1, int(g.num_units * (1 - ratio) + 1e-9))
         for g in analysis.groups
         if g.members and g.num_units > 1
     }
     plan = build_plan(analysis, ratio, crit, name, counts=counts)
-    return _realize(analysis, plan, task.example)
+    return realize(analysis, plan, task.example)[0]
 
 
 def run_task(

@@ -38,6 +38,7 @@ from graphprune.methods.recover import recover
 from graphprune.methods.sparsity import GroupLasso, bn_l1_penalty
 from graphprune.planning.importance import Importance, lamp
 from graphprune.planning.plan import Plan
+from graphprune.reconstruct import ReconstructOptions, SecondMoments
 from graphprune.search.pruner import Pruner
 from graphprune.search.sensitivity import SensitivityTable, sensitivity
 from graphprune.search.targets import TargetResult, compact_to_target, sweep
@@ -48,6 +49,8 @@ from graphprune.verify import VerifyReport, verify_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "ReconstructOptions",
+    "SecondMoments",
     "Analysis",
     "BenchmarkReport",
     "Block",

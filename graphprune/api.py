@@ -15,6 +15,7 @@ from graphprune.methods.prune_masks import MaskImportance, fold_masks
 from graphprune.planning.importance import Criterion
 from graphprune.planning.options import AUTO, CutOptions, StructureOptions
 from graphprune.planning.plan import Plan, check_ratio
+from graphprune.reconstruct import hook as recon
 from graphprune.surgery.depth import remove_blocks
 from graphprune.surgery.fallback import check_fallback
 from graphprune.surgery.hf import update_config
@@ -30,7 +31,12 @@ def _where_to_cut(kwargs: dict[str, Any]) -> dict[str, Any]:
         ratios=kwargs.pop("ratios", None),
         round_to=kwargs.pop("round_to", AUTO),
     )
-    return {"data": kwargs.pop("data", None), "loss_fn": kwargs.pop("loss_fn", None), "options": opts}
+    return {
+        "data": kwargs.pop("data", None),
+        "loss_fn": kwargs.pop("loss_fn", None),
+        "options": opts,
+        "reconstruct": kwargs.pop("reconstruct", None),
+    }
 
 
 def _plan_and_model(
@@ -46,9 +52,12 @@ def _plan_and_model(
     options: CutOptions | None = None,
     fallback: str = "freeze",
     inplace: bool = False,
+    reconstruct: Any = False,
     verify: bool = False,
+    progress: bool = False,
 ) -> Realized:
-    """One analysis, one plan, one surgery (with the fallback re-planning as compact documents).
+    """One analysis, one plan, one surgery (with the fallback re-planning as compact documents),
+    then the verification (``verify``) and, with ``reconstruct``, the unused added biases out.
 
     The result shares no memory with ``model``; with ``inplace`` it is ``model`` itself, shrunk
     (and verified here when ``verify``: the reference must be computed before slicing)."""
@@ -57,9 +66,15 @@ def _plan_and_model(
     # importance="mask": the criterion's exact counts decide, a ratio only caps them
     ratio = (0.0 if isinstance(importance, MaskImportance) else 0.3) if bound is None else bound
     # ``fallback`` was checked by the public entry point
+    rec = recon.check_request(reconstruct, data, example_input)  # bad data: refused before any work
+    if inplace and rec:
+        raise InputError(
+            "compact(inplace=True) cannot reconstruct: the refit needs the original weights next to "
+            "the compact ones. Leave out inplace=True, or pass reconstruct=False."
+        )
     engine = Engine(
         model, example_input, importance=importance, ignored_layers=ignored_layers, structure=structure,
-        data=data, loss_fn=loss_fn,
+        data=data, loss_fn=loss_fn, reconstruct=rec, progress=progress,
     )
     plan = engine.plan(ratio, cut=options)
     if inplace:
@@ -67,6 +82,9 @@ def _plan_and_model(
                           engine.analysis)
     else:
         result = engine.realize(plan, fallback=fallback, cut=options, last=True)
+        if verify:
+            engine.verify(result)
+        engine.finish(result)
     if is_distributed():  # every rank must hold the same plan (graphprune.distributed)
         agree(digest(result.plan.to_json()), "the plan", "The model, example input and statistics agreed, "
               "so a criterion or option is not deterministic; plan on one rank and use broadcast_plan.")
@@ -111,7 +129,7 @@ def compact(
     example_input: Any,
     ratio: float | None = None,
     *,
-    importance: str | Criterion = "l2",
+    importance: str | Criterion | None = None,
     ignored_layers: Any = (),
     prune_hidden: bool = False,
     attention: str = "heads",
@@ -132,6 +150,7 @@ def compact(
     depth_importance: str | None = None,
     depth_unit: str = "module",
     inplace: bool = False,
+    reconstruct: Any = None,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of every prunable group's units removed.
 
@@ -139,8 +158,8 @@ def compact(
     units (channels, heads, ...) removed from each coupled group, like torch.nn.utils.prune's
     ``amount``; each group keeps at least one unit.
 
-    ``importance``: "l1", "l2" (default), "random", "fpgm", "bn_scale", "lamp", or measured on
-    calibration ``data`` (an iterable of ``(inputs, target)`` batches): "taylor" and "hessian"
+    ``importance``: "l1", "l2" (default without ``data``), "random", "fpgm", "bn_scale", "lamp", or
+    measured on calibration ``data`` (an iterable of ``(inputs, target)`` batches): "taylor" and "hessian"
     (need ``loss_fn(output, target)``), "activation", "apoz"; or any callable(group, model).
     A model carrying ``torch.nn.utils.prune`` masks is pruned as the effective (masked) weights;
     ``importance="mask"`` removes exactly the units the masks emptied (``ratio``, if given, caps
@@ -179,6 +198,14 @@ def compact(
     (for a model you no longer need: a large LLM) returns ``model`` itself, shrunk: each sliced
     tensor replaces the old one as soon as it is made, so the peak is about ``model`` alone. There
     is no fallback then (a module that cannot run smaller is an error, and the model is lost).
+
+    ``reconstruct=True`` (needs ``data``: model inputs or ``(inputs, target)`` batches, no labels
+    needed) chooses each group's units by the reconstruction error of the layers that read them
+    and refits those layers by ridge least squares, group by group on the already-compacted
+    model, then re-estimates BatchNorm statistics; ``graphprune.ReconstructOptions(...)`` tunes
+    it. It is the default when ``data`` is given and ``importance`` is not (it beat every plain
+    criterion measured); pass ``reconstruct=False`` to only use the data for a criterion. See
+    graphprune.reconstruct and docs/methods/reconstruction.md.
     """
     if depth is not None:
         return compact_with_plan(
@@ -189,6 +216,7 @@ def compact(
             target_latency_ms=target_latency_ms, progress=progress, fallback=fallback, depth=depth,
             depth_importance=depth_importance, depth_unit=depth_unit)[0]
     check_fallback(fallback)
+    importance, reconstruct = recon.defaults(importance, reconstruct, data)
     training = modes(model)
     targets = {"target_flops": target_flops, "target_params": target_params,
                "target_speedup": target_speedup, "target_latency_ms": target_latency_ms}
@@ -204,7 +232,8 @@ def compact(
                          ignored_layers=ignored_layers, prune_hidden=prune_hidden, attention=attention,
                          verify=verify,
                          data=data, loss_fn=loss_fn, global_pruning=global_pruning, max_ratio=max_ratio,
-                         ratios=ratios, round_to=round_to, progress=progress, fallback=fallback).model
+                         ratios=ratios, round_to=round_to, progress=progress, fallback=fallback,
+                         reconstruct=reconstruct).model
         set_mode(small, training)
         return small
     small, plan, analysis = _plan_and_model(
@@ -219,12 +248,10 @@ def compact(
         options=CutOptions(bool(global_pruning), max_ratio, ratios, round_to),
         fallback=fallback,
         inplace=inplace,
+        reconstruct=reconstruct,
         verify=verify,
+        progress=progress,
     )
-    if verify and not inplace:
-        from graphprune.verify import verify_compact
-
-        verify_compact(analysis, plan, small, example_input, original=model)
     set_mode(small, training)
     return small
 
@@ -235,7 +262,7 @@ def make_plan(
     example_input: Any,
     ratio: float | None = None,
     *,
-    importance: str | Criterion = "l2",
+    importance: str | Criterion | None = None,
     ignored_layers: Any = (),
     prune_hidden: bool = False,
     attention: str = "heads",
@@ -261,6 +288,7 @@ def make_plan(
     opts = cut["options"]
     model, importance, ratio = _unmasked(model, importance, ratio, global_pruning=opts.global_pruning,
                                          ratios=opts.ratios, round_to=opts.round_to)
+    importance, cut["reconstruct"] = recon.defaults(importance, cut["reconstruct"], cut["data"])
     structure = StructureOptions(attention, prune_hidden)
     return _plan_and_model(
         model, example_input, ratio, importance, ignored_layers, structure, fallback=fallback, **cut
@@ -298,6 +326,9 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
     verify = kwargs.pop("verify", True)
     inplace = bool(kwargs.pop("inplace", False))
     fallback = check_fallback(kwargs.pop("fallback", "freeze"))
+    kwargs["importance"], kwargs["reconstruct"] = recon.defaults(
+        kwargs.get("importance"), kwargs.get("reconstruct"), kwargs.get("data")
+    )
     training = modes(model)
     targets = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("target_")}
     progress = kwargs.pop("progress", False)
@@ -324,13 +355,10 @@ def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Mo
         fallback=fallback,
         inplace=inplace,
         verify=verify,
+        progress=progress,
     )
     if kwargs:
         raise InputError(f"unexpected arguments: {sorted(kwargs)}")
-    if verify and not inplace:
-        from graphprune.verify import verify_compact
-
-        verify_compact(analysis, plan, small, example_input, original=model)
     set_mode(small, training)
     return small, plan
 

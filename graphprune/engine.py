@@ -23,12 +23,14 @@ from torch import nn
 from graphprune.distributed import check_same, together
 from graphprune.errors import GraphPruneError, warn_user
 from graphprune.graph.analysis import Analysis, analyze, param_tensor
-from graphprune.graph.copies import keeps_global_rng, shared_copy, unshare
+from graphprune.graph.copies import keeps_global_rng, private_copy, shared_copy, unshare
 from graphprune.graph.inputs import normalize_inputs
 from graphprune.graph.trace import check_model
 from graphprune.planning.importance import Criterion, prepare_criterion, resolve
 from graphprune.planning.options import CutOptions, StructureOptions
 from graphprune.planning.plan import Plan, build_plan
+from graphprune.reconstruct import hook as recon
+from graphprune.reconstruct.run import ReconstructOptions
 from graphprune.surgery.attributes import choose_attr_updates, reference_if_ambiguous
 from graphprune.surgery.fallback import (
     MAX_ROUNDS,
@@ -84,7 +86,12 @@ class Engine:
         structure: StructureOptions | None = None,
         data: Any = None,
         loss_fn: Any = None,
+        reconstruct: ReconstructOptions | None = None,
+        progress: bool = False,
     ) -> None:
+        # reconstruction: layers without a bias get a zero one before analysis (bias compensation)
+        self.reconstruct, self.data, self.progress = reconstruct, data, progress
+        model, self.added_biases = recon.prepare_model(model) if reconstruct else (model, [])
         self.model = model
         self.example_input = example_input
         self.ignored_layers = ignored_layers
@@ -122,6 +129,11 @@ class Engine:
         if self._spent:
             raise GraphPruneError("this Engine realised a plan with last=True; build a new Engine")
         own = _own(plan)
+        analysis = self.analysis
+        if self.reconstruct:  # refit a copy (unless last): it is also the verification's reference
+            if not last:
+                analysis = dataclasses.replace(analysis, model=private_copy(analysis.model))
+            own = self._reconstructed(analysis, own, cut)
 
         def again(prefixes: list[str]) -> tuple[Analysis, Plan]:
             """The same plan with ``prefixes`` frozen, as if the user had listed them in ignored_layers
@@ -129,20 +141,37 @@ class Engine:
             ignored = [*_as_list(self.ignored_layers), *prefixes]
             structure = self.structure.as_kwargs()
             fresh = analyze(self.model, self.example_input, ignored_layers=ignored, **structure)
-            return fresh, build_plan(fresh, own.ratio, self.criterion, self.importance, options=cut)
+            again_plan = build_plan(fresh, own.ratio, self.criterion, self.importance, options=cut)
+            return fresh, self._reconstructed(fresh, again_plan, cut)
 
         self._spent = last
         return Realized(*realize_full(
-            self.analysis, own, self.example_input, copy_model=not last, fallback=fallback,
-            replan=again if replan else None,
+            analysis, own, self.example_input, copy_model=not last or bool(self.reconstruct),
+            fallback=fallback, replan=again if replan else None,
         ))
+
+    def _reconstructed(self, analysis: Analysis, plan: Plan, cut: CutOptions | None) -> Plan:
+        """With reconstruction: refit ``analysis.model`` in place and return the plan it matches."""
+        if not self.reconstruct:
+            return plan
+        return recon.reconstructed_plan(
+            analysis, plan, self.data, self.reconstruct, cut, progress=self.progress
+        )
+
 
     @keeps_global_rng
     def verify(self, result: Realized) -> None:
         """Check ``result.model`` against the masked reference of ``result.plan`` (raises if off)."""
         from graphprune.verify import verify_compact
 
-        verify_compact(result.analysis, result.plan, result.model, self.example_input, original=self.model)
+        # reconstructed: the refit full-size weights (the analysis' model, never sliced) are the truth
+        original = result.analysis.model if self.reconstruct else self.model
+        verify_compact(result.analysis, result.plan, result.model, self.example_input, original=original)
+
+    def finish(self, result: Realized) -> None:
+        """After verifying: take the zero biases reconstruction did not need out of the model."""
+        if self.reconstruct:
+            recon.finish(result.model, result.plan, self.added_biases)
 
 
 def _own(plan: Plan) -> Plan:

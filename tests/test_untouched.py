@@ -210,6 +210,7 @@ CASES: dict[str, tuple[str, Runner]] = {  # case id -> (public name, runner)
     "GroupLasso": ("GroupLasso", _lasso),
     "bn_l1_penalty": ("bn_l1_penalty", lambda m, ex, tmp: graphprune.bn_l1_penalty(m)),
     "unstructured": ("unstructured", _masked_copy),
+    "compact-reconstruct": ("compact", lambda m, ex, tmp: graphprune.compact(m, ex, 0.5, data=[ex, ex])),
     "compact-depth": ("compact", lambda m, ex, tmp: graphprune.compact(
         m, ex, 0.0, depth=1, depth_unit="branch")),
     "find_blocks": ("find_blocks", lambda m, ex, tmp: graphprune.find_blocks(m, ex, unit="branch")),

@@ -246,9 +246,21 @@ TP_NAMES = {
 
 
 def tp_prune(
-    task: Task, name: str, ratio: float, calib: list[tuple[torch.Tensor, torch.Tensor]]
+    task: Task,
+    name: str,
+    ratio: float,
+    calib: list[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+    per_sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
+    """TP with criterion ``name``; ``loss_fn(out, y)`` for Taylor, ``per_sample(out, y)`` (one loss
+    per sample, default cross-entropy) for its per-sample Hessian loop."""
     import torch_pruning as tp
+
+    if per_sample is None:
+
+        def per_sample(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out, y, reduction="none")
 
     imp = {
         "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
@@ -282,12 +294,12 @@ def tp_prune(
     if name == "taylor":
         model.zero_grad()
         for x, y in calib:
-            F.cross_entropy(model(x), y).backward()
+            loss_fn(model(x), y).backward()
     elif name == "hessian":
         imp.zero_grad()
         n = 0
         for x, y in calib:
-            for loss in F.cross_entropy(model(x), y, reduction="none"):
+            for loss in per_sample(model(x), y):
                 if n >= 128:
                     break
                 model.zero_grad()

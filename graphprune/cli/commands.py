@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import graphprune
+from graphprune.cli.calib import add_calibration_args, calibration_kwargs
 from graphprune.cli.common import (
     MODEL_HELP,
     add_importance_arg,
@@ -61,6 +62,7 @@ def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "attention": args.attention,
         "fallback": args.fallback,
         "round_to": args.round_to,
+        **calibration_kwargs(args),
     }
     if depth is not None:
         kwargs.update(depth=depth, depth_unit=args.depth_unit)
@@ -236,6 +238,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="kept widths: 'auto' (default) rounds each group to the width multiple "
                         "onnxruntime's CPU kernels run well (16 for conv channels), N = multiples "
                         "of N, 1 = exactly round(ratio * units)")
+    add_calibration_args(p)
     p.add_argument("--fallback", choices=("freeze", "graph", "error"), default="freeze",
                    help="when a module's code cannot run at the new sizes: keep such modules whole "
                         "(default), return an fx GraphModule, or stop with an error")

@@ -57,6 +57,8 @@ class Plan:
     scales: list[dict[str, Any]] = field(default_factory=list)
     # blocks removed before the width slices (graphprune.depth.DepthEntry as dicts), in order
     depth: list[dict[str, Any]] = field(default_factory=list)
+    # modules given a zero bias before slicing (reconstruction's bias compensation needed one)
+    biases: list[str] = field(default_factory=list)
     # bool per unit class, removed or not: what surgery sizes from; derived data, not saved
     removed_class: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -90,6 +92,7 @@ class Plan:
             structure=c["structure"],
             scales=c["scales"],
             depth=c["depth"],
+            biases=c["biases"],
         )
 
     @classmethod

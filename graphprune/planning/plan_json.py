@@ -56,6 +56,10 @@ def _dict(v: Any, where: str) -> dict[str, Any]:
     return v
 
 
+def _strs(v: Any, where: str) -> list[str]:
+    return [_str(x, f"{where}[{k}]") for k, x in enumerate(_list(v, where))]
+
+
 def _ints(v: Any, where: str) -> list[int]:
     return [_int(x, f"{where}[{k}]") for k, x in enumerate(_list(v, where))]
 
@@ -185,6 +189,7 @@ def check_dict(d: Any, where: str = "plan") -> dict[str, Any]:
         "structure": dict(structure),
         "scales": _scales(d.get("scales", []), f"{where}.scales"),
         "depth": _depth(d.get("depth", []), f"{where}.depth"),
+        "biases": _strs(d.get("biases", []), f"{where}.biases"),
     }
 
 

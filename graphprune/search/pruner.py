@@ -29,6 +29,7 @@ and keeps only the last sample; ``tests/test_importance.py`` checks ours against
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from graphprune.planning.cut import (
 )
 from graphprune.planning.importance import Criterion, Importance, prepare_criterion, resolve, scores_for
 from graphprune.planning.plan import Plan, build_plan, check_ratio
+from graphprune.reconstruct import hook as recon
 
 Schedule = Callable[[int, int], float]
 
@@ -69,8 +71,13 @@ SCHEDULES: dict[str, Schedule] = {"linear": linear_schedule, "cubic": cubic_sche
 
 
 def _signature(group: Group) -> tuple[tuple[str, int], ...]:
-    """Identify a group across re-analyses of a shrinking model (indices may not be stable)."""
-    return tuple(sorted((m.name, m.dim) for m in group.members))
+    """Identify a group across re-analyses of a shrinking model (indices may not be stable).
+
+    Biases are left out: ``reconstruct`` gives bias-free layers one, which must not make the
+    group a stranger to the next step.
+    """
+    named = [(m.name, m.dim) for m in group.members if m.name.rpartition(".")[2] != "bias"]
+    return tuple(sorted(named or [(m.name, m.dim) for m in group.members]))
 
 
 @dataclass
@@ -110,6 +117,9 @@ class Pruner:
                                    importance="taylor", data=calib, loss_fn=F.cross_entropy,
                                    finetune=lambda m: train(m, epochs=1))
         small = pruner.run()          # or: for _ in range(5): pruner.step()
+
+    ``reconstruct=True`` (with ``data``) refits every physical step by least squares
+    (graphprune.reconstruct); in soft mode the final removal keeps the soft selection and refits.
     """
 
     @keeps_global_rng
@@ -135,6 +145,7 @@ class Pruner:
         ratios: dict[str | int, float] | None = None,
         round_to: int | str | None = None,
         verify: bool = True,
+        reconstruct: Any = False,
     ) -> None:
         check_model(model)
         self.target_ratio = check_ratio(target_ratio)
@@ -157,6 +168,7 @@ class Pruner:
         if accumulate and isinstance(self.criterion, Importance):
             self.criterion.accumulate = True
         self.data, self.loss_fn = data, loss_fn
+        self.reconstruct = recon.check_request(reconstruct, data, example_input)
         self.finetune = finetune
         self.soft = bool(soft)
         self.ignored_layers = ignored_layers
@@ -256,8 +268,12 @@ class Pruner:
         criterion: Criterion = _MaskScores(self._masks) if soft_final else self.criterion
         if soft_final:
             self._soft_step(k)  # final selection on the masked model
+        rec = self.reconstruct
+        if rec is not None and soft_final:  # the soft selection stands: refit only
+            rec = dataclasses.replace(rec, selection="plan")
+        source, added = recon.prepare_model(self.model) if rec else (self.model, [])
         analysis, _ = prepare(
-            self.model,
+            source,
             self.example_input,
             criterion,
             self.ignored_layers,
@@ -275,13 +291,18 @@ class Pruner:
             counts = self._counts(analysis, analysis.model, k)
         name = importance_name(self.criterion)
         plan = build_plan(analysis, self.fraction_at(k), criterion, name, counts=counts)
+        if rec:
+            plan = recon.reconstructed_plan(analysis, plan, self.data, rec, None)
         mode = "soft, final removal" if soft_final else "physical"
         plan.notes.append(f"Pruner step {k}/{self.steps} ({mode})")
-        small, plan = realize(analysis, plan, self.example_input)
+        small, plan = realize(analysis, plan, self.example_input, copy_model=bool(rec))
         if self.verify:
             from graphprune.verify import verify_compact
 
-            verify_compact(analysis, plan, small, self.example_input, original=self.model)
+            original = analysis.model if rec else self.model
+            verify_compact(analysis, plan, small, self.example_input, original=original)
+        if rec:
+            recon.finish(small, plan, added)
         if not soft_final and hasattr(self.criterion, "remap"):
             self.criterion.remap(plan)
         set_mode(small, self._training)

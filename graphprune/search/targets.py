@@ -147,6 +147,7 @@ def compact_to_target(
     verify: bool = True,
     progress: bool = False,
     fallback: str = "freeze",
+    reconstruct: Any = False,
 ) -> TargetResult:
     """Find the compaction that meets one target; return it with every candidate tried.
 
@@ -163,8 +164,12 @@ def compact_to_target(
     ``importance`` (with ``data`` / ``loss_fn`` for data-driven criteria) scores units as in
     :func:`graphprune.compact`. The model is analysed once; ``model`` is never modified. A
     target that cannot be met within tolerance (a model too small to reach it, one group step
-    too coarse) gives the closest candidate, ``met=False`` and a warning.
+    too coarse) gives the closest candidate, ``met=False`` and a warning. ``reconstruct`` (with
+    ``data``) is applied to the chosen candidate only: the search sets how many units each group
+    loses, reconstruction which ones and the refit (graphprune.reconstruct).
     """
+    from graphprune.reconstruct import hook as recon
+
     goal = check_targets(
         target_flops=target_flops,
         target_params=target_params,
@@ -178,7 +183,9 @@ def compact_to_target(
     if not 0 < tolerance < 1:
         raise InputError(f"tolerance is relative, in (0, 1); got {tolerance!r}")
     choices = _round_choices(round_to)
-    s = Search(model, example_input, importance=importance, ignored_layers=ignored_layers,
+    rec = recon.check_request(reconstruct, data, example_input)
+    source, added = recon.prepare_model(model) if rec else (model, [])
+    s = Search(source, example_input, importance=importance, ignored_layers=ignored_layers,
                 prune_hidden=prune_hidden, attention=attention, data=data, loss_fn=loss_fn, runs=runs,
                 warmup=warmup,
                 threads=threads, fallback=check_fallback(fallback))
@@ -226,6 +233,8 @@ def compact_to_target(
             tried.append(best)
         tried.sort(key=lambda c: (round_order(c.round_to), c.ratio))
         plan = s.plan_of(best)
+        if rec:
+            plan = recon.reconstructed_plan(s.analysis, plan, data, rec, None, progress=progress)
         small, plan = s.realize(plan, quiet=False)
     finally:
         s.close()
@@ -243,7 +252,9 @@ def compact_to_target(
     if verify:
         from graphprune.verify import verify_compact
 
-        verify_compact(s.analysis, plan, small, example_input, original=model)
+        verify_compact(s.analysis, plan, small, example_input, original=s.analysis.model if rec else model)
+    if rec:
+        recon.finish(small, plan, added)
     return TargetResult(small, plan, _describe(kind, value), met, s.params, s.flops, tried, note, kind, value)
 
 

@@ -62,6 +62,8 @@ def kept_fractions(plan: Plan, model: nn.Module) -> set[tuple[int, int]]:
     for name, dims in plan.slices.items():
         shape = plan.shapes.get(name)
         if shape is None:
+            if name.rpartition(".")[0] in plan.biases or (name == "bias" and "" in plan.biases):
+                continue  # an added bias: its weight's slice says the same
             shape = list(plan_tensor(model, name, "slices").shape)
         for dim, kept in dims.items():
             if dim < len(shape):
@@ -144,9 +146,25 @@ def check_rescales(model: nn.Module, plan: Plan) -> None:
             )
 
 
+def added_biases(model: nn.Module, plan: Plan) -> set[str]:
+    """Names of the biases the plan adds (``plan.biases``, reconstruction's bias compensation):
+    each must sit next to a weight of the model, on a layer that has no bias yet."""
+    added = set()
+    for path in plan.biases:
+        plan_tensor(model, f"{path}.weight" if path else "weight", "adds a bias next to")
+        mod = model.get_submodule(path) if path else model
+        if getattr(mod, "bias", None) is not None:
+            raise PlanMismatchError(f"the plan adds a bias to {path!r}, which already has one")
+        added.add(f"{path}.bias" if path else "bias")
+    return added
+
+
 def check_plan_tensors(model: nn.Module, plan: Plan) -> None:
     """Every sliced tensor exists with the plan's original shape and every kept index is in range."""
+    added = added_biases(model, plan)
     for name, dims in plan.slices.items():
+        if name in added:
+            continue  # replay creates it (zeros sized by the weight) before slicing
         t = plan_tensor(model, name, "slices")
         if not isinstance(t, torch.Tensor):
             raise PlanMismatchError(f"the plan slices {name!r} but the base model's {name} is not a tensor")

@@ -175,8 +175,24 @@ def apply_attr_updates(model: nn.Module, updates: list[AttrUpdate]) -> None:
         setattr(mod, u.attr, new)
 
 
+def add_planned_biases(model: nn.Module, plan: Plan) -> None:
+    """Zero biases where the plan's reconstruction added one (``plan.biases``), before slicing."""
+    for path in plan.biases:
+        zero_bias(model.get_submodule(path) if path else model)
+
+
+def zero_bias(mod: nn.Module) -> bool:
+    """Give a layer without a bias a zero one, sized by its weight's first dim; True if added."""
+    w = getattr(mod, "weight", None)
+    if getattr(mod, "bias", None) is not None or not isinstance(w, torch.Tensor):
+        return False
+    mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), w.requires_grad)
+    return True
+
+
 def replay(model: nn.Module, plan: Plan) -> nn.Module:
     """Apply ``plan`` to ``model`` in place (call it on a copy)."""
+    add_planned_biases(model, plan)
     slice_tensors(model, plan)
     derived = module_updates(model)
     computed = {(u.module, u.attr): u.new for u in derived}

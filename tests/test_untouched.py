@@ -232,6 +232,8 @@ NOT_ENTRY_POINTS = {
     ),
     "Importance": "a criterion's base class: graphprune calls criteria on its own copies",
     "lamp": "builds a criterion: graphprune calls criteria on its own copies",
+    "ReconstructOptions": "an options type (compact-reconstruct covers its use)",
+    "SecondMoments": "a statistics accumulator over tensors it is given; it holds no model",
     "compact_checkpoint": "reads checkpoint folders, never a model object (tests/test_llm.py)",
 }
 # unstructured's magnitude_prune / random_prune / nm_prune / snip / make_permanent / find_ticket and

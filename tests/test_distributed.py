@@ -134,6 +134,12 @@ def _snip_masks(data: Any) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in masked.state_dict().items() if k.endswith("_mask")}
 
 
+def _reconstructed(data: Any) -> dict[str, torch.Tensor]:
+    """compact with data= (least-squares reconstruction): its second moments are all-reduced."""
+    small = gp.compact(_model(), _example(), 0.5, data=data)
+    return {k: v.clone() for k, v in small.state_dict().items()}
+
+
 def _rank_main(rank: int, tmp: str) -> dict[str, Any]:
     """Every scenario, in one fixed order (collectives pair up across ranks by order)."""
     out: dict[str, Any] = {}
@@ -152,6 +158,7 @@ def _rank_main(rank: int, tmp: str) -> dict[str, Any]:
     _run(out, "recover/bn", lambda: _bn_recovered(data))
     _run(out, "reduce", lambda: _reduced_in_buckets(rank))
     _run(out, "snip", lambda: _snip_masks(data))
+    _run(out, "reconstruct", lambda: _reconstructed(data))
 
     # bad input: every rank must raise (and stay in step for the next case)
     out["bad/shapes"] = _error(lambda: gdist.all_reduce_sum([torch.ones(2 + rank)]))
@@ -242,6 +249,16 @@ def test_snip_masks_by_the_union_of_the_ranks_batches(ranks):
     assert any(not torch.equal(union[k], alone[k]) for k in union)  # the oracle can tell
     for r in results:
         _same(r["snip"], union)
+
+
+def test_reconstruction_uses_the_union_statistics(ranks):
+    results, _ = ranks
+    union, alone = _reconstructed(_union()), _reconstructed(_data(0))
+    assert union.keys() != alone.keys() or any(  # the oracle can tell
+        not torch.allclose(union[k], alone[k], atol=1e-4) for k in union)
+    for r in results:
+        _same(r["reconstruct"], results[0]["reconstruct"])  # identical on every rank
+        _same(r["reconstruct"], union, atol=1e-5)
 
 
 def test_local_plans_differ_and_broadcast_makes_them_one(ranks):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from graphprune.distributed import all_reduce_sum
 from graphprune.errors import InputError
 
 
@@ -113,17 +114,19 @@ class SecondMoments:
         """Sum the statistics over every ``torch.distributed`` rank (no-op when not initialised).
 
         Every rank must have accumulated the same keys (the same model on its own shard of the
-        calibration data); keys are reduced in sorted order so the collectives line up.
+        calibration data); keys are reduced in sorted order, and graphprune.distributed checks
+        that every rank sends the same shapes (a clear DistributedError instead of a hang).
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        for key in sorted(self.stats, key=repr):
+        keys = sorted(self.stats, key=repr)
+        flat: list[torch.Tensor] = []
+        for key in keys:
             m = self.stats[key]
-            dist.all_reduce(m.xx)
+            flat += [m.xx, *([m.xy] if m.xy is not None else []),
+                     torch.tensor([m.n], dtype=torch.float64, device=m.xx.device)]
+        summed = iter(all_reduce_sum(flat, "reconstruction statistics"))
+        for key in keys:
+            m = self.stats[key]
+            m.xx = next(summed)
             if m.xy is not None:
-                dist.all_reduce(m.xy)
-            n = torch.tensor([m.n], dtype=torch.float64, device=m.xx.device)
-            dist.all_reduce(n)
-            m.n = int(n.item())
+                m.xy = next(summed)
+            m.n = int(round(float(next(summed).item())))

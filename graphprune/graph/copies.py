@@ -28,10 +28,13 @@ from torch import nn
 from graphprune.errors import InputError
 
 
-def private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` (training flags kept); ``InputError`` naming what cannot be copied."""
+def private_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """A deep copy of ``model`` (training flags kept); ``InputError`` naming what cannot be copied.
+
+    ``memo`` is ``copy.deepcopy``'s: objects already mapped there are used instead of copied.
+    """
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as exc:  # noqa: BLE001 - diagnosed below and re-raised as a clear error
         raise InputError(why_not_copyable(model, exc)) from exc
 
@@ -57,10 +60,7 @@ def shared_copy(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for p in model.parameters():
         memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as exc:  # noqa: BLE001 - diagnosed below and re-raised as a clear error
-        raise InputError(why_not_copyable(model, exc)) from exc
+    return private_copy(model, memo)
 
 
 def shared_eval_copy(model: nn.Module) -> nn.Module:

@@ -142,7 +142,7 @@ def _register_dataclasses(output: Any) -> None:
         _register_dataclasses(child)
 
 
-def _canonical_names(model: nn.Module) -> dict[str, str]:
+def canonical_names(model: nn.Module) -> dict[str, str]:
     """Every name of a shared (tied) tensor -> its first name, the one ``named_parameters`` gives.
 
     torch.export may give a tied weight (GPT-2's ``lm_head.weight`` is ``wte.weight``) one
@@ -257,7 +257,7 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
     sig = program.graph_signature
     names: dict[str, str] = {}
     foreign: dict[str, str] = {}
-    canonical = _canonical_names(model)
+    canonical = canonical_names(model)
     for spec in sig.input_specs:
         if spec.target is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
             if _owned(model, spec.target):

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphPruneError, InputError
+from graphprune.graph.trace import canonical_names
 from graphprune.planning.plan import Plan
 from graphprune.planning.scoring import Magnitude, per_position
 from graphprune.surgery.slicing import scaled, sliced
@@ -142,16 +143,6 @@ def build_meta_model(src: Path) -> nn.Module:
         why = f"{type(exc).__name__}: {exc}"
         raise InputError(f"{cls.__name__} cannot be built from {src / CONFIG} ({why})") from exc
     return model.eval()
-
-
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """Every name of a tensor -> the name the plan uses for it (tied weights share one)."""
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, t in tensors:
-        out[name] = first.setdefault(id(t), name)
-    return out
 
 
 class ShardMagnitude(Magnitude):
@@ -334,7 +325,7 @@ def compact_checkpoint(
     ckpt = read_checkpoint(src)
     _check_dst(dst, src)
     model = build_meta_model(src)
-    names = _aliases(model)
+    names = canonical_names(model)  # tied weights: the name the plan uses
     x = example_input if example_input is not None else {
         "input_ids": torch.zeros(1, 16, dtype=torch.long, device="meta")}
     criterion = ShardMagnitude(1 if importance == "l1" else 2, position_sums(ckpt, names, int(importance[1]),

@@ -135,7 +135,8 @@ def recover(
             "out (Adam with lr=) or use strategy='ddp', which keeps your optimizer's parameters."
         )
     features = list(features or [])
-    with local() if strategy == "local" else contextlib.nullcontext():  # "local": no collective at all
+    # "local": no collective at all; kept_modes: every submodule of the student gets its own flag back
+    with local() if strategy == "local" else contextlib.nullcontext(), kept_modes(student):
         check_same("recover", student=student, teacher=teacher)
         with together("recover: reading the first batch of this rank's data"):
             it = iter(data)
@@ -148,8 +149,6 @@ def recover(
         par = wrap(student, strategy)
         opt = optimizer or torch.optim.Adam([p for p in par.parameters() if p.requires_grad], lr=lr)
         teacher = eval_copy(teacher)  # its forward may write into its own weights: never the caller's
-        modes = contextlib.ExitStack()
-        modes.enter_context(kept_modes(student))  # every submodule gets its own flag back
         par.module.train()
         device = model_device(par.trained)
         s_feats: dict[str, torch.Tensor] = {}
@@ -195,7 +194,6 @@ def recover(
                 h.remove()
             if bar is not None:
                 bar.close()
-            modes.close()
     return student
 
 

@@ -59,10 +59,11 @@ def _values(v: Any) -> list[int] | None:
 def kept_fractions(plan: Plan, model: nn.Module) -> set[tuple[int, int]]:
     """(kept, total) of every sliced dimension (total from the plan's shapes, else the model)."""
     out = set()
+    added = added_bias_names(plan)
     for name, dims in plan.slices.items():
         shape = plan.shapes.get(name)
         if shape is None:
-            if name.rpartition(".")[0] in plan.biases or (name == "bias" and "" in plan.biases):
+            if name in added:
                 continue  # an added bias: its weight's slice says the same
             shape = list(plan_tensor(model, name, "slices").shape)
         for dim, kept in dims.items():
@@ -146,17 +147,21 @@ def check_rescales(model: nn.Module, plan: Plan) -> None:
             )
 
 
+def added_bias_names(plan: Plan) -> set[str]:
+    """Tensor names of the biases the plan adds (``plan.biases``, reconstruction's bias
+    compensation): replay creates them, so the model does not have them yet."""
+    return {f"{path}.bias" if path else "bias" for path in plan.biases}
+
+
 def added_biases(model: nn.Module, plan: Plan) -> set[str]:
-    """Names of the biases the plan adds (``plan.biases``, reconstruction's bias compensation):
-    each must sit next to a weight of the model, on a layer that has no bias yet."""
-    added = set()
+    """``added_bias_names``, each checked to sit next to a weight of the model, on a layer that
+    has no bias yet."""
     for path in plan.biases:
         plan_tensor(model, f"{path}.weight" if path else "weight", "adds a bias next to")
         mod = model.get_submodule(path) if path else model
         if getattr(mod, "bias", None) is not None:
             raise PlanMismatchError(f"the plan adds a bias to {path!r}, which already has one")
-        added.add(f"{path}.bias" if path else "bias")
-    return added
+    return added_bias_names(plan)
 
 
 def check_plan_tensors(model: nn.Module, plan: Plan) -> None:

@@ -871,15 +871,11 @@ def markdown(results: list[ModelResult], tools: tuple[str, ...], ratio: float) -
 
 
 def _gp_round_to(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--gp-round-to must be 'auto' or a positive int, got {text!r}")
-    return value
+    """``--gp-round-to``: graphprune's own parser (imports graphprune alone: no transformers, no
+    torchvision, so the torchvision set-up in main still runs first)."""
+    from graphprune.cli.common import parse_round_to
+
+    return parse_round_to(text, flag="--gp-round-to")
 
 
 def select_models(spec: str, models: dict[str, Builder]) -> tuple[list[str], list[str]]:

@@ -103,6 +103,14 @@ def measure(name: str, model: torch.nn.Module, x: torch.Tensor, runs: int) -> li
     return head + rows + [""]
 
 
+def bench_model(key: str) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    """``--models`` entry -> (model, input, row title): "digits" (the demo CNN) or a zoo name."""
+    if key == "digits":
+        return DigitsCNN().eval(), torch.randn(64, 1, 8, 8), "DigitsCNN (graphprune demo), batch 64 of 1x8x8"
+    model, x = zoo.build(key, "bench")
+    return model, x, f"zoo {key} (bench size), input {tuple(x.shape)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "methods" / "measurements.md"))
@@ -119,12 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     for key in args.models.split(","):
-        if key == "digits":
-            model, x = DigitsCNN().eval(), torch.randn(64, 1, 8, 8)
-            name = "DigitsCNN (graphprune demo), batch 64 of 1x8x8"
-        else:
-            model, x = zoo.build(key, "bench")
-            name = f"zoo {key} (bench size), input {tuple(x.shape)}"
+        model, x, name = bench_model(key)
         lines += measure(name, model, x, args.runs)
     lines.append(f"Run time {time.perf_counter() - t0:.0f}s.")
     text = "\n".join(lines) + "\n"

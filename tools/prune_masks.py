@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from methods_size import bench_model  # noqa: E402
+
 import graphprune  # noqa: E402
-from graphprune import zoo  # noqa: E402
-from graphprune.cli.demo import DigitsCNN  # noqa: E402
 from graphprune.export.bench import interleaved_latency  # noqa: E402
 from graphprune.methods.prune_masks import fold_masks  # noqa: E402
 
@@ -120,12 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     for key in args.models.split(","):
-        if key == "digits":
-            model, x = DigitsCNN().eval(), torch.randn(64, 1, 8, 8)
-            name = "DigitsCNN (graphprune demo), batch 64 of 1x8x8"
-        else:
-            model, x = zoo.build(key, "bench")
-            name = f"zoo {key} (bench size), input {tuple(x.shape)}"
+        model, x, name = bench_model(key)
         lines += measure(name, model, x, args.runs, args.amount)
     lines.append(f"Run time {time.perf_counter() - t0:.0f}s.")
     text = "\n".join(lines) + "\n"

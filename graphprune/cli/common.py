@@ -183,8 +183,8 @@ def shape_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def parse_round_to(text: str, extra: tuple[str, ...] = ()) -> int | str:
-    """``--round-to``: "auto", a positive int, or one of ``extra`` (e.g. "measured")."""
+def parse_round_to(text: str, extra: tuple[str, ...] = (), flag: str = "--round-to") -> int | str:
+    """``--round-to`` (or ``flag``): "auto", a positive int, or one of ``extra`` (e.g. "measured")."""
     if text == "auto" or text in extra:
         return text
     try:
@@ -193,7 +193,7 @@ def parse_round_to(text: str, extra: tuple[str, ...] = ()) -> int | str:
         value = 0
     if value < 1:
         choices = ", ".join(repr(c) for c in ("auto", *extra))
-        raise argparse.ArgumentTypeError(f"--round-to must be a positive integer or {choices}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{flag} must be a positive integer or {choices}, got {text!r}")
     return value
 
 

@@ -278,7 +278,24 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Names
               f"graphprune kept something whole on {t['gp_kept_whole']} of its {gp['ok']} ok models; "
               f"median params kept: graphprune {_f(gp['median_params_kept'], '.2f')}, Torch-Pruning "
               f"{_f(tp['median_params_kept'], '.2f')}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + watch_list(results)) + "\n"
+
+
+def watch_list(results: dict[str, dict[str, dict[str, Any]]], slowest: int = 15) -> list[str]:
+    """The models that need work: graphprune failing, partly pruned, slowest relative to TP."""
+    gp = {n: r["graphprune"] for n, r in sorted(results.items()) if "graphprune" in r}
+    tp = {n: r["torch-pruning"] for n, r in results.items() if "torch-pruning" in r}
+    fails = [f"- {n}: {g['error']}" for n, g in gp.items() if not g["ok"]]
+    whole = [f"- {n}: {_whole(g)}" for n, g in gp.items() if g["ok"] and g["kept_whole"]]
+    ratios = sorted(((g["cold_s"] / tp[n]["cold_s"], n) for n, g in gp.items()
+                     if g["ok"] and n in tp and tp[n]["ok"]), reverse=True)
+    slow = [f"- {n}: {r:.1f}x ({gp[n]['cold_s']:.1f} s vs {tp[n]['cold_s']:.1f} s cold, "
+            f"warm {gp[n]['warm_s']:.1f} s vs {tp[n]['warm_s']:.1f} s)" for r, n in ratios[:slowest]]
+    tp_only = [f"- {n}" for n, g in gp.items() if not g["ok"] and n in tp and tp[n]["ok"]]
+    return ([f"**graphprune fails ({len(fails)})**", *fails, "",
+             f"of which Torch-Pruning handles ({len(tp_only)})", *tp_only, "",
+             f"**graphprune kept something whole ({len(whole)})**", *whole, "",
+             f"**slowest relative to Torch-Pruning (cold gp/TP, top {slowest})**", *slow])
 
 
 def _write(results: dict[str, Any], args: argparse.Namespace) -> None:
@@ -316,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default="", help="write per-model results and totals here")
     p.add_argument("--markdown", default="", help="write the markdown table here (else stdout)")
     p.add_argument("--list", action="store_true", help="print the model names and exit")
+    p.add_argument("--report", nargs="+", metavar="JSON",
+                   help="no run: merge these --json files (later ones win) into one --markdown report")
     p.add_argument("--refresh-timm-sample", action="store_true",
                    help="rebuild tools/zoo_timm_sample.txt from the installed timm (minutes)")
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
@@ -334,6 +353,16 @@ def main(argv: list[str] | None = None) -> int:
 
         for module, name, params in refresh_timm_sample():
             print(module, name, params)
+        return 0
+    if args.report:
+        merged: dict[str, Any] = {}
+        for path in args.report:
+            with contextlib.suppress(FileNotFoundError):
+                payload = json.loads(Path(path).read_text())
+                merged.update(payload["results"])
+                args.no_speed = args.no_speed or not payload["speed"]
+        text = markdown(merged, args)
+        Path(args.markdown).write_text(text) if args.markdown else print(text)
         return 0
     names = select(args)
     if args.list:

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from torch import nn
 
-from tests.oracles import assert_untouched, check_onnx, check_shape_params_flops, compacted
-
 if not os.environ.get("GRAPHPRUNE_SLOW"):
     pytest.skip("real torchvision/timm models: run with GRAPHPRUNE_SLOW=1", allow_module_level=True)
+
+from tests.oracles import assert_untouched, check_onnx, check_shape_params_flops, compacted  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 try:

@@ -16,8 +16,10 @@ same code as ``compact`` with its defaults, ``verify=True`` included, and also r
 whose boundaries and notes say what was kept whole; Torch-Pruning: tools/tp_baseline.py's
 documented recipe, ``prune_with_tp``, on a deep copy made before the clock starts; where whole-head
 pruning fails on an attention model the ViT example's head-dim recipe is tried next and the cold
-time is the sum of both tries, what a user following the docs pays). ``warm`` is a second call in
-the same process on a fresh deep copy of the original (the recipe that worked, for TP).
+time is the sum of both tries, what a user following the docs pays; TP's timed span also holds one
+forward pass that checks the result, which decides whether the next recipe is needed). ``warm`` is
+a second call in the same process on a fresh deep copy of the original (the recipe that worked,
+for TP).
 
 A result counts as ok only if the call did not raise, the pruned model runs, every output keeps
 its shape and the parameter count went down (compare.check_pruned). Then: params and FLOPs kept

@@ -149,14 +149,15 @@ def worker(name: str, tool: str, ratio: float, speed: bool) -> dict[str, Any]:
         if tool == "graphprune":
             small, notes, plan = _gp_call(work, x, ratio)
             out["cold_s"] = time.perf_counter() - t0
-            check_pruned(small, x, ref.shapes, ref.params)
             # shortest first: the plan's note names the modules kept whole; the freeze warning
-            # says the same at length; then any other warning; then the ops without a rule
+            # says the same at length; then any other warning; then the ops without a rule.
+            # Recorded before the check, so a "no parameters removed" failure says why.
             whole = [n for n in plan.notes if "kept whole" in n]
             whole += [f"warning: {n}" for n in notes if not (whole and "kept whole" in n)]
             whole += [f"boundary: {b}" for b in plan.boundaries]
             out["kept_whole"] = list(dict.fromkeys(whole))
             out["class"] = type(small).__name__
+            check_pruned(small, x, ref.shapes, ref.params)
             again = copy.deepcopy(model)
             t0 = time.perf_counter()
             _gp_call(again, x, ratio)
@@ -287,7 +288,8 @@ def watch_list(results: dict[str, dict[str, dict[str, Any]]], slowest: int = 15)
     """The models that need work: graphprune failing, partly pruned, slowest relative to TP."""
     gp = {n: r["graphprune"] for n, r in sorted(results.items()) if "graphprune" in r}
     tp = {n: r["torch-pruning"] for n, r in results.items() if "torch-pruning" in r}
-    fails = [f"- {n}: {g['error']}" for n, g in gp.items() if not g["ok"]]
+    fails = [f"- {n}: {g['error']}" + (f" [{_whole(g)}]" if g["kept_whole"] else "")
+             for n, g in gp.items() if not g["ok"]]
     whole = [f"- {n}: {_whole(g)}" for n, g in gp.items() if g["ok"] and g["kept_whole"]]
     ratios = sorted(((g["cold_s"] / tp[n]["cold_s"], n) for n, g in gp.items()
                      if g["ok"] and n in tp and tp[n]["ok"]), reverse=True)
@@ -362,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.report:
             with contextlib.suppress(FileNotFoundError):
                 payload = json.loads(Path(path).read_text())
-                merged.update(payload["results"])
+                for model, by_tool in payload["results"].items():  # per tool: reruns of one side
+                    merged.setdefault(model, {}).update(by_tool)
                 speed = speed or payload["speed"]
         args.no_speed = args.no_speed or not speed  # a speed-up column when any file has one
         text = markdown(merged, args)

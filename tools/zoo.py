@@ -120,19 +120,31 @@ def _speed(model: Any, small: Any, x: Any, name: str, out: dict[str, Any]) -> No
     out["speedup"] = medians["original"] / medians["pruned"]
 
 
+def _flops(model: Any, x: Any, out: dict[str, Any], key: str) -> int | None:
+    """graphprune.count_flops, or None with the error recorded: a FLOP count that fails (torch's
+    FlopCounterMode on some timm models) must not hide whether the model compacts."""
+    from compare import count_flops
+
+    try:
+        return count_flops(model, x)
+    except Exception as exc:
+        out[key] = _first_line(exc, 160)
+        return None
+
+
 def worker(name: str, tool: str, ratio: float, speed: bool) -> dict[str, Any]:
     """Measure one (model, tool) pair in this process; see the module docstring."""
     out: dict[str, Any] = {"model": name, "tool": tool, "ok": False, "error": "", "kept_whole": []}
     import torch
 
     torch.set_num_threads(1)
-    from compare import Reference, check_pruned, count_flops, count_params, output_shapes
+    from compare import Reference, check_pruned, count_params, output_shapes
     from zoo_models import build
 
     try:
         model, x = build(name)
         out["input"] = list(x.shape)
-        params, flops = count_params(model), count_flops(model, x)
+        params, flops = count_params(model), _flops(model, x, out, "flops_error")
         ref = Reference(output_shapes(model, x), params)
         out.update(params=params, flops=flops)
     except Exception as exc:
@@ -177,7 +189,8 @@ def worker(name: str, tool: str, ratio: float, speed: bool) -> dict[str, Any]:
     small.eval()
     out["ok"] = True
     out["params_kept"] = count_params(small) / params
-    out["flops_kept"] = count_flops(small, x) / flops if flops else None
+    small_flops = _flops(small, x, out, "flops_error_pruned")
+    out["flops_kept"] = small_flops / flops if flops and small_flops is not None else None
     if speed:
         try:
             _speed(model, small, x, name, out)

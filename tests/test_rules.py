@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import check_dead_channels, check_ratio_zero_identity
+from oracles import check_dead_channels, check_onnx, check_ratio_zero_identity
 from torch import nn
 
 import graphprune
@@ -120,6 +120,22 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+class ClampByTensors(nn.Module):
+    """clamp with tensor bounds (clamp.Tensor): scalar buffers, and a per-channel lower bound
+    that is sliced with its channel (bounds hold 0, so dead units stay dead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 24), nn.Linear(24, 6)
+        self.register_buffer("lo", -torch.rand(24))
+        self.register_buffer("hi", torch.tensor(0.4))
+        self.register_buffer("top", torch.tensor(0.3))
+
+    def forward(self, x):
+        y = torch.clamp(self.a(x), self.lo, self.hi)
+        return self.b(torch.clamp_max(y, self.top) + torch.clamp(y, min=self.lo))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "grouped_conv": (GroupedConv, (2, 3, 8, 8)),
     "transposed_up": (TransposedUp, (2, 3, 8, 8)),
@@ -128,6 +144,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "squeeze_excite": (SqueezeExcite, (2, 3, 8, 8)),
     "flatten_linear": (FlattenIntoLinear, (2, 3, 8, 8)),
     "swiglu": (SwiGLU, (2, 5, 8)),
+    "clamp_tensor": (ClampByTensors, (2, 5, 8)),
 }
 
 
@@ -148,6 +165,14 @@ def test_rule_family_passes_the_oracles(name: str) -> None:
     check_ratio_zero_identity(model, x)
     small = check_dead_channels(model, x, 0.5)
     assert small(x).shape == model(x).shape
+
+
+def test_clamp_with_tensor_bounds_is_pruned_and_runs_in_onnxruntime() -> None:
+    model, x = _build("clamp_tensor")
+    small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert not plan.boundaries, plan.boundaries
+    assert small.a.out_features == 12 and small.lo.shape == (12,)
+    check_onnx(small, x)
 
 
 def test_grouped_conv_loses_whole_groups() -> None:

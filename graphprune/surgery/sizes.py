@@ -159,7 +159,10 @@ def _size_list(value: Any) -> tuple[int, ...] | None:
     return None
 
 
-def _sequence_updates(model, per_module: dict[str, dict[tuple[int, ...], set[tuple[int, ...]]]]) -> list[AttrUpdate]:
+SizeLists = dict[str, dict[tuple[int, ...], set[tuple[int, ...]]]]  # module -> old list -> new lists
+
+
+def _sequence_updates(model, per_module: SizeLists) -> list[AttrUpdate]:
     """Tuple/list attributes passed whole as an op's size list (``torch.split(x, self.split_sizes)``).
 
     The graph holds the list the forward read, so an attribute equal to the old list is that list
@@ -188,7 +191,7 @@ def attribute_updates(
     """Attributes of the module that ran each changed op, holding an old value: integers, and
     tuples/lists of integers passed whole as a size list."""
     per_module: dict[str, dict[int, set[int]]] = {}
-    per_module_lists: dict[str, dict[tuple[int, ...], set[tuple[int, ...]]]] = {}
+    per_module_lists: SizeLists = {}
     kept: dict[str, set[int]] = {}  # values also found unchanged in a changed op of the module
     for node, args in changes.items():
         path = module_path(node)

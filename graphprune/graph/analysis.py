@@ -259,7 +259,11 @@ def analyze_traced(
             labels[node] = TensorLabels(shape, []) if shape is not None and node not in param_nodes else None
             if node.name in traced.foreign and shape is not None and any(s > 1 for s in shape):
                 users = ", ".join(sorted({where(u) for u in node.users}))
+                holder = traced.holders.get(node.name)
                 boundaries.append(
+                    f"{users}: reads a tensor of shape {list(shape)} kept in {holder} (a cache filled "
+                    "by an earlier forward, not a parameter or buffer), which keeps its size; clear "
+                    "that cache before pruning to prune these channels too" if holder else
                     f"{users}: reads a tensor of shape {list(shape)} from outside the model (a hook's "
                     "closure or a global, not a parameter or buffer), which keeps its size"
                 )

@@ -105,6 +105,19 @@ def test_cache_filled_by_an_earlier_forward_is_named_and_keeps_its_channels() ->
     assert small[2].out_channels == 4 and small[3].scale.shape == (4,)
 
 
+class BuiltInForward(nn.Module):
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y * torch.tensor([0.5, 1.0, 2.0, 4.0, 1.0, 1.0, 1.0, 1.0])[:, None, None]
+
+
+def test_tensor_built_in_forward_is_named_as_such_not_as_a_hook() -> None:
+    model = net()
+    model.insert(3, BuiltInForward())
+    small, plan = graphprune.compact_with_plan(model.eval(), x(), 0.5)
+    assert small[2].out_channels == 8 and small[0].out_channels == 4, plan
+    assert any("builds from Python values (torch.tensor(...)" in b for b in plan.boundaries), plan.boundaries
+
+
 def test_torchscript_submodule_is_named_as_the_cause() -> None:
     model = net()
     model[2] = torch.jit.script(nn.Conv2d(8, 8, 3))

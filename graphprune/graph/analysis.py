@@ -22,7 +22,7 @@ from graphprune.errors import InputError
 from graphprune.graph import rules
 from graphprune.graph.copies import keeps_global_rng, shared_eval_copy, storages, unshare
 from graphprune.graph.labels import Coupler, TensorLabels
-from graphprune.graph.rules.registry import RuleContext, lookup, where
+from graphprune.graph.rules.registry import RuleContext, lookup, ops, where
 from graphprune.graph.trace import Traced, check_model, node_source, trace, writes_inputs
 from graphprune.surgery.constraints import module_constraints
 
@@ -156,6 +156,20 @@ def _freeze_mask(n_cls: int, cls: np.ndarray, items: list[tuple[np.ndarray, str]
 
 
 @keeps_global_rng
+def _foreign_note(traced: Traced, node: Node, users: str, shape: list[int]) -> str:
+    """Why a lifted constant keeps its size, told by where it came from."""
+    holder = traced.holders.get(node.name)
+    if holder:
+        return (f"{users}: reads a tensor of shape {shape} kept in {holder} (a cache filled by an "
+                "earlier forward, not a parameter or buffer), which keeps its size; clear that cache "
+                "before pruning to prune these channels too")
+    if any(u.target in ops("lift_fresh_copy.default") for u in node.users):
+        return (f"{users}: uses a tensor of shape {shape} the forward builds from Python values "
+                "(torch.tensor(...), indexing with a list), which keeps its size")
+    return (f"{users}: reads a tensor of shape {shape} from outside the model (a hook's closure or "
+            "a global, not a parameter or buffer), which keeps its size")
+
+
 def analyze(
     model: nn.Module,
     example_input: Any,
@@ -259,14 +273,7 @@ def analyze_traced(
             labels[node] = TensorLabels(shape, []) if shape is not None and node not in param_nodes else None
             if node.name in traced.foreign and shape is not None and any(s > 1 for s in shape):
                 users = ", ".join(sorted({where(u) for u in node.users}))
-                holder = traced.holders.get(node.name)
-                boundaries.append(
-                    f"{users}: reads a tensor of shape {list(shape)} kept in {holder} (a cache filled "
-                    "by an earlier forward, not a parameter or buffer), which keeps its size; clear "
-                    "that cache before pruning to prune these channels too" if holder else
-                    f"{users}: reads a tensor of shape {list(shape)} from outside the model (a hook's "
-                    "closure or a global, not a parameter or buffer), which keeps its size"
-                )
+                boundaries.append(_foreign_note(traced, node, users, list(shape)))
             continue
         if node.op == "output":
             outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]

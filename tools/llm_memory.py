@@ -99,7 +99,14 @@ class _PeakWhere:
         self._thread.join()
 
     def report(self, last: int = 12) -> str:
-        return "\n".join(f"  {gib:6.2f} GiB  {where}" for gib, where in self.peaks[-last:])
+        """The last ``last`` steps that raised the peak (consecutive samples at one place merged)."""
+        steps: list[tuple[float, float, str]] = []
+        for gib, where in self.peaks:
+            if steps and steps[-1][2] == where:
+                steps[-1] = (steps[-1][0], gib, where)
+            else:
+                steps.append((gib, gib, where))
+        return "\n".join(f"  {a:6.2f} -> {b:6.2f} GiB  {where}" for a, b, where in steps[-last:])
 
 
 def _config(shape: str) -> Any:

@@ -33,6 +33,7 @@ class MaskedInterpreter(Interpreter):
         self.masks = masks
         self.hard_masks = hard_masks  # inputs of statistics: False only where pruning is not allowed
         self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
+        self.all_kept: dict[int, bool] = {}
         self.protected = protected  # storages of the user's tensors: never written
         self.record = record or set()
         self.values: dict[Node, Any] = {}  # the recorded nodes' (masked) values
@@ -66,8 +67,8 @@ class MaskedInterpreter(Interpreter):
         return self.torch_masks[key]
 
     def _apply(self, t: Any, keep: torch.Tensor | None) -> Any:
-        if keep is None or not isinstance(t, torch.Tensor):
-            return t
+        if keep is None or not isinstance(t, torch.Tensor) or self._keeps_all(keep):
+            return t  # nothing removed here: a masked copy would only cost memory
         drop = ~keep
         expanded = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
         if not expanded and storage_ptr(t) not in self.protected:
@@ -76,6 +77,12 @@ class MaskedInterpreter(Interpreter):
             except RuntimeError:  # expanded/overlapping memory
                 pass
         return t.masked_fill(drop, 0)
+
+    def _keeps_all(self, keep: torch.Tensor) -> bool:
+        key = id(keep)  # the masks live in ``torch_masks`` for the whole run: ids stay valid
+        if key not in self.all_kept:
+            self.all_kept[key] = bool(keep.all())
+        return self.all_kept[key]
 
     def _mask_value(self, node: Node, value: Any) -> Any:
         if node not in self.masks:

@@ -8,6 +8,7 @@ import torch
 from torch.fx import Interpreter, Node
 
 from graphprune.graph.rules.pointwise import reduced_dims
+from graphprune.reference.heap import release_free_memory
 from graphprune.reference.masks import NORM_OPS, REDUCE_OPS, Inexact
 
 
@@ -34,6 +35,7 @@ class MaskedInterpreter(Interpreter):
         self.hard_masks = hard_masks  # inputs of statistics: False only where pruning is not allowed
         self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
         self.all_kept: dict[int, bool] = {}
+        self.copied = False
         self.protected = protected  # storages of the user's tensors: never written
         self.record = record or set()
         self.values: dict[Node, Any] = {}  # the recorded nodes' (masked) values
@@ -101,6 +103,7 @@ class MaskedInterpreter(Interpreter):
     def fetch_args_kwargs_from_env(self, n: Node) -> tuple[tuple, dict]:
         args, kwargs = super().fetch_args_kwargs_from_env(n)
         if self.lazy and any(a in self.lazy for a in n.all_input_nodes):
+            self.copied = True  # masked copies of weights: freed after the op (run_node)
             args = tuple(self._mask_value(a, v) if isinstance(a, Node) and a in self.lazy else v
                          for a, v in zip(n.args, args, strict=True))
             kwargs = {k: self._mask_value(n.kwargs[k], v) if isinstance(n.kwargs[k], Node)
@@ -112,6 +115,9 @@ class MaskedInterpreter(Interpreter):
             result = self._run_statistic(n)
         else:
             result = super().run_node(n)
+        if self.copied:  # the op's masked weight copies are gone: hand their pages back (heap.py)
+            self.copied = False
+            release_free_memory()
         if n.op == "call_function" or (n.op == "placeholder" and n not in self.lazy):
             result = self._mask_value(n, result)
         if n.op == "call_function":

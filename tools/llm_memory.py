@@ -131,7 +131,7 @@ def run_one(tool: str, shape: str, ratio: float, profile: bool, where: bool = Fa
     t0 = time.perf_counter()
     if prof:
         prof.enable()
-    tracer = _PeakWhere() if where else None
+    tracer = _PeakWhere() if where and tool.startswith("graphprune") else None
     if tool.startswith("graphprune"):
         import graphprune
 

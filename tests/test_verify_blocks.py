@@ -126,3 +126,32 @@ def test_compact_names_the_block_a_wrong_slice_broke_in_a_llama(monkeypatch, inp
     with pytest.raises(graphprune.VerificationError, match=r"block model\.layers\.1 \(LlamaDecoderLayer\) "
                        r"is the first block that diverges.*model\.layers\.1\.mlp\.down_proj"):
         graphprune.compact(model, x, 0.4, inplace=inplace)
+
+
+def test_block_noise_measures_one_blocks_rounding_against_float64() -> None:
+    """The second chance for a block is that block's own float32 error (a float64 copy of the
+    block, not of the model): tiny for a plain block, large for one that cancels (the
+    difference of two nearly equal layers), none for half precision."""
+    from graphprune.reference.blockwise import block_noise
+
+    class Cancel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+            with torch.no_grad():
+                self.b.weight.copy_(self.a.weight * (1 + 1e-4))
+                self.b.bias.copy_(self.a.bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) - self.b(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    plain, steep = _Block(16).eval(), Cancel()
+    with torch.no_grad():
+        quiet = block_noise(plain, (x,), {}, plain(x))
+        loud = block_noise(steep, (x,), {}, steep(x))
+    assert quiet is not None and quiet < 1e-6
+    assert loud is not None and loud > 10 * quiet
+    half = _Block(16).half()
+    assert block_noise(half, (x.half(),), {}, half(x.half())) is None

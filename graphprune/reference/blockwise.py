@@ -64,6 +64,7 @@ class Piece:
     path: str  # the block the piece belongs to (for the groups pruned there)
     error: float
     tol: float
+    noise: float | None = None  # the block's own float32 rounding error (float64 rerun), if it failed
 
     @property
     def ok(self) -> bool:
@@ -175,8 +176,11 @@ def run_blockwise(
         return None
     pieces: list[Piece] = []
     prev: list[str] = []
+    busy: list[bool] = []  # inside a float64 rerun: the hooks stand aside
 
-    def before(m: nn.Module, args: tuple, kwargs: dict, path: str) -> tuple[tuple, dict]:
+    def before(m: nn.Module, args: tuple, kwargs: dict, path: str) -> tuple[tuple, dict] | None:
+        if busy:
+            return None
         ref = values.inputs.pop(path, None)
         if ref is None:  # the block runs twice: not one value per boundary
             raise _NoStream(path)
@@ -195,6 +199,8 @@ def run_blockwise(
         return pytree.tree_unflatten(leaves, spec)
 
     def after(m: nn.Module, args: tuple, kwargs: dict, out: Any, path: str) -> None:
+        if busy:
+            return
         ref = values.outputs.pop(path, None)
         if ref is None:
             raise _NoStream(path)
@@ -204,7 +210,14 @@ def run_blockwise(
             err = float("inf")
         else:
             err = relative_error(first, ref.to(first.device))
-        pieces.append(Piece(path, path, err, tol_of(ref)))
+        piece = Piece(path, path, err, tol_of(ref))
+        if not piece.ok and first is not None:
+            busy.append(True)
+            try:
+                piece.noise = block_noise(m, args, kwargs, first)
+            finally:
+                busy.pop()
+        pieces.append(piece)
         prev.append(path)
 
     handles = []
@@ -225,6 +238,31 @@ def run_blockwise(
     if len(prev) != len(mods):  # a block did not run (or ran twice): not the reference's order
         return None
     return outs, pieces
+
+
+def block_noise(block: nn.Module, args: tuple, kwargs: dict, out32: torch.Tensor) -> float | None:
+    """The relative error of ``block``'s float32 output against a float64 copy of the block on
+    the same input: how much this block alone turns rounding into differences (verify.py's
+    second chance, for one block instead of a float64 copy of the whole model). None when the
+    block is not float32 or does not run in float64."""
+    import copy
+
+    if any(p.dtype != torch.float32 for p in block.parameters()):
+        return None
+
+    def to64(v: Any) -> Any:
+        return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    try:
+        block64 = copy.deepcopy(block).double()
+        args64, kwargs64 = pytree.tree_map(to64, (args, kwargs))
+        with torch.no_grad():
+            out64 = flatten_outputs(block64(*args64, **kwargs64))
+    except Exception:  # noqa: BLE001 - no float64 run, no excuse: the mismatch is reported
+        return None
+    if not out64 or tuple(out64[0].shape) != tuple(out32.shape):
+        return None
+    return relative_error(out32.double(), out64[0])
 
 
 def describe_piece(piece: Piece, small: nn.Module, checked: int) -> str:

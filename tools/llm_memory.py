@@ -7,6 +7,7 @@ on them). The model is a LLaMA built from a config, no download.
     python tools/llm_memory.py                        # TinyLlama-1.1B shape (4.1 GiB fp32)
     python tools/llm_memory.py --shape small          # ~0.4 GiB, for development
     python tools/llm_memory.py --tools graphprune --profile   # where graphprune's time goes
+    python tools/llm_memory.py --tools graphprune --where     # where graphprune's memory peaks
     python tools/llm_memory.py --checkpoint DIR       # write a sharded checkpoint, compact it
                                                       # with compact_checkpoint, report peak RSS
 
@@ -55,13 +56,66 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+class _PeakWhere:
+    """Samples this process's RSS every few ms; at each new peak, remembers where the main thread
+    was (its innermost graphprune frames): which step of ``compact`` sets the peak."""
+
+    def __init__(self, every_s: float = 0.005) -> None:
+        import threading
+
+        self.every_s = every_s
+        self.main = threading.main_thread().ident
+        self.peaks: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss_gib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+    def _where(self) -> str:
+        import traceback
+
+        frame = sys._current_frames().get(self.main)
+        stack = traceback.extract_stack(frame) if frame is not None else []
+        ours = [f"{Path(f.filename).stem}.{f.name}:{f.lineno}" for f in stack if "graphprune" in f.filename]
+        return " > ".join(ours[-4:]) or "(outside graphprune)"
+
+    def _run(self) -> None:
+        best = 0.0
+        while not self._stop.wait(self.every_s):
+            rss = self._rss_gib()
+            if rss > best + 0.02:
+                best = rss
+                self.peaks.append((rss, self._where()))
+
+    def __enter__(self) -> _PeakWhere:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, last: int = 12) -> str:
+        """The last ``last`` steps that raised the peak (consecutive samples at one place merged)."""
+        steps: list[tuple[float, float, str]] = []
+        for gib, where in self.peaks:
+            if steps and steps[-1][2] == where:
+                steps[-1] = (steps[-1][0], gib, where)
+            else:
+                steps.append((gib, gib, where))
+        return "\n".join(f"  {a:6.2f} -> {b:6.2f} GiB  {where}" for a, b, where in steps[-last:])
+
+
 def _config(shape: str) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(**SHAPES[shape])
 
 
-def run_one(tool: str, shape: str, ratio: float, profile: bool) -> dict[str, Any]:
+def run_one(tool: str, shape: str, ratio: float, profile: bool, where: bool = False) -> dict[str, Any]:
     """Build the model, compact it with ``tool``; seconds and peak RSS of this process."""
     from transformers import LlamaForCausalLM
 
@@ -77,10 +131,15 @@ def run_one(tool: str, shape: str, ratio: float, profile: bool) -> dict[str, Any
     t0 = time.perf_counter()
     if prof:
         prof.enable()
+    tracer = _PeakWhere() if where and tool.startswith("graphprune") else None
     if tool.startswith("graphprune"):
         import graphprune
 
-        small = graphprune.compact(model, x, ratio, inplace=tool.endswith("inplace"))
+        if tracer:
+            with tracer:
+                small = graphprune.compact(model, x, ratio, inplace=tool.endswith("inplace"))
+        else:
+            small = graphprune.compact(model, x, ratio, inplace=tool.endswith("inplace"))
     else:
         sys.path.insert(0, str(Path(__file__).parent))
         from tp_baseline import prune_with_tp
@@ -98,6 +157,8 @@ def run_one(tool: str, shape: str, ratio: float, profile: bool) -> dict[str, Any
         "compact_gib": sum(p.numel() * p.element_size() for p in small.parameters()) / 2**30,
         "loadavg": os.getloadavg()[0],
     }
+    if tracer:
+        out["peaks"] = tracer.report()
     if prof:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats("graphprune", 30)
@@ -182,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument("--profile", action="store_true", help="cProfile graphprune's call (cumulative)")
+    p.add_argument("--where", action="store_true",
+                   help="sample RSS during graphprune's call and print where each new peak was reached")
     p.add_argument("--checkpoint", metavar="DIR", help="write a sharded checkpoint here (deleted after)")
     p.add_argument("--shard-gib", type=float, default=0.5)
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -189,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.shape, args.ratio, args.profile)))
+        print("RESULT " + json.dumps(run_one(args.one, args.shape, args.ratio, args.profile, args.where)))
         return 0
     if args.one_checkpoint:
         print("RESULT " + json.dumps(run_checkpoint(Path(args.one_checkpoint), args.ratio)))
@@ -206,10 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for tool in args.tools.split(","):
-        extra = ["--profile"] if args.profile else []
+        extra = (["--profile"] if args.profile else []) + (["--where"] if args.where else [])
         r = _child(["--one", tool, "--shape", args.shape, "--ratio", str(args.ratio), *extra])
         if "profile" in r:
             print(r.pop("profile"))
+        if "peaks" in r:
+            print(f"{tool}: RSS peaks during compact (GiB, where)\n{r.pop('peaks')}")
         rows.append(r)
         print(json.dumps(r), file=sys.stderr)
     print(f"{'tool':<20} {'model GiB':>9} {'peak GiB':>9} {'target':>7} {'seconds':>8} {'cpu s':>8} "

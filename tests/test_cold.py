@@ -45,3 +45,32 @@ def test_no_graphprune_module_imports_scipy_at_import_time() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             eager += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "scipy"]
     assert eager == []
+
+
+def test_the_reference_reads_buffers_uncopied_and_never_writes_them() -> None:
+    """Buffers are no longer cloned for the masked reference (the traced program writes nothing):
+    a pruned buffer the masking zeroes must be zeroed in a copy, never in the user's model."""
+    import torch
+    from oracles import assert_untouched, snapshot
+    from torch import nn
+
+    import graphprune
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.register_buffer("scale", torch.rand(8, 1, 1) + 0.5)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.conv(x)) * self.scale)
+
+    torch.manual_seed(0)
+    model, x = Scaled().eval(), torch.randn(1, 3, 8, 8)
+    before = snapshot(model)
+    small, plan = graphprune.compact_with_plan(model, x, ratio=0.5)
+    assert small.scale.shape[0] < 8  # the buffer was pruned, so the reference masked it
+    report = graphprune.verify_model(model, small, x, plan)
+    assert report.exact and report.errors
+    assert_untouched(model, before)

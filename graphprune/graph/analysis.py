@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from torch import nn
 from torch.fx import Node
 
@@ -100,9 +98,37 @@ def to_networkx(analysis: Analysis):
     return g
 
 
+SMALL_GRAPH = 500_000  # ids; up to here numpy's union-find (0.1 s at 150k) beats importing scipy (0.4 s)
+
+
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+    """Component label of every id, numbered in the order of each component's smallest id."""
+    if n > SMALL_GRAPH:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+        return connected_components(graph, directed=False)[1]
+    return union_find(n, np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+
+
+def union_find(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Vectorised union-find: hook every edge's larger root under its smaller one, then point
+    every id straight at its root, until no edge joins two roots. Labels as ``_components``."""
+    root = np.arange(n)
+    while True:
+        ra, rb = root[a], root[b]
+        joins = ra != rb
+        if not joins.any():
+            break
+        lo, hi = np.minimum(ra[joins], rb[joins]), np.maximum(ra[joins], rb[joins])
+        np.minimum.at(root, hi, lo)  # roots only ever move to smaller ids: this terminates
+        while True:
+            up = root[root]
+            if np.array_equal(up, root):
+                break
+            root = up
+    return np.unique(root, return_inverse=True)[1].reshape(-1)
 
 
 def _edges(coupler: Coupler) -> tuple[np.ndarray, np.ndarray]:

@@ -166,9 +166,10 @@ def run_blockwise(
 ) -> tuple[list[torch.Tensor], list[Piece]] | None:
     """Run ``small`` once, each block on the reference's input (module docstring, step 2).
 
-    ``tol_of(expected)`` is the tolerance for one reference tensor. Returns the model's outputs
-    and every compared piece in order, or None when a block of ``values`` cannot be found or
-    fed (the caller then compares whole-model outputs only). ``values`` is emptied as it goes.
+    ``tol_of(expected, err)`` is the tolerance an error ``err`` against one reference tensor is
+    held to. Returns the model's outputs and every compared piece in order, or None when a block
+    of ``values`` cannot be found or fed (the caller then compares whole-model outputs only).
+    ``values`` is emptied as it goes.
     """
     try:
         mods = {s.path: small.get_submodule(s.path) for s in values.spans}
@@ -192,7 +193,7 @@ def run_blockwise(
         errs = {i: relative_error(leaves[i], ref.to(leaves[i].device)) for i in cands}
         best = min(cands, key=errs.__getitem__)
         label = f"before {path}" if not prev else f"between {prev[-1]} and {path}"
-        pieces.append(Piece(label, path, errs[best], tol_of(ref)))
+        pieces.append(Piece(label, path, errs[best], tol_of(ref, errs[best])))
         chosen = leaves[best]
         fed = ref.to(chosen.device).clone()
         leaves = [fed if t is chosen else t for t in leaves]
@@ -210,7 +211,7 @@ def run_blockwise(
             err = float("inf")
         else:
             err = relative_error(first, ref.to(first.device))
-        piece = Piece(path, path, err, tol_of(ref))
+        piece = Piece(path, path, err, tol_of(ref, err))
         if not piece.ok and first is not None:
             busy.append(True)
             try:

@@ -48,7 +48,10 @@ def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -
                 t = program.constants.get(spec.target)
                 if t is None:
                     raise Inexact(f"cannot find the original value of {spec.target}") from None
-            if kind != "PARAMETER" or copy_params:  # what the graph may write into: never the user's
+            # what the graph may write into: never the user's. Without a mutating op only the
+            # masking writes, and never into the user's parameters and buffers (``_protected``);
+            # a constant may be a plain tensor attribute, which that set does not cover.
+            if kind == "CONSTANT_TENSOR" or copy_params:
                 t = t.detach().clone()
             flat.append(t.detach() if isinstance(t, torch.Tensor) else t)
         else:

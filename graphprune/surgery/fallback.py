@@ -405,3 +405,11 @@ def graph_fallback(analysis: Any, plan: Any, changes: dict, work: nn.Module, exa
 
 
 Replan = Callable[[list[str]], tuple[Any, Any]]
+
+
+# the graph fallback's helpers that surgery.rewrite_fallback reuses (rewriting one submodule
+# as a graph is the same carry-over of constants, on the submodule's own export)
+restored_copy = _restored
+merge_args = _merge
+batch_of = _batch_of
+grown_input = _grown

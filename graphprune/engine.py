@@ -272,11 +272,13 @@ def realize_full(
     submodules as graphs (``surgery.rewrite_fallback``), kept only if verified.
     """
     fallback = check_fallback(fallback)
-    if fallback == "freeze" and replan is None:
+    if fallback in ("freeze", "whole") and replan is None:
         copy_model = True
     if original is None and copy_model:
         original = analysis.model
-    small, plan, analysis = _realize_full(analysis, plan, example_input, copy_model, fallback, replan, original)
+    small, plan, analysis = _realize_full(
+        analysis, plan, example_input, copy_model, fallback, replan, original
+    )
     unshare(small, analysis.user_storages)  # the result never shares the user's memory
     return small, plan, analysis
 
@@ -290,13 +292,15 @@ def _realize_full(analysis, plan, example_input, copy_model, fallback, replan, o
         path = culprit(work, failure.stack, set())
         raise GraphPruneError(error_message(model_cls, failure, path, work))
     why_not = ""
-    if fallback == "freeze" and original is not None:
-        done = _rewrite(analysis, plan, changes, work, example_input, failure, original)
-        if done is not None:
+    if fallback in ("freeze", "whole"):
+        done = "fallback='whole' asks for no rewrite" if fallback == "whole" else "no model to verify against"
+        if original is not None and fallback == "freeze":
+            done = _rewrite(analysis, plan, changes, work, example_input, failure, original)
+        if not isinstance(done, str):
             return done, plan, analysis
-    if fallback == "freeze":
         got = _freeze(analysis, plan, example_input, work, failure, copy_model, replan)
         if not isinstance(got, str):
+            got[1].notes.append(f"not rewritten as graphs: {done}")
             return got
         why_not = got
     gm = graph_fallback(analysis, plan, changes, work, example_input, failure, why_not_freeze=why_not)
@@ -369,8 +373,7 @@ def _finish(small: nn.Module, plan: Plan, example_input: Any) -> nn.Module:
 
 
 def _rewrite(analysis, plan, changes, work, example_input, failure: Failure, original: nn.Module):
-    """Rewrite the failing submodules as graphs of their own (exact, verified) or return None."""
-    from graphprune.errors import VerificationError
+    """Rewrite the failing submodules as graphs of their own (exact, verified): the model, or why not."""
     from graphprune.reference.run import compute_reference
     from graphprune.surgery.rewrite_fallback import try_rewrite
     from graphprune.verify import verify_compact
@@ -378,20 +381,21 @@ def _rewrite(analysis, plan, changes, work, example_input, failure: Failure, ori
     def check(small: nn.Module) -> str | None:
         removed = plan.removed_class
         try:
-            if getattr(plan, "_reference", None) is None and not any(p.is_meta for p in original.parameters()):
+            on_meta = any(p.is_meta for p in original.parameters())
+            if getattr(plan, "_reference", None) is None and not on_meta:
                 plan._reference = (np.array(removed, copy=True),
                                    compute_reference(analysis, removed, original, example_input))
             verify_compact(analysis, plan, small, example_input, original=original)
-        except (VerificationError, Exception) as exc:  # noqa: BLE001 - not exact: keep them whole
+        except Exception as exc:  # noqa: BLE001 - VerificationError or a crash: not exact, keep them whole
             return f"the rewritten model does not pass verification ({str(exc).splitlines()[0][:200]})"
         return None
 
     got = try_rewrite(analysis, plan, changes, work, example_input, failure, check)
     if isinstance(got, str):
-        plan.notes.append(f"rewriting the failing modules as graphs was not exact, so they were kept whole: {got}")
-        return None
+        return got
     plan.rewrites = got.records
-    shown = "; ".join(f"{cls} ({', '.join(paths[:6])}{f' and {len(paths) - 6} more' if len(paths) > 6 else ''})"
+    more = lambda paths: f" and {len(paths) - 6} more" if len(paths) > 6 else ""  # noqa: E731
+    shown = "; ".join(f"{cls} ({', '.join(paths[:6])}{more(paths)})"
                       for cls, paths in got.classes.items())
     warn_user(
         f"graphprune: the compact model of class {type(work).__name__} cannot run at the new sizes "

@@ -237,7 +237,8 @@ def _input_item(v: Any, where: str) -> dict[str, Any]:
 
 
 def _rewrites(v: Any, where: str) -> list[dict[str, Any]]:
-    """Modules rewritten as graphs: {module, inputs: {args, kwargs, batch}, changes: [{node, at, old, new}]}."""
+    """Modules rewritten as graphs (surgery.rewrite):
+    {module, inputs: {args, kwargs, batch}, changes: [{node, at, old, new}]}."""
     out = []
     for k, e in enumerate(_list(v, where)):
         at = f"{where}[{k}]"

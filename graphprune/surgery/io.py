@@ -41,9 +41,8 @@ from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 from graphprune.graph.trace import check_model, no_cache
 from graphprune.planning.plan import Plan
 from graphprune.surgery.depth import remove_blocks
-from graphprune.surgery.fallback import restored_copy
 from graphprune.surgery.plan_checks import check_plan_fits, check_size_change, kept_fractions
-from graphprune.surgery.rewrite import redo
+from graphprune.surgery.rewrite import replay_rewrites
 from graphprune.surgery.slicing import replay
 
 FORMAT = "graphprune-saved/1"
@@ -368,8 +367,7 @@ def load(
     remove_blocks(small, plan)  # the width plan was made on the shallower model
     check_plan_fits(small, plan)
     replay(small, plan)
-    if plan.rewrites:  # submodules the compaction rewrote as graphs: the same rewrite again
-        redo(small, restored_copy(small, plan), plan.rewrites)
+    replay_rewrites(small, plan)  # submodules the compaction rewrote as graphs: the same again
     _check_tensor_file(weights, small.state_dict(), "weights")
     device = next((t.device for t in small.parameters()), torch.device("cpu"))
     try:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import PlanMismatchError
-from graphprune.graph.inputs import forward, normalize_inputs
+from graphprune.graph.inputs import forward
 from graphprune.graph.trace import no_cache, quiet_torch_logs
 
 Spec = dict[str, Any]  # {"args": [item...], "kwargs": {name: item}, "batch": int}
@@ -85,8 +85,8 @@ def _item_value(item: dict[str, Any], device: torch.device) -> Any:
     return torch.zeros(item["shape"], dtype=dtype, device=device)
 
 
-def capture(src: nn.Module, paths: list[str], example_input: Any, batch: int) -> dict[str, Spec]:
-    """The inputs each module of ``paths`` receives when ``src`` runs ``example_input``.
+def capture(src: nn.Module, paths: list[str], inputs: tuple[tuple, dict], batch: int) -> dict[str, Spec]:
+    """The inputs each module of ``paths`` receives when ``src`` runs ``inputs`` (args, kwargs).
 
     A module called more than once (shared) has no single input to export at: it is left out.
     """
@@ -97,9 +97,8 @@ def capture(src: nn.Module, paths: list[str], example_input: Any, batch: int) ->
         handles.append(mod.register_forward_pre_hook(
             lambda m, a, k, p=p: seen[p].append((a, dict(k))), with_kwargs=True))
     try:
-        args, kwargs = normalize_inputs(example_input)
         with torch.no_grad(), no_cache(src):
-            forward(src, args, kwargs)
+            forward(src, *inputs)
     finally:
         for h in handles:
             h.remove()
@@ -208,7 +207,7 @@ def _diffs(old: Any, new: Any, at: list[int], out: list[dict[str, Any]]) -> None
     if isinstance(old, torch.fx.Node) or isinstance(new, torch.fx.Node):
         return
     if old != new:
-        if isinstance(old, bool) or isinstance(new, bool) or not isinstance(old, int) or not isinstance(new, int):
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (old, new)):
             raise Declined(f"a changed constant that is not a size ({old!r} -> {new!r})")
         out.append({"at": at, "old": old, "new": new})
 
@@ -384,7 +383,8 @@ def install(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 
 def rewrite(work: nn.Module, src: nn.Module, path: str, spec: Spec, exports: Exports,
-            records_of: Callable[[torch.fx.GraphModule], list[dict[str, Any]]]) -> tuple[dict[str, Any], nn.Module]:
+            records_of: Callable[[torch.fx.GraphModule], list[dict[str, Any]]],
+            ) -> tuple[dict[str, Any], nn.Module]:
     """Replace ``work``'s module ``path`` by its graph (changes from ``records_of``): the record
     for the plan and the module replaced."""
     bases = exports.get(src.get_submodule(path), spec)
@@ -405,3 +405,11 @@ def redo(small: nn.Module, src: nn.Module, rewrites: list[dict[str, Any]]) -> No
                 f"the plan rewrites module {r.get('module')!r} as a graph, which cannot be redone on this "
                 f"base model ({exc}); load it with the same architecture and torch version it was saved with"
             ) from exc
+
+
+def replay_rewrites(small: nn.Module, plan: Any) -> None:
+    """After ``slicing.replay`` (``load``, ``apply_plan``): redo the plan's rewrites, if any."""
+    if plan.rewrites:
+        from graphprune.surgery.fallback import restored_copy
+
+        redo(small, restored_copy(small, plan), plan.rewrites)

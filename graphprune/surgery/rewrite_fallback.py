@@ -31,7 +31,16 @@ from graphprune.surgery.fallback import (
     restored_copy,
     same_class,
 )
-from graphprune.surgery.rewrite import Declined, Exports, Outcome, capture, changed_constants, install, region, rewrite
+from graphprune.surgery.rewrite import (
+    Declined,
+    Exports,
+    Outcome,
+    capture,
+    changed_constants,
+    install,
+    region,
+    rewrite,
+)
 
 
 def _is_torch_class(mod: nn.Module) -> bool:
@@ -95,7 +104,7 @@ def try_rewrite(
     batch = batch_of(example_input)
     if batch is None:
         return "the example input has no batch dimension to keep dynamic"
-    grown = example_input if batch >= 2 else grown_input(example_input, batch, 2 - batch)
+    grown = normalize_inputs(example_input) if batch >= 2 else grown_input(example_input, batch, 2 - batch)
     big = max(batch, 2)
     graph = analysis.traced.program.graph
     changed = _changed_paths(graph, changes)
@@ -118,8 +127,10 @@ def try_rewrite(
                 if p not in specs:
                     raise Declined(f"{p!r} is not called exactly once with tensors and plain values")
                 nodes = region(graph, p)
-                record, old = rewrite(work, src, p, specs[p], exports,
-                                 lambda base, nodes=nodes: changed_constants(base, nodes, changes, merge_args))
+                def records_of(base: torch.fx.GraphModule, nodes: list = nodes) -> list[dict[str, Any]]:
+                    return changed_constants(base, nodes, changes, merge_args)
+
+                record, old = rewrite(work, src, p, specs[p], exports, records_of)
                 replaced.append((p, old))
                 outcome.records.append(record)
                 outcome.classes.setdefault(cls.__name__, []).append(p)
@@ -133,7 +144,9 @@ def try_rewrite(
         bad = _same_rows(work, example_input, batch) or check(work)
         if bad:
             raise Declined(bad)
-    except Declined as exc:
+    except Exception as exc:  # noqa: BLE001 - Declined, or anything unforeseen: keep them whole
+        if not isinstance(exc, Declined):
+            exc = Declined(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         for p, old in reversed(replaced):  # the user's modules back, bound to the same tensors
             install(work, p, old)
         return str(exc)

@@ -298,7 +298,8 @@ def _with_records(base: torch.fx.GraphModule, records: list[dict[str, Any]],
 class Rewritten(nn.Module):
     """A submodule rewritten as graphs: the user's parameter tree, run by exported ATen code.
 
-    It holds the same Parameters and buffers under the same names as the module it replaces and
+    It holds the same Parameters, buffers and child modules (the user's own, sliced, never
+    called: their forward hooks do not fire) under the same names as the module it replaces, and
     runs the eval-mode graph in eval and the train-mode graph in train (each exported from the
     user's forward, with the new sizes), with itself as the graph code's ``self``: ``.to()``,
     ``load_state_dict`` and optimisers see ordinary tensors. ``code`` shows the eval graph.
@@ -347,24 +348,28 @@ def instance(bases: tuple[torch.fx.GraphModule, torch.fx.GraphModule], pruned: n
     """``bases`` with ``records`` applied, bound to ``pruned``'s own tensors.
 
     The train graph gets the same changes at its counterparts of the eval graph's nodes.
-    Parameters are the same objects (tied weights and optimiser state follow), buffers keep
-    their persistence, and the module tree is ordered like ``pruned``'s so ``state_dict`` lists
-    the same keys in the same order.
+    Parameters, buffers and children are the same objects (tied weights and optimiser state
+    follow; ``attn.qkv.out_features`` still reads), buffers keep their persistence, so
+    ``state_dict`` lists the same keys in the same order.
     """
     names = {k: v.name for k, v in _pairs(bases[0].graph, bases[1].graph).items()}
     graphs = (_with_records(bases[0], records), _with_records(bases[1], records, names))
     if graphs[1]._in_spec != graphs[0]._in_spec or graphs[1]._out_spec != graphs[0]._out_spec:
         raise Declined("its train and eval exports take different inputs")
     new = Rewritten(graphs)
-    tensors: set[str] = set()
-    for path, mod in pruned.named_modules():
-        dst = _ensure_module(new, path)
-        for name, p in mod._parameters.items():
-            dst._parameters[name] = p
-            tensors.add(f"{path}.{name}" if path else name)
-        for name, b in mod._buffers.items():
-            dst.register_buffer(name, b, persistent=name not in mod._non_persistent_buffers_set)
-            tensors.add(f"{path}.{name}" if path else name)
+    for name, p in pruned._parameters.items():
+        new._parameters[name] = p
+    for name, b in pruned._buffers.items():
+        new.register_buffer(name, b, persistent=name not in pruned._non_persistent_buffers_set)
+    for name, child in pruned._modules.items():  # the user's own (sliced) children: attributes stay
+        new._modules[name] = child
+    for name, v in vars(pruned).items():  # plain settings (num_heads...) stay readable
+        if not name.startswith("_") and name != "training" and name not in vars(new) and (
+            v is None or isinstance(v, (bool, int, float, str, tuple))
+        ):
+            setattr(new, name, v)
+    tensors = {n for n, _ in pruned.named_parameters(remove_duplicate=False)}
+    tensors |= {n for n, _ in pruned.named_buffers(remove_duplicate=False)}
     for g in graphs:
         _constants(g, new, tensors)
     if list(new.state_dict(keep_vars=True)) != list(pruned.state_dict(keep_vars=True)):

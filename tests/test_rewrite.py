@@ -108,3 +108,16 @@ def test_onnxruntime_equals_torch(compacted) -> None:
     _, _, x, small, plan, _ = compacted
     assert plan.rewrites, "nothing was rewritten: this would only test the user's own code"
     check_onnx(small, x)
+
+
+def test_a_tampered_rewrite_record_is_refused_on_load(compacted, tmp_path) -> None:
+    import json
+
+    name, _, _, small, plan, _ = compacted
+    graphprune.save(small, tmp_path / "saved", plan)
+    path = tmp_path / "saved" / "plan.json"
+    d = json.loads(path.read_text())
+    d["rewrites"][0]["changes"][0]["old"] += 1  # the export does not hold that constant there
+    path.write_text(json.dumps(d))
+    with pytest.raises(graphprune.PlanMismatchError, match="rewrite"):
+        graphprune.load(tmp_path / "saved", _build(name)[0])

@@ -305,9 +305,9 @@ class Rewritten(nn.Module):
     ``load_state_dict`` and optimisers see ordinary tensors. ``code`` shows the eval graph.
     """
 
-    def __init__(self, graphs: tuple[torch.fx.GraphModule, torch.fx.GraphModule]) -> None:
-        super().__init__()
-        self.__dict__["graphs"] = graphs  # not submodules: their tensors are this module's
+    def set_graphs(self, graphs: tuple[torch.fx.GraphModule, ...]) -> None:
+        """The (eval, train) graphs, built on this module (their attributes are its own tensors)."""
+        self.__dict__["graphs"] = graphs  # not submodules: state_dict lists this module's tensors once
         self._in_spec, self._out_spec = graphs[0]._in_spec, graphs[0]._out_spec
 
     @property
@@ -356,7 +356,7 @@ def instance(bases: tuple[torch.fx.GraphModule, torch.fx.GraphModule], pruned: n
     graphs = (_with_records(bases[0], records), _with_records(bases[1], records, names))
     if graphs[1]._in_spec != graphs[0]._in_spec or graphs[1]._out_spec != graphs[0]._out_spec:
         raise Declined("its train and eval exports take different inputs")
-    new = Rewritten(graphs)
+    new = Rewritten()
     for name, p in pruned._parameters.items():
         new._parameters[name] = p
     for name, b in pruned._buffers.items():
@@ -374,6 +374,10 @@ def instance(bases: tuple[torch.fx.GraphModule, torch.fx.GraphModule], pruned: n
         _constants(g, new, tensors)
     if list(new.state_dict(keep_vars=True)) != list(pruned.state_dict(keep_vars=True)):
         raise Declined("its graph module would not hold the same state_dict keys")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # rebuilt on ``new``: the graphs then refer to its tensors, not to the export's zeros
+        new.set_graphs(tuple(torch.fx.GraphModule(new, g.graph) for g in graphs))
     new.train(pruned.training)
     return new
 

@@ -10,6 +10,10 @@ and prints params kept, the rewritten classes, compaction time and latency at ``
 (median of ``--reps`` runs, interleaved, torch CPU). Needs timm (``PYTHONPATH=/work/wt/speed-extra``)::
 
     python tools/rewrite_bench.py cs3darknet_focus_s vit_tiny_patch16_dinov3_qkvb --batch 8
+
+``--micro`` (no timm) instead times a rewritten attention against the same attention written to
+run smaller (``reshape(B, N, -1)``), both compacted by graphprune at the same sizes: the rewrite
+must be as fast as the user's own code, and give the same outputs.
 """
 
 from __future__ import annotations
@@ -43,14 +47,48 @@ def _latency(models: dict[str, torch.nn.Module], x: torch.Tensor, reps: int) -> 
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def micro(batch: int, reps: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from rewrite_models import InputWidthAttention
+    from torch import nn
+
+    class RunsSmaller(InputWidthAttention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            B, N, _ = x.shape
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+    torch.manual_seed(0)
+    a = nn.Sequential(*[InputWidthAttention(384, 6) for _ in range(4)]).eval()
+    b = nn.Sequential(*[RunsSmaller(384, 6) for _ in range(4)]).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 64, 384)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small_a, small_b = graphprune.compact(a, x, 0.5), graphprune.compact(b, x, 0.5)
+    xb = torch.randn(batch, 64, 384)
+    with torch.no_grad():
+        diff = (small_a(xb) - small_b(xb)).abs().max().item()
+    lat = _latency({"rewritten": small_a, "user code": small_b}, xb, reps)
+    print(f"4 attention blocks (dim 384, 6 heads, ratio 0.5), batch {batch}: {type(small_a[0]).__name__} "
+          f"{lat['rewritten']:.2f} ms vs {type(small_b[0]).__name__} {lat['user code']:.2f} ms; "
+          f"params {graphprune.count_params(small_a)} vs {graphprune.count_params(small_b)}; max |diff| {diff:.2g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+")
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--micro", action="store_true", help="rewritten vs hand-fixed attention, no timm")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     args = ap.parse_args()
+    if args.micro:
+        micro(args.batch, args.reps)
+        return
     from compare import import_torchvision
 
     import_torchvision()

@@ -77,9 +77,11 @@ def micro(batch: int, reps: int) -> None:
     with torch.no_grad():
         diff = (small_a(xb) - small_b(xb)).abs().max().item()
     lat = _latency({"rewritten": small_a, "user code": small_b}, xb, reps)
+    na, nb = type(small_a[0]).__name__, type(small_b[0]).__name__
+    pa, pb = graphprune.count_params(small_a), graphprune.count_params(small_b)
     print(f"4 attention blocks (dim 384, 6 heads, ratio 0.5), batch {batch}: "
-          f"{type(small_a[0]).__name__} {lat['rewritten']:.2f} ms vs {type(small_b[0]).__name__} {lat['user code']:.2f} ms; "
-          f"params {graphprune.count_params(small_a)} vs {graphprune.count_params(small_b)}; max |diff| {diff:.2g}")
+          f"{na} {lat['rewritten']:.2f} ms vs {nb} {lat['user code']:.2f} ms; "
+          f"params {pa} vs {pb}; max |diff| {diff:.2g}")
 
 
 def main() -> None:

@@ -358,9 +358,10 @@ def compact_checkpoint(
     ckpt = read_checkpoint(src)
     _check_dst(dst, src)
     model = build_meta_model(src)
-    x = example_input if example_input is not None else {
-        "input_ids": torch.zeros(1, 16, dtype=torch.long, device="meta")}
+    x = example_input if example_input is not None else _default_example(data if reconstruct else None)
     opts = check_request(reconstruct, data, x)  # data that cannot drive it: refused before any work
+    if opts is not None:
+        _check_dtypes(data, x)
     p = 1 if importance == "l1" else 2
     dst.parent.mkdir(parents=True, exist_ok=True)
     scratch: Path | None = None
@@ -405,6 +406,33 @@ def compact_checkpoint(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return CheckpointResult(dst, plan, updated, b_in, written, list(plan.notes), peak)
+
+
+def _default_example(data: Any) -> Any:
+    """16 token ids on the meta device, passed the way the calibration batches pass them (a bare
+    tensor, as ``--calib`` gives, or ``input_ids=``)."""
+    from graphprune.planning.calibration import split_batch
+
+    ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
+    first = next(iter(data), None) if isinstance(data, (list, tuple)) else None
+    return ids if isinstance(split_batch(first)[0] if first is not None else None, torch.Tensor) else {
+        "input_ids": ids}
+
+
+def _check_dtypes(data: Any, example: Any) -> None:
+    """Token ids must be integers: a float batch is refused before the model is analysed."""
+    from graphprune.graph.inputs import normalize_inputs
+    from graphprune.planning.calibration import split_batch
+
+    ea, ek = normalize_inputs(example)
+    want = [*ea, *(ek[k] for k in sorted(ek))]
+    for b, batch in enumerate(data):
+        da, dk = normalize_inputs(split_batch(batch)[0])
+        for e, t in zip(want, [*da, *(dk[k] for k in sorted(dk))]):
+            if isinstance(e, torch.Tensor) and isinstance(t, torch.Tensor) and \
+                    e.is_floating_point() != t.is_floating_point():
+                raise InputError(f"calibration batch {b} does not fit the model: a {t.dtype} tensor where "
+                                 f"the model takes {e.dtype} (token ids are integers)")
 
 
 def _calibrated(src: Path, ckpt: Checkpoint, model: nn.Module, x: Any, ratio: float, p: int, data: Any,

@@ -280,7 +280,8 @@ def llm_cases(shape: str, ratio: float, calib: int, workdir: str, shard_gib: flo
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import llm_memory
 
-    rows = [{"case": f"llm_{shape}", **r} for r in llm_memory.memory_runs(list(tools), shape, ratio, calib=calib)]
+    mem = llm_memory.memory_runs(list(tools), shape, ratio, calib=calib)
+    rows = [{"case": f"llm_{shape}", **r} for r in mem]
     calibs = [0, calib] if calib else [0]
     rows += [{"case": f"ckpt_{shape}", **r}
              for r in llm_memory.checkpoint_runs(Path(workdir), shape, ratio, shard_gib, calibs)]

@@ -109,6 +109,25 @@ def test_checkpoint_cli_calib_file_gives_the_same_folder(src, calibrated, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checkpoint_activation_criterion_measured_block_by_block_equals_compact(src, tmp_path):
+    """importance='activation' with data: the statistics come from one block at a time on the
+    original activations; plan and tensors equal compact's on the loaded model (plain slicing, so
+    bit-identical and config.json updated), and the plan is not the weight plan."""
+    calib = _calib()
+    result = graphprune.compact_checkpoint(src, tmp_path / "act", 0.5, data=calib, importance="activation",
+                                           progress=False)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+    expected, plan = graphprune.compact_with_plan(loaded, calib[0][:1], 0.5, data=calib,
+                                                  importance="activation")
+    assert result.plan.slices == plan.slices
+    assert plan.slices != graphprune.make_plan(loaded, calib[0][:1], 0.5, importance="l2").slices
+    got = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "act").state_dict()
+    want = expected.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    block = sum(p.numel() * p.element_size() for p in loaded.model.layers[0].parameters())
+    assert 0 < result.peak_resident_bytes <= block  # the original block only: nothing is refit
+
+
 @pytest.mark.parametrize("bad, match", [
     ([torch.rand(2, 10)], "does not fit the model"),  # float ids
     ([torch.full((2, 10), VOCAB + 3)], "does not fit the model"),  # ids past the vocabulary

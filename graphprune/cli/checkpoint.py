@@ -43,9 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", metavar="DST", help="new folder for the compact checkpoint (must not exist)")
     p.add_argument("--ratio", type=ratio_arg, default=0.3,
                    help="fraction of the units of every prunable group to remove (default 0.3)")
-    p.add_argument("--importance", choices=("l1", "l2"), default=None,
-                   help="weight magnitude criterion (default l2; with --calib: only the count per "
-                        "group, reconstruction chooses the units)")
+    p.add_argument("--importance", choices=("l1", "l2", "activation", "apoz"), default=None,
+                   help="l1/l2: weight magnitude (default l2; with --calib only the count per group, "
+                        "reconstruction chooses the units); activation/apoz: measured on --calib block "
+                        "by block, no reconstruction")
     add_structure_args(p)
     add_calibration_args(p)  # --calib FILE: token ids; reconstructs block by block (docs/llm.md)
     p.add_argument("--quiet", action="store_true", help="no plan, no progress bars")

@@ -37,13 +37,14 @@ from torch import nn
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.trace import canonical_names
 from graphprune.planning.plan import Plan
-from graphprune.planning.scoring import Magnitude, per_position
+from graphprune.planning.scoring import Importance, Magnitude, per_position
 from graphprune.surgery.slicing import scaled, sliced
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 CONFIG = "config.json"
 PLAN_FILE = "graphprune_plan.json"
+MEASURED = ("activation", "apoz")  # data-driven criteria measured block by block
 _DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -347,21 +348,25 @@ def compact_checkpoint(
 
     src, dst = Path(src_dir), Path(dst_dir)
     importance, reconstruct = defaults(importance, reconstruct, data)
-    if importance not in ("l1", "l2"):
-        raise InputError(f"compact_checkpoint scores weights read from the shards: importance must be "
-                         f"'l1' or 'l2', got {importance!r} (data-driven criteria other than reconstruction "
-                         "need the model loaded: use graphprune.compact). With data=, reconstruct=True "
-                         "runs at checkpoint scale.")
+    measured = importance in MEASURED and data is not None and not reconstruct
+    if importance not in ("l1", "l2") and not measured:
+        raise InputError(f"compact_checkpoint takes importance 'l1' or 'l2' (weights read from the shards), "
+                         f"or {' / '.join(MEASURED)} with data= (measured block by block); got "
+                         f"{importance!r}. "
+                         "Other data-driven criteria need the model loaded: use graphprune.compact. "
+                         "With data= and no importance, reconstruct=True runs at checkpoint scale.")
     unknown = {"loss_fn", "inplace", "verify"} & set(compact_options)
     if unknown:
         raise InputError(f"compact_checkpoint does not take {sorted(unknown)} (it never loads the model)")
     ckpt = read_checkpoint(src)
     _check_dst(dst, src)
     model = build_meta_model(src)
-    x = example_input if example_input is not None else _default_example(data if reconstruct else None)
-    opts = check_request(reconstruct, data, x)  # data that cannot drive it: refused before any work
+    x = example_input if example_input is not None else _default_example(
+        data if reconstruct or measured else None)
+    opts = check_request(reconstruct or measured, data, x)  # bad data: refused before any work
     if opts is not None:
         _check_dtypes(data, x)
+    opts = opts if reconstruct else None
     p = 1 if importance == "l1" else 2
     dst.parent.mkdir(parents=True, exist_ok=True)
     scratch: Path | None = None
@@ -370,7 +375,12 @@ def compact_checkpoint(
         refit: dict[str, Path] = {}
         extra: dict[str, str] = {}
         peak = 0
-        if opts is None:
+        if measured:
+            names = canonical_names(model)
+            criterion, peak = _measured(src, ckpt, names, importance, data, progress)
+            plan = make_plan(model, x, ratio, importance=criterion, **compact_options)
+            small = None
+        elif opts is None:
             names = canonical_names(model)  # tied weights: the name the plan uses
             criterion = ShardMagnitude(p, position_sums(ckpt, names, p, progress))
             criterion.name = importance
@@ -406,6 +416,36 @@ def compact_checkpoint(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return CheckpointResult(dst, plan, updated, b_in, written, list(plan.notes), peak)
+
+
+class BlockMeasured(Importance):
+    """An activation criterion whose statistics were measured block by block (``measure_blocks``);
+    a group it saw nothing of is an error (a whole-model run would score it by weights)."""
+
+    def __init__(self, measured: Any) -> None:
+        super().__init__()
+        self.measured = measured
+        self.name = measured.name
+
+    def __call__(self, group: Any, model: nn.Module) -> np.ndarray:
+        if not any((m.name, m.dim) in self.measured.stats for m in group.members):
+            raise InputError(f"importance={self.name!r} at checkpoint scale measures inside the decoder "
+                             f"blocks only, and group {group.index} ({group.members[0].name}, ...) lies "
+                             "outside them; list its layers in ignored_layers or leave out prune_hidden")
+        return self.measured(group, model)
+
+
+def _measured(src: Path, ckpt: Checkpoint, names: dict[str, str], importance: str, data: Any,
+              progress: bool) -> tuple[BlockMeasured, int]:
+    """The activation criterion measured block by block on the original model."""
+    from graphprune.planning.measured import Activation
+    from graphprune.surgery.checkpoint_calib import ShardReader, calibration_batches, measure_blocks
+
+    crit = Activation("mean" if importance == "activation" else "apoz")
+    cal = build_meta_model(src, real_buffers=True)
+    reader = ShardReader(ckpt.root, ckpt.location, names)
+    peak = measure_blocks(cal, crit, calibration_batches(data, None), reader, progress)
+    return BlockMeasured(crit), peak
 
 
 def _default_example(data: Any) -> Any:

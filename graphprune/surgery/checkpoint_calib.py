@@ -285,9 +285,9 @@ def capture_inputs(model: nn.Module, stack_path: str, stack: nn.ModuleList, data
     return rec
 
 
-def _shell(path: str, block: nn.Module) -> nn.Module:
+def _shell(path: str, block: nn.Module, root: nn.Module | None = None) -> nn.Module:
     """A module holding only ``block`` at ``path``, so the analysis' parameter names resolve."""
-    root = mod = nn.Module()
+    root = mod = root if root is not None else nn.Module()
     parts = path.split(".")
     for part in parts[:-1]:
         child = nn.Module()
@@ -411,6 +411,50 @@ def _statistics(target: nn.Module, work: nn.Module, calls: list[tuple[tuple, dic
     runs = ((partial(run_block, target, call, orig[b]), partial(run_block, work, call, cur[b]))
             for b, call in enumerate(calls))
     return collect_runs(t_shell, w_shell, cons, runs)
+
+
+class _Runner(nn.Module):
+    """Holds one block at its path; ``runner(tensor(b))`` runs it on batch ``b``'s recorded call and
+    hidden states, so a criterion that measures a whole model by forward hooks measures the block."""
+
+    def __init__(self, path: str, block: nn.Module, calls: list[tuple[tuple, dict]],
+                 hidden: list[torch.Tensor]) -> None:
+        super().__init__()
+        _shell(path, block, self)
+        self.run = [block, calls, hidden]  # a plain list: not a second registration of the block
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        block, calls, hidden = self.run
+        return run_block(block, calls[int(b)], hidden[int(b)])
+
+
+def measure_blocks(model: nn.Module, criterion: Any, data: list[Any], reader: ShardReader,
+                   progress: bool) -> int:
+    """Activation criteria (``graphprune.planning.measured.Activation``) measured block by block on
+    the original model: its ``stats`` / ``is_input`` end up as a whole-model ``prepare`` would set
+    them (sites inside the blocks). Returns the peak weight bytes resident at once."""
+    from tqdm.auto import tqdm
+
+    resident = Resident()
+    stack_path, stack = block_stack(model)
+    inputs = capture_inputs(model, stack_path, stack, data, reader, resident)
+    hidden = list(inputs.hidden)
+    stats: dict[Any, Any] = {}
+    is_input: dict[Any, bool] = {}
+    index = [torch.tensor(b) for b in range(len(hidden))]
+    for i in tqdm(range(len(stack)), desc="measuring", unit="block", disable=not progress):
+        path = f"{stack_path}.{i}"
+        block = copy.deepcopy(stack[i])
+        materialize(block, f"{path}.", reader, resident, own=False)
+        criterion.reset()
+        criterion.prepare(_Runner(path, block, inputs.calls[i], hidden), index)
+        stats.update(criterion.stats)
+        is_input.update(criterion.is_input)
+        hidden = [run_block(block, call, h) for call, h in zip(inputs.calls[i], hidden)]
+        del block
+        resident.check()
+    criterion.stats, criterion.is_input, criterion.steps = stats, is_input, 1
+    return resident.peak
 
 
 def calibration_batches(data: Any, max_batches: int | None) -> list[Any]:

@@ -444,7 +444,10 @@ def _measured(src: Path, ckpt: Checkpoint, names: dict[str, str], importance: st
     crit = Activation("mean" if importance == "activation" else "apoz")
     cal = build_meta_model(src, real_buffers=True)
     reader = ShardReader(ckpt.root, ckpt.location, names)
-    peak = measure_blocks(cal, crit, calibration_batches(data, None), reader, progress)
+    try:
+        peak = measure_blocks(cal, crit, calibration_batches(data, None), reader, progress)
+    finally:
+        reader.close()
     return BlockMeasured(crit), peak
 
 
@@ -506,8 +509,12 @@ def _calibrated(src: Path, ckpt: Checkpoint, model: nn.Module, x: Any, ratio: fl
     first = engine.plan(ratio, cut=cut)
     planned = {g.index: list(g.removed) for g in first.groups if g.removed}
     cal = build_meta_model(src, real_buffers=True)
-    done = calibrate_blocks(cal, engine.analysis.groups, planned, calibration_batches(data, opts.max_batches),
-                            ShardReader(ckpt.root, ckpt.location, names), opts, scratch, progress)
+    reader = ShardReader(ckpt.root, ckpt.location, names)
+    try:
+        calib = calibration_batches(data, opts.max_batches)
+        done = calibrate_blocks(cal, engine.analysis.groups, planned, calib, reader, opts, scratch, progress)
+    finally:
+        reader.close()
     plan = plan_for(engine.analysis, first, done.rec, opts, cut)
     small, plan, _ = engine.realize(plan, fallback=fallback, cut=cut, replan=False, last=True)
     moved = [g.index for g in plan.groups if g.removed != done.rec.chosen.get(g.index, g.removed)]

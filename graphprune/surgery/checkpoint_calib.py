@@ -91,7 +91,7 @@ class ShardReader:
         for key, shard in location.items():
             self.where.setdefault(key, (shard, key))
             self.where.setdefault(names.get(key, key), (shard, key))
-        self.files: dict[str, Any] = {}
+        self.open: tuple[str, Any, Any] | None = None  # one shard mapped at a time: mapped pages count as RSS
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -100,9 +100,16 @@ class ShardReader:
             raise GraphPruneError(f"no shard holds {name}, which calibration needs; are the checkpoint's "
                                   "tensor names those of the model class in config.json?")
         shard, key = self.where[name]
-        if shard not in self.files:
-            self.files[shard] = safe_open(str(self.root / shard), framework="pt")
-        return self.files[shard].get_tensor(key)
+        if self.open is None or self.open[0] != shard:
+            self.close()
+            handle = safe_open(str(self.root / shard), framework="pt")
+            self.open = (shard, handle, handle.__enter__())
+        return self.open[2].get_tensor(key)
+
+    def close(self) -> None:
+        if self.open is not None:
+            self.open[1].__exit__(None, None, None)
+            self.open = None
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from graphprune.surgery.depth import remove_blocks
 from graphprune.surgery.fallback import check_fallback
 from graphprune.surgery.hf import update_config
 from graphprune.surgery.plan_checks import check_plan_fits
+from graphprune.surgery.rewrite import replay_rewrites
 from graphprune.surgery.slicing import replay
 
 
@@ -182,8 +183,10 @@ def compact(
     ``round_to="measured"`` then picks auto/1/8/16/32 by measured latency; ``progress=True`` shows a bar.
 
     ``fallback`` says what happens when a module's code cannot run at the new sizes (timm-style
-    ``reshape(B, N, C)`` with ``C`` read off the input): "freeze" (default) keeps every module
-    of its class whole, prunes the rest and warns; "graph" prunes everything and returns an fx
+    ``reshape(B, N, C)`` with ``C`` read off the input): "freeze" (default) rewrites only those
+    submodules as graphs with the same parameter names where that verifies exact
+    (docs/rewrite.md), else keeps every module of its class whole, prunes the rest and warns;
+    "whole" keeps them whole without trying the rewrite; "graph" prunes everything and returns an fx
     GraphModule instead of your class; "error" raises GraphPruneError naming the module.
 
     ``depth`` first removes whole residual blocks (docs/depth.md): a fraction of the removable
@@ -305,6 +308,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     remove_blocks(small, plan)  # the width plan was made on the shallower model
     check_plan_fits(small, plan)
     replay(small, plan)
+    replay_rewrites(small, plan)  # submodules rewritten as graphs (docs/rewrite.md)
     update_config(small, plan)
     return small
 

@@ -33,6 +33,7 @@ from graphprune.reconstruct import hook as recon
 from graphprune.reconstruct.run import ReconstructOptions
 from graphprune.surgery.attributes import choose_attr_updates, reference_if_ambiguous
 from graphprune.surgery.fallback import (
+    FIX,
     MAX_ROUNDS,
     Failure,
     Frozen,
@@ -148,6 +149,7 @@ class Engine:
         return Realized(*realize_full(
             analysis, own, self.example_input, copy_model=not last or bool(self.reconstruct),
             fallback=fallback, replan=again if replan else None,
+            original=analysis.model if self.reconstruct else self.model,
         ))
 
     def _reconstructed(self, analysis: Analysis, plan: Plan, cut: CutOptions | None) -> Plan:
@@ -188,6 +190,7 @@ def _own(plan: Plan) -> Plan:
         notes=list(plan.notes),
         structure=dict(plan.structure),
         scales=[dict(s) for s in plan.scales],
+        rewrites=list(plan.rewrites),
     )
 
 
@@ -257,22 +260,30 @@ def realize_full(
     copy_model: bool = False,
     fallback: str = "freeze",
     replan: Replan | None = None,
+    original: nn.Module | None = None,
 ) -> tuple[nn.Module, Plan, Analysis]:
     """Surgery, then the ``fallback`` if the user's class cannot run: (model, plan, analysis).
 
     ``replan(prefixes)`` returns a fresh (analysis, plan) with those modules frozen and every
     other option as before; without it the plan is restricted (``fallback.restrict_plan``),
     which needs the analysis' weights unsliced, so the surgery then works on a copy.
+    ``original`` (the unsliced model the plan's reference uses; the analysis' own model when
+    the surgery works on a copy) lets the freeze fallback first try rewriting the failing
+    submodules as graphs (``surgery.rewrite_fallback``), kept only if verified.
     """
     fallback = check_fallback(fallback)
-    if fallback == "freeze" and replan is None:
+    if fallback in ("freeze", "whole") and replan is None:
         copy_model = True
-    small, plan, analysis = _realize_full(analysis, plan, example_input, copy_model, fallback, replan)
+    if original is None and copy_model:
+        original = analysis.model
+    small, plan, analysis = _realize_full(
+        analysis, plan, example_input, copy_model, fallback, replan, original
+    )
     unshare(small, analysis.user_storages)  # the result never shares the user's memory
     return small, plan, analysis
 
 
-def _realize_full(analysis, plan, example_input, copy_model, fallback, replan):
+def _realize_full(analysis, plan, example_input, copy_model, fallback, replan, original):
     work, changes, failure = _surgery(analysis, plan, example_input, copy_model)
     if failure is None:
         return _finish(work, plan, example_input), plan, analysis
@@ -281,9 +292,15 @@ def _realize_full(analysis, plan, example_input, copy_model, fallback, replan):
         path = culprit(work, failure.stack, set())
         raise GraphPruneError(error_message(model_cls, failure, path, work))
     why_not = ""
-    if fallback == "freeze":
+    if fallback in ("freeze", "whole"):
+        done = "fallback='whole' asks for no rewrite" if fallback == "whole" else "no model to verify against"
+        if original is not None and fallback == "freeze":
+            done = _rewrite(analysis, plan, changes, work, example_input, failure, original)
+        if not isinstance(done, str):
+            return done, plan, analysis
         got = _freeze(analysis, plan, example_input, work, failure, copy_model, replan)
         if not isinstance(got, str):
+            got[1].notes.append(f"not rewritten as graphs: {done}")
             return got
         why_not = got
     gm = graph_fallback(analysis, plan, changes, work, example_input, failure, why_not_freeze=why_not)
@@ -353,6 +370,41 @@ def _finish(small: nn.Module, plan: Plan, example_input: Any) -> nn.Module:
     """Hugging Face: model.config describes the new widths where it can."""
     plan.notes.extend(update_config(small, plan, example_input))
     return small
+
+
+def _rewrite(analysis, plan, changes, work, example_input, failure: Failure, original: nn.Module):
+    """Rewrite the failing submodules as graphs of their own (exact, verified): the model, or why not."""
+    from graphprune.reference.run import compute_reference
+    from graphprune.surgery.rewrite_fallback import try_rewrite
+    from graphprune.verify import verify_compact
+
+    def check(small: nn.Module) -> str | None:
+        removed = plan.removed_class
+        try:
+            on_meta = any(p.is_meta for p in original.parameters())
+            if getattr(plan, "_reference", None) is None and not on_meta:
+                plan._reference = (np.array(removed, copy=True),
+                                   compute_reference(analysis, removed, original, example_input))
+            verify_compact(analysis, plan, small, example_input, original=original)
+        except Exception as exc:  # noqa: BLE001 - VerificationError or a crash: not exact, keep them whole
+            return f"the rewritten model does not pass verification ({str(exc).splitlines()[0][:200]})"
+        return None
+
+    got = try_rewrite(analysis, plan, changes, work, example_input, failure, check)
+    if isinstance(got, str):
+        return got
+    plan.rewrites = got.records
+    more = lambda paths: f" and {len(paths) - 6} more" if len(paths) > 6 else ""  # noqa: E731
+    shown = "; ".join(f"{cls} ({', '.join(paths[:6])}{more(paths)})"
+                      for cls, paths in got.classes.items())
+    warn_user(
+        f"graphprune: the compact model of class {type(work).__name__} cannot run at the new sizes "
+        f"({failure.problem}), so these modules were rewritten as graphs of their own (same parameter "
+        f"names, everything pruned, verified against the reference) and the rest kept as your code: "
+        f"{shown}. To keep your own code there, {FIX}; or list them in ignored_layers."
+    )
+    plan.notes.append(f"rewritten as graphs so that {type(work).__name__} runs at the new sizes: {shown}")
+    return _finish(work, plan, example_input)
 
 
 def _freeze(analysis, plan, example_input, work, failure: Failure, copy_model: bool, replan):

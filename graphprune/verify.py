@@ -36,13 +36,19 @@ updates or the user's code at the new sizes) and of the planner's bookkeeping (t
 positions are re-derived from ``plan.slices``). It costs one extra forward pass.
 
 Tolerance. Removal changes summation orders, so compact and reference agree only to about the
-model's own float32 rounding error. Small float32 models (``TIGHT_MAX_PARAMS``) are run once in
-float64 to measure that error and held to 10x it (at least ``TIGHT_FLOOR``); larger ones to
+model's own float32 rounding error. Small float32 models (``TIGHT_MAX_PARAMS``) are held to 10x
+that error (at least ``TIGHT_FLOOR``), measured by running them once in float64, which is only
+done when an output differs by more than ``TIGHT_FLOOR`` (``LazyTight``); larger ones to
 ``DEFAULT_RTOL``, with the same float64 measurement as a second chance before a mismatch is
 reported (``reference/tolerance.py``).
 
 On a mismatch the error names the first layer whose output differs and the pruned groups that
 touch it: hooks on the compact model are compared with the reference's intermediate values.
+
+Models made of repeated residual blocks (decoder layers in a ``ModuleList``) are compared block
+by block (``reference/blockwise.py``): each compact block runs on the reference's own input to
+it, so the first block that diverges is named, and a block's rounding allowance is measured on
+a float64 copy of that block alone. The model's outputs are still compared after that.
 """
 
 from __future__ import annotations
@@ -60,6 +66,14 @@ from graphprune.graph.analysis import Analysis
 from graphprune.graph.codepath import code_path_change
 from graphprune.graph.copies import eval_copy, keeps_global_rng
 from graphprune.planning.plan import Plan
+from graphprune.reference.blockwise import (
+    Piece,
+    block_spans,
+    copy_values,
+    describe_piece,
+    record_blocks,
+    run_blockwise,
+)
 from graphprune.reference.masks import (
     Inexact,
     describe_classes,
@@ -68,7 +82,7 @@ from graphprune.reference.masks import (
     removed_classes,
 )
 from graphprune.reference.run import compute_reference, first_mismatch, on_meta, run_reference, small_outputs
-from graphprune.reference.tolerance import relative_error, rounding_amplification, tight_rtol, tolerance
+from graphprune.reference.tolerance import LazyTight, relative_error, rounding_amplification, tolerance
 
 
 @dataclass
@@ -78,6 +92,7 @@ class VerifyReport:
     errors: list[float] = field(default_factory=list)
     tolerances: list[float] = field(default_factory=list)
     skipped: str | None = None  # reason the numeric comparison did not run
+    blocks: list[Piece] = field(default_factory=list)  # block by block (reference/blockwise.py)
     notes: list[str] = field(default_factory=list)  # e.g. a difference explained by rounding
 
     @property
@@ -139,9 +154,13 @@ def verify_compact(
     if not reuse and original is None:
         report.skipped = "no original model given, and surgery's reference is for other units"
         return report
+    spans = [] if reuse else block_spans(analysis)  # repeated blocks: checked one by one
+    values = None
     try:
         if reuse:
-            ref = cached[1].outputs
+            ref, values = cached[1].outputs, copy_values(cached[1].blocks)
+        elif spans:
+            ref, values = record_blocks(analysis, removed, original, example_input, spans)
         else:
             ref, _ = run_reference(analysis, reference_masks(analysis, removed), original, example_input)
     except Inexact as why:
@@ -152,11 +171,23 @@ def verify_compact(
     # Small float32 models are held to their own rounding error (measured against float64), not
     # to the blanket 1e-4: random-weight attention is so uniform that regrouped heads moved Phi's
     # outputs by only 4e-5 (a real bug, which the blanket tolerance let through).
-    tight = None if rtol is not None else cached[1].rtol if reuse else tight_rtol(original, example_input)
+    # (measured lazily: an error within TIGHT_FLOOR passes whatever the float64 run would say)
+    lazy = LazyTight(original, example_input) if rtol is None and not reuse else None
+    reused = cached[1].rtol if rtol is None and reuse else None
+
+    def tol_of(e: torch.Tensor, err: float) -> float:
+        """The tolerance one reference tensor ``e`` holds an error ``err`` to."""
+        tight = lazy.tolerance(err) if lazy is not None and e.dtype == torch.float32 else reused
+        return tight if tight is not None and e.dtype == torch.float32 else tolerance(e, rtol)
+
+    blockwise = run_blockwise(small, example_input, values, tol_of) if values and values.spans else None
+    if blockwise is not None:  # outputs of the run that fed every block the reference's input
+        got, report.blocks = blockwise
+        _check_pieces(analysis, removed, original, small, example_input, report)
     bad = []
     for i, (g, e) in enumerate(zip(got, ref)):
-        tol = tight if tight is not None and e.dtype == torch.float32 else tolerance(e, rtol)
         err = relative_error(g, e.to(g.device)) if g.dtype == e.dtype else math.inf
+        tol = tol_of(e, err)
         report.errors.append(err)
         report.tolerances.append(tol)
         if not err <= tol:
@@ -170,7 +201,8 @@ def verify_compact(
             "which layer differs."
         )
     if bad:
-        noise = rounding_amplification(original, example_input)
+        measured = lazy is not None and lazy.measured  # one float64 run is enough
+        noise = lazy.noise if measured else rounding_amplification(original, example_input)
         if noise is not None and all(err <= max(tol, 10 * noise) for _, err, tol, _, _ in bad):
             # The model itself turns float32 rounding into errors this large (random-weight
             # models with extreme BatchNorm statistics do): a different summation order in the
@@ -212,6 +244,57 @@ def verify_compact(
 # ------------------------------------------------------------------------------------------
 
 
+def _check_pieces(analysis: Analysis, removed: np.ndarray, original: nn.Module | None, small: nn.Module,
+                  example_input: Any, report: VerifyReport) -> None:
+    """Raise naming the first block (or the part between blocks) that differs from the reference."""
+    bad = [p for p in report.blocks if not p.ok]
+    if not bad:
+        return
+    # as for whole-model outputs (verify_compact): differences explained by rounding are not a
+    # wrong plan. A block is measured alone (a float64 copy of that block: blockwise.block_noise);
+    # the stream entering the next block carries that block's difference, so it inherits its
+    # measure; a difference arising before the first block or between blocks is measured on the
+    # whole model, as before (only then: it copies the model to float64)
+    whole: list[float | None] = []
+    carried: float | None = None
+    first = None
+    for p in report.blocks:
+        if p.label == p.path:
+            carried = p.noise if not p.ok else None
+        if p.ok:
+            continue
+        noise = p.noise if p.label == p.path else carried
+        if noise is None and p.label != p.path and original is not None:
+            if not whole:
+                whole.append(rounding_amplification(original, example_input))
+            noise = whole[0]
+        if noise is None or p.error > max(p.tol, 10 * noise):
+            first = p
+            break
+    if first is None:
+        worst = max(bad, key=lambda p: p.error)
+        report.notes.append(
+            f"blocks differ by up to {worst.error:.3g} (relative), within 10x of their own float32 "
+            "rounding error (measured against float64)"
+        )
+        return
+    checked = sum(1 for p in report.blocks[: report.blocks.index(first)] if p.label == p.path)
+    pruned = groups_of_classes(analysis, np.flatnonzero(removed))
+    there = _groups_under(analysis, pruned, first.path) or pruned
+    groups = "; ".join(f"group {g} ({analysis.groups[g].describe()})" for g in there[:6])
+    raise VerificationError(
+        f"the compact model does not match the reference computed from the plan, checked block by "
+        f"block: {describe_piece(first, small, checked)}. Groups pruned there: {groups}. This is a "
+        f"graphprune bug: please report it with the model. Meanwhile pass ignored_layers=['{first.path}'] "
+        "to leave that block unpruned."
+    )
+
+
+def _groups_under(analysis: Analysis, groups: list[int], path: str) -> list[int]:
+    return [g for g in groups
+            if any(m.name == path or m.name.startswith(path + ".") for m in analysis.groups[g].members)]
+
+
 def _localize(
     analysis: Analysis,
     removed: np.ndarray,
@@ -235,11 +318,7 @@ def _localize(
     if not found or not found[0]:
         return fallback
     path, err = found
-    touching = [
-        g
-        for g in pruned_groups
-        if any(m.name == path or m.name.startswith(path + ".") for m in analysis.groups[g].members)
-    ]
+    touching = _groups_under(analysis, pruned_groups, path)
     kind = type(small.get_submodule(path)).__name__
     return (
         f"First layer that differs: {path} ({kind}, relative error {err:.3g}); "

@@ -3,7 +3,9 @@
 The model is timm's hard case in miniature: attention merges its heads back with
 ``reshape(B, N, C)``, ``C`` read off the *input*, so after head pruning no attribute can make the
 class run. The default keeps every module of that class whole and prunes the rest (the user's
-class comes back); "graph" prunes everything into an fx GraphModule; "error" raises.
+class comes back); since the rewrite (docs/rewrite.md, tests/test_rewrite.py) the default first
+rewrites only those modules as graphs and "whole" is the keep-whole answer these tests check;
+"graph" prunes everything into an fx GraphModule; "error" raises.
 """
 
 from __future__ import annotations
@@ -90,9 +92,21 @@ def _compact(model, x, **kw):
     return small, plan, [str(w.message) for w in caught if str(w.message).startswith("graphprune")]
 
 
-def test_default_freezes_the_attention_class_and_returns_the_users_class() -> None:
+def test_default_rewrites_only_the_attention_and_returns_the_users_class() -> None:
     model, x = _net()
     small, plan, msgs = _compact(model, x)
+    assert type(small) is Net and list(small.state_dict()) == list(model.state_dict())
+    for blk, name in zip(small.blocks, ["attn", "mixer"], strict=True):
+        assert getattr(blk, name).get_parameter("qkv.weight").shape[0] == 3 * DIM // 2, "heads pruned"
+    assert len(msgs) == 1 and "rewritten as graphs" in msgs[0] and all(p in msgs[0] for p in ATTN), msgs
+    assert [r["module"] for r in plan.rewrites] == ATTN
+    for batch in (x, _batch5(x)):
+        assert small(batch).shape == model(batch).shape
+
+
+def test_whole_keeps_the_attention_class_whole_and_returns_the_users_class() -> None:
+    model, x = _net()
+    small, plan, msgs = _compact(model, x, fallback="whole")
     assert type(small) is Net
     for blk, name in zip(small.blocks, ["attn", "mixer"], strict=True):
         attn = getattr(blk, name)
@@ -121,7 +135,7 @@ def _heads_first(group, model) -> torch.Tensor:
 def test_freeze_is_the_plan_made_with_those_modules_in_ignored_layers(kw) -> None:
     """The re-plan uses the same options: with global ranking the heads' share moves to the MLPs."""
     model, x = _net()
-    _, plan, msgs = _compact(model, x, **kw)
+    _, plan, msgs = _compact(model, x, fallback="whole", **kw)
     assert len(msgs) == 1 and "kept whole" in msgs[0], msgs
     _, explicit, msgs = _compact(model, x, ignored_layers=ATTN, **kw)
     assert not msgs, msgs
@@ -184,7 +198,7 @@ def test_target_search_returns_the_users_class() -> None:
         warnings.simplefilter("always")
         small = graphprune.compact(model, x, target_params=0.9)
     assert type(small) is Net
-    assert any("kept whole" in str(w.message) for w in caught)
+    assert any("rewritten as graphs" in str(w.message) for w in caught)
     assert small(_batch5(x)).shape == (5, 3)
     assert graphprune.count_params(small) < graphprune.count_params(model)
 
@@ -207,7 +221,7 @@ def test_the_users_model_is_bit_identical_after_every_mode() -> None:
     before = snapshot(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for fb in ("freeze", "graph"):
+        for fb in ("freeze", "whole", "graph"):
             graphprune.compact(model, x, RATIO, fallback=fb)
         with pytest.raises(GraphPruneError):
             graphprune.compact(model, x, RATIO, fallback="error")

@@ -81,11 +81,16 @@ def test_class_that_cannot_run_smaller_falls_back_to_a_working_graph_with_a_warn
     torch.testing.assert_close(small(x3)[:2], out, rtol=1e-5, atol=1e-6)
 
 
-def test_class_that_cannot_run_smaller_keeps_that_code_whole_by_default() -> None:
+def test_class_that_cannot_run_smaller_is_rewritten_by_default_or_kept_whole_on_request() -> None:
     model, x = zoo.build("vit_tiny", "tiny")
     model.eval()
-    with pytest.warns(UserWarning, match="kept whole"):
+    with pytest.warns(UserWarning, match="rewritten as graphs"):
         small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert type(small) is type(model) and list(small.state_dict()) == list(model.state_dict())
+    assert all(b.attn.qkv.out_features < 3 * 32 for b in small.blocks), "heads pruned (docs/rewrite.md)"
+    assert small(torch.cat([x, x[:1]])).shape[0] == 3
+    with pytest.warns(UserWarning, match="kept whole"):
+        small, plan = graphprune.compact_with_plan(model, x, 0.5, fallback="whole")
     assert type(small) is type(model)
     assert all(b.attn.qkv.out_features == 3 * 32 for b in small.blocks), "attention kept whole"
     assert all(b.fc1.out_features < model.blocks[0].fc1.out_features for b in small.blocks)

@@ -340,6 +340,12 @@ def test_cli_calib_and_reconstruct(tmp_path, capsys) -> None:
     assert "importance=obs" in capsys.readouterr().out
     assert cli.main(["compact", "zoo:mlp", "--reconstruct"]) == 2
     assert "--calib" in capsys.readouterr().err
+    # --calib alone means what data= alone means in the API: reconstruction
+    assert cli.main(["compact", "zoo:mlp", "--ratio", "0.5", "--calib", str(calib)]) == 0
+    assert "importance=obs" in capsys.readouterr().out
+    named = ["compact", "zoo:mlp", "--ratio", "0.5", "--calib", str(calib), "--importance", "l2"]
+    assert cli.main(named) == 0
+    assert "importance=l2" in capsys.readouterr().out
 
 
 def test_target_search_and_pruner_reconstruct_too() -> None:

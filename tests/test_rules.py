@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import check_dead_channels, check_ratio_zero_identity
+from oracles import check_dead_channels, check_onnx, check_ratio_zero_identity
 from torch import nn
 
 import graphprune
@@ -120,6 +120,53 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+class ClampByTensors(nn.Module):
+    """clamp with tensor bounds (clamp.Tensor): scalar buffers, and a per-channel lower bound
+    that is sliced with its channel (bounds hold 0, so dead units stay dead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 24), nn.Linear(24, 6)
+        self.register_buffer("lo", -torch.rand(24))
+        self.register_buffer("hi", torch.tensor(0.4))
+        self.register_buffer("top", torch.tensor(0.3))
+
+    def forward(self, x):
+        y = torch.clamp(self.a(x), self.lo, self.hi)
+        return self.b(torch.clamp_max(y, self.top) + torch.clamp(y, min=self.lo))
+
+
+class IndexedBiasAttention(nn.Module):
+    """Attention with a per-head bias table read by relative position, ``table[:, idx]``
+    (index.Tensor: the head dim is not indexed), and q/k/v interleaved per head."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, key_dim: int = 4, res: int = 3) -> None:
+        super().__init__()
+        self.heads, self.key_dim, self.val_dim = heads, key_dim, 2 * key_dim
+        self.qkv = nn.Linear(dim, heads * (2 * key_dim + self.val_dim))
+        self.proj = nn.Linear(heads * self.val_dim, dim)
+        pos = torch.stack(torch.meshgrid(torch.arange(res), torch.arange(res), indexing="ij")).flatten(1)
+        rel = (pos[:, :, None] - pos[:, None, :]).abs()
+        self.table = nn.Parameter(torch.randn(heads, res * res))
+        self.register_buffer("idx", rel[0] * res + rel[1])
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, self.heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        attn = (q @ k.transpose(-2, -1) + self.table[:, self.idx]).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.heads * self.val_dim))
+
+
+class IndexedBiasNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(6, 16), IndexedBiasAttention(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.attn(self.inp(x)))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "grouped_conv": (GroupedConv, (2, 3, 8, 8)),
     "transposed_up": (TransposedUp, (2, 3, 8, 8)),
@@ -128,6 +175,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "squeeze_excite": (SqueezeExcite, (2, 3, 8, 8)),
     "flatten_linear": (FlattenIntoLinear, (2, 3, 8, 8)),
     "swiglu": (SwiGLU, (2, 5, 8)),
+    "clamp_tensor": (ClampByTensors, (2, 5, 8)),
+    "indexed_bias": (IndexedBiasNet, (2, 9, 6)),
 }
 
 
@@ -148,6 +197,22 @@ def test_rule_family_passes_the_oracles(name: str) -> None:
     check_ratio_zero_identity(model, x)
     small = check_dead_channels(model, x, 0.5)
     assert small(x).shape == model(x).shape
+
+
+def test_clamp_with_tensor_bounds_is_pruned_and_runs_in_onnxruntime() -> None:
+    model, x = _build("clamp_tensor")
+    small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert not plan.boundaries, plan.boundaries
+    assert small.a.out_features == 12 and small.lo.shape == (12,)
+    check_onnx(small, x)
+
+
+def test_bias_table_indexed_by_position_is_pruned_with_its_heads() -> None:
+    model, x = _build("indexed_bias")
+    small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert small.attn.heads == 2 and small.attn.table.shape == (2, 9), plan.groups
+    assert small.attn.qkv.out_features == 2 * 16
+    check_onnx(small, x)
 
 
 def test_grouped_conv_loses_whole_groups() -> None:

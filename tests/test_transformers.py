@@ -23,7 +23,8 @@ import graphprune
 MODELS = list(tm.BUILDERS)
 RATIO = 0.3
 # timm's ``reshape(B, N, C)`` reads C (the hidden size) off the input: no attribute can make the
-# class run with fewer heads, so graphprune keeps that attention class whole (with a warning).
+# class run with fewer heads, so graphprune rewrites that attention as a graph (docs/rewrite.md),
+# or with fallback="whole" keeps it whole (with a warning either way).
 FROZEN_ATTENTION = {"timm_attention_merge_C"}
 
 
@@ -41,8 +42,8 @@ class TestGenericOracles(OracleSuite):
 
     def test_compact_model_is_the_users_class(self, name: str) -> None:
         super().test_compact_model_is_the_users_class(name)
-        c = self.compacted(name)  # and only timm's merge needs modules kept whole
-        assert any("kept whole" in m for m in c.warnings) == (name in FROZEN_ATTENTION), c.warnings
+        c = self.compacted(name)  # and only timm's merge needs modules rewritten
+        assert any("rewritten as graphs" in m for m in c.warnings) == (name in FROZEN_ATTENTION), c.warnings
 
 
 # ------------------------------------------------------------------------------------------
@@ -59,10 +60,14 @@ def test_hand_written_attention_loses_whole_heads_and_its_attributes_follow() ->
     assert small(x3).shape == model(x3).shape
 
 
-def test_timm_style_merge_keeps_its_attention_whole_and_prunes_the_rest() -> None:
+def test_timm_style_merge_rewrites_its_attention_or_keeps_it_whole_on_request() -> None:
     model, x = tm.build("timm_attention_merge_C")
-    with pytest.warns(UserWarning, match="cannot run at the new sizes"):
+    with pytest.warns(UserWarning, match="rewritten as graphs"):
         small = graphprune.compact(model, x, ratio=RATIO)
+    assert type(small) is type(model) and list(small.state_dict()) == list(model.state_dict())
+    assert any(blk.attn.num_heads < old.attn.num_heads for blk, old in zip(small.blocks, model.blocks))
+    with pytest.warns(UserWarning, match="kept whole"):
+        small = graphprune.compact(model, x, ratio=RATIO, fallback="whole")
     assert type(small) is type(model)
     for blk, old in zip(small.blocks, model.blocks, strict=True):
         assert blk.attn.num_heads == old.attn.num_heads, "the attention class is kept whole"

@@ -13,6 +13,8 @@ costs), the second ("warm") shows the steady state.
     python tools/engine_speed.py --cases resnet50 --profile   # cProfile hotspots per stage
     python tools/engine_speed.py --json out.json   # also save the numbers
     python tools/engine_speed.py --twin            # meta plan == real plan on a small LLaMA
+    python tools/engine_speed.py --llm tinyllama --calib 32 --workdir /tmp/gp   # real weights
+                                                   # and a sharded checkpoint, see ``llm_cases``
 """
 
 from __future__ import annotations
@@ -262,6 +264,44 @@ def scaling(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+LLM_TOOLS = ("graphprune-inplace", "graphprune", "torch-pruning")
+
+
+def llm_cases(shape: str, ratio: float, calib: int, workdir: str, shard_gib: float,
+              tools: tuple[str, ...] = LLM_TOOLS) -> list[dict[str, Any]]:
+    """End-to-end LLM cases, each run in a fresh subprocess, one after another (tools/llm_memory.py
+    does the work): a LLaMA of ``shape`` with real random float32 weights compacted in memory by
+    each tool (Torch-Pruning side by side), then the same model written as a sharded checkpoint
+    and compacted by ``compact_checkpoint``, weights only and, with ``calib`` sequences,
+    reconstructed block by block (Torch-Pruning has neither a checkpoint nor a reconstruction
+    mode, so those rows are graphprune's alone). Time, CPU time and peak RSS per row."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import llm_memory
+
+    mem = llm_memory.memory_runs(list(tools), shape, ratio, calib=calib)
+    rows = [{"case": f"llm_{shape}", **r} for r in mem]
+    calibs = [0, calib] if calib else [0]
+    rows += [{"case": f"ckpt_{shape}", **r}
+             for r in llm_memory.checkpoint_runs(Path(workdir), shape, ratio, shard_gib, calibs)]
+    return rows
+
+
+def llm_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'case':<16} {'tool':<24} {'model GiB':>9} {'peak RSS GiB':>12} {'wall s':>8} {'cpu s':>8} "
+            f"{'result GiB':>10} {'load':>5}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"{r['case']:<16} {' '.join(r['args'][:2]):<24} failed: {r['failed'][-300:]!r}")
+            continue
+        result = r.get("compact_gib", r.get("written_gib", float("nan")))
+        lines.append(f"{r['case']:<16} {r['tool']:<24} {r['model_gib']:9.2f} {r['peak_rss_gib']:12.2f} "
+                     f"{r['seconds']:8.1f} {r['cpu_seconds']:8.1f} {result:10.2f} {r['loadavg']:5.1f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
@@ -272,8 +312,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int,
                    help="torch.set_num_threads in each case (default: torch's own, all cores); on a "
                         "machine busy with other work, 1 avoids intra-op threads spinning against it")
+    p.add_argument("--llm", metavar="SHAPE", help="only the LLM cases for a tools/llm_memory.py shape "
+                   "(tinyllama: 1.1B fp32, 4.1 GiB; small; tiny: checks the tool on a busy machine)")
+    p.add_argument("--llm-tools", default=",".join(LLM_TOOLS),
+                   help="in-memory tools for --llm (add graphprune-reconstruct: compact(data=...) in memory)")
+    p.add_argument("--calib", type=int, default=0, metavar="N",
+                   help="--llm: also reconstruct with N calibration sequences of 128 tokens")
+    p.add_argument("--workdir", default="/tmp", help="--llm: where the checkpoint is written (deleted after)")
+    p.add_argument("--shard-gib", type=float, default=0.5, help="--llm: checkpoint shard size")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args(argv)
+    if args.llm:
+        rows = llm_cases(args.llm, args.ratio, args.calib, args.workdir, args.shard_gib,
+                         tuple(args.llm_tools.split(",")))
+        print(llm_table(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.one:

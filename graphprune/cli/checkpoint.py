@@ -10,6 +10,7 @@ import argparse
 import time
 
 import graphprune
+from graphprune.cli.calib import calibration_kwargs
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -17,6 +18,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     result = graphprune.compact_checkpoint(
         args.src, args.dst, args.ratio, importance=args.importance, ignored_layers=tuple(args.ignore),
         prune_hidden=args.prune_hidden, attention=args.attention, progress=not args.quiet,
+        **calibration_kwargs(args),
     )
     if not args.quiet:
         print(result.plan)
@@ -27,6 +29,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from graphprune.cli.calib import add_calibration_args
     from graphprune.cli.common import add_structure_args, ratio_arg
 
     p = sub.add_parser(
@@ -40,8 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", metavar="DST", help="new folder for the compact checkpoint (must not exist)")
     p.add_argument("--ratio", type=ratio_arg, default=0.3,
                    help="fraction of the units of every prunable group to remove (default 0.3)")
-    p.add_argument("--importance", choices=("l1", "l2"), default="l2",
-                   help="weight magnitude criterion (default l2)")
+    p.add_argument("--importance", choices=("l1", "l2", "activation", "apoz"), default=None,
+                   help="l1/l2: weight magnitude (default l2; with --calib only the count per group, "
+                        "reconstruction chooses the units); activation/apoz: measured on --calib block "
+                        "by block, no reconstruction")
     add_structure_args(p)
+    add_calibration_args(p)  # --calib FILE: token ids; reconstructs block by block (docs/llm.md)
     p.add_argument("--quiet", action="store_true", help="no plan, no progress bars")
     p.set_defaults(func=cmd_checkpoint)

@@ -239,9 +239,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "onnxruntime's CPU kernels run well (16 for conv channels), N = multiples "
                         "of N, 1 = exactly round(ratio * units)")
     add_calibration_args(p)
-    p.add_argument("--fallback", choices=("freeze", "graph", "error"), default="freeze",
-                   help="when a module's code cannot run at the new sizes: keep such modules whole "
-                        "(default), return an fx GraphModule, or stop with an error")
+    p.add_argument("--fallback", choices=("freeze", "whole", "graph", "error"), default="freeze",
+                   help="when a module's code cannot run at the new sizes: rewrite only such modules "
+                        "as graphs where exact, else keep them whole (default, docs/rewrite.md); keep "
+                        "them whole; return an fx GraphModule; or stop with an error")
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:

@@ -210,9 +210,10 @@ def add_structure_args(p: argparse.ArgumentParser) -> None:
 
 def add_importance_arg(p: argparse.ArgumentParser) -> None:
     """``--importance``: the registered criteria that need no calibration data."""
-    p.add_argument("--importance", choices=(*weight_only_criteria(), "mask"), default="l2",
-                   help="unit importance criterion (default l2; data-driven criteria such as taylor "
-                        "need calibration data: use the Python API); 'mask': remove exactly the "
+    p.add_argument("--importance", choices=(*weight_only_criteria(), "mask"), default=None,
+                   help="unit importance criterion (default l2, or reconstruction when the command "
+                        "takes --calib and it is given, as data= does in the API; data-driven "
+                        "criteria such as taylor need the Python API); 'mask': remove exactly the "
                         "units the model's torch.nn.utils.prune masks emptied")
 
 

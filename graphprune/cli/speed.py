@@ -72,7 +72,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     model, example = _load(args)
     t0 = time.perf_counter()
-    rows = sweep(model, example, args.ratios, importance=args.importance, ignored_layers=tuple(args.ignore),
+    rows = sweep(model, example, args.ratios, importance=args.importance or "l2",
+                 ignored_layers=tuple(args.ignore),
                  prune_hidden=args.prune_hidden, attention=args.attention, round_to=args.round_to,
                  latency=not args.no_latency, runs=args.runs, warmup=args.warmup,
                  threads=args.threads, progress=not args.quiet)
@@ -105,7 +106,7 @@ def cmd_target(args: argparse.Namespace) -> int:
     if args.with_depth:
         from graphprune.search.mix import search_mix
 
-        mix = search_mix(model, example, targets, importance=args.importance,
+        mix = search_mix(model, example, targets, importance=args.importance or "l2",
                          ignored_layers=tuple(args.ignore), prune_hidden=args.prune_hidden,
                          attention=args.attention, runs=args.runs or 20)
         print(mix)
@@ -114,7 +115,7 @@ def cmd_target(args: argparse.Namespace) -> int:
             Path(args.plan).write_text(mix.plan.to_json())
             print(f"wrote plan to {args.plan}")
         return 0
-    result = compact_to_target(model, example, **targets, importance=args.importance,
+    result = compact_to_target(model, example, **targets, importance=args.importance or "l2",
                                ignored_layers=tuple(args.ignore), prune_hidden=args.prune_hidden,
                                attention=args.attention, round_to=args.round_to,
                                tolerance=args.tolerance, runs=args.runs, warmup=args.warmup,

@@ -31,6 +31,9 @@ class Traced:
     # placeholder name -> constant the forward read from outside the model (a hook's closure, a
     # global): no module holds it, so it keeps its size, and the plan says so
     foreign: dict[str, str] = dataclasses.field(default_factory=dict)
+    # placeholder name -> where a foreign constant sits in a container attribute of a module
+    # (``attn.cache['cpu']``: a cache filled by an earlier forward), for the plan's boundary note
+    holders: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def check_model(model: Any) -> nn.Module:
@@ -172,6 +175,26 @@ def _owned(model: nn.Module, name: str) -> bool:
     return isinstance(getattr(mod, attr, None), torch.Tensor)
 
 
+def container_holder(model: nn.Module, tensor: Any) -> str:
+    """Where ``tensor`` sits in a dict/list/tuple attribute of a module (``attn.cache['cpu']``), or "".
+
+    torch.export lifts such a tensor as a constant: no parameter or buffer holds it, so it cannot
+    be sliced. Typically it is a cache an earlier forward filled from the parameters; naming it
+    tells the user what to clear.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        return ""
+    for path, mod in model.named_modules():
+        for attr, val in vars(mod).items():
+            if attr.startswith("_") or not isinstance(val, (dict, list, tuple)):
+                continue
+            items = val.items() if isinstance(val, dict) else enumerate(val)
+            for key, v in items:
+                if v is tensor:
+                    return f"{path + '.' if path else ''}{attr}[{key!r}]"
+    return ""
+
+
 def trace_error(model: nn.Module, exc: BaseException) -> TraceError:
     """The real cause of a failed torch.export first, then the fix that fits that cause."""
     where = _user_frame(exc)
@@ -257,6 +280,7 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
     sig = program.graph_signature
     names: dict[str, str] = {}
     foreign: dict[str, str] = {}
+    holders: dict[str, str] = {}
     canonical = canonical_names(model)
     for spec in sig.input_specs:
         if spec.target is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
@@ -264,12 +288,15 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
                 names[spec.arg.name] = canonical.get(spec.target, spec.target)
             else:  # a constant from outside the model: fixed size, like an input
                 foreign[spec.arg.name] = spec.target
+                holder = container_holder(model, program.constants.get(spec.target))
+                if holder:
+                    holders[spec.arg.name] = holder
     user_outputs = [
         spec.arg.name
         for spec in sig.output_specs
         if spec.kind.name == "USER_OUTPUT" and hasattr(spec.arg, "name")
     ]
-    return Traced(program, names, user_outputs, shapes, foreign)
+    return Traced(program, names, user_outputs, shapes, foreign, holders)
 
 
 def writes_inputs(program: torch.export.ExportedProgram) -> bool:

@@ -59,6 +59,8 @@ class Plan:
     depth: list[dict[str, Any]] = field(default_factory=list)
     # modules given a zero bias before slicing (reconstruction's bias compensation needed one)
     biases: list[str] = field(default_factory=list)
+    # submodules replaced by a graph of their own (surgery.rewrite): module, export inputs, constants
+    rewrites: list[dict[str, Any]] = field(default_factory=list)
     # bool per unit class, removed or not: what surgery sizes from; derived data, not saved
     removed_class: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -93,6 +95,7 @@ class Plan:
             scales=c["scales"],
             depth=c["depth"],
             biases=c["biases"],
+            rewrites=c["rewrites"],
         )
 
     @classmethod

@@ -190,6 +190,7 @@ def check_dict(d: Any, where: str = "plan") -> dict[str, Any]:
         "scales": _scales(d.get("scales", []), f"{where}.scales"),
         "depth": _depth(d.get("depth", []), f"{where}.depth"),
         "biases": _strs(d.get("biases", []), f"{where}.biases"),
+        "rewrites": _rewrites(d.get("rewrites", []), f"{where}.rewrites"),
     }
 
 
@@ -218,4 +219,49 @@ def _depth(v: Any, where: str) -> list[dict[str, Any]]:
         if unknown or not isinstance(e.get("module"), str) or not isinstance(e.get("cls"), str):
             raise _fail(f"{where}[{k}]", f"expected a removed block (module, cls, ...), got keys {sorted(e)}")
         out.append({key: _plain(x, f"{where}[{k}][{key!r}]") for key, x in e.items()})
+    return out
+
+
+def _input_item(v: Any, where: str) -> dict[str, Any]:
+    """One recorded input of a rewritten module: a tensor's shape and dtype, or a plain value."""
+    v = _dict(v, where)
+    if set(v) == {"value"}:
+        if not (v["value"] is None or isinstance(v["value"], (bool, int, float, str))):
+            raise _fail(f"{where}.value", "expected a plain value")
+        return dict(v)
+    _keys(v, {"shape", "dtype", "batch"}, {"shape", "dtype", "batch"}, where)
+    if not isinstance(v["batch"], bool):
+        raise _fail(f"{where}.batch", "expected true or false")
+    return {"shape": _ints(v["shape"], f"{where}.shape"), "dtype": _str(v["dtype"], f"{where}.dtype"),
+            "batch": v["batch"]}
+
+
+def _rewrites(v: Any, where: str) -> list[dict[str, Any]]:
+    """Modules rewritten as graphs (surgery.rewrite):
+    {module, inputs: {args, kwargs, batch}, changes: [{node, at, old, new}]}."""
+    out = []
+    for k, e in enumerate(_list(v, where)):
+        at = f"{where}[{k}]"
+        e = _dict(e, at)
+        _keys(e, {"module", "inputs", "changes"}, {"module", "inputs", "changes"}, at)
+        inputs = _dict(e["inputs"], f"{at}.inputs")
+        _keys(inputs, {"args", "kwargs", "batch"}, {"args", "kwargs", "batch"}, f"{at}.inputs")
+        changes = []
+        for j, c in enumerate(_list(e["changes"], f"{at}.changes")):
+            cw = f"{at}.changes[{j}]"
+            c = _dict(c, cw)
+            _keys(c, {"node", "at", "old", "new"}, {"node", "at", "old", "new"}, cw)
+            changes.append({"node": _str(c["node"], f"{cw}.node"), "at": _ints(c["at"], f"{cw}.at"),
+                            "old": _int(c["old"], f"{cw}.old"), "new": _int(c["new"], f"{cw}.new")})
+        out.append({
+            "module": _str(e["module"], f"{at}.module"),
+            "inputs": {
+                "args": [_input_item(x, f"{at}.inputs.args[{j}]")
+                         for j, x in enumerate(_list(inputs["args"], f"{at}.inputs.args"))],
+                "kwargs": {_str(n, f"{at}.inputs.kwargs"): _input_item(x, f"{at}.inputs.kwargs[{n!r}]")
+                           for n, x in _dict(inputs["kwargs"], f"{at}.inputs.kwargs").items()},
+                "batch": _int(inputs["batch"], f"{at}.inputs.batch"),
+            },
+            "changes": changes,
+        })
     return out

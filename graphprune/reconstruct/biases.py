@@ -33,20 +33,29 @@ def with_biases(model: nn.Module) -> tuple[nn.Module, list[str]]:
     A full copy, not a weight-sharing one: reconstruction refits the analysed model's weights in
     place, so they must never be the caller's."""
     work = private_copy(model)
-    added = []
-    for path, mod in work.named_modules():
-        if _biasable(mod) and zero_bias(mod):
-            added.append(path)
-    return work, added
+    return work, add_zero_biases(work)
 
 
-def strip_unused(small: nn.Module, plan: Plan, added: list[str]) -> None:
-    """Remove the added biases that are still all zero; record the others in ``plan.biases``."""
+def add_zero_biases(module: nn.Module) -> list[str]:
+    """Give every Linear / Conv1d / Conv2d of ``module`` without a bias a zero one, in place
+    (``module`` must be the caller's own copy); returns their paths."""
+    return [path for path, mod in module.named_modules() if _biasable(mod) and zero_bias(mod)]
+
+
+def strip_unused(small: nn.Module, plan: Plan, added: list[str], nonzero: set[str] | None = None) -> None:
+    """Remove the added biases that are still all zero; record the others in ``plan.biases``.
+
+    ``nonzero``: the paths whose bias is not all zero, when ``small`` cannot say (a meta model
+    whose weights are written elsewhere, as ``compact_checkpoint`` does)."""
     kept = []
     for path in added:
         mod = small.get_submodule(path)
         b = getattr(mod, "bias", None)
-        if isinstance(b, torch.Tensor) and not b.is_meta and bool((b == 0).all()):
+        if nonzero is not None:
+            unused = path not in nonzero
+        else:
+            unused = isinstance(b, torch.Tensor) and not b.is_meta and bool((b == 0).all())
+        if unused:
             mod.bias = None
             name = f"{path}.bias" if path else "bias"
             plan.slices.pop(name, None)

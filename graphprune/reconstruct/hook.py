@@ -18,9 +18,9 @@ from graphprune.graph.analysis import Analysis, Group
 from graphprune.planning.cut import CutOptions
 from graphprune.planning.plan import Plan, build_plan
 from graphprune.reconstruct.biases import strip_unused, with_biases
-from graphprune.reconstruct.run import ReconstructOptions, check_data, reconstruct
+from graphprune.reconstruct.run import Reconstruction, ReconstructOptions, check_data, reconstruct
 
-__all__ = ["check_request", "defaults", "finish", "prepare_model", "reconstructed_plan"]
+__all__ = ["check_request", "defaults", "finish", "plan_for", "prepare_model", "reconstructed_plan"]
 
 
 def defaults(importance: Any, reconstruct: Any, data: Any) -> tuple[Any, Any]:
@@ -82,6 +82,15 @@ def reconstructed_plan(
     verification's reference)."""
     planned = {g.index: list(g.removed) for g in plan.groups if g.removed}
     rec = reconstruct(analysis, planned, data, options, progress=progress)
+    return plan_for(analysis, plan, rec, options, cut)
+
+
+def plan_for(
+    analysis: Analysis, plan: Plan, rec: Reconstruction, options: ReconstructOptions, cut: CutOptions | None
+) -> Plan:
+    """The plan that removes exactly the units reconstruction ``rec`` chose (``plan``: the one it
+    started from; its ratio and notes carry over). Shared by ``compact`` and the block-by-block
+    checkpoint path."""
     counts = {g.index: len(rec.chosen.get(g.index, [])) for g in analysis.groups if g.members}
     base = cut or CutOptions()
     new = build_plan(

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -176,6 +177,28 @@ def collect(
     target: nn.Module, work: nn.Module, cons: list[Consumer], data: Any, max_batches: int | None
 ) -> SecondMoments:
     """Stream ``data`` through both models; accumulate each consumer's E[x x^T], E[x x_o^T]."""
+    device = model_device(work)
+
+    def runs() -> Iterator[tuple[Callable[[], Any], Callable[[], Any]]]:
+        for batch in batches(data, "reconstruct=True", max_batches):
+            inputs, _ = split_batch(to_device(batch, device))
+            yield partial(forward, target, inputs), partial(forward, work, inputs)
+
+    return collect_runs(target, work, cons, runs())
+
+
+def collect_runs(
+    target: nn.Module,
+    work: nn.Module,
+    cons: list[Consumer],
+    runs: Iterable[tuple[Callable[[], Any], Callable[[], Any]]],
+) -> SecondMoments:
+    """Each consumer's E[x x^T], E[x x_o^T] over ``runs``: per batch, a call that runs ``target``
+    (the original) and one that runs ``work`` on the same samples.
+
+    ``collect`` feeds whole models with calibration batches; the checkpoint path feeds one
+    decoder block with the activations the blocks before it produced (graphprune.surgery.
+    checkpoint_calib), so both share this accumulation."""
     stats = SecondMoments()
     by_module: dict[str, list[Consumer]] = {}
     for c in cons:
@@ -204,15 +227,13 @@ def collect(
 
     handles = [target.get_submodule(p).register_forward_pre_hook(seen(p)) for p in by_module]
     handles += [work.get_submodule(p).register_forward_pre_hook(used(p)) for p in by_module]
-    device = model_device(work)
     try:
         with torch.no_grad():
-            for batch in batches(data, "reconstruct=True", max_batches):
-                inputs, _ = split_batch(to_device(batch, device))
+            for run_target, run_work in runs:
                 for p in pending:
                     pending[p].clear()
-                forward(target, inputs)
-                forward(work, inputs)
+                run_target()
+                run_work()
     finally:
         for h in handles:
             h.remove()
@@ -220,7 +241,7 @@ def collect(
     return stats
 
 
-def _zero_removed(work: nn.Module, group: Group, removed: list[int], dead: dict[str, np.ndarray]) -> None:
+def zero_removed(work: nn.Module, group: Group, removed: list[int], dead: dict[str, np.ndarray]) -> None:
     """Hold the removed units at zero in every parameter member; remember dead input columns."""
     params = {n for n, _ in work.named_parameters(remove_duplicate=False)}
     gone = np.isin(np.arange(group.num_units), removed)
@@ -237,7 +258,7 @@ def _zero_removed(work: nn.Module, group: Group, removed: list[int], dead: dict[
                 t.index_fill_(m.dim, torch.as_tensor(pos, dtype=torch.long, device=t.device), 0)
 
 
-def _group_order(groups: list[Group], work: nn.Module, order: dict[str, int]) -> list[Group]:
+def group_order(groups: list[Group], work: nn.Module, order: dict[str, int]) -> list[Group]:
     def first(g: Group) -> int:
         cons = consumers_of(g, work)
         paths = [c.module for c in cons] or [m.name.rpartition(".")[0] for m in g.members]
@@ -262,23 +283,24 @@ def _problem(c: Consumer, target: nn.Module, work: nn.Module, stats: SecondMomen
     return make_problem(m.gram, m.cross, torch.cat([w_orig, b_orig[:, None]], 1), col_unit, live, ridge)
 
 
-def _solve_group(
+def solve_group(
     g: Group,
     cons: list[Consumer],
     planned: list[int],
     target: nn.Module,
     work: nn.Module,
-    data: Any,
+    statistics: Callable[[list[Consumer]], SecondMoments],
     dead: dict[str, np.ndarray],
     opts: ReconstructOptions,
     result: Reconstruction,
 ) -> list[int]:
-    """Statistics, selection and refit for one group; returns its removed units.
+    """Statistics (``statistics(cons)``), selection and refit for one group; returns its removed
+    units.
 
     A consumer whose module never runs as a module (``nn.MultiheadAttention`` uses its
     ``out_proj`` weights functionally) gets no statistics and is left as it is.
     """
-    stats = collect(target, work, cons, data, opts.max_batches)
+    stats = statistics(cons)
     result.passes += 1
     cons = [c for c in cons if c.key in stats]
     if not cons:
@@ -315,18 +337,19 @@ def reconstruct(
     device = model_device(work)
     order = execution_order(work, _first_inputs(data, device))
     by_index = {g.index: g for g in analysis.groups}
-    todo = _group_order([by_index[i] for i, r in planned.items() if r], work, order)
+    todo = group_order([by_index[i] for i, r in planned.items() if r], work, order)
     result = Reconstruction({})
     dead: dict[str, np.ndarray] = {}
     bar = _bar(len(todo), progress)
     for g in todo:
         cons = consumers_of(g, work)
         if cons:
-            removed = _solve_group(g, cons, planned[g.index], target, work, data, dead, opts, result)
+            stats = partial(collect, target, work, data=data, max_batches=opts.max_batches)
+            removed = solve_group(g, cons, planned[g.index], target, work, stats, dead, opts, result)
         else:
             removed = sorted(planned[g.index])
         result.chosen[g.index] = removed
-        _zero_removed(work, g, removed, dead)
+        zero_removed(work, g, removed, dead)
         bar.update(1)
     bar.close()
     if opts.batchnorm and todo:

@@ -83,10 +83,13 @@ def _unit_errors(p: Problem, units: list[int]) -> np.ndarray:
         idx = torch.as_tensor(cols, dtype=torch.long, device=p.w.device)  # (n, s)
         block = p.hinv[idx[:, :, None], idx[:, None, :]]  # (n, s, s)
         wu = p.w[idx]  # (n, s, out)
-        try:
-            sol = torch.linalg.solve(block, wu)
-        except RuntimeError:
-            sol = torch.linalg.pinv(block) @ wu
+        if cols.shape[1] == 1:  # one column per unit (Linear): a division, not a batched solve,
+            sol = wu / block  # which on a loaded CPU costs ~1000x more in thread start-up
+        else:
+            try:
+                sol = torch.linalg.solve(block, wu)
+            except RuntimeError:
+                sol = torch.linalg.pinv(block) @ wu
         err = (wu * sol).sum(dim=(1, 2)) / p.energy
         out[idxs] = err.clamp_min(0).cpu().numpy()
     return out

@@ -8,6 +8,7 @@ import torch
 from torch.fx import Interpreter, Node
 
 from graphprune.graph.rules.pointwise import reduced_dims
+from graphprune.reference.heap import release_free_memory
 from graphprune.reference.masks import NORM_OPS, REDUCE_OPS, Inexact
 
 
@@ -33,6 +34,8 @@ class MaskedInterpreter(Interpreter):
         self.masks = masks
         self.hard_masks = hard_masks  # inputs of statistics: False only where pruning is not allowed
         self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
+        self.all_kept: dict[int, bool] = {}
+        self.copied = False
         self.protected = protected  # storages of the user's tensors: never written
         self.record = record or set()
         self.values: dict[Node, Any] = {}  # the recorded nodes' (masked) values
@@ -66,8 +69,8 @@ class MaskedInterpreter(Interpreter):
         return self.torch_masks[key]
 
     def _apply(self, t: Any, keep: torch.Tensor | None) -> Any:
-        if keep is None or not isinstance(t, torch.Tensor):
-            return t
+        if keep is None or not isinstance(t, torch.Tensor) or self._keeps_all(keep):
+            return t  # nothing removed here: a masked copy would only cost memory
         drop = ~keep
         expanded = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
         if not expanded and storage_ptr(t) not in self.protected:
@@ -76,6 +79,12 @@ class MaskedInterpreter(Interpreter):
             except RuntimeError:  # expanded/overlapping memory
                 pass
         return t.masked_fill(drop, 0)
+
+    def _keeps_all(self, keep: torch.Tensor) -> bool:
+        key = id(keep)  # the masks live in ``torch_masks`` for the whole run: ids stay valid
+        if key not in self.all_kept:
+            self.all_kept[key] = bool(keep.all())
+        return self.all_kept[key]
 
     def _mask_value(self, node: Node, value: Any) -> Any:
         if node not in self.masks:
@@ -94,6 +103,7 @@ class MaskedInterpreter(Interpreter):
     def fetch_args_kwargs_from_env(self, n: Node) -> tuple[tuple, dict]:
         args, kwargs = super().fetch_args_kwargs_from_env(n)
         if self.lazy and any(a in self.lazy for a in n.all_input_nodes):
+            self.copied = True  # masked copies of weights: freed after the op (run_node)
             args = tuple(self._mask_value(a, v) if isinstance(a, Node) and a in self.lazy else v
                          for a, v in zip(n.args, args, strict=True))
             kwargs = {k: self._mask_value(n.kwargs[k], v) if isinstance(n.kwargs[k], Node)
@@ -105,6 +115,9 @@ class MaskedInterpreter(Interpreter):
             result = self._run_statistic(n)
         else:
             result = super().run_node(n)
+        if self.copied:  # the op's masked weight copies are gone: hand their pages back (heap.py)
+            self.copied = False
+            release_free_memory()
         if n.op == "call_function" or (n.op == "placeholder" and n not in self.lazy):
             result = self._mask_value(n, result)
         if n.op == "call_function":

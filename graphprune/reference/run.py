@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,10 @@ def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -
                 t = program.constants.get(spec.target)
                 if t is None:
                     raise Inexact(f"cannot find the original value of {spec.target}") from None
-            if kind != "PARAMETER" or copy_params:  # what the graph may write into: never the user's
+            # what the graph may write into: never the user's. Without a mutating op only the
+            # masking writes, and never into the user's parameters and buffers (``_protected``);
+            # a constant may be a plain tensor attribute, which that set does not cover.
+            if kind == "CONSTANT_TENSOR" or copy_params:
                 t = t.detach().clone()
             flat.append(t.detach() if isinstance(t, torch.Tensor) else t)
         else:
@@ -101,6 +105,7 @@ class Reference:
     rtol: float | None = None  # the tight tolerance of a small model (``tight_rtol``), else default
     modules: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     order: dict[str, int] = field(default_factory=dict)
+    blocks: Any = None  # the block boundary values (blockwise.BlockValues) when asked for
 
 
 def compute_reference(
@@ -110,27 +115,38 @@ def compute_reference(
     example_input: Any,
     *,
     per_module: bool = False,
+    also: tuple[set[Node], Callable[[MaskedInterpreter], Any]] | None = None,
 ) -> Reference:
-    """Run the masked reference once (see module docstring); ``per_module`` also keeps layer outputs."""
+    """Run the masked reference once (see module docstring); ``per_module`` also keeps layer outputs.
+
+    ``also = (nodes, read)`` records ``nodes`` too and keeps ``read(interpreter)`` as
+    ``Reference.blocks`` (verification block by block: reference/blockwise.py).
+    """
     masks = reference_masks(analysis, removed)
     graph = analysis.traced.program.graph
     outs_of = module_outputs(graph) if per_module else {}
-    wanted = {n for nodes in outs_of.values() for n in nodes}
+    wanted = {n for nodes in outs_of.values() for n in nodes} | (also[0] if also else set())
     outputs, interp = run_reference(analysis, masks, original, example_input, record=wanted)
     ref = Reference(outputs, rtol=tight_rtol(original, example_input))
+    if also:
+        ref.blocks = also[1](interp)
     index = {n: i for i, n in enumerate(graph.nodes)}
     for path, nodes in outs_of.items():
         views = []
         for node in nodes:
-            value = interp.values.get(node)
-            if isinstance(value, torch.Tensor):
-                views.append(kept_view(value, interp._keep(node, None, value)))
-            else:
-                views.append(None)
+            views.append(kept_value(interp, node))
         if nodes:
             ref.modules[path] = views
             ref.order[path] = index[nodes[0]]
     return ref
+
+
+def kept_value(interp: MaskedInterpreter, node: Node) -> torch.Tensor | None:
+    """A recorded value restricted to the kept positions (compact layout); None if not a grid."""
+    value = interp.values.get(node)
+    if not isinstance(value, torch.Tensor):
+        return None
+    return kept_view(value, interp._keep(node, None, value))
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, rtol: float | None) -> tuple[bool, float]:

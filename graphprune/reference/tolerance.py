@@ -56,6 +56,36 @@ def tight_rtol(original: nn.Module, example_input: Any) -> float | None:
     return None if noise is None else max(TIGHT_FLOOR, 10 * noise)
 
 
+class LazyTight:
+    """``tight_rtol`` measured only when an error needs it: the float64 run costs a forward pass
+    of a float64 copy (on CPUs without fast float64 kernels, several times the float32 one).
+
+    The tight tolerance is never below ``TIGHT_FLOOR``, and the dtype default it falls back to is
+    above it, so an error within ``TIGHT_FLOOR`` passes whatever the measurement would say: such
+    an error is held to ``TIGHT_FLOOR`` (stricter) and the model is not run in float64. A larger
+    error gets the measured tolerance, exactly as ``tight_rtol`` gives it. ``original`` must stay
+    unchanged until the last ``tolerance`` call.
+    """
+
+    def __init__(self, original: nn.Module, example_input: Any) -> None:
+        self.original = original
+        self.example_input = example_input
+        self.applies = _tight(original)
+        self.measured = False
+        self.noise: float | None = None  # the model's rounding amplification, once measured
+
+    def tolerance(self, err: float) -> float | None:
+        """The float32 tolerance ``err`` is held to; None: the dtype's default."""
+        if not self.applies:
+            return None
+        if err <= TIGHT_FLOOR:
+            return TIGHT_FLOOR
+        if not self.measured:
+            self.noise = rounding_amplification(self.original, self.example_input)
+            self.measured = True
+        return None if self.noise is None else max(TIGHT_FLOOR, 10 * self.noise)
+
+
 def rounding_amplification(original: nn.Module, example_input: Any) -> float | None:
     """Relative error of the model's float32 outputs against float64: its conditioning.
 

@@ -37,10 +37,10 @@ def reference_if_ambiguous(analysis, removed, work, ups, example_input, always: 
     ambiguous = bool(_ambiguous_sets(ups))
     if not (ambiguous or always) or any(p.is_meta for p in work.parameters()):
         return None  # nothing to choose, or no values to compare (meta: shapes decide)
-    from graphprune.reference.run import compute_reference
+    from graphprune.reference.blockwise import reference_with_blocks
 
-    try:
-        return compute_reference(analysis, removed, work, example_input, per_module=ambiguous)
+    try:  # verify reuses it: with the block boundaries, for the block-wise check
+        return reference_with_blocks(analysis, removed, work, example_input, per_module=ambiguous)
     except Exception:  # noqa: BLE001 - no reference: choose by shapes as before
         return None
 

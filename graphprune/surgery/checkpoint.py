@@ -37,13 +37,14 @@ from torch import nn
 from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph.trace import canonical_names
 from graphprune.planning.plan import Plan
-from graphprune.planning.scoring import Magnitude, per_position
+from graphprune.planning.scoring import Importance, Magnitude, per_position
 from graphprune.surgery.slicing import scaled, sliced
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 CONFIG = "config.json"
 PLAN_FILE = "graphprune_plan.json"
+MEASURED = ("activation", "apoz")  # data-driven criteria measured block by block
 _DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -72,6 +73,7 @@ class CheckpointResult:
     bytes_in: int
     bytes_out: int
     notes: list[str] = field(default_factory=list)
+    peak_resident_bytes: int = 0  # with data=: most weight bytes materialised at once (calibration)
 
     def __str__(self) -> str:
         cfg = "config.json updated" if self.config_updated else (
@@ -120,9 +122,14 @@ def read_checkpoint(src: Path) -> Checkpoint:
     return Checkpoint(src, shards, indexed, meta)
 
 
-def build_meta_model(src: Path) -> nn.Module:
-    """The checkpoint's architecture on the meta device, from config.json (no weights)."""
+def build_meta_model(src: Path, real_buffers: bool = False) -> nn.Module:
+    """The checkpoint's architecture on the meta device, from config.json (no weights).
+
+    ``real_buffers``: only the parameters on meta, computed buffers (rotary tables) real, for
+    running the model block by block (graphprune.surgery.checkpoint_calib)."""
     import transformers
+
+    from graphprune.surgery.checkpoint_calib import params_on_meta
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(src))
@@ -137,7 +144,7 @@ def build_meta_model(src: Path) -> nn.Module:
             "the model from it. Add the class name to config.json's 'architectures'."
         )
     try:
-        with torch.device("meta"):
+        with params_on_meta() if real_buffers else torch.device("meta"):
             model = cls(config)
     except Exception as exc:  # noqa: BLE001
         why = f"{type(exc).__name__}: {exc}"
@@ -204,8 +211,9 @@ def _out_shape(shape: list[int], dims: dict[int, list[int]] | None) -> list[int]
     return out
 
 
-def _check_plan_covers(ckpt: Checkpoint, names: dict[str, str], plan: Plan, persistent: set[str]) -> None:
-    present = {names.get(k, k) for k in ckpt.location}
+def _check_plan_covers(ckpt: Checkpoint, names: dict[str, str], plan: Plan, persistent: set[str],
+                       extra: dict[str, str]) -> None:
+    present = {names.get(k, k) for k in ckpt.location} | set(extra)
     missing = [n for n in plan.slices if n in persistent and n not in present]
     if missing:
         raise GraphPruneError(f"the plan slices {missing[:3]} but no shard holds them; the checkpoint's "
@@ -228,9 +236,21 @@ def _bytes(ckpt: Checkpoint, names: dict[str, str], plan: Plan) -> tuple[int, in
     return b_in, b_out
 
 
-def _write_shards(ckpt: Checkpoint, tmp: Path, names: dict[str, str], plan: Plan, progress: bool) -> int:
+def _write_shards(ckpt: Checkpoint, tmp: Path, names: dict[str, str], plan: Plan, progress: bool,
+                  refit: dict[str, Path] | None = None, extra: dict[str, str] | None = None) -> int:
+    """``refit``: tensor name -> file holding its reconstructed value (read instead of the
+    shard's); ``extra``: tensors the source lacks (biases reconstruction added) -> their shard."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    refit, extra = refit or {}, extra or {}
+
+    def value(f: Any, key: str) -> torch.Tensor:
+        name = names.get(key, key)
+        if name in refit:
+            with safe_open(str(refit[name]), framework="pt") as r:
+                return r.get_tensor(name)
+        return f.get_tensor(key)
 
     scales: dict[str, list[dict]] = {}
     for entry in plan.scales:
@@ -241,8 +261,8 @@ def _write_shards(ckpt: Checkpoint, tmp: Path, names: dict[str, str], plan: Plan
         with safe_open(str(ckpt.root / shard), framework="pt") as f, \
                 _shard_bar(len(tensors), f"writing {shard}", progress) as bar:
             meta = f.metadata()
-            for key in tensors:
-                out[key] = _out_tensor(f.get_tensor(key), names.get(key), plan, scales).contiguous()
+            for key in [*tensors, *(k for k, at in extra.items() if at == shard)]:
+                out[key] = _out_tensor(value(f, key), names.get(key, key), plan, scales).contiguous()
                 bar.update()
         save_file(out, str(tmp / shard), metadata=meta)
         total += sum(t.numel() * t.element_size() for t in out.values())
@@ -250,12 +270,12 @@ def _write_shards(ckpt: Checkpoint, tmp: Path, names: dict[str, str], plan: Plan
     return total
 
 
-def _write_index(ckpt: Checkpoint, tmp: Path, total: int) -> None:
+def _write_index(ckpt: Checkpoint, tmp: Path, total: int, extra: dict[str, str]) -> None:
     if not ckpt.indexed:
         return
     meta = dict(ckpt.index_metadata)
     meta["total_size"] = total
-    index = {"metadata": meta, "weight_map": dict(sorted(ckpt.location.items()))}
+    index = {"metadata": meta, "weight_map": dict(sorted({**ckpt.location, **extra}.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -263,9 +283,13 @@ def _write_config(small_meta: nn.Module, plan: Plan, tmp: Path, src: Path) -> bo
     """config.json with the new widths if the config can describe them (else the source's)."""
     from graphprune.surgery.hf import update_config
 
-    notes = update_config(small_meta, plan, None, shapes_only=True)
-    plan.notes.extend(notes)
-    updated = any(n.startswith("model.config updated") for n in notes)
+    if plan.biases:  # no config field adds a bias to just these layers
+        plan.notes.append(f"config.json unchanged: reconstruction added biases to {len(plan.biases)} layers")
+        updated = False
+    else:
+        notes = update_config(small_meta, plan, None, shapes_only=True)
+        plan.notes.extend(notes)
+        updated = any(n.startswith("model.config updated") for n in notes)
     if updated:
         small_meta.config.save_pretrained(str(tmp))
     else:
@@ -299,51 +323,85 @@ def compact_checkpoint(
     ratio: float = 0.3,
     *,
     example_input: Any = None,
-    importance: str = "l2",
+    importance: str | None = None,
+    data: Any = None,
+    reconstruct: Any = None,
     progress: bool = True,
     **compact_options: Any,
 ) -> CheckpointResult:
     """Compact the Hugging Face checkpoint in ``src_dir`` into ``dst_dir``, shard by shard.
 
     The result equals ``graphprune.compact(loaded_model, example_input, ratio, importance=...,
-    **compact_options)`` saved with the source's shard layout: same plan, same weights. Memory
-    is about one shard, whatever the model size (see the module docstring). ``importance`` is
-    "l1" or "l2" (weights read from the shards); ``compact_options`` are make_plan's
+    data=..., **compact_options)`` saved with the source's shard layout: same plan, same weights.
+    Memory is about one shard, whatever the model size (see the module docstring). ``importance``
+    is "l1" or "l2" (weights read from the shards); ``compact_options`` are make_plan's
     (attention, prune_hidden, ignored_layers, global_pruning, ratios, round_to...).
     ``example_input`` defaults to 16 token ids (``dict(input_ids=...)``) on the meta device.
+
+    ``data`` (calibration batches of token ids; with no ``importance`` named this means
+    ``reconstruct=True``, as in ``compact``) reconstructs block by block with one decoder block
+    in memory (graphprune.surgery.checkpoint_calib); the refit layers gain biases, so the folder
+    is loaded with its ``graphprune_plan.json`` (docs/llm.md).
     """
     from graphprune.api import apply_plan, make_plan
+    from graphprune.reconstruct.hook import check_request, defaults
 
     src, dst = Path(src_dir), Path(dst_dir)
-    if importance not in ("l1", "l2"):
-        raise InputError(f"compact_checkpoint scores weights read from the shards: importance must be "
-                         f"'l1' or 'l2', got {importance!r}. Load the model and use graphprune.compact "
-                         "for other criteria.")
-    unknown = {"data", "loss_fn", "inplace", "verify"} & set(compact_options)
+    importance, reconstruct = defaults(importance, reconstruct, data)
+    measured = importance in MEASURED and data is not None and not reconstruct
+    if importance not in ("l1", "l2") and not measured:
+        raise InputError(f"compact_checkpoint takes importance 'l1' or 'l2' (weights read from the shards), "
+                         f"or {' / '.join(MEASURED)} with data= (measured block by block); got "
+                         f"{importance!r}. "
+                         "Other data-driven criteria need the model loaded: use graphprune.compact. "
+                         "With data= and no importance, reconstruct=True runs at checkpoint scale.")
+    unknown = {"loss_fn", "inplace", "verify"} & set(compact_options)
     if unknown:
         raise InputError(f"compact_checkpoint does not take {sorted(unknown)} (it never loads the model)")
     ckpt = read_checkpoint(src)
     _check_dst(dst, src)
     model = build_meta_model(src)
-    names = canonical_names(model)  # tied weights: the name the plan uses
-    x = example_input if example_input is not None else {
-        "input_ids": torch.zeros(1, 16, dtype=torch.long, device="meta")}
-    criterion = ShardMagnitude(1 if importance == "l1" else 2, position_sums(ckpt, names, int(importance[1]),
-                                                                              progress))
-    criterion.name = importance
-    plan = make_plan(model, x, ratio, importance=criterion, **compact_options)
-    _check_plan_covers(ckpt, names, plan, _persistent_names(model))
-    b_in, b_out = _bytes(ckpt, names, plan)
+    x = example_input if example_input is not None else _default_example(
+        data if reconstruct or measured else None)
+    opts = check_request(reconstruct or measured, data, x)  # bad data: refused before any work
+    if opts is not None:
+        _check_dtypes(data, x)
+    opts = opts if reconstruct else None
+    p = 1 if importance == "l1" else 2
     dst.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dst.parent).free
-    if free < b_out + 2**20:
-        raise InputError(f"{dst.parent} has {free / 2**30:.2f} GiB free, the compact checkpoint needs "
-                         f"{b_out / 2**30:.2f} GiB; free some space or choose another dst_dir")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    scratch: Path | None = None
+    tmp: Path | None = None
     try:
-        written = _write_shards(ckpt, tmp, names, plan, progress)
-        _write_index(ckpt, tmp, written)
-        small = apply_plan(model, plan)
+        refit: dict[str, Path] = {}
+        extra: dict[str, str] = {}
+        peak = 0
+        if measured:
+            names = canonical_names(model)
+            criterion, peak = _measured(src, ckpt, names, importance, data, progress)
+            plan = make_plan(model, x, ratio, importance=criterion, **compact_options)
+            small = None
+        elif opts is None:
+            names = canonical_names(model)  # tied weights: the name the plan uses
+            criterion = ShardMagnitude(p, position_sums(ckpt, names, p, progress))
+            criterion.name = importance
+            plan = make_plan(model, x, ratio, importance=criterion, **compact_options)
+            small = None
+        else:
+            scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.calib-", dir=dst.parent))
+            plan, small, names, refit, peak = _calibrated(src, ckpt, model, x, ratio, p, data, opts,
+                                                          compact_options, scratch, progress)
+            where = {names.get(k, k): s for k, s in ckpt.location.items()}
+            extra = {f"{b}.bias": where[f"{b}.weight"] for b in plan.biases}
+        _check_plan_covers(ckpt, names, plan, _persistent_names(model) | set(extra), extra)
+        b_in, b_out = _bytes(ckpt, names, plan)
+        free = shutil.disk_usage(dst.parent).free
+        if free < b_out + 2**20:
+            raise InputError(f"{dst.parent} has {free / 2**30:.2f} GiB free, the compact checkpoint needs "
+                             f"{b_out / 2**30:.2f} GiB; free some space or choose another dst_dir")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+        written = _write_shards(ckpt, tmp, names, plan, progress, refit, extra)
+        _write_index(ckpt, tmp, written, extra)
+        small = apply_plan(model, plan) if small is None else small
         updated = _write_config(small, plan, tmp, src)
         (tmp / PLAN_FILE).write_text(plan.to_json())
         _copy_other_files(src, tmp, ckpt)
@@ -351,6 +409,132 @@ def compact_checkpoint(
             dst.rmdir()  # empty (checked above)
         os.replace(tmp, dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return CheckpointResult(dst, plan, updated, b_in, written, list(plan.notes))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return CheckpointResult(dst, plan, updated, b_in, written, list(plan.notes), peak)
+
+
+class BlockMeasured(Importance):
+    """An activation criterion whose statistics were measured block by block (``measure_blocks``);
+    a group it saw nothing of is an error (a whole-model run would score it by weights)."""
+
+    def __init__(self, measured: Any) -> None:
+        super().__init__()
+        self.measured = measured
+        self.name = measured.name
+
+    def __call__(self, group: Any, model: nn.Module) -> np.ndarray:
+        if not any((m.name, m.dim) in self.measured.stats for m in group.members):
+            raise InputError(f"importance={self.name!r} at checkpoint scale measures inside the decoder "
+                             f"blocks only, and group {group.index} ({group.members[0].name}, ...) lies "
+                             "outside them; list its layers in ignored_layers or leave out prune_hidden")
+        return self.measured(group, model)
+
+
+def _measured(src: Path, ckpt: Checkpoint, names: dict[str, str], importance: str, data: Any,
+              progress: bool) -> tuple[BlockMeasured, int]:
+    """The activation criterion measured block by block on the original model."""
+    from graphprune.planning.measured import Activation
+    from graphprune.surgery.checkpoint_calib import ShardReader, calibration_batches, measure_blocks
+
+    crit = Activation("mean" if importance == "activation" else "apoz")
+    cal = build_meta_model(src, real_buffers=True)
+    reader = ShardReader(ckpt.root, ckpt.location, names)
+    try:
+        peak = measure_blocks(cal, crit, calibration_batches(data, None), reader, progress)
+    finally:
+        reader.close()
+    return BlockMeasured(crit), peak
+
+
+def _default_example(data: Any) -> Any:
+    """16 token ids on the meta device, passed the way the calibration batches pass them (a bare
+    tensor, as ``--calib`` gives, or ``input_ids=``)."""
+    from graphprune.planning.calibration import split_batch
+
+    ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
+    first = next(iter(data), None) if isinstance(data, (list, tuple)) else None
+    return ids if isinstance(split_batch(first)[0] if first is not None else None, torch.Tensor) else {
+        "input_ids": ids}
+
+
+def _check_dtypes(data: Any, example: Any) -> None:
+    """Token ids must be integers: a float batch is refused before the model is analysed."""
+    from graphprune.graph.inputs import normalize_inputs
+    from graphprune.planning.calibration import split_batch
+
+    ea, ek = normalize_inputs(example)
+    want = [*ea, *(ek[k] for k in sorted(ek))]
+    for b, batch in enumerate(data):
+        da, dk = normalize_inputs(split_batch(batch)[0])
+        for e, t in zip(want, [*da, *(dk[k] for k in sorted(dk))]):
+            if isinstance(e, torch.Tensor) and isinstance(t, torch.Tensor) and \
+                    e.is_floating_point() != t.is_floating_point():
+                raise InputError(f"calibration batch {b} does not fit the model: a {t.dtype} tensor where "
+                                 f"the model takes {e.dtype} (token ids are integers)")
+
+
+def _calibrated(src: Path, ckpt: Checkpoint, model: nn.Module, x: Any, ratio: float, p: int, data: Any,
+                opts: Any, options: dict[str, Any], scratch: Path, progress: bool
+                ) -> tuple[Plan, nn.Module, dict[str, str], dict[str, Path], int]:
+    """Plan as ``compact(reconstruct=True)`` does, reconstructing block by block: (plan, compact
+    meta model, tensor names, refit tensor files, peak bytes of weights resident at once)."""
+    from graphprune.engine import Engine
+    from graphprune.planning.options import AUTO, CutOptions, StructureOptions
+    from graphprune.reconstruct.biases import strip_unused, with_biases
+    from graphprune.reconstruct.hook import plan_for
+    from graphprune.surgery.checkpoint_calib import ShardReader, calibrate_blocks, calibration_batches
+
+    options = dict(options)
+    structure = StructureOptions(options.pop("attention", "heads"), bool(options.pop("prune_hidden", False)))
+    ignored, fallback = options.pop("ignored_layers", ()), options.pop("fallback", "freeze")
+    cut = CutOptions(global_pruning=bool(options.pop("global_pruning", False)),
+                     max_ratio=options.pop("max_ratio", None), ratios=options.pop("ratios", None),
+                     round_to=options.pop("round_to", AUTO))
+    if options:
+        raise InputError(f"compact_checkpoint(data=...) does not take {sorted(options)}")
+    work, added = with_biases(model)  # zero biases for bias compensation, as compact adds them
+    names = canonical_names(work)
+    sums = position_sums(ckpt, names, p, progress)
+    for path in added:
+        n = work.get_submodule(path).bias.shape[0]
+        sums[(f"{path}.bias", 0)] = np.zeros(n)
+    criterion = ShardMagnitude(p, sums)
+    criterion.name = f"l{p}"
+    engine = Engine(work, x, importance=criterion, ignored_layers=ignored, structure=structure)
+    first = engine.plan(ratio, cut=cut)
+    planned = {g.index: list(g.removed) for g in first.groups if g.removed}
+    cal = build_meta_model(src, real_buffers=True)
+    reader = ShardReader(ckpt.root, ckpt.location, names)
+    try:
+        calib = calibration_batches(data, opts.max_batches)
+        done = calibrate_blocks(cal, engine.analysis.groups, planned, calib, reader, opts, scratch, progress)
+    finally:
+        reader.close()
+    plan = plan_for(engine.analysis, first, done.rec, opts, cut)
+    small, plan, _ = engine.realize(plan, fallback=fallback, cut=cut, replan=False, last=True)
+    moved = [g.index for g in plan.groups if g.removed != done.rec.chosen.get(g.index, g.removed)]
+    if moved:
+        raise GraphPruneError(f"groups {moved[:5]} cannot run at the reconstructed widths in this model "
+                              "class; list their layers in ignored_layers")
+    strip_unused(small, plan, added, _nonzero_biases(added, done.refit, plan))
+    return plan, small, names, done.refit, done.peak_resident_bytes
+
+
+def _nonzero_biases(added: list[str], refit: dict[str, Path], plan: Plan) -> set[str]:
+    """The added biases that reconstruction made non-zero where the plan keeps them."""
+    from safetensors import safe_open
+
+    out = set()
+    for path in added:
+        name = f"{path}.bias"
+        if name in refit:
+            with safe_open(str(refit[name]), framework="pt") as f:
+                t = _out_tensor(f.get_tensor(name), name, plan, {})
+            if bool((t != 0).any()):
+                out.add(path)
+    return out

@@ -2,13 +2,16 @@
 
 Surgery changes tensors and the attributes the graph shows were used as sizes. A module that
 reads a size from somewhere graphprune cannot change (timm's ``B, N, C = x.shape`` then
-``reshape(B, N, C)`` merges heads back into the *input* width) fails after head pruning. Three
+``reshape(B, N, C)`` merges heads back into the *input* width) fails after head pruning. Four
 answers, chosen with ``fallback=``:
 
-* ``"freeze"`` (default): find the module where the forward fails, keep every module of the same
+* ``"freeze"`` (default): first try to rewrite only the failing submodules as graphs of their own
+  (``rewrite_fallback.py``, kept where verified exact: the user's class with everything pruned);
+  otherwise find the module where the forward fails, keep every module of the same
   Python class whole (as if in ``ignored_layers``: same code, same failure) and plan again with
   the same options; repeat a few rounds. The user gets their own class back, less pruned, with a
   warning naming what was kept whole and why.
+* ``"whole"``: the same without trying the rewrite (modules kept whole, as before the rewrite).
 * ``"graph"``: everything pruned, returned as an fx GraphModule built from the torch.export
   program (re-exported with a dynamic batch dimension where that works and checks out).
 * ``"error"``: raise GraphPruneError naming the module and the fix.
@@ -32,8 +35,10 @@ from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
 from graphprune.graph.trace import no_cache, quiet_torch_logs
 
 FALLBACKS = {
-    "freeze": "keep the modules that cannot run smaller whole (and every module of their class); "
-    "the result is your own class",
+    "freeze": "rewrite the modules that cannot run smaller as graphs where that is exact, else keep "
+    "them whole (and every module of their class); the result is your own class",
+    "whole": "keep the modules that cannot run smaller whole (and every module of their class), "
+    "without trying a rewrite; the result is your own class",
     "graph": "prune everything and return an fx GraphModule built from the traced program",
     "error": "raise GraphPruneError naming the module that cannot run smaller",
 }
@@ -405,3 +410,11 @@ def graph_fallback(analysis: Any, plan: Any, changes: dict, work: nn.Module, exa
 
 
 Replan = Callable[[list[str]], tuple[Any, Any]]
+
+
+# the graph fallback's helpers that surgery.rewrite_fallback reuses (rewriting one submodule
+# as a graph is the same carry-over of constants, on the submodule's own export)
+restored_copy = _restored
+merge_args = _merge
+batch_of = _batch_of
+grown_input = _grown

@@ -42,6 +42,7 @@ from graphprune.graph.trace import check_model, no_cache
 from graphprune.planning.plan import Plan
 from graphprune.surgery.depth import remove_blocks
 from graphprune.surgery.plan_checks import check_plan_fits, check_size_change, kept_fractions
+from graphprune.surgery.rewrite import replay_rewrites
 from graphprune.surgery.slicing import replay
 
 FORMAT = "graphprune-saved/1"
@@ -366,6 +367,7 @@ def load(
     remove_blocks(small, plan)  # the width plan was made on the shallower model
     check_plan_fits(small, plan)
     replay(small, plan)
+    replay_rewrites(small, plan)  # submodules the compaction rewrote as graphs: the same again
     _check_tensor_file(weights, small.state_dict(), "weights")
     device = next((t.device for t in small.parameters()), torch.device("cpu"))
     try:

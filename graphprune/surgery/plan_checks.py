@@ -77,6 +77,14 @@ def implied_by_slices(old: int, new: int, fractions: set[tuple[int, int]]) -> bo
     return 0 < new < old and any(new * total == old * kept for kept, total in fractions)
 
 
+def _split_shrink(old: list[int], new: list[int], fractions: set[tuple[int, int]]) -> bool:
+    """A list of split sizes (``torch.split(x, self.split_sizes)``): its parts cut one sliced
+    dimension, so their total shrinks by that dimension's fraction while no part grows."""
+    return all(0 <= y <= x for x, y in zip(old, new, strict=True)) and implied_by_slices(
+        sum(old), sum(new), fractions
+    )
+
+
 def check_size_change(
     where: str, attr: str, old: Any, new: Any, fractions: set[tuple[int, int]], what: str = "the plan"
 ) -> None:
@@ -86,6 +94,8 @@ def check_size_change(
         raise PlanMismatchError(
             f"{what} sets {where}.{attr} from {old!r:.40} to {new!r:.40}: only integer sizes may be changed"
         )
+    if len(a) > 1 and _split_shrink(a, b, fractions):
+        return
     for x, y in zip(a, b, strict=True):
         if x != y and not implied_by_slices(x, y, fractions):
             raise PlanMismatchError(

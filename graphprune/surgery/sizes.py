@@ -152,14 +152,53 @@ class UncertainUpdate(AttrUpdate):
     """
 
 
+def _size_list(value: Any) -> tuple[int, ...] | None:
+    """``value`` as a tuple of ints if it is a non-empty flat list/tuple of ints, else None."""
+    if isinstance(value, (list, tuple)) and value and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
+
+
+SizeLists = dict[str, dict[tuple[int, ...], set[tuple[int, ...]]]]  # module -> old list -> new lists
+
+
+def _sequence_updates(model, per_module: SizeLists) -> list[AttrUpdate]:
+    """Tuple/list attributes passed whole as an op's size list (``torch.split(x, self.split_sizes)``).
+
+    The graph holds the list the forward read, so an attribute equal to the old list is that list
+    and takes the new one, with its type kept. Two different new lists for one old list (two
+    splits of one module pruned differently) leave the choice to a trial run.
+    """
+    ups: list[AttrUpdate] = []
+    for path, mapping in per_module.items():
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        for attr, val in vars(mod).items():
+            old = _size_list(val)
+            if attr.startswith("_") or old is None or old not in mapping:
+                continue
+            news = sorted(mapping[old])
+            cls = AttrUpdate if len(news) == 1 else UncertainUpdate
+            ups.extend(cls(path, attr, val, type(val)(new)) for new in news)
+    return ups
+
+
 def attribute_updates(
     analysis: Analysis, changes: dict[Node, tuple], model
 ) -> tuple[list[AttrUpdate], list[str]]:
-    """Integer attributes of the module that ran each changed op, holding an old value."""
+    """Attributes of the module that ran each changed op, holding an old value: integers, and
+    tuples/lists of integers passed whole as a size list."""
     per_module: dict[str, dict[int, set[int]]] = {}
+    per_module_lists: SizeLists = {}
     kept: dict[str, set[int]] = {}  # values also found unchanged in a changed op of the module
     for node, args in changes.items():
         path = module_path(node)
+        for old_arg, new_arg in zip(node.args[1:], args[1:], strict=False):
+            old_list, new_list = _size_list(old_arg), _size_list(new_arg)
+            if old_list is not None and new_list is not None and old_list != new_list:
+                per_module_lists.setdefault(path, {}).setdefault(old_list, set()).add(new_list)
         for old, new in zip(_ints(node.args[1:]), _ints(args[1:]), strict=False):
             if old != new:
                 per_module.setdefault(path, {}).setdefault(old, set()).add(new)
@@ -177,4 +216,5 @@ def attribute_updates(
                 ups.append(cls(path, attr, val, next(iter(news))))
             else:  # split([9, 9]) -> [7, 8]: one of them, or neither; chosen by running the model
                 ups.extend(UncertainUpdate(path, attr, val, new) for new in sorted(news))
+    ups.extend(_sequence_updates(model, per_module_lists))
     return ups, notes

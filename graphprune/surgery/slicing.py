@@ -171,7 +171,8 @@ def _mha_updates(path: str, mod: nn.MultiheadAttention, upd: Any) -> None:
 def apply_attr_updates(model: nn.Module, updates: list[AttrUpdate]) -> None:
     for u in updates:
         mod = model.get_submodule(u.module) if u.module else model
-        new = tuple(u.new) if isinstance(u.old, tuple) and isinstance(u.new, list) else u.new
+        keep_tuple = isinstance(u.old, tuple) or isinstance(getattr(mod, u.attr, None), tuple)
+        new = tuple(u.new) if keep_tuple and isinstance(u.new, list) else u.new
         setattr(mod, u.attr, new)
 
 

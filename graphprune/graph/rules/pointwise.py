@@ -128,6 +128,9 @@ BINARY = ops(
     "addcdiv.default",
     "prelu.default",
     "_prelu_kernel.default",
+    "clamp.Tensor",
+    "clamp_min.Tensor",
+    "clamp_max.Tensor",
 )
 
 
@@ -142,7 +145,7 @@ def elementwise(ctx: RuleContext, node: Node):
     args = list(node.args)
     if node.target in ops("prelu.default", "_prelu_kernel.default"):
         return _prelu(ctx, node)
-    for arg in args:
+    for arg in [*args, *node.kwargs.values()]:  # clamp(x, min=t) may keep its bounds as keywords
         shape = ctx.shape(arg)
         if shape is None:
             continue

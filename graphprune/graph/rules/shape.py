@@ -486,21 +486,42 @@ def getitem(ctx: RuleContext, node: Node):
 
 @rule(*ops("index.Tensor"))
 def index(ctx: RuleContext, node: Node):
-    """Advanced indexing picks positions by value: indexed labelled dims stay whole."""
+    """Advanced indexing picks positions by value: indexed labelled dims stay whole, the others
+    keep their labels (``table[:, idx]``: a per-head table indexed by relative position keeps
+    its head dim, pruned with the heads it is added to).
+
+    The dims not indexed move as torch moves them: with one block of adjacent index tensors, the
+    broadcast index dims replace that block; otherwise they come first.
+    """
     x = node.args[0]
     lab, shape, oshape = ctx.labels(x), ctx.shape(x), ctx.shape(node)
-    if lab is None:
-        return None
     indices = list(node.args[1])
-    touched = {d for d, i in enumerate(indices) if i is not None}
-    if len(touched) == 1 and len(oshape) == len(shape):
-        factors = []
-        for f in lab.factors:
-            if set(f.dims) & touched:
-                for d in set(f.dims) & touched:
-                    ctx.coupler.require_intact(f, f.axis_of(d), f"{where(node)}: indexes a channel dim")
-            else:
-                factors.append(f)
-        return TensorLabels(oshape, factors)
-    ctx.coupler.freeze_labels(lab, f"{where(node)}: advanced indexing")
-    return TensorLabels(oshape, [])
+    for i in indices:  # the index values pick positions: labels on them cannot follow
+        if isinstance(i, Node):
+            ctx.coupler.freeze_labels(ctx.labels(i), f"{where(node)}: index tensor")
+    if lab is None or shape is None or oshape is None:
+        return None
+    touched = [d for d, i in enumerate(indices) if i is not None]
+    if not touched:
+        return TensorLabels(oshape, list(lab.factors))
+    kept = [d for d in range(len(shape)) if d not in touched]
+    n_index = len(oshape) - len(kept)  # rank of the broadcast index shape
+    if n_index < 0:
+        ctx.coupler.freeze_labels(lab, f"{where(node)}: advanced indexing")
+        return TensorLabels(oshape, [])
+    adjacent = touched == list(range(touched[0], touched[-1] + 1))
+    if adjacent:
+        moved = {d: d if d < touched[0] else d - len(touched) + n_index for d in kept}
+    else:
+        moved = {d: n_index + k for k, d in enumerate(kept)}
+    factors = []
+    for f in lab.factors:
+        hit = [d for d in f.dims if d in touched]
+        for d in hit:
+            ctx.coupler.require_intact(f, f.axis_of(d), f"{where(node)}: indexes a channel dim")
+        if len(hit) == len(f.dims):
+            continue
+        if hit:
+            f = ctx.coupler.coarsen(f, [f.axis_of(d) for d in f.dims if d not in touched])
+        factors.append(f.with_dims(tuple(moved[d] for d in f.dims)))
+    return TensorLabels(oshape, factors)

@@ -1,0 +1,79 @@
+"""Micro-models whose own code cannot run at pruned sizes (tests/test_rewrite.py).
+
+Both read a size where graphprune cannot update it, as timm's ViT attention and CSP stages do:
+``InputWidthAttention`` merges its heads back to the width read off its *input*, and
+``StoredSplitStage`` splits with a width stored in a plain attribute at construction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class InputWidthAttention(nn.Module):
+    """Multi-head self-attention ending in ``reshape(B, N, C)`` with ``C = x.shape[-1]``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), InputWidthAttention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """Two blocks of InputWidthAttention: the outer class must survive head pruning."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.blocks = nn.Sequential(Block(dim), Block(dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+class StoredSplitStage(nn.Module):
+    """Cross-stage partial: expand, split in two by a stored width, convolve one half, concat."""
+
+    def __init__(self, cin: int = 8, expand: int = 16) -> None:
+        super().__init__()
+        self.expand_chs = expand
+        self.conv_exp = nn.Sequential(nn.Conv2d(cin, expand, 1), nn.BatchNorm2d(expand), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(expand // 2, expand // 2, 3, padding=1), nn.ReLU())
+        self.conv_transition = nn.Conv2d(expand, cin, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs, xb = self.conv_exp(x).split(self.expand_chs // 2, dim=1)
+        return self.conv_transition(torch.cat([xs, self.block(xb)], dim=1))
+
+
+class TinyCsp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stages = nn.Sequential(StoredSplitStage(), StoredSplitStage())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))

@@ -125,3 +125,34 @@ def test_target_flops_on_a_recurrent_model_counts_the_lstm() -> None:
     assert full > 2 * 2 * 6 * 32 * 4 * 10  # the LSTM dominates the head's 2*B*T*32*4
     small = graphprune.compact(model, x, target_flops=0.5, verify=False)
     assert abs(graphprune.count_flops(small, x) / full - 0.5) <= 0.05
+
+
+class _PairBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, tok = pair
+        return self.fc(torch.cat([tok, x], 1))
+
+
+class _ClassTokenHandedOn(nn.Module):
+    """A class token expanded and handed to a submodule with the activations (PiT, CaiT do this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Parameter(torch.randn(1, 1, 8))
+        self.blocks = _PairBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks((x, self.tok.expand(x.shape[0], -1, -1)))
+
+
+def test_a_parameter_view_handed_to_a_submodule_is_counted() -> None:
+    # under no_grad the expanded parameter requires grad without a grad_fn, which FlopCounterMode's
+    # module tracker cannot hook (AssertionError before the fix)
+    model, x = _ClassTokenHandedOn(), torch.randn(2, 3, 8)
+    before = [p.requires_grad for p in model.parameters()]
+    assert graphprune.count_flops(model, x) == 2 * 2 * 4 * 8 * 8
+    assert [p.requires_grad for p in model.parameters()] == before  # the user's flags untouched

@@ -130,6 +130,10 @@ def count_flops(model: nn.Module, example_input: Any) -> int:
     ``torch.no_grad`` (a forward may write into its own weights).
     """
     work = eval_copy(model)
+    # FlopCounterMode's module tracker hooks the gradients of every module's inputs; a parameter
+    # passed straight into a submodule (a class token handed on with the activations) has no
+    # gradient function under no_grad and makes it fail. The copy is private: no gradients needed.
+    work.requires_grad_(False)
     counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
     with counter:
         run_model(work, example_input)

@@ -164,10 +164,13 @@ def worker(name: str, tool: str, ratio: float, speed: bool) -> dict[str, Any]:
             # shortest first: the plan's note names the modules kept whole; the freeze warning
             # says the same at length; then any other warning; then the ops without a rule.
             # Recorded before the check, so a "no parameters removed" failure says why.
+            # Submodules rewritten as graphs (docs/rewrite.md) are pruned, not kept whole.
             whole = [n for n in plan.notes if "kept whole" in n]
-            whole += [f"warning: {n}" for n in notes if not (whole and "kept whole" in n)]
+            whole += [f"warning: {n}" for n in notes
+                      if not (whole and "kept whole" in n) and REWRITTEN not in n]
             whole += [f"boundary: {b}" for b in plan.boundaries]
             out["kept_whole"] = list(dict.fromkeys(whole))
+            out["rewritten"] = [r["module"] for r in getattr(plan, "rewrites", [])]
             out["class"] = type(small).__name__
             check_pruned(small, x, ref.shapes, ref.params)
             again = copy.deepcopy(model)
@@ -240,11 +243,26 @@ def _tool_cell(r: dict[str, Any] | None, speed: bool) -> list[str]:
     return cells
 
 
+REWRITTEN = "rewritten as graphs"  # graphprune's warning when submodules were rewritten, not frozen
+
+
+def kept_whole(r: dict[str, Any]) -> list[str]:
+    """What graphprune kept whole (older result files also listed the rewrite warning there)."""
+    return [k for k in r.get("kept_whole", []) if REWRITTEN not in k]
+
+
+def rewritten(r: dict[str, Any]) -> int:
+    """How many submodules graphprune rewrote as graphs (pruned, the user's class kept)."""
+    if "rewritten" in r:
+        return len(r["rewritten"])
+    return sum(1 for k in r.get("kept_whole", []) if REWRITTEN in k)  # older files: 1 = some
+
+
 def _whole(r: dict[str, Any] | None) -> str:
-    if not r or not r.get("kept_whole"):
+    if not r or not kept_whole(r):
         return ""
-    first = r["kept_whole"][0].replace("|", "/")
-    more = len(r["kept_whole"]) - 1
+    first = kept_whole(r)[0].replace("|", "/")
+    more = len(kept_whole(r)) - 1
     return (first[:160] + ("..." if len(first) > 160 else "")) + (f" (+{more} more)" if more else "")
 
 
@@ -263,8 +281,9 @@ def totals(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     warm = [r["graphprune"]["warm_s"] / r["torch-pruning"]["warm_s"] for r in both]
     out["median_cold_ratio_gp_tp"] = statistics.median(ratios) if ratios else None
     out["median_warm_ratio_gp_tp"] = statistics.median(warm) if warm else None
-    out["gp_kept_whole"] = sum(1 for r in results.values()
-                               if r.get("graphprune", {}).get("ok") and r["graphprune"]["kept_whole"])
+    gp_ok = [r["graphprune"] for r in results.values() if r.get("graphprune", {}).get("ok")]
+    out["gp_kept_whole"] = sum(1 for r in gp_ok if kept_whole(r))
+    out["gp_rewritten"] = sum(1 for r in gp_ok if rewritten(r))
     return out
 
 
@@ -274,7 +293,8 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Names
     head = ["model", "input"] + [f"gp {c}" for c in cols] + [f"TP {c}" for c in cols] + ["gp/TP cold",
                                                                                          "gp kept whole"]
     lines = [f"ratio {args.ratio}; each (model, tool) in a fresh process; times are the compaction "
-             "call only (cold: first call, warm: second call on a fresh copy); loaded 2-core machine",
+             "call only (cold: first call, warm: second call on a fresh copy); "
+             f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} when written",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in sorted(results):
         r = results[name]
@@ -291,7 +311,8 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Names
               f"{_f(gp['median_cold_s'], '.2f')} s, Torch-Pruning {_f(tp['median_cold_s'], '.2f')} s; "
               f"median gp/TP cold time ratio on the {t['both_ok']} models both handle: "
               f"{_f(t['median_cold_ratio_gp_tp'], '.2f')} (warm: {_f(t['median_warm_ratio_gp_tp'], '.2f')}); "
-              f"graphprune kept something whole on {t['gp_kept_whole']} of its {gp['ok']} ok models; "
+              f"graphprune kept something whole on {t['gp_kept_whole']} of its {gp['ok']} ok models "
+              f"and rewrote submodules as graphs on {t['gp_rewritten']}; "
               f"median params kept: graphprune {_f(gp['median_params_kept'], '.2f')}, Torch-Pruning "
               f"{_f(tp['median_params_kept'], '.2f')}."]
     return "\n".join(lines + [""] + watch_list(results)) + "\n"
@@ -301,9 +322,10 @@ def watch_list(results: dict[str, dict[str, dict[str, Any]]], slowest: int = 15)
     """The models that need work: graphprune failing, partly pruned, slowest relative to TP."""
     gp = {n: r["graphprune"] for n, r in sorted(results.items()) if "graphprune" in r}
     tp = {n: r["torch-pruning"] for n, r in results.items() if "torch-pruning" in r}
-    fails = [f"- {n}: {g['error']}" + (f" [{_whole(g)}]" if g["kept_whole"] else "")
+    fails = [f"- {n}: {g['error']}" + (f" [{_whole(g)}]" if kept_whole(g) else "")
              for n, g in gp.items() if not g["ok"]]
-    whole = [f"- {n}: {_whole(g)}" for n, g in gp.items() if g["ok"] and g["kept_whole"]]
+    whole = [f"- {n}: {_whole(g)}" for n, g in gp.items() if g["ok"] and kept_whole(g)]
+    graphs = [f"- {n}" for n, g in gp.items() if g["ok"] and rewritten(g)]
     ratios = sorted(((g["cold_s"] / tp[n]["cold_s"], n) for n, g in gp.items()
                      if g["ok"] and n in tp and tp[n]["ok"]), reverse=True)
     slow = [f"- {n}: {r:.1f}x ({gp[n]['cold_s']:.1f} s vs {tp[n]['cold_s']:.1f} s cold, "
@@ -312,6 +334,7 @@ def watch_list(results: dict[str, dict[str, dict[str, Any]]], slowest: int = 15)
     return ([f"**graphprune fails ({len(fails)})**", *fails, "",
              f"of which Torch-Pruning handles ({len(tp_only)})", *tp_only, "",
              f"**graphprune kept something whole ({len(whole)})**", *whole, "",
+             f"**graphprune rewrote submodules as graphs ({len(graphs)})**", *graphs, "",
              f"**slowest relative to Torch-Pruning (cold gp/TP, top {slowest})**", *slow])
 
 

@@ -25,6 +25,7 @@ from graphprune.surgery.fallback import (
     MAX_ROUNDS,
     Failure,
     batch_of,
+    culprit,
     find_failure,
     grown_input,
     merge_args,
@@ -43,10 +44,6 @@ from graphprune.surgery.rewrite import (
 )
 
 
-def _is_torch_class(mod: nn.Module) -> bool:
-    return type(mod).__module__.split(".")[0] == "torch"
-
-
 def _changed_paths(graph: torch.fx.Graph, changes: dict) -> set[str]:
     """Every module path (and its ancestors') holding a changed constant of the whole program."""
     paths: set[str] = set()
@@ -54,20 +51,6 @@ def _changed_paths(graph: torch.fx.Graph, changes: dict) -> set[str]:
         for fqn, _cls in (node.meta.get("nn_module_stack") or {}).values():
             paths.add(fqn)
     return paths
-
-
-def at_fault(model: nn.Module, stack: list[str], changed: set[str], tried: set[type]) -> str | None:
-    """The innermost module of the failure stack that is the user's code and holds a changed size."""
-    for path in reversed(stack):
-        if not path or path not in changed:
-            continue
-        try:
-            mod = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if not _is_torch_class(mod) and type(mod) not in tried:
-            return path
-    return None
 
 
 def _outputs(model: nn.Module, inputs: tuple[tuple, dict]) -> list[torch.Tensor]:
@@ -115,7 +98,8 @@ def try_rewrite(
     why = ""
     try:
         for _ in range(MAX_ROUNDS):
-            path = at_fault(work, failure.stack, changed, tried)
+            # the innermost user module on the failure stack that holds a changed size
+            path = culprit(work, [p for p in failure.stack if p in changed], tried)
             if path is None:
                 why = f"no submodule holding a changed size fails ({failure.problem})"
                 break

@@ -69,22 +69,30 @@ def variants(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.nn.Modu
     return out
 
 
+def onnx_latencies(models: list[torch.nn.Module], x: torch.Tensor, runs: int,
+                   folder: Path) -> tuple[list[Path], list[float]]:
+    """Export each model to ``folder`` and time them with onnxruntime: (paths, ms per model).
+
+    Three interleaved rounds, best median per model: a burst of load from other processes on a
+    shared machine can hit one model's samples in one round (seen: 6x outliers).
+    """
+    paths = []
+    for i, m in enumerate(models):
+        p = folder / f"m{i}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graphprune.export_onnx(m.eval(), x, p)
+        paths.append(p)
+    rounds = [interleaved_latency(paths, x, warmup=5, runs=runs, threads=1) for _ in range(3)]
+    return paths, [min(r[i].median_ms for r in rounds) for i in range(len(paths))]
+
+
 def measure(name: str, model: torch.nn.Module, x: torch.Tensor, runs: int) -> list[str]:
     model.eval()
     vs = variants(model, x)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        paths = []
-        for i, m in enumerate(vs.values()):
-            p = Path(d) / f"m{i}.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graphprune.export_onnx(m.eval(), x, p)
-            paths.append(p)
-        # three interleaved rounds, best median per variant: a burst of load from other processes
-        # on a shared machine can hit one variant's samples in one round (seen: 6x outliers)
-        rounds = [interleaved_latency(paths, x, warmup=5, runs=runs, threads=1) for _ in range(3)]
-        lat = [min(r[i].median_ms for r in rounds) for i in range(len(paths))]
+        paths, lat = onnx_latencies(list(vs.values()), x, runs, Path(d))
         base = lat[0]
         for (label, m), p, ms in zip(vs.items(), paths, lat):
             raw, gz = state_bytes(m)

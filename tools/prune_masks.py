@@ -22,7 +22,6 @@ import io
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -32,10 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from methods_size import bench_model  # noqa: E402
+from methods_size import bench_model, onnx_latencies  # noqa: E402
 
 import graphprune  # noqa: E402
-from graphprune.export.bench import interleaved_latency  # noqa: E402
 from graphprune.methods.prune_masks import fold_masks  # noqa: E402
 
 
@@ -78,15 +76,7 @@ def measure(name: str, model: torch.nn.Module, x: torch.Tensor, runs: int, amoun
     vs = variants(model, x, amount)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        paths = []
-        for i, (m, _) in enumerate(vs.values()):
-            p = Path(d) / f"m{i}.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graphprune.export_onnx(m.eval(), x, p)
-            paths.append(p)
-        rounds = [interleaved_latency(paths, x, warmup=5, runs=runs, threads=1) for _ in range(3)]
-        lat = [min(r[i].median_ms for r in rounds) for i in range(len(paths))]
+        paths, lat = onnx_latencies([m for m, _ in vs.values()], x, runs, Path(d))
         for (label, (m, stored)), p, ms in zip(vs.items(), paths, lat):
             rows.append(
                 f"| {label} | {graphprune.count_params(m):,} | {state_kib(stored):.0f} | "

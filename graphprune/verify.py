@@ -54,6 +54,7 @@ a float64 copy of that block alone. The model's outputs are still compared after
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +83,7 @@ from graphprune.reference.masks import (
     removed_classes,
 )
 from graphprune.reference.run import compute_reference, first_mismatch, on_meta, run_reference, small_outputs
-from graphprune.reference.tolerance import LazyTight, relative_error, rounding_amplification, tolerance
+from graphprune.reference.tolerance import LazyTight, relative_error, tolerance
 
 
 @dataclass
@@ -173,6 +174,8 @@ def verify_compact(
     # outputs by only 4e-5 (a real bug, which the blanket tolerance let through).
     # (measured lazily: an error within TIGHT_FLOOR passes whatever the float64 run would say)
     lazy = LazyTight(original, example_input) if rtol is None and not reuse else None
+    # the model's own rounding error, measured at most once for every failing check below
+    noise_of = (lazy or LazyTight(original, example_input)).amplification if original is not None else None
     reused = cached[1].rtol if rtol is None and reuse else None
 
     def tol_of(e: torch.Tensor, err: float) -> float:
@@ -183,7 +186,7 @@ def verify_compact(
     blockwise = run_blockwise(small, example_input, values, tol_of) if values and values.spans else None
     if blockwise is not None:  # outputs of the run that fed every block the reference's input
         got, report.blocks = blockwise
-        _check_pieces(analysis, removed, original, small, example_input, report)
+        _check_pieces(analysis, removed, small, report, noise_of)
     bad = []
     for i, (g, e) in enumerate(zip(got, ref)):
         err = relative_error(g, e.to(g.device)) if g.dtype == e.dtype else math.inf
@@ -201,8 +204,7 @@ def verify_compact(
             "which layer differs."
         )
     if bad:
-        measured = lazy is not None and lazy.measured  # one float64 run is enough
-        noise = lazy.noise if measured else rounding_amplification(original, example_input)
+        noise = noise_of() if noise_of is not None else None
         if noise is not None and all(err <= max(tol, 10 * noise) for _, err, tol, _, _ in bad):
             # The model itself turns float32 rounding into errors this large (random-weight
             # models with extreme BatchNorm statistics do): a different summation order in the
@@ -244,9 +246,11 @@ def verify_compact(
 # ------------------------------------------------------------------------------------------
 
 
-def _check_pieces(analysis: Analysis, removed: np.ndarray, original: nn.Module | None, small: nn.Module,
-                  example_input: Any, report: VerifyReport) -> None:
-    """Raise naming the first block (or the part between blocks) that differs from the reference."""
+def _check_pieces(analysis: Analysis, removed: np.ndarray, small: nn.Module, report: VerifyReport,
+                  noise_of: Callable[[], float | None] | None) -> None:
+    """Raise naming the first block (or the part between blocks) that differs from the reference.
+
+    ``noise_of()`` is the whole model's rounding amplification (None without the original)."""
     bad = [p for p in report.blocks if not p.ok]
     if not bad:
         return
@@ -255,7 +259,6 @@ def _check_pieces(analysis: Analysis, removed: np.ndarray, original: nn.Module |
     # the stream entering the next block carries that block's difference, so it inherits its
     # measure; a difference arising before the first block or between blocks is measured on the
     # whole model, as before (only then: it copies the model to float64)
-    whole: list[float | None] = []
     carried: float | None = None
     first = None
     for p in report.blocks:
@@ -264,10 +267,8 @@ def _check_pieces(analysis: Analysis, removed: np.ndarray, original: nn.Module |
         if p.ok:
             continue
         noise = p.noise if p.label == p.path else carried
-        if noise is None and p.label != p.path and original is not None:
-            if not whole:
-                whole.append(rounding_amplification(original, example_input))
-            noise = whole[0]
+        if noise is None and p.label != p.path and noise_of is not None:
+            noise = noise_of()
         if noise is None or p.error > max(p.tol, 10 * noise):
             first = p
             break

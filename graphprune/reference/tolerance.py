@@ -80,10 +80,16 @@ class LazyTight:
             return None
         if err <= TIGHT_FLOOR:
             return TIGHT_FLOOR
+        noise = self.amplification()
+        return None if noise is None else max(TIGHT_FLOOR, 10 * noise)
+
+    def amplification(self) -> float | None:
+        """``rounding_amplification`` of the model, run at most once (whatever the model's size:
+        a failing check asks for it too, to tell rounding from a wrong plan)."""
         if not self.measured:
             self.noise = rounding_amplification(self.original, self.example_input)
             self.measured = True
-        return None if self.noise is None else max(TIGHT_FLOOR, 10 * self.noise)
+        return self.noise
 
 
 def rounding_amplification(original: nn.Module, example_input: Any) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from torch import nn
@@ -87,8 +88,11 @@ def _plan_and_model(
             engine.verify(result)
         engine.finish(result)
     if is_distributed():  # every rank must hold the same plan (graphprune.distributed)
-        agree(digest(result.plan.to_json()), "the plan", "The model, example input and statistics agreed, "
-              "so a criterion or option is not deterministic; plan on one rank and use broadcast_plan.")
+        # the decisions, not the notes: a note may describe this rank's run (what it warned about)
+        decisions = {k: v for k, v in result.plan.to_dict().items() if k != "notes"}
+        agree(digest(json.dumps(decisions, sort_keys=True)), "the plan",
+              "The model, example input and statistics agreed, so a criterion or option is not "
+              "deterministic; plan on one rank and use broadcast_plan.")
     return result
 
 

@@ -255,6 +255,22 @@ def test_make_plan_chooses_units_by_reconstruction() -> None:
     ]
 
 
+def test_the_plan_of_a_reconstruction_depends_on_its_inputs_only(monkeypatch) -> None:
+    # the same call twice, on a clock that runs at another speed each time, must write the same
+    # plan: distributed ranks compare plans, and a saved plan is a reproducible record
+    import graphprune.reconstruct.run as run
+
+    ticks = iter(float(i * i) for i in range(1000))
+    monkeypatch.setattr(run.time, "perf_counter", lambda: next(ticks))
+    model = _mlp(0)
+    calib = [torch.randn(64, 6) for _ in range(2)]
+    first = graphprune.make_plan(model, calib[0][:4], 0.5, data=calib, reconstruct=True)
+    second = graphprune.make_plan(model, calib[0][:4], 0.5, data=calib, reconstruct=True)
+    assert any(n.startswith("reconstruct:") for n in first.notes)
+    assert first.reconstruction.seconds != second.reconstruction.seconds  # the clock did differ
+    assert first.to_json() == second.to_json()
+
+
 def test_second_moments_are_sums_that_merge_exactly() -> None:
     x, y = torch.randn(50, 3), torch.randn(50, 2)
     whole, a, b = SecondMoments(), SecondMoments(), SecondMoments()

@@ -110,8 +110,7 @@ def plan_for(
     new.notes = [n for n in plan.notes if n not in new.notes] + new.notes
     new.notes.append(
         f"reconstruct: {len(rec.refit)} consumer weights refit by ridge least squares (ridge "
-        f"{options.ridge:g}) on the compacted prefix, {rec.passes} calibration passes, "
-        f"{rec.seconds:.1f}s, statistics peak {rec.peak_bytes / 2**20:.1f} MiB"
+        f"{options.ridge:g}) on the compacted prefix, {rec.passes} calibration passes"
         + ("; BatchNorm statistics re-estimated" if rec.batchnorm else "")
     )
     new.reconstruction = rec  # type: ignore[attr-defined]  # the run's summary, not saved

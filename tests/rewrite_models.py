@@ -77,3 +77,68 @@ class TinyCsp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+class WindowAttention(nn.Module):
+    """Attention over an ``(H, W)`` token grid given as a tuple, optionally shifted (Swin, PVT).
+
+    Two things timm's PVT-v2 and torchvision's Swin do: the grid size comes in as a plain tuple
+    argument (``forward(x, feat_size)``), and blocks of one class differ only in a *list*
+    attribute (``shift_size=[0]`` vs ``[1]``) that makes the shifted ones run more ops (rolls).
+    It ends in ``reshape(B, N, C)`` with ``C`` read off the input, so it cannot run smaller.
+    """
+
+    def __init__(self, dim: int = 32, heads: int = 4, shift: int = 0) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.shift_size = heads, dim // heads, [shift]
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _roll(self, x: torch.Tensor, hw: tuple[int, int], sign: int) -> torch.Tensor:
+        B, N, C = x.shape
+        s = sign * self.shift_size[0]
+        return torch.roll(x.reshape(B, hw[0], hw[1], C), shifts=(s, s), dims=(1, 2)).reshape(B, N, C)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        if self.shift_size[0]:
+            x = self._roll(x, hw, 1)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        mask = None
+        if self.shift_size[0]:  # shifted windows: a token sees the columns within the shift of its own
+            col = torch.arange(N, device=x.device) % hw[1]
+            mask = (col[:, None] - col[None, :]).abs() <= self.shift_size[0]
+        x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self._roll(x, hw, -1) if self.shift_size[0] else x
+
+
+class WindowBlock(nn.Module):
+    def __init__(self, dim: int, shift: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, shift=shift)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), hw)
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyWindowed(nn.Module):
+    """A conv stem to a token grid, an unshifted and a shifted WindowAttention block, a head."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 1)
+        self.blocks = nn.ModuleList([WindowBlock(dim, 0), WindowBlock(dim, 1)])
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        hw = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x, hw)
+        return self.head(x.mean(1))

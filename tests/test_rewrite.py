@@ -1,8 +1,10 @@
 """Submodules whose own code cannot run smaller are rewritten as graphs, not kept whole.
 
-Two micro-models, each reading a size graphprune cannot update (tests/rewrite_models.py): an
+Three micro-models, each reading a size graphprune cannot update (tests/rewrite_models.py): an
 attention that merges heads back to the width read off its input (timm's ViT family), and a
-cross-stage-partial stage that splits by a width stored in an attribute (timm's CSP family).
+cross-stage-partial stage that splits by a width stored in an attribute (timm's CSP family), and
+a windowed attention taking its token grid as a tuple, whose shifted blocks differ from the
+unshifted ones only in a list attribute (timm's PVT-v2, torchvision's Swin).
 Before the rewrite both came back with those modules kept whole (attention heads and the CSP
 channels not pruned). Every test checks the result against an independent oracle.
 """
@@ -10,6 +12,7 @@ channels not pruned). Every test checks the result against an independent oracle
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -23,11 +26,13 @@ from tests.oracles import (
     check_ratio_zero_identity,
     make_dead,
 )
-from tests.rewrite_models import TinyCsp, TinyViT
+from tests.rewrite_models import TinyCsp, TinyViT, TinyWindowed
 
 CASES = {
     "attention": (TinyViT, (2, 6, 12), "blocks.0.attn", "blocks.0.attn.qkv.weight"),
     "csp": (TinyCsp, (2, 3, 8, 8), "stages.0", "stages.0.conv_exp.0.weight"),
+    # a tuple argument (the token grid) and a list attribute telling shifted blocks apart
+    "windowed": (TinyWindowed, (2, 3, 4, 4), "blocks.1.attn", "blocks.1.attn.qkv.weight"),
 }
 
 
@@ -37,13 +42,18 @@ def _build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return cls().eval(), torch.randn(*shape)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def compacted(request):
-    model, x = _build(request.param)
+@functools.cache
+def _compacted(name: str) -> tuple:
+    model, x = _build(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         small, plan = graphprune.compact_with_plan(model, x, ratio=0.5, verify=True)
-    return request.param, model, x, small, plan, [str(w.message) for w in caught]
+    return name, model, x, small, plan, [str(w.message) for w in caught]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def compacted(request):
+    return _compacted(request.param)
 
 
 def test_rewritten_modules_are_pruned_and_the_outer_class_kept(compacted) -> None:
@@ -121,3 +131,14 @@ def test_a_tampered_rewrite_record_is_refused_on_load(compacted, tmp_path) -> No
     path.write_text(json.dumps(d))
     with pytest.raises(graphprune.PlanMismatchError, match="rewrite"):
         graphprune.load(tmp_path / "saved", _build(name)[0])
+
+
+def test_a_rewritten_module_refuses_a_plain_argument_it_was_not_exported_at() -> None:
+    """The token grid is a constant of the graph: another grid must fail loudly, not run wrong."""
+    _, _, _, small, plan, _ = _compacted("windowed")
+    assert "blocks.1.attn" in [r["module"] for r in plan.rewrites]
+    attn = small.blocks[1].attn
+    tokens = torch.randn(2, 16, small.blocks[1].norm1.normalized_shape[0])
+    assert attn(tokens, (4, 4)).shape == tokens.shape
+    with pytest.raises(graphprune.InputError, match="rewritten as a graph"):
+        attn(tokens, (2, 8))

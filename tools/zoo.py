@@ -29,7 +29,10 @@ torch's, and timed interleaved in that same worker (compare.py's measuring code,
 
 "Kept whole" (graphprune only; TP reports nothing comparable): what graphprune itself says: its
 warnings (``fallback="freeze"`` keeping modules whole, a GraphModule returned instead of the
-user's class), the plan's ``boundaries`` (ops without a rule, whose channels stay) and ``notes``.
+user's class), the plan's ``boundaries`` (ops without a rule, whose channels stay) and ``notes``,
+including why the rewrite as graphs (docs/rewrite.md) was declined where it was tried
+("not rewritten as graphs: ..."), which the table shows after what was kept whole. The plan's
+notes about rewriting are also kept whole in ``rewrite_notes``.
 """
 
 from __future__ import annotations
@@ -83,6 +86,22 @@ def _gp_call(model: Any, x: Any, ratio: float) -> tuple[Any, list[str], Any]:
         small, plan = graphprune.compact_with_plan(model, x, ratio)
     ours = [str(w.message).splitlines()[0] for w in caught if "graphprune" in str(w.message)]
     return small, list(dict.fromkeys(ours)), plan
+
+
+def gp_record(plan: Any, warnings_seen: list[str]) -> dict[str, list[str]]:
+    """What graphprune says it kept whole, rewrote as graphs, and why, from its plan and warnings.
+
+    Shortest first: the plan's note names the modules kept whole; the freeze warning says the
+    same at length; then any other warning; then the ops without a rule. Submodules rewritten as
+    graphs (docs/rewrite.md) are pruned, not kept whole; when the rewrite was tried and declined,
+    the plan's note says why ("not rewritten as graphs: ..."), kept with what was kept whole.
+    """
+    whole = [n for n in plan.notes if "kept whole" in n or n.startswith(NOT_REWRITTEN)]
+    whole += [f"warning: {n}" for n in warnings_seen if not (whole and "kept whole" in n) and REWRITTEN not in n]
+    whole += [f"boundary: {b}" for b in plan.boundaries]
+    return {"kept_whole": list(dict.fromkeys(whole)),
+            "rewritten": [r["module"] for r in getattr(plan, "rewrites", [])],
+            "rewrite_notes": [n for n in plan.notes if REWRITTEN in n]}
 
 
 def _tp_call(model: Any, x: Any, ratio: float, modes: tuple[str, ...], ref: Any) -> tuple[Any, str]:
@@ -161,16 +180,8 @@ def worker(name: str, tool: str, ratio: float, speed: bool) -> dict[str, Any]:
         if tool == "graphprune":
             small, notes, plan = _gp_call(work, x, ratio)
             out["cold_s"] = time.perf_counter() - t0
-            # shortest first: the plan's note names the modules kept whole; the freeze warning
-            # says the same at length; then any other warning; then the ops without a rule.
-            # Recorded before the check, so a "no parameters removed" failure says why.
-            # Submodules rewritten as graphs (docs/rewrite.md) are pruned, not kept whole.
-            whole = [n for n in plan.notes if "kept whole" in n]
-            whole += [f"warning: {n}" for n in notes
-                      if not (whole and "kept whole" in n) and REWRITTEN not in n]
-            whole += [f"boundary: {b}" for b in plan.boundaries]
-            out["kept_whole"] = list(dict.fromkeys(whole))
-            out["rewritten"] = [r["module"] for r in getattr(plan, "rewrites", [])]
+            # recorded before the check, so a "no parameters removed" failure says why
+            out.update(gp_record(plan, notes))
             out["class"] = type(small).__name__
             check_pruned(small, x, ref.shapes, ref.params)
             again = copy.deepcopy(model)
@@ -244,11 +255,18 @@ def _tool_cell(r: dict[str, Any] | None, speed: bool) -> list[str]:
 
 
 REWRITTEN = "rewritten as graphs"  # graphprune's warning when submodules were rewritten, not frozen
+NOT_REWRITTEN = "not rewritten as graphs"  # the plan's note when the rewrite was tried and declined
 
 
 def kept_whole(r: dict[str, Any]) -> list[str]:
     """What graphprune kept whole (older result files also listed the rewrite warning there)."""
-    return [k for k in r.get("kept_whole", []) if REWRITTEN not in k]
+    return [k for k in r.get("kept_whole", []) if REWRITTEN not in k or k.startswith(NOT_REWRITTEN)]
+
+
+def why_not_rewritten(r: dict[str, Any]) -> str:
+    """Why graphprune kept modules whole instead of rewriting them as graphs ('' if not recorded)."""
+    why = [k for k in r.get("kept_whole", []) if k.startswith(NOT_REWRITTEN)]
+    return why[0].removeprefix(NOT_REWRITTEN).lstrip(": ") if why else ""
 
 
 def rewritten(r: dict[str, Any]) -> int:
@@ -258,12 +276,19 @@ def rewritten(r: dict[str, Any]) -> int:
     return sum(1 for k in r.get("kept_whole", []) if REWRITTEN in k)  # older files: 1 = some
 
 
-def _whole(r: dict[str, Any] | None) -> str:
+def whole_cell(r: dict[str, Any] | None) -> str:
+    """The table's "gp kept whole" cell: the first thing kept whole, how many more, and why the
+    rewrite as graphs was declined when it was."""
     if not r or not kept_whole(r):
         return ""
-    first = kept_whole(r)[0].replace("|", "/")
-    more = len(kept_whole(r)) - 1
-    return (first[:160] + ("..." if len(first) > 160 else "")) + (f" (+{more} more)" if more else "")
+    why = why_not_rewritten(r)
+    entries = [k for k in kept_whole(r) if not k.startswith(NOT_REWRITTEN)] or kept_whole(r)
+    first = entries[0].replace("|", "/")
+    more = len(entries) - 1
+    cell = (first[:160] + ("..." if len(first) > 160 else "")) + (f" (+{more} more)" if more else "")
+    if why:
+        cell += f"; not rewritten as graphs: {why.replace('|', '/')[:160]}"
+    return cell
 
 
 def totals(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -302,7 +327,7 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Names
         shape = (gp or tp or {}).get("input")
         ratio = (gp["cold_s"] / tp["cold_s"] if gp and tp and gp["ok"] and tp["ok"] else None)
         row = [name, "x".join(map(str, shape[-2:])) if shape else ""] + _tool_cell(gp, speed)
-        row += _tool_cell(tp, speed) + [_f(ratio, ".1f"), _whole(gp)]
+        row += _tool_cell(tp, speed) + [_f(ratio, ".1f"), whole_cell(gp)]
         lines.append("| " + " | ".join(row) + " |")
     t = totals(results)
     gp, tp = t["graphprune"], t["torch-pruning"]
@@ -322,9 +347,9 @@ def watch_list(results: dict[str, dict[str, dict[str, Any]]], slowest: int = 15)
     """The models that need work: graphprune failing, partly pruned, slowest relative to TP."""
     gp = {n: r["graphprune"] for n, r in sorted(results.items()) if "graphprune" in r}
     tp = {n: r["torch-pruning"] for n, r in results.items() if "torch-pruning" in r}
-    fails = [f"- {n}: {g['error']}" + (f" [{_whole(g)}]" if kept_whole(g) else "")
+    fails = [f"- {n}: {g['error']}" + (f" [{whole_cell(g)}]" if keptwhole_cell(g) else "")
              for n, g in gp.items() if not g["ok"]]
-    whole = [f"- {n}: {_whole(g)}" for n, g in gp.items() if g["ok"] and kept_whole(g)]
+    whole = [f"- {n}: {whole_cell(g)}" for n, g in gp.items() if g["ok"] and keptwhole_cell(g)]
     graphs = [f"- {n}" for n, g in gp.items() if g["ok"] and rewritten(g)]
     ratios = sorted(((g["cold_s"] / tp[n]["cold_s"], n) for n, g in gp.items()
                      if g["ok"] and n in tp and tp[n]["ok"]), reverse=True)

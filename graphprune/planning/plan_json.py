@@ -229,6 +229,13 @@ def _input_item(v: Any, where: str) -> dict[str, Any]:
         if not (v["value"] is None or isinstance(v["value"], (bool, int, float, str))):
             raise _fail(f"{where}.value", "expected a plain value")
         return dict(v)
+    if set(v) == {"value", "sequence"}:  # a list or tuple of plain values (``feat_size=(H, W)``)
+        if v["sequence"] not in ("list", "tuple"):
+            raise _fail(f"{where}.sequence", "expected 'list' or 'tuple'")
+        items = _list(v["value"], f"{where}.value")
+        if not all(x is None or isinstance(x, (bool, int, float, str)) for x in items):
+            raise _fail(f"{where}.value", "expected a list of plain values")
+        return {"value": list(items), "sequence": v["sequence"]}
     _keys(v, {"shape", "dtype", "batch"}, {"shape", "dtype", "batch"}, where)
     if not isinstance(v["batch"], bool):
         raise _fail(f"{where}.batch", "expected true or false")

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphprune.errors import PlanMismatchError
+from graphprune.errors import InputError, PlanMismatchError
 from graphprune.graph.inputs import forward
 from graphprune.graph.trace import no_cache, quiet_torch_logs
 
@@ -65,20 +65,34 @@ class Outcome:
 # ------------------------------------------------------------------------------------------
 
 
+def scalar(v: Any) -> bool:
+    """A plain value a plan can record as is (JSON keeps it exactly)."""
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def plain(v: Any) -> bool:
+    """A plain value, or a flat list or tuple of them (``feat_size=(H, W)``, ``shift_size=[3, 3]``)."""
+    return scalar(v) or (isinstance(v, (list, tuple)) and all(scalar(x) for x in v))
+
+
 def _item_spec(v: Any, batch: int) -> dict[str, Any]:
     if isinstance(v, torch.Tensor):
         if v.is_complex() or v.layout != torch.strided:
             raise Declined(f"an input of layout {v.layout} / dtype {v.dtype}")
         return {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
                 "batch": bool(v.dim() and v.shape[0] == batch)}
-    if v is None or isinstance(v, (bool, int, float, str)):
+    if scalar(v):
         return {"value": v}
+    if plain(v):  # a list or tuple of plain values: which one it was matters to the graph's input spec
+        return {"value": list(v), "sequence": type(v).__name__}
     raise Declined(f"an input of type {type(v).__name__} (only tensors and plain values are recorded)")
 
 
 def _item_value(item: dict[str, Any], device: torch.device) -> Any:
     if "value" in item:
-        return item["value"]
+        if item.get("sequence") == "tuple":
+            return tuple(item["value"])
+        return list(item["value"]) if "sequence" in item else item["value"]
     dtype = getattr(torch, str(item.get("dtype")), None)
     if not isinstance(dtype, torch.dtype):
         raise PlanMismatchError(f"a rewrite input has unknown dtype {item.get('dtype')!r}")
@@ -121,7 +135,12 @@ def _export(mod: nn.Module, spec: Spec, training: bool) -> torch.fx.GraphModule:
     args = tuple(_item_value(i, device) for i in spec["args"])
     kwargs = {n: _item_value(i, device) for n, i in spec["kwargs"].items()}
     dim = torch.export.Dim("batch")
-    dyn = lambda i: {0: dim} if i.get("batch") else None  # noqa: E731
+
+    def dyn(i: dict[str, Any]) -> Any:  # a sequence's spec is one entry per item (all static)
+        if "sequence" in i:
+            return (tuple if i["sequence"] == "tuple" else list)([None] * len(i["value"]))
+        return {0: dim} if i.get("batch") else None
+
     names = list(inspect.signature(mod.forward).parameters)
     if len(names) < len(args) or any(inspect.signature(mod.forward).parameters[n].kind
                                       == inspect.Parameter.VAR_POSITIONAL for n in names[: len(args)]):
@@ -156,9 +175,10 @@ def _key(mod: nn.Module, spec: Spec) -> str:
     """Modules alike in class, plain attributes, tensor shapes and inputs export to one graph."""
     parts = [type(mod).__qualname__, repr(spec)]
     for name, m in mod.named_modules():
-        plain = {k: v for k, v in vars(m).items()
-                 if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str, tuple)))}
-        parts.append(f"{name}:{type(m).__qualname__}:{sorted(plain.items(), key=lambda kv: kv[0])!r}")
+        # lists too: two Swin blocks differ only in ``shift_size=[0, 0]`` vs ``[3, 3]``, and the
+        # shifted one runs more ops (roll, mask): one shared export would be the wrong graph
+        settings = {k: v for k, v in vars(m).items() if not k.startswith("_") and (plain(v) or isinstance(v, tuple))}
+        parts.append(f"{name}:{type(m).__qualname__}:{sorted(settings.items(), key=lambda kv: kv[0])!r}")
     parts += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in mod.state_dict(keep_vars=True).items()]
     return "|".join(parts)
 
@@ -310,11 +330,37 @@ class Rewritten(nn.Module):
         self.__dict__["graphs"] = graphs  # not submodules: state_dict lists this module's tensors once
         self._in_spec, self._out_spec = graphs[0]._in_spec, graphs[0]._out_spec
 
+    def set_inputs(self, spec: Spec) -> None:
+        """The plain values (not tensors) the graphs were exported at.
+
+        torch.export bakes them into the graph, and the input guards that would check them go
+        with the width guards (``_export``): ``forward`` refuses another value itself rather
+        than silently computing with the old one.
+        """
+        cpu = torch.device("cpu")
+        self.__dict__["values"] = (
+            {k: _item_value(i, cpu) for k, i in enumerate(spec["args"]) if "value" in i},
+            {n: _item_value(i, cpu) for n, i in spec["kwargs"].items() if "value" in i},
+        )
+
     @property
     def code(self) -> str:
         return self.__dict__["graphs"][0].code
 
+    def _check_values(self, args: tuple, kwargs: dict) -> None:
+        by_position, by_name = self.__dict__.get("values", ({}, {}))
+        got = [(f"argument {k}", args[k], v) for k, v in by_position.items() if k < len(args)]
+        got += [(f"argument {n!r}", kwargs[n], v) for n, v in by_name.items() if n in kwargs]
+        for what, value, expected in got:
+            if value != expected:
+                raise InputError(
+                    f"this module was rewritten as a graph (docs/rewrite.md) at {what}={expected!r}, which "
+                    f"the graph holds as a constant; it cannot run at {value!r}. Prune with an example input "
+                    "that calls it as your data does, or list the module in ignored_layers"
+                )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_values(args, kwargs)
         graph = self.__dict__["graphs"][1 if self.training else 0]
         return type(graph).forward(self, *args, **kwargs)
 
@@ -365,9 +411,9 @@ def instance(bases: tuple[torch.fx.GraphModule, torch.fx.GraphModule], pruned: n
         new._modules[name] = child
     for name, v in vars(pruned).items():  # plain settings (num_heads...) stay readable
         if not name.startswith("_") and name != "training" and name not in vars(new) and (
-            v is None or isinstance(v, (bool, int, float, str, tuple))
+            plain(v) or isinstance(v, tuple)
         ):
-            setattr(new, name, v)
+            setattr(new, name, copy.copy(v))
     tensors = {n for n, _ in pruned.named_parameters(remove_duplicate=False)}
     tensors |= {n for n, _ in pruned.named_buffers(remove_duplicate=False)}
     for g in graphs:
@@ -399,6 +445,7 @@ def rewrite(work: nn.Module, src: nn.Module, path: str, spec: Spec, exports: Exp
     bases = exports.get(src.get_submodule(path), spec)
     records = records_of(bases[0])
     gm = instance(bases, work.get_submodule(path), records)
+    gm.set_inputs(spec)
     old = install(work, path, gm)
     return {"module": path, "inputs": spec, "changes": records}, old
 

@@ -97,7 +97,8 @@ def gp_record(plan: Any, warnings_seen: list[str]) -> dict[str, list[str]]:
     the plan's note says why ("not rewritten as graphs: ..."), kept with what was kept whole.
     """
     whole = [n for n in plan.notes if "kept whole" in n or n.startswith(NOT_REWRITTEN)]
-    whole += [f"warning: {n}" for n in warnings_seen if not (whole and "kept whole" in n) and REWRITTEN not in n]
+    whole += [f"warning: {n}" for n in warnings_seen
+              if not (whole and "kept whole" in n) and REWRITTEN not in n]
     whole += [f"boundary: {b}" for b in plan.boundaries]
     return {"kept_whole": list(dict.fromkeys(whole)),
             "rewritten": [r["module"] for r in getattr(plan, "rewrites", [])],
@@ -347,9 +348,9 @@ def watch_list(results: dict[str, dict[str, dict[str, Any]]], slowest: int = 15)
     """The models that need work: graphprune failing, partly pruned, slowest relative to TP."""
     gp = {n: r["graphprune"] for n, r in sorted(results.items()) if "graphprune" in r}
     tp = {n: r["torch-pruning"] for n, r in results.items() if "torch-pruning" in r}
-    fails = [f"- {n}: {g['error']}" + (f" [{whole_cell(g)}]" if keptwhole_cell(g) else "")
+    fails = [f"- {n}: {g['error']}" + (f" [{whole_cell(g)}]" if kept_whole(g) else "")
              for n, g in gp.items() if not g["ok"]]
-    whole = [f"- {n}: {whole_cell(g)}" for n, g in gp.items() if g["ok"] and keptwhole_cell(g)]
+    whole = [f"- {n}: {whole_cell(g)}" for n, g in gp.items() if g["ok"] and kept_whole(g)]
     graphs = [f"- {n}" for n, g in gp.items() if g["ok"] and rewritten(g)]
     ratios = sorted(((g["cold_s"] / tp[n]["cold_s"], n) for n, g in gp.items()
                      if g["ok"] and n in tp and tp[n]["ok"]), reverse=True)

@@ -177,7 +177,8 @@ def _key(mod: nn.Module, spec: Spec) -> str:
     for name, m in mod.named_modules():
         # lists too: two Swin blocks differ only in ``shift_size=[0, 0]`` vs ``[3, 3]``, and the
         # shifted one runs more ops (roll, mask): one shared export would be the wrong graph
-        settings = {k: v for k, v in vars(m).items() if not k.startswith("_") and (plain(v) or isinstance(v, tuple))}
+        settings = {k: v for k, v in vars(m).items()
+                    if not k.startswith("_") and (plain(v) or isinstance(v, tuple))}
         parts.append(f"{name}:{type(m).__qualname__}:{sorted(settings.items(), key=lambda kv: kv[0])!r}")
     parts += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in mod.state_dict(keep_vars=True).items()]
     return "|".join(parts)

@@ -167,6 +167,30 @@ class IndexedBiasNet(nn.Module):
         return self.out(self.attn(self.inp(x)))
 
 
+class CreationOps(nn.Module):
+    """Swin-V2-style attention: the key third of the qkv bias zeroed in place (``zero_``), a mask
+    made with ``x.new_zeros``, and a tensor made with ``zeros_like(h).fill_``. None of them reads a
+    channel's value, so none may keep channels whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = 4
+        self.inp, self.qkv, self.proj = nn.Linear(6, 16), nn.Linear(16, 48), nn.Linear(16, 16)
+        self.mid, self.out = nn.Linear(16, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, N, _ = x.shape
+        bias = self.qkv.bias.clone()
+        third = bias.numel() // 3
+        bias[third : 2 * third].zero_()
+        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mask = x.new_zeros((N, N)) - torch.eye(N, device=x.device)
+        y = ((q @ k.transpose(-2, -1) + mask).softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1)
+        h = F.relu(self.mid(self.proj(y)))
+        return self.out(h + torch.zeros_like(h).fill_(0.5))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "grouped_conv": (GroupedConv, (2, 3, 8, 8)),
     "transposed_up": (TransposedUp, (2, 3, 8, 8)),
@@ -177,6 +201,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "swiglu": (SwiGLU, (2, 5, 8)),
     "clamp_tensor": (ClampByTensors, (2, 5, 8)),
     "indexed_bias": (IndexedBiasNet, (2, 9, 6)),
+    "creation_ops": (CreationOps, (2, 5, 6)),
 }
 
 
@@ -284,3 +309,12 @@ def test_a_crashing_rule_freezes_and_names_the_users_line(monkeypatch) -> None:
     reasons = [b for b in analysis.boundaries if "rule bug" in b]
     assert reasons, analysis.boundaries
     assert "test_rules.py:" in reasons[0] and "the line a crashing relu rule must point at" in reasons[0]
+
+
+def test_creation_and_in_place_fills_let_channels_through() -> None:
+    model, x = _build("creation_ops")
+    small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert not plan.boundaries, plan.boundaries
+    assert small.qkv.out_features < 48 and small.heads < 4, "the zeroed bias kept the heads whole"
+    assert small.mid.out_features < 24, "zeros_like / fill_ kept mid's channels whole"
+    check_onnx(small, x)

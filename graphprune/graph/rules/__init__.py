@@ -9,4 +9,4 @@ from __future__ import annotations
 
 def load_all() -> None:
     """Import the rule modules so their decorators run."""
-    from graphprune.graph.rules import attention, nn, pointwise, recurrent, shape  # noqa: F401
+    from graphprune.graph.rules import attention, creation, nn, pointwise, recurrent, shape  # noqa: F401

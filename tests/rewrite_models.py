@@ -85,7 +85,10 @@ class WindowAttention(nn.Module):
     Two things timm's PVT-v2 and torchvision's Swin do: the grid size comes in as a plain tuple
     argument (``forward(x, feat_size)``), and blocks of one class differ only in a *list*
     attribute (``shift_size=[0]`` vs ``[1]``) that makes the shifted ones run more ops (rolls).
-    It ends in ``reshape(B, N, C)`` with ``C`` read off the input, so it cannot run smaller.
+    Like ConViT, it keeps the tokens' squared distances in a buffer that starts empty and is
+    filled by the first forward (a per-head-scaled distance bias), so a module that has never
+    run holds another state than one that has. It ends in ``reshape(B, N, C)`` with ``C`` read
+    off the input, so it cannot run smaller.
     """
 
     def __init__(self, dim: int = 32, heads: int = 4, shift: int = 0) -> None:
@@ -93,6 +96,14 @@ class WindowAttention(nn.Module):
         self.num_heads, self.head_dim, self.shift_size = heads, dim // heads, [shift]
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.pos_scale = nn.Parameter(torch.linspace(0.05, 0.2, heads))
+        self.register_buffer("distances", torch.zeros(1, 1), persistent=False)
+
+    @staticmethod
+    def _distances(hw: tuple[int, int]) -> torch.Tensor:
+        pos = torch.arange(hw[0] * hw[1])
+        rows, cols = (pos // hw[1]).float(), (pos % hw[1]).float()
+        return (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
 
     def _roll(self, x: torch.Tensor, hw: tuple[int, int], sign: int) -> torch.Tensor:
         B, N, C = x.shape
@@ -105,11 +116,13 @@ class WindowAttention(nn.Module):
             x = self._roll(x, hw, 1)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        mask = None
+        if self.distances.shape[0] != N:  # a cache, filled once
+            self.distances = self._distances(hw).to(x.device)
+        bias = -self.pos_scale.view(1, -1, 1, 1) * self.distances
         if self.shift_size[0]:  # shifted windows: a token sees the columns within the shift of its own
             col = torch.arange(N, device=x.device) % hw[1]
-            mask = (col[:, None] - col[None, :]).abs() <= self.shift_size[0]
-        x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            bias = bias.masked_fill((col[:, None] - col[None, :]).abs() > self.shift_size[0], float("-inf"))
+        x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         x = self.proj(x.transpose(1, 2).reshape(B, N, C))
         return self._roll(x, hw, -1) if self.shift_size[0] else x
 

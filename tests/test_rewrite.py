@@ -4,7 +4,8 @@ Three micro-models, each reading a size graphprune cannot update (tests/rewrite_
 attention that merges heads back to the width read off its input (timm's ViT family), and a
 cross-stage-partial stage that splits by a width stored in an attribute (timm's CSP family), and
 a windowed attention taking its token grid as a tuple, whose shifted blocks differ from the
-unshifted ones only in a list attribute (timm's PVT-v2, torchvision's Swin).
+unshifted ones only in a list attribute (timm's PVT-v2, torchvision's Swin), and which fills a
+cache buffer on its first forward (timm's ConViT).
 Before the rewrite both came back with those modules kept whole (attention heads and the CSP
 channels not pruned). Every test checks the result against an independent oracle.
 """
@@ -31,7 +32,7 @@ from tests.rewrite_models import TinyCsp, TinyViT, TinyWindowed
 CASES = {
     "attention": (TinyViT, (2, 6, 12), "blocks.0.attn", "blocks.0.attn.qkv.weight"),
     "csp": (TinyCsp, (2, 3, 8, 8), "stages.0", "stages.0.conv_exp.0.weight"),
-    # a tuple argument (the token grid) and a list attribute telling shifted blocks apart
+    # a tuple argument (the token grid), a list attribute telling shifted blocks apart, a cache
     "windowed": (TinyWindowed, (2, 3, 4, 4), "blocks.1.attn", "blocks.1.attn.qkv.weight"),
 }
 

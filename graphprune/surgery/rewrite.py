@@ -103,8 +103,12 @@ def capture(src: nn.Module, paths: list[str], inputs: tuple[tuple, dict], batch:
     """The inputs each module of ``paths`` receives when ``src`` runs ``inputs`` (args, kwargs).
 
     A module called more than once (shared) has no single input to export at: it is left out.
+    ``src``'s buffers are left as they were before the forward.
     """
     seen: dict[str, list[tuple[tuple, dict]]] = {p: [] for p in paths}
+    # ``src`` stays in the state of the compact model (``settle`` needs to see which caches are
+    # still empty there): the buffers are put back after the forward
+    state = [(m, dict(m._buffers)) for m in src.modules()]
     handles = []
     for p in paths:
         mod = src.get_submodule(p)
@@ -116,6 +120,9 @@ def capture(src: nn.Module, paths: list[str], inputs: tuple[tuple, dict], batch:
     finally:
         for h in handles:
             h.remove()
+    for m, buffers in state:  # the forward may have filled caches in buffers: put them back
+        m._buffers.clear()
+        m._buffers.update(buffers)
     specs: dict[str, Spec] = {}
     for p, calls in seen.items():
         if len(calls) != 1:
@@ -129,11 +136,60 @@ def capture(src: nn.Module, paths: list[str], inputs: tuple[tuple, dict], batch:
     return specs
 
 
+def _inputs(mod: nn.Module, spec: Spec) -> tuple[tuple, dict[str, Any]]:
+    device = next((t.device for t in [*mod.parameters(), *mod.buffers()]), torch.device("cpu"))
+    return (tuple(_item_value(i, device) for i in spec["args"]),
+            {n: _item_value(i, device) for n, i in spec["kwargs"].items()})
+
+
+def _run_once(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    was = mod.training
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod.eval()(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - it must run alone at the original sizes
+        raise Declined(f"it does not run alone at the original sizes ({type(exc).__name__})") from exc
+    finally:
+        mod.train(was)
+
+
+def settle(mod: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
+    """Run ``mod`` once at ``spec`` so the caches its forward keeps in its own buffers are filled;
+    returns the buffers it replaced (name -> the filled tensor).
+
+    ConViT's attention starts with an empty ``rel_indices`` buffer and replaces it on its first
+    forward. Exported with the cache empty, the graph would write a tensor of another shape into
+    the buffer (which fails); exported with it filled, the graph reads the buffer, so every
+    module running that graph must hold the filled one, including those the compact model's
+    failing forward never reached. A cache is taken only when it depends on shapes alone: a copy
+    with other weights, run on other inputs, must fill the same values; one computed from the
+    weights or inputs is a state a graph cannot hold, and the module is kept whole.
+    """
+    args, kwargs = _inputs(mod, spec)
+    probe = copy.deepcopy(mod)
+    before = dict(mod.named_buffers())
+    _run_once(mod, args, kwargs)
+    replaced = {n: b for n, b in mod.named_buffers() if before.get(n) is not b}
+    if not replaced:
+        return {}
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.fill_(0.5)
+    ones = lambda v: torch.ones_like(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    _run_once(probe, tuple(ones(a) for a in args), {n: ones(v) for n, v in kwargs.items()})
+    theirs = dict(probe.named_buffers())
+    for n, b in replaced.items():
+        other = theirs.get(n)
+        if other is None or other.shape != b.shape or not torch.equal(other, b):
+            raise Declined(f"its forward fills its buffer {n!r} from its weights or inputs (a cache a "
+                           "graph cannot hold)")
+    return {n: b.detach().clone() for n, b in replaced.items()}
+
+
 def _export(mod: nn.Module, spec: Spec, training: bool) -> torch.fx.GraphModule:
     """``mod`` exported alone at ``spec`` (dim 0 of batch-sized inputs dynamic), unlifted."""
-    device = next((t.device for t in [*mod.parameters(), *mod.buffers()]), torch.device("cpu"))
-    args = tuple(_item_value(i, device) for i in spec["args"])
-    kwargs = {n: _item_value(i, device) for n, i in spec["kwargs"].items()}
+    args, kwargs = _inputs(mod, spec)
     dim = torch.export.Dim("batch")
 
     def dyn(i: dict[str, Any]) -> Any:  # a sequence's spec is one entry per item (all static)
@@ -180,23 +236,31 @@ def _key(mod: nn.Module, spec: Spec) -> str:
         settings = {k: v for k, v in vars(m).items()
                     if not k.startswith("_") and (plain(v) or isinstance(v, tuple))}
         parts.append(f"{name}:{type(m).__qualname__}:{sorted(settings.items(), key=lambda kv: kv[0])!r}")
-    parts += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in mod.state_dict(keep_vars=True).items()]
+    # non-persistent buffers too: a cache filled in one instance and empty in another (``settle``)
+    tensors = [*mod.named_parameters(remove_duplicate=False), *mod.named_buffers(remove_duplicate=False)]
+    parts += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in tensors]
     return "|".join(parts)
+
+
+Bases = tuple[torch.fx.GraphModule, torch.fx.GraphModule, dict[str, torch.Tensor]]
 
 
 class Exports:
     """One export per distinct (class, attributes, shapes, inputs): ViT's twelve blocks share one.
 
-    Each entry is the eval-mode graph and the train-mode graph (dropout, batch statistics)."""
+    Each entry is the eval-mode graph, the train-mode graph (dropout, batch statistics) and the
+    caches the forward filled before them (``settle``)."""
 
     def __init__(self) -> None:
-        self.graphs: dict[str, tuple[torch.fx.GraphModule, torch.fx.GraphModule] | Declined] = {}
+        self.graphs: dict[str, Bases | Declined] = {}
 
-    def get(self, mod: nn.Module, spec: Spec) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-        key = _key(mod, spec)
+    def get(self, mod: nn.Module, spec: Spec) -> Bases:
+        key = _key(mod, spec)  # before settling: an instance with its cache empty must settle too
         if key not in self.graphs:
             try:
-                self.graphs[key] = (_export(mod, spec, training=False), _export(mod, spec, training=True))
+                settled = settle(mod, spec)
+                self.graphs[key] = (_export(mod, spec, training=False), _export(mod, spec, training=True),
+                                    settled)
             except Declined as why:
                 self.graphs[key] = why
         got = self.graphs[key]
@@ -390,9 +454,9 @@ def _attr(root: nn.Module, target: str) -> Any:
     return obj
 
 
-def instance(bases: tuple[torch.fx.GraphModule, torch.fx.GraphModule], pruned: nn.Module,
-             records: list[dict[str, Any]]) -> Rewritten:
-    """``bases`` with ``records`` applied, bound to ``pruned``'s own tensors.
+def instance(bases: Bases, pruned: nn.Module, records: list[dict[str, Any]]) -> Rewritten:
+    """``bases`` with ``records`` applied, bound to ``pruned``'s own tensors (a cache its forward
+    fills, ``settle``, bound filled).
 
     The train graph gets the same changes at its counterparts of the eval graph's nodes.
     Parameters, buffers and children are the same objects (tied weights and optimiser state
@@ -406,10 +470,16 @@ def instance(bases: tuple[torch.fx.GraphModule, torch.fx.GraphModule], pruned: n
     new = Rewritten()
     for name, p in pruned._parameters.items():
         new._parameters[name] = p
+    settled = bases[2]
     for name, b in pruned._buffers.items():
+        b = settled[name].clone() if name in settled else b
         new.register_buffer(name, b, persistent=name not in pruned._non_persistent_buffers_set)
     for name, child in pruned._modules.items():  # the user's own (sliced) children: attributes stay
         new._modules[name] = child
+    for name, value in settled.items():  # a child's cache: filled in the (compact model's) child
+        owner_path, _, leaf = name.rpartition(".")
+        if owner_path:
+            new.get_submodule(owner_path)._buffers[leaf] = value.clone()
     for name, v in vars(pruned).items():  # plain settings (num_heads...) stay readable
         if not name.startswith("_") and name != "training" and name not in vars(new) and (
             plain(v) or isinstance(v, tuple)

@@ -99,6 +99,10 @@ class WindowAttention(nn.Module):
         self.pos_scale = nn.Parameter(torch.linspace(0.05, 0.2, heads))
         self.register_buffer("distances", torch.zeros(1, 1), persistent=False)
 
+    def train(self, mode: bool = True) -> None:  # type: ignore[override]
+        """Returns None, as timm's EfficientViT attention's does: ``m.eval()(x)`` must not be used."""
+        super().train(mode)
+
     @staticmethod
     def _distances(hw: tuple[int, int]) -> torch.Tensor:
         pos = torch.arange(hw[0] * hw[1])

@@ -147,7 +147,8 @@ def _run_once(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mod.eval()(*args, **kwargs)
+            mod.eval()  # not chained: some classes' train() returns None (timm's EfficientViT)
+            mod(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - it must run alone at the original sizes
         raise Declined(f"it does not run alone at the original sizes ({type(exc).__name__})") from exc
     finally:

@@ -77,6 +77,8 @@ class Analysis:
     # storages of the user's tensors, which ``model`` shares (trace.shared_copy): a result handed
     # to the user must not keep any of them (trace.unshare)
     user_storages: set[int] = field(default_factory=set)
+    # groups that must keep equal counts (planning.equal_counts; computed on first use)
+    equal_counts: list[list[int]] | None = None
 
 
 def to_networkx(analysis: Analysis):

@@ -40,6 +40,7 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Analysis, Group
+from graphprune.planning.equal_counts import equal_count_sets, equalize
 from graphprune.planning.options import AUTO, CutOptions
 
 # Alignments tried for groups with convolution channels, widest first (tools/width_speed.py):
@@ -259,6 +260,7 @@ def choose_removed(
     by_index = {g.index: g for g in groups}
     removed: dict[int, list[int]] = {}
     aligned: dict[int, int] = {}  # alignment -> groups rounded to it (for the plan's notes)
+    keep: dict[int, int] = {}
     for gi, n_remove in counts.items():
         g = by_index[gi]
         if n_remove <= 0:
@@ -271,6 +273,14 @@ def choose_removed(
                 aligned[align] = aligned.get(align, 0) + 1
         elif gi not in exact:
             n_keep = round_keep(g, n_keep, opts.round_to)
+        keep[gi] = n_keep
+    # groups whose widths one attribute describes (a head's key_dim...) keep one count
+    keep, tied = equalize(keep, {g.index: g.num_units for g in groups}, equal_count_sets(analysis), exact)
+    if tied:
+        notes.append(f"equal counts: {tied} set(s) of groups whose widths one module attribute holds "
+                     "(a split by self.val_dim in every head...) keep the largest count of the set")
+    for gi, n_keep in keep.items():
+        g = by_index[gi]
         n_remove = g.num_units - n_keep
         if n_remove <= 0:
             continue

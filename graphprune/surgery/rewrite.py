@@ -170,7 +170,10 @@ def settle(mod: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
     args, kwargs = _inputs(mod, spec)
     probe = copy.deepcopy(mod)
     before = dict(mod.named_buffers())
-    _run_once(mod, args, kwargs)
+    try:
+        _run_once(mod, args, kwargs)
+    except Declined:  # e.g. it checks its inputs' values, and zeros fail: the export decides
+        return {}
     replaced = {n: b for n, b in mod.named_buffers() if before.get(n) is not b}
     if not replaced:
         return {}

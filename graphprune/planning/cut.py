@@ -26,7 +26,9 @@
   what the ratio asks. ``round_to=1`` cuts every group exactly. See docs/speed.md.
 
 Every group keeps at least one unit, and a group that would lose nothing is left untouched
-(rounding never removes units from a group that the ratio spared).
+(rounding never removes units from a group that the ratio spared). Groups whose widths one
+integer attribute of the user's module holds (``planning.equal_counts``) then keep one count,
+the largest of the set, so the user's forward still fits them all; exact ``counts`` are kept.
 """
 
 from __future__ import annotations

@@ -143,3 +143,18 @@ def test_a_rewritten_module_refuses_a_plain_argument_it_was_not_exported_at() ->
     assert attn(tokens, (4, 4)).shape == tokens.shape
     with pytest.raises(graphprune.InputError, match="rewritten as a graph"):
         attn(tokens, (2, 8))
+
+
+def test_a_recorded_sequence_argument_is_checked_on_load(tmp_path) -> None:
+    import json
+
+    _, _, _, small, plan, _ = _compacted("windowed")
+    graphprune.save(small, tmp_path / "saved", plan)
+    path = tmp_path / "saved" / "plan.json"
+    d = json.loads(path.read_text())
+    grid = d["rewrites"][0]["inputs"]["args"][1]
+    assert grid == {"value": [4, 4], "sequence": "tuple"}, grid  # the token grid, a tuple
+    grid["sequence"] = "set"
+    path.write_text(json.dumps(d))
+    with pytest.raises(graphprune.PlanMismatchError, match="sequence"):
+        graphprune.load(tmp_path / "saved", _build("windowed")[0])

@@ -10,6 +10,7 @@ from torch.fx import Interpreter, Node
 from graphprune.graph.rules.pointwise import reduced_dims
 from graphprune.reference.heap import release_free_memory
 from graphprune.reference.masks import NORM_OPS, REDUCE_OPS, Inexact
+from graphprune.reference.scratch import Scratch
 
 
 def storage_ptr(t: torch.Tensor) -> int | None:
@@ -36,6 +37,7 @@ class MaskedInterpreter(Interpreter):
         self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
         self.all_kept: dict[int, bool] = {}
         self.copied = False
+        self.scratch = Scratch()  # the user's weights' masked copies, in reused buffers
         self.protected = protected  # storages of the user's tensors: never written
         self.record = record or set()
         self.values: dict[Node, Any] = {}  # the recorded nodes' (masked) values
@@ -100,21 +102,42 @@ class MaskedInterpreter(Interpreter):
         return value
 
     # -- execution -----------------------------------------------------------------------
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().run(*args, **kwargs)
+        finally:
+            self.scratch.release()
+
     def fetch_args_kwargs_from_env(self, n: Node) -> tuple[tuple, dict]:
         args, kwargs = super().fetch_args_kwargs_from_env(n)
         if self.lazy and any(a in self.lazy for a in n.all_input_nodes):
-            self.copied = True  # masked copies of weights: freed after the op (run_node)
-            args = tuple(self._mask_value(a, v) if isinstance(a, Node) and a in self.lazy else v
-                         for a, v in zip(n.args, args, strict=True))
-            kwargs = {k: self._mask_value(n.kwargs[k], v) if isinstance(n.kwargs[k], Node)
+            slots = iter(range(len(n.args) + len(n.kwargs)))  # one scratch buffer per argument
+            args = tuple(self._lazy_mask(a, v, next(slots)) if isinstance(a, Node) and a in self.lazy
+                         else v for a, v in zip(n.args, args, strict=True))
+            kwargs = {k: self._lazy_mask(n.kwargs[k], v, next(slots)) if isinstance(n.kwargs[k], Node)
                       and n.kwargs[k] in self.lazy else v for k, v in kwargs.items()}
         return args, kwargs
+
+    def _lazy_mask(self, node: Node, value: Any, slot: int) -> Any:
+        """A weight masked just before the op that reads it: the user's own tensor goes into a
+        reused scratch buffer (scratch.py); anything else is masked as ``_mask_value`` does."""
+        if isinstance(value, torch.Tensor) and storage_ptr(value) in self.protected:
+            keep = self._keep(node, None, value)
+            if keep is None or self._keeps_all(keep):
+                return value
+            masked = self.scratch.masked(value, keep, slot)
+            if masked is not None:
+                return masked
+        self.copied = True  # a masked copy of its own: freed after the op (run_node)
+        return self._mask_value(node, value)
 
     def run_node(self, n: Node) -> Any:
         if n.op == "call_function" and (n.target in NORM_OPS or n.target in REDUCE_OPS):
             result = self._run_statistic(n)
         else:
             result = super().run_node(n)
+        if n.op == "call_function":  # an output that views a scratch buffer keeps it
+            self.scratch.given_away(result)
         if self.copied:  # the op's masked weight copies are gone: hand their pages back (heap.py)
             self.copied = False
             release_free_memory()

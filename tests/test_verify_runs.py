@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_verify_blocks import _Stack, _swap_columns
 from torch import nn
 
 import graphprune
 import graphprune.engine as engine
 from graphprune.reference.run import kept_view
 from graphprune.surgery.slicing import set_tensor
-from test_verify_blocks import _Stack, _swap_columns
 
 
 def _count_runs(model: nn.Module) -> list[int]:
@@ -56,7 +56,8 @@ def test_the_block_by_block_run_still_checks_the_output_shapes(stack) -> None:
     model, x, plan = stack
     broken = graphprune.apply_plan(model, plan)
     broken.head = nn.Linear(broken.head.in_features, 4)  # every block agrees, the output does not
-    with pytest.raises(graphprune.VerificationError, match=r"output shapes \[\(5, 4\)\] differ .*\[\(5, 3\)\]"):
+    with pytest.raises(graphprune.VerificationError,
+                       match=r"output shapes \[\(5, 4\)\] differ .*\[\(5, 3\)\]"):
         graphprune.verify_model(model, broken, x, plan)
 
 

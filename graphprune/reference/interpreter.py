@@ -37,7 +37,7 @@ class MaskedInterpreter(Interpreter):
         self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
         self.all_kept: dict[int, bool] = {}
         self.copied = False
-        self.scratch = Scratch()  # the user's weights' masked copies, in reused buffers
+        self.scratch = Scratch()  # the user's weights' masked copies, in reused buffers (sized below)
         self.protected = protected  # storages of the user's tensors: never written
         self.record = record or set()
         self.values: dict[Node, Any] = {}  # the recorded nodes' (masked) values
@@ -50,6 +50,7 @@ class MaskedInterpreter(Interpreter):
             if n.op == "placeholder" and n in masks and n.users
             and all(u.op == "call_function" and (n in u.args or n in u.kwargs.values()) for u in n.users)
         }
+        self.scratch.sizes = _slot_sizes(gm.graph, self.lazy)
 
     # -- masks ---------------------------------------------------------------------------
     def _keep(self, node: Node, k: int | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -195,6 +196,23 @@ class MaskedInterpreter(Interpreter):
                 return type(out)([_scatter(out[0], plan, x.shape)] + list(out[1:]))
             return _scatter(out, plan, x.shape)
         return out
+
+
+def _slot_sizes(graph: torch.fx.Graph, lazy: set[Node]) -> dict[tuple[int, torch.dtype], int]:
+    """The most elements each scratch slot holds per dtype: slot k is an op's k-th lazily masked
+    argument, in the order ``fetch_args_kwargs_from_env`` numbers them."""
+    sizes: dict[tuple[int, torch.dtype], int] = {}
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        k = 0
+        for a in [*n.args, *n.kwargs.values()]:
+            if isinstance(a, Node) and a in lazy:
+                val = a.meta.get("val")
+                if isinstance(val, torch.Tensor) and isinstance(val.numel(), int):
+                    sizes[(k, val.dtype)] = max(sizes.get((k, val.dtype), 0), val.numel())
+                k += 1
+    return sizes
 
 
 def _reduced_dims(n: Node, args: list[Any], kwargs: dict[str, Any], r: int) -> list[int]:

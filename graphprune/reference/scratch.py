@@ -14,9 +14,10 @@ writes each masked copy into it instead:
   masked argument (a transpose, a reshape), that buffer is handed over to the output and a new
   one is allocated for the next weight.
 
-Memory: the buffers hold one masked copy per argument slot, at the size of the largest weight
-seen in that slot: at most what the per-op copies held at the peak. They are freed when the run
-ends (``release``).
+Memory: the buffers hold one masked copy per argument slot, allocated once at the size of the
+largest weight that slot will hold (``sizes``, read from the graph: no buffer is outgrown and
+left behind in the heap): what the per-op copies held at the largest weight. They are freed
+when the run ends (``release``).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def _storage(t: torch.Tensor) -> int | None:
 class Scratch:
     """Reusable buffers for masked weight copies (module docstring)."""
 
-    def __init__(self) -> None:
-        self.buffers: dict[int, torch.Tensor] = {}  # slot -> flat buffer
+    def __init__(self, sizes: dict[tuple[int, torch.dtype], int] | None = None) -> None:
+        self.sizes = sizes or {}  # (slot, dtype) -> the most elements it will hold (allocated at that size)
+        self.buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # -> flat buffer
         self.freed = False  # a buffer was replaced by a larger one (its pages: ``release``)
 
     def masked(self, t: torch.Tensor, keep: torch.Tensor, slot: int) -> torch.Tensor | None:
@@ -49,12 +51,14 @@ class Scratch:
         makes a copy of its own."""
         if not t.is_contiguous() or t.layout != torch.strided or t.is_meta or _storage(t) is None:
             return None
-        flat = self.buffers.get(slot)
-        if flat is None or flat.numel() < t.numel() or flat.dtype != t.dtype or flat.device != t.device:
+        key = (slot, t.dtype, t.device)
+        flat = self.buffers.get(key)
+        if flat is None or flat.numel() < t.numel():
             if flat is not None:
                 self.freed = True
-            flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
-            self.buffers[slot] = flat
+            size = max(t.numel(), self.sizes.get((slot, t.dtype), 0))
+            flat = torch.empty(size, dtype=t.dtype, device=t.device)
+            self.buffers[key] = flat
         out = flat[: t.numel()].view(t.shape)
         return torch.where(keep, t, t.new_zeros(()), out=out)  # one pass; exact zeros (no 0 * inf)
 
@@ -68,9 +72,9 @@ class Scratch:
                 p = _storage(v)
                 if p is not None:
                     ptrs.add(p)
-        for slot, flat in list(self.buffers.items()):
+        for key, flat in list(self.buffers.items()):
             if _storage(flat) in ptrs:
-                del self.buffers[slot]  # the output owns it now
+                del self.buffers[key]  # the output owns it now
 
     def release(self) -> None:
         """Drop the buffers and hand their pages back to the OS (heap.py)."""

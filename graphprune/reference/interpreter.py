@@ -127,6 +127,7 @@ class MaskedInterpreter(Interpreter):
             if keep is None or self._keeps_all(keep):
                 return value
             masked = self.scratch.masked(value, keep, slot)
+            self.copied = True  # trim the heap after the op either way (run_node)
             if masked is not None:
                 return masked
         self.copied = True  # a masked copy of its own: freed after the op (run_node)
@@ -139,7 +140,11 @@ class MaskedInterpreter(Interpreter):
             result = super().run_node(n)
         if n.op == "call_function":  # an output that views a scratch buffer keeps it
             self.scratch.given_away(result)
-        if self.copied:  # the op's masked weight copies are gone: hand their pages back (heap.py)
+        # the op's masked weight copies are gone, or sit in a scratch buffer: hand the heap's free
+        # pages back (heap.py). The scratch buffers do not free memory of their own, but without
+        # the trim what the ops between two weights freed stayed in the heap: +0.05 GiB on
+        # TinyLlama, more than the masked copies' page faults that the buffers save cost in time
+        if self.copied:
             self.copied = False
             release_free_memory()
         if n.op == "call_function" or (n.op == "placeholder" and n not in self.lazy):

@@ -10,14 +10,7 @@ from torch.fx import Interpreter, Node
 from graphprune.graph.rules.pointwise import reduced_dims
 from graphprune.reference.heap import release_free_memory
 from graphprune.reference.masks import NORM_OPS, REDUCE_OPS, Inexact
-from graphprune.reference.scratch import Scratch
-
-
-def storage_ptr(t: torch.Tensor) -> int | None:
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
+from graphprune.reference.scratch import Scratch, storage_ptr
 
 
 class MaskedInterpreter(Interpreter):
@@ -37,7 +30,6 @@ class MaskedInterpreter(Interpreter):
         self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
         self.all_kept: dict[int, bool] = {}
         self.copied = False
-        self.scratch = Scratch()  # the user's weights' masked copies, in reused buffers (sized below)
         self.protected = protected  # storages of the user's tensors: never written
         self.record = record or set()
         self.values: dict[Node, Any] = {}  # the recorded nodes' (masked) values
@@ -50,7 +42,7 @@ class MaskedInterpreter(Interpreter):
             if n.op == "placeholder" and n in masks and n.users
             and all(u.op == "call_function" and (n in u.args or n in u.kwargs.values()) for u in n.users)
         }
-        self.scratch.sizes = _slot_sizes(gm.graph, self.lazy)
+        self.scratch = Scratch(_slot_sizes(gm.graph, self.lazy))  # the masked copies' reused buffers
 
     # -- masks ---------------------------------------------------------------------------
     def _keep(self, node: Node, k: int | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -127,8 +119,8 @@ class MaskedInterpreter(Interpreter):
             if keep is None or self._keeps_all(keep):
                 return value
             masked = self.scratch.masked(value, keep, slot)
-            self.copied = True  # trim the heap after the op either way (run_node)
             if masked is not None:
+                self.copied = True  # trim the heap after the op (run_node)
                 return masked
         self.copied = True  # a masked copy of its own: freed after the op (run_node)
         return self._mask_value(node, value)
@@ -140,10 +132,9 @@ class MaskedInterpreter(Interpreter):
             result = super().run_node(n)
         if n.op == "call_function":  # an output that views a scratch buffer keeps it
             self.scratch.given_away(result)
-        # the op's masked weight copies are gone, or sit in a scratch buffer: hand the heap's free
-        # pages back (heap.py). The scratch buffers do not free memory of their own, but without
-        # the trim what the ops between two weights freed stayed in the heap: +0.05 GiB on
-        # TinyLlama, more than the masked copies' page faults that the buffers save cost in time
+        # the op read masked weight copies (freed now, or in a scratch buffer): hand the heap's free
+        # pages back (heap.py). Scratch buffers free nothing themselves, but without the trim what
+        # the ops between two weights freed stayed in glibc's heap (+0.05 GiB peak on TinyLlama)
         if self.copied:
             self.copied = False
             release_free_memory()

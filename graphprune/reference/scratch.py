@@ -4,8 +4,8 @@ The masked reference (interpreter.py) must not write into the user's weights, so
 weight is copied with its removed positions zeroed just before the op that reads it, and the
 copy is dropped after the op. A fresh copy per op was the dearest part of the reference: on a
 4.1 GiB TinyLlama the 154 masked copies cost more than the matrix products that read them
-(a new 46 MiB tensor is paid for in page faults on every allocation; glibc's heap had to be
-trimmed after each one, heap.py). ``Scratch`` keeps one buffer per argument slot of an op and
+(glibc hands a 46 MiB allocation straight to ``mmap``, so every fresh copy is paid for again in
+page faults). ``Scratch`` keeps one buffer per argument slot of an op and
 writes each masked copy into it instead:
 
 * the mask is applied by ``torch.where(keep, weight, 0, out=buffer)``: one pass, no allocation,
@@ -29,7 +29,8 @@ import torch
 from graphprune.reference.heap import release_free_memory
 
 
-def _storage(t: torch.Tensor) -> int | None:
+def storage_ptr(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (tensors that view the same memory share it); None if none."""
     try:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
@@ -49,7 +50,7 @@ class Scratch:
 
         None when ``t`` does not fit a buffer (not contiguous, or no storage): the caller then
         makes a copy of its own."""
-        if not t.is_contiguous() or t.layout != torch.strided or t.is_meta or _storage(t) is None:
+        if not t.is_contiguous() or t.layout != torch.strided or t.is_meta or storage_ptr(t) is None:
             return None
         key = (slot, t.dtype, t.device)
         flat = self.buffers.get(key)
@@ -69,11 +70,11 @@ class Scratch:
         ptrs = set()
         for v in result if isinstance(result, (tuple, list)) else (result,):
             if isinstance(v, torch.Tensor):
-                p = _storage(v)
+                p = storage_ptr(v)
                 if p is not None:
                     ptrs.add(p)
         for key, flat in list(self.buffers.items()):
-            if _storage(flat) in ptrs:
+            if storage_ptr(flat) in ptrs:
                 del self.buffers[key]  # the output owns it now
 
     def release(self) -> None:

@@ -132,7 +132,7 @@ def verify_compact(
         _check_shapes(_run(small, example_input), expected_shapes)
         report.skipped = "no original model given"
         return report
-    if original is not None and on_meta(original):
+    if (original is not None and on_meta(original)) or on_meta(small):
         _check_shapes(_run(small, example_input), expected_shapes)
         report.skipped = "the model is on the meta device (no values to compare)"
         return report

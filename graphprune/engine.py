@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from graphprune.distributed import check_same, together
-from graphprune.errors import GraphPruneError, warn_user
+from graphprune.errors import GraphPruneError, VerificationError, warn_user
 from graphprune.graph.analysis import Analysis, analyze, param_tensor
 from graphprune.graph.copies import keeps_global_rng, private_copy, shared_copy, unshare
 from graphprune.graph.inputs import normalize_inputs
@@ -314,7 +314,26 @@ def realize_inplace(model: nn.Module, analysis: Analysis, plan: Plan, example_in
     from graphprune.verify import verify_compact
 
     hand_over = lambda name, new: set_tensor(model, name, new)  # noqa: E731
-    work, _, failure = _surgery(analysis, plan, example_input, False, hand_over, need_reference=verify)
+    # with ``verify`` the verification's run of the compact model is also the check that it
+    # runs (one forward of the compact model instead of two); a failure is then located as before
+    work, _, failure = _surgery(analysis, plan, example_input, False, hand_over, need_reference=verify,
+                                check_runs=not verify)
+    _refuse_inplace(work, failure)
+    apply_attr_updates(model, plan.attr_updates)
+    _finish(work, plan, example_input)
+    if getattr(work, "config", None) is not None and getattr(model, "config", None) is not None:
+        model.config.__dict__.update(work.config.__dict__)  # the object submodules hold
+    if verify:
+        try:
+            verify_compact(analysis, plan, model, example_input)
+        except VerificationError:
+            _refuse_inplace(work, find_failure(model, example_input, analysis.traced.output_shapes))
+            raise
+    return model
+
+
+def _refuse_inplace(work: nn.Module, failure: Failure | None) -> None:
+    """compact(inplace=True) has no fallback: a model that does not run at the new sizes is an error."""
     if failure is not None:
         raise GraphPruneError(
             f"compact(inplace=True): {type(work).__name__} does not run at the new sizes "
@@ -322,19 +341,16 @@ def realize_inplace(model: nn.Module, analysis: Analysis, plan: Plan, example_in
             "longer usable. Rebuild it and call compact without inplace=True (it keeps such modules "
             "whole), or pass fallback='error' first to see which module fails."
         )
-    apply_attr_updates(model, plan.attr_updates)
-    _finish(work, plan, example_input)
-    if getattr(work, "config", None) is not None and getattr(model, "config", None) is not None:
-        model.config.__dict__.update(work.config.__dict__)  # the object submodules hold
-    if verify:
-        verify_compact(analysis, plan, model, example_input)
-    return model
 
 
 def _surgery(
-    analysis: Analysis, plan: Plan, example_input: Any, copy_model: bool, on_slice=None, need_reference=False
+    analysis: Analysis, plan: Plan, example_input: Any, copy_model: bool, on_slice=None, need_reference=False,
+    check_runs: bool = True,
 ):
     """Slice, update attributes, run: (model, graph constant changes, Failure or None).
+
+    ``check_runs=False`` skips the final run (the caller runs the compact model anyway: Failure
+    None then means "not checked").
 
     The copy shares the analysis' weights (``shared_copy``): slicing makes new tensors, so the
     analysis stays unsliced without holding the model twice. The plan's reference, when one is
@@ -361,7 +377,7 @@ def _surgery(
         work, attr_ups, example_input, analysis.traced.output_shapes, reference=reference
     )
     plan.attr_updates = mod_ups + attr_ups
-    if ran:  # the choice already ran the model as it now is, with the expected output shapes
+    if ran or not check_runs:  # the choice already ran the model as it now is, with the expected shapes
         return work, changes, None
     return work, changes, find_failure(work, example_input, analysis.traced.output_shapes)
 

@@ -362,3 +362,18 @@ def test_soft_pruner_zeroes_units_keeps_shapes_then_removes_the_final_selection(
     final = pruner.step()
     assert final.conv1.out_channels == 5 and final.conv2.out_channels == 5
     assert final(X).shape == (2, 3)
+
+
+def test_per_position_by_slices_of_rows_is_bitwise_the_whole_tensors_sums() -> None:
+    """per_position reduces a weight a slice of rows at a time (no weight-sized temporaries):
+    the sums must be exactly those of the whole tensor at once, so no plan changes."""
+    from graphprune.planning import scoring
+
+    torch.manual_seed(0)
+    # rows of 700 / 3000 values: slices of ~1500 / 350 rows, so several per tensor
+    for t in (torch.randn(5000, 700), torch.randn(1400, 3000).to(torch.bfloat16), torch.randn(40, 3, 5, 5)):
+        for dim in range(t.dim()):
+            whole = t.float().movedim(dim, 0).reshape(t.shape[dim], -1)
+            for p, ref in ((0, whole.sum(1)), (1, whole.abs().sum(1)), (2, whole.pow(2).sum(1))):
+                got = scoring.per_position(t, dim, p)
+                assert got.shape == (t.shape[dim],) and np.array_equal(got, ref.numpy().astype(got.dtype))

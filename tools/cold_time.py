@@ -57,6 +57,7 @@ STAGES = (
     ("  masked reference", "reference/run.py", "run_reference"),
     ("  float64 tolerance", "reference/tolerance.py", "rounding_amplification"),
     ("  compact model run", "reference/run.py", "small_outputs"),
+    ("  compact model run, block by block", "reference/blockwise.py", "run_blockwise"),
 )
 
 

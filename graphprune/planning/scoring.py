@@ -24,15 +24,32 @@ from graphprune.planning.calibration import (
 Criterion = Callable[[Group, nn.Module], Any]
 
 
+_CHUNK = 1 << 20  # elements per slice of rows (per_position): a few MiB, reused by the allocator
+
+
 def per_position(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
-    """Sum of |t|^p over every dim but ``dim`` (p=0 means a plain sum of the values)."""
-    t = t.detach().float()
+    """Sum of |t|^p over every dim but ``dim`` (p=0 means a plain sum of the values).
+
+    Where the positions of ``dim`` are contiguous rows (``dim`` 0: a linear layer's outputs) the
+    rows are reduced a slice at a time: ``|t|^p`` of a whole weight was a temporary as large as
+    the weight, a fresh allocation paid in page faults (1.2 s of planning a 4.1 GiB TinyLlama).
+    Each row is reduced exactly as before, so the sums are bitwise the same."""
+    t = t.detach()
     if t.is_meta:
         return np.ones(t.shape[dim])
-    moved = t.movedim(dim, 0).reshape(t.shape[dim], -1)
-    if p == 0:
-        return moved.sum(1).cpu().numpy()
-    return (moved.abs().sum(1) if p == 1 else moved.pow(2).sum(1)).cpu().numpy().astype(np.float64)
+    moved = t.movedim(dim, 0)
+    n = t.shape[dim]
+    if n and moved.is_contiguous() and t.is_floating_point():
+        step = max(64, _CHUNK // max(1, moved[0].numel()))
+        sums = torch.cat([_row_sums(moved[i:i + step].float().reshape(min(step, n - i), -1), p)
+                          for i in range(0, n, step)])
+    else:
+        sums = _row_sums(t.float().movedim(dim, 0).reshape(n, -1), p)
+    return sums.cpu().numpy() if p == 0 else sums.cpu().numpy().astype(np.float64)
+
+
+def _row_sums(rows: torch.Tensor, p: int) -> torch.Tensor:
+    return rows.sum(1) if p == 0 else rows.abs().sum(1) if p == 1 else rows.pow(2).sum(1)
 
 
 def accumulate(total: np.ndarray, member: Member, vals: np.ndarray, normalise: bool) -> bool:

@@ -16,8 +16,9 @@ from torch.utils import _pytree as pytree
 from graphprune.graph.analysis import Analysis, param_tensor
 from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
 from graphprune.graph.trace import no_cache, writes_inputs
-from graphprune.reference.interpreter import MaskedInterpreter, storage_ptr
+from graphprune.reference.interpreter import MaskedInterpreter
 from graphprune.reference.masks import Inexact, reference_masks
+from graphprune.reference.scratch import storage_ptr
 from graphprune.reference.tolerance import relative_error, tight_rtol, tolerance
 
 
@@ -236,17 +237,24 @@ def module_outputs(graph: torch.fx.Graph) -> dict[str, list[Node]]:
 
 
 def kept_view(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | None:
-    """The reference value restricted to kept positions (compact layout), or None if not a grid."""
+    """The reference value restricted to kept positions (compact layout), or None if not a grid.
+
+    ``keep`` broadcasts to ``value``; it is read at its own (broadcast) shape, not expanded to
+    the value's: a dim it broadcasts along is wholly kept or wholly removed, and expanding it
+    made every recorded value cost reductions over its full size."""
     if keep is None:
         return value
-    keep = keep.expand(value.shape)
+    keep = keep.reshape((1,) * (value.dim() - keep.dim()) + tuple(keep.shape))
     out = value
     outer = torch.ones((1,) * keep.dim(), dtype=torch.bool, device=keep.device)
     for d in range(keep.dim()):
         rest = [e for e in range(keep.dim()) if e != d]
         k_d = keep.amax(dim=rest, keepdim=True) if rest else keep
         outer = outer & k_d
-        out = out.index_select(d, torch.nonzero(k_d.reshape(-1)).reshape(-1).to(out.device))
+        index = torch.nonzero(k_d.reshape(-1)).reshape(-1).to(out.device)
+        if keep.shape[d] == 1 and value.shape[d] != 1:  # broadcast: all of this dim, or none of it
+            index = torch.arange(value.shape[d], device=out.device) if index.numel() else index
+        out = out.index_select(d, index)
     if not torch.equal(outer.expand(keep.shape), keep):
         return None
     return out

@@ -13,15 +13,28 @@ from typing import Any
 from torch import nn
 
 from graphprune.planning.plan import AttrUpdate
-from graphprune.surgery.fallback import find_failure
+from graphprune.surgery.fallback import Watch, find_failure
 from graphprune.surgery.sizes import UncertainUpdate
 from graphprune.surgery.slicing import apply_attr_updates
 
 
-def _failing_modules(model: nn.Module, example_input: Any, expected) -> list[str] | None:
-    """Run the model; return None if it works, else the paths of the modules active at failure."""
-    failure = find_failure(model, example_input, expected)
-    return None if failure is None else failure.stack
+def _failing_modules(model: nn.Module, example_input: Any, expected, reference: Any = None
+                     ) -> list[str] | None:
+    """Run the model once; None if it works (and, with a ``reference``, computes the plan's
+    numbers), else the paths of the modules active at the failure (``["", layer]``: the first
+    layer whose output differs from the reference)."""
+    if reference is None:
+        failure = find_failure(model, example_input, expected)
+        return None if failure is None else failure.stack
+    from graphprune.reference.run import first_mismatch
+
+    with Watch(model) as watch:  # one run: where it fails, its shapes, and its numbers
+        wrong = first_mismatch(reference, model, example_input)
+    if watch.shapes is None:  # it raised (first_mismatch says so without the where)
+        return list(watch.stack) or [""]
+    if watch.shapes != list(expected):
+        return [""]
+    return None if wrong is None else ["", wrong[0]]
 
 
 def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
@@ -106,12 +119,7 @@ def choose_attr_updates(
         trial = sure + [u for k, g in enumerate(options) for u in g[choice[k]]]
         apply_attr_updates(work, revert)
         apply_attr_updates(work, trial)
-        failing = _failing_modules(work, example_input, expected)
-        if failing is None and reference is not None:
-            from graphprune.reference.run import first_mismatch
-
-            wrong = first_mismatch(reference, work, example_input)  # runs, but are the numbers right?
-            failing = None if wrong is None else ["", wrong[0]]
+        failing = _failing_modules(work, example_input, expected, reference)
         if failing is None:
             return trial, True
         candidates = [

@@ -78,29 +78,45 @@ def output_shapes(model: nn.Module, example_input: Any) -> list[tuple[int, ...]]
         return [tuple(t.shape) for t in flatten_outputs(forward(model, args, kwargs))]
 
 
+class Watch:
+    """While active (``with Watch(model) as w``): the module paths running (``w.stack``; what is
+    left after an exception is where it was raised, outermost first) and, once the model has
+    returned, its output shapes (``w.shapes``; None if it did not return)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.stack: list[str] = []
+        self.shapes: list[tuple[int, ...]] | None = None
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> Watch:
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            self.stack.pop()
+            if module is self.model and not self.stack:
+                self.shapes = [tuple(t.shape) for t in flatten_outputs(output)]
+
+        for path, mod in self.model.named_modules():
+            self.handles.append(mod.register_forward_pre_hook(lambda m, a, p=path: self.stack.append(p)))
+            self.handles.append(mod.register_forward_hook(leave))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def find_failure(model: nn.Module, example_input: Any, expected: list[tuple[int, ...]]) -> Failure | None:
     """Run ``model``; None if it gives the expected output shapes, else what failed and where.
 
     Forward pre-hooks push each module's path and forward hooks pop it; an exception skips the
     pops, so the stack left over is the chain of modules running when it was raised.
     """
-    stack: list[str] = []
-    handles = []
-
-    def leave(module: nn.Module, args: Any, output: Any) -> None:
-        stack.pop()
-
-    for path, mod in model.named_modules():
-        handles.append(mod.register_forward_pre_hook(lambda m, a, p=path: stack.append(p)))
-        handles.append(mod.register_forward_hook(leave))
-    try:
-        got = output_shapes(model, example_input)
-        return None if got == expected else Failure(f"output shapes {got} != {expected}", [""])
-    except Exception as exc:  # noqa: BLE001 - the failure and its location are what we want
-        return Failure(_first_line(exc), list(stack) or [""])
-    finally:
-        for h in handles:
-            h.remove()
+    with Watch(model) as watch:
+        try:
+            got = output_shapes(model, example_input)
+        except Exception as exc:  # noqa: BLE001 - the failure and its location are what we want
+            return Failure(_first_line(exc), list(watch.stack) or [""])
+    return None if got == expected else Failure(f"output shapes {got} != {expected}", [""])
 
 
 def _is_torch_class(mod: nn.Module) -> bool:

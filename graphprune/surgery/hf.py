@@ -217,8 +217,9 @@ def _same_outputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
                                     for x, y in zip(a, b, strict=True))
 
 
-def _rebuilds(small: nn.Module, config: Any, example_input: Any) -> bool:
-    """A model built from ``config`` holding ``small``'s tensors computes what ``small`` computes."""
+def _rebuilds(small: nn.Module, config: Any, example_input: Any, expected: list[torch.Tensor]) -> bool:
+    """A model built from ``config`` holding ``small``'s tensors computes ``expected`` (what
+    ``small`` computes: the caller ran it already)."""
     fresh = _build(small, config)
     if fresh is None:
         return False
@@ -227,7 +228,7 @@ def _rebuilds(small: nn.Module, config: Any, example_input: Any) -> bool:
         return False
     fresh.eval()
     try:
-        return _same_outputs(_outputs(fresh, example_input), _outputs(small, example_input))
+        return _same_outputs(_outputs(fresh, example_input), expected)
     except Exception:  # noqa: BLE001 - a config that builds a model which cannot run is rejected
         return False
 
@@ -315,7 +316,7 @@ def _update_config(small: nn.Module, plan: Any, example_input: Any) -> list[str]
             "save with graphprune.save and reload with graphprune.load instead of save_pretrained"
         ]
     before = _outputs(small, example_input) if example_input is not None else None
-    if example_input is not None and not _rebuilds(small, cur, example_input):
+    if before is not None and not _rebuilds(small, cur, example_input, before):
         return [f"model.config left unchanged: a model rebuilt from the edited config {changed} "
                 "does not reproduce the compact model; use graphprune.save / graphprune.load"]
     if example_input is None and not _same_constants(small, cur, plan):

@@ -167,21 +167,38 @@ def _attribute_snapshot(model: nn.Module) -> list[tuple[nn.Module, dict, dict, d
             for m in model.modules()]
 
 
-def _restore_changed(snapshot: list[tuple[nn.Module, dict, dict, dict, dict]]) -> bool:
-    """Put back any module attribute the forward (re)assigned; True if there was one.
+def _tensors_in(value: Any) -> list[Any]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
 
-    torch.export detects such assignments; a fake tensor left in a module would break every later
-    step, so the model is restored and the trace refused.
+
+def _restore_changed(snapshot: list[tuple[nn.Module, dict, dict, dict, dict]], traced: set[int]) -> bool:
+    """Put back every module attribute as it was before the trace (as torch.export does); True if
+    the forward stored a tensor other than the traced parameters and buffers in one.
+
+    ``nn.RNN`` keeps a list of its weights that functional_call's swap refreshes (it then holds
+    the traced stand-ins, ``traced``): restored, harmless. Any other stored tensor is state the
+    graph would not show (a cache filled by the forward): torch.export then decides.
     """
-    changed = False
+    suspicious = False
     for m, attrs, params, bufs, mods in snapshot:
         for now, before in ((vars(m), attrs), (m._parameters, params), (m._buffers, bufs),
                             (m._modules, mods)):
-            if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
-                changed = True
-                now.clear()
-                now.update(before)
-    return changed
+            if now.keys() == before.keys() and all(now[k] is v for k, v in before.items()):
+                continue
+            for k, v in now.items():
+                if k not in before or before[k] is not v:
+                    old = {id(t) for t in _tensors_in(before.get(k))}
+                    if any(id(t) not in traced and id(t) not in old for t in _tensors_in(v)):
+                        suspicious = True
+            now.clear()
+            now.update(before)
+    return suspicious
 
 
 _PASSTHROUGH = {operator.getitem}
@@ -213,6 +230,10 @@ def _check_graph(gm: torch.fx.GraphModule) -> None:
                 continue
             if "nn_module_stack" not in n.meta:
                 raise FastTraceUnsupported(f"no module stack for {n.name}")
+            if n.target is torch.ops.aten.index.Tensor and any(
+                    isinstance(i, torch.fx.Node) and getattr(i.meta.get("val"), "ndim", 1) == 0
+                    for i in n.args[1]):
+                raise FastTraceUnsupported("indexing by a 0-d tensor (torch.export rewrites it)")
             schema = n.target._schema
             if schema.is_mutable:
                 for arg, value in zip(schema.arguments, n.args, strict=False):
@@ -270,7 +291,10 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
     Raises ``FastTraceUnsupported`` (or whatever the trace raised) when the result might differ
     from torch.export's; the caller then runs torch.export.
     """
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._export.utils import _compiling_state_context, _insert_aten_to_metadata_assert_pass
     from torch._export.verifier import TrainingIRVerifier
+    from torch.export._trace import _ignore_backend_decomps
     from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
     from torch.export.graph_signature import (
         ExportGraphSignature,
@@ -282,6 +306,8 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
     )
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        raise FastTraceUnsupported("TorchScript modules")
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     state = {**params, **buffers}
@@ -296,8 +322,10 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
     names = list(state)
     n_state = len(names)
     out_spec: list[Any] = []
+    traced: set[int] = set()
 
     def flat_fn(*flat: Any) -> tuple:
+        traced.update(id(t) for t in flat)
         a, kw = pytree.tree_unflatten(list(flat[n_state:]), in_spec)
         out = torch.func.functional_call(model, dict(zip(names, flat[:n_state], strict=True)), a, kw)
         leaves, spec = pytree.tree_flatten(out)
@@ -309,15 +337,20 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
     snapshot = _attribute_snapshot(model)
     grad = torch.is_grad_enabled()
     try:
-        with _module_stacks(model):
+        # torch.export's own trace settings: backend kernels (cuDNN, oneDNN, NNPACK) off, so ops
+        # keep their portable form and arguments; torch.compiler.is_exporting() true, which user
+        # code may test; the Python dispatcher on
+        with _ignore_backend_decomps(), _compiling_state_context(), enable_python_dispatcher(), \
+                _module_stacks(model):
             gm = make_fx(flat_fn, tracing_mode="fake", pre_dispatch=True)(*state.values(), *user_flat)
         _format_stacks(gm)
     finally:
         torch._C._set_grad_enabled(grad)
-        if _restore_changed(snapshot):
-            raise FastTraceUnsupported("the forward assigned a module attribute")
+        if _restore_changed(snapshot, traced):
+            raise FastTraceUnsupported("the forward stored a tensor in a module attribute")
     _dead_code(gm)
     _check_graph(gm)
+    _insert_aten_to_metadata_assert_pass(gm)  # torch.export's guard before every aten.to
 
     persistent = set(model.state_dict(keep_vars=True))
     fwd = _forward_names(model, len(args))
@@ -330,8 +363,8 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
             user_names.append(_ident(str(key.key)))
         else:
             user_names.append(f"arg{i}")
-    wanted = [f"p_{_ident(n.replace('.', '_'))}" for n in params]
-    wanted += [f"b_{_ident(n.replace('.', '_'))}" for n in buffers]
+    wanted = [f"p_{_ident(n.replace('.', '_')).lower()}" for n in params]
+    wanted += [f"b_{_ident(n.replace('.', '_')).lower()}" for n in buffers]
     got = _rename_placeholders(gm, wanted + user_names)
 
     inputs = [InputSpec(InputKind.PARAMETER, TensorArgument(name=g), target=n, persistent=None)

@@ -126,6 +126,12 @@ class _Frames:
     def __contains__(self, _text: str) -> bool:  # fx looks for its gradient-accumulation marker
         return False
 
+    def __str__(self) -> str:  # fx formats graphs (an error inside make_fx) before we convert
+        return self.text() or ""
+
+    def strip(self) -> str:
+        return str(self).strip()
+
     def text(self) -> str | None:
         summary = traceback.StackSummary.from_list(
             [traceback.FrameSummary(f, n, name) for f, n, name in self.frames])

@@ -152,7 +152,19 @@ class NonTensorOutput(nn.Module):
         return self.lin(x), 3
 
 
-@pytest.mark.parametrize("cls", [WritesInput, StoresCache, ScalarIndex, NonTensorOutput])
+class SharedModule(nn.Module):
+    """One module at two paths: torch.export names it by the path the forward went through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.inner = nn.Sequential(self.lin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("cls", [WritesInput, StoresCache, ScalarIndex, NonTensorOutput, SharedModule])
 def test_constructs_it_does_not_reproduce_are_refused_and_the_model_left_as_it_was(cls: type) -> None:
     model = cls().eval()
     before = dict(vars(model))

@@ -314,6 +314,11 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
 
     if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         raise FastTraceUnsupported("TorchScript modules")
+    seen: set[int] = set()
+    for _name, m in model.named_modules(remove_duplicate=False):
+        if id(m) in seen:  # torch.export names a shared module by the path the forward used
+            raise FastTraceUnsupported("a module held at two paths")
+        seen.add(id(m))
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     state = {**params, **buffers}

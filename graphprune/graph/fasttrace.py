@@ -246,7 +246,7 @@ def _check_graph(gm: torch.fx.GraphModule) -> None:
                     written = arg.alias_info is not None and arg.alias_info.is_write
                     if written and isinstance(value, torch.fx.Node) and _base(value).op == "placeholder":
                         raise FastTraceUnsupported(f"{n.target} writes into an input of the graph")
-        elif n.op in ("call_module", "get_attr", "call_method"):
+        elif n.op in ("call_module", "call_method"):
             raise FastTraceUnsupported(f"unsupported node {n.op} {n.target}")
 
 
@@ -275,6 +275,23 @@ def _rename_placeholders(gm: torch.fx.GraphModule, names: list[str]) -> list[str
     return out
 
 
+def _name_constants(gm: torch.fx.GraphModule, signature: Any) -> None:
+    """Lifted constants' placeholders get torch.export's names: ``c_`` + their target."""
+    from torch.export.graph_signature import TensorArgument
+
+    nodes = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    for spec in signature.input_specs:
+        if spec.kind.name != "CONSTANT_TENSOR" or not isinstance(spec.arg, TensorArgument):
+            continue
+        old = nodes[spec.arg.name]
+        with gm.graph.inserting_before(old):
+            new = gm.graph.placeholder(f"c_{_ident(spec.target.replace('.', '_')).lower()}")
+        new.meta = old.meta
+        old.replace_all_uses_with(new)
+        gm.graph.erase_node(old)
+        spec.arg = TensorArgument(name=new.name)
+
+
 def _ident(text: str) -> str:
     out = "".join(c if c.isalnum() or c == "_" else "_" for c in text)
     return out if out and not out[0].isdigit() else f"_{out}"
@@ -298,6 +315,8 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
     from torch.export's; the caller then runs torch.export.
     """
     from torch._dispatch.python import enable_python_dispatcher
+    from torch._export.non_strict_utils import _gather_constant_attrs
+    from torch._export.passes.lift_constants_pass import _materialize_and_lift_constants
     from torch._export.utils import _compiling_state_context, _insert_aten_to_metadata_assert_pass
     from torch._export.verifier import TrainingIRVerifier
     from torch.export._trace import _ignore_backend_decomps
@@ -353,7 +372,8 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
         # code may test; the Python dispatcher on
         with _ignore_backend_decomps(), _compiling_state_context(), enable_python_dispatcher(), \
                 _module_stacks(model):
-            gm = make_fx(flat_fn, tracing_mode="fake", pre_dispatch=True)(*state.values(), *user_flat)
+            gm = make_fx(flat_fn, tracing_mode="fake", pre_dispatch=True,
+                         _allow_non_fake_inputs=True)(*state.values(), *user_flat)
         _format_stacks(gm)
     finally:
         torch._C._set_grad_enabled(grad)
@@ -391,6 +411,9 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
         raise FastTraceUnsupported("an output that is an input, or returned twice")
     outputs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(name=r.name), target=None) for r in results]
     signature = ExportGraphSignature(input_specs=inputs, output_specs=outputs)
+    # tensors made inside the forward (``torch.tensor([...])``) become inputs, as torch.export lifts them
+    lifted = _materialize_and_lift_constants(gm, signature, _gather_constant_attrs(model))
+    _name_constants(gm, signature)
     if any(n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in gm.graph.nodes):
         from torch._export.passes.replace_set_grad_with_hop_pass import replace_set_grad_with_hop_pass
 
@@ -399,6 +422,7 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
 
     state_dict = {n: t for n, t in state.items() if n in params or n in persistent}
     constants = {n: t for n, t in buffers.items() if n not in persistent}
+    constants.update(lifted)
     call = ModuleCallSignature(inputs=[], outputs=[], in_spec=in_spec, out_spec=out_spec[-1],
                                forward_arg_names=fwd + list(kwargs))
     return torch.export.ExportedProgram(

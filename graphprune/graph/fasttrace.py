@@ -466,15 +466,17 @@ def retried_with_export(fn: Callable[..., T]) -> Callable[..., T]:
     verification), run it once more with torch.export, so a fast-trace bug never costs coverage.
 
     Only the outermost decorated call retries; nested ones run inside its scope. A call with
-    ``inplace=True`` cannot be retried (the user's weights are replaced as slicing goes): it
-    traces with torch.export only.
+    ``inplace=True`` (the user's weights are replaced as slicing goes) or with a one-shot iterator
+    argument (calibration batches from a generator, consumed by the first run) cannot be retried:
+    it traces with torch.export only.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         if _SCOPE.get() is not None:
             return fn(*args, **kwargs)
-        if kwargs.get("inplace"):
+        one_shot = any(isinstance(v, Iterator) for v in (*args, *kwargs.values()))
+        if kwargs.get("inplace") or one_shot:
             with export_only():
                 return fn(*args, **kwargs)
         log: list[str] = []

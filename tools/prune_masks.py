@@ -44,21 +44,24 @@ def state_kib(model: torch.nn.Module) -> float:
 
 
 def seeds_recipe(model: torch.nn.Module, amount: float) -> torch.nn.Module:
-    """ln_structured (L2, output channels) on every Conv2d of a copy."""
+    """ln_structured (L2, output rows) on every Conv2d of a copy; on every hidden Linear of a model
+    without convolutions (an MLP), whose last Linear is left alone: its rows are the outputs."""
     masked = copy.deepcopy(model)
-    for mod in masked.modules():
-        if isinstance(mod, torch.nn.Conv2d):
-            prune.ln_structured(mod, "weight", amount=amount, n=2, dim=0)
+    convs = [m for m in masked.modules() if isinstance(m, torch.nn.Conv2d)]
+    targets = convs or [m for m in masked.modules() if isinstance(m, torch.nn.Linear)][:-1]
+    for mod in targets:
+        prune.ln_structured(mod, "weight", amount=amount, n=2, dim=0)
     return masked
 
 
 def variants(model: torch.nn.Module, x: torch.Tensor, amount: float) -> dict[str, tuple]:
     """label -> (model to export and time, model whose state_dict is what the user stores)."""
     masked = seeds_recipe(model, amount)
+    where = "conv" if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) else "hidden linear"
     small = graphprune.compact(masked, x, importance="mask")
     out = {
         "original": (model, model),
-        f"ln_structured {amount:g} on every conv (masked)": (fold_masks(masked)[0], masked),
+        f"ln_structured {amount:g} on every {where} (masked)": (fold_masks(masked)[0], masked),
         "  + graphprune.compact(importance='mask')": (small, small),
     }
     try:

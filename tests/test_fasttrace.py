@@ -93,6 +93,21 @@ class Constants(nn.Module):
 
 _OFFSET = torch.full((4,), 0.25)
 
+
+class AutocastRegion(nn.Module):
+    """An autocast-disabled region (timm's EfficientViT attention): torch.export wraps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(6, 6)
+        self.k = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = torch.relu(self.q(x)), torch.relu(self.k(x))
+        with torch.autocast(device_type="cpu", enabled=False):
+            att = q.float() @ k.float().transpose(-1, -2)
+        return att.softmax(-1) @ x
+
 CASES = {
     **{f"fuzz{s}": (lambda s=s: fuzzgen.build(fuzzgen.random_spec(s))) for s in (0, 3, 5, 8, 13)},
     **{f"tm_{n}": (lambda n=n: transformer_models.build(n))
@@ -100,6 +115,7 @@ CASES = {
     "rewrite_tiny_vit": lambda: (rewrite_models.TinyViT(), torch.randn(2, 5, 12)),
     "mixed": lambda: (Mixed(), {"x": torch.randn(2, 3, 6), "scale": torch.randn(6)}),
     "constants": lambda: (Constants(), torch.randn(2, 4)),
+    "autocast": lambda: (AutocastRegion(), torch.randn(2, 5, 6)),
 }
 
 
@@ -108,7 +124,7 @@ def test_fast_program_equals_torch_export(name: str) -> None:
     torch.manual_seed(0)
     ref, fast = _both(*CASES[name]())
     assert program_facts(fast) == program_facts(ref)
-    if name == "mixed":  # the no_grad region became torch.export's wrapped region
+    if name in ("mixed", "autocast"):  # the region became torch.export's wrapped region
         assert any(n.op == "get_attr" for n in fast.graph.nodes)
 
 

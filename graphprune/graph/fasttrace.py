@@ -208,6 +208,9 @@ def _restore_changed(snapshot: list[tuple[nn.Module, dict, dict, dict, dict]], t
 
 
 _PASSTHROUGH = {operator.getitem}
+# calls marking no_grad / autocast regions: torch.export's passes turn them into wrapped regions
+_REGION_MARKERS = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
+                   torch.amp.autocast_mode._exit_autocast}
 
 
 def _base(node: torch.fx.Node) -> torch.fx.Node:
@@ -228,7 +231,7 @@ def _check_graph(gm: torch.fx.GraphModule) -> None:
     """Refuse graphs torch.export would have turned into something else (or rejected)."""
     for n in gm.graph.nodes:
         if n.op == "call_function":
-            if n.target is torch._C._set_grad_enabled:
+            if n.target in _REGION_MARKERS:
                 continue  # made into a wrapped region below, as torch.export does
             if not isinstance(n.target, torch._ops.OpOverload) and n.target not in _PASSTHROUGH:
                 raise FastTraceUnsupported(f"unsupported call {n.target}")
@@ -414,10 +417,18 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
     # tensors made inside the forward (``torch.tensor([...])``) become inputs, as torch.export lifts them
     lifted = _materialize_and_lift_constants(gm, signature, _gather_constant_attrs(model))
     _name_constants(gm, signature)
-    if any(n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in gm.graph.nodes):
+    if any(n.op == "call_function" and n.target in _REGION_MARKERS for n in gm.graph.nodes):
+        from torch._export.passes.replace_autocast_with_hop_pass import replace_autocast_with_hop_pass
         from torch._export.passes.replace_set_grad_with_hop_pass import replace_set_grad_with_hop_pass
 
         gm, signature = replace_set_grad_with_hop_pass(gm, signature)
+        gm, signature = replace_autocast_with_hop_pass(gm, signature)
+    for sub in gm.modules():  # as torch.export: inputs and outputs belong to no module and line
+        if isinstance(sub, torch.fx.GraphModule):
+            for n in sub.graph.nodes:
+                if n.op in ("placeholder", "output"):
+                    n.meta.pop("nn_module_stack", None)
+                    n.meta.pop("stack_trace", None)
     gm.recompile()
 
     state_dict = {n: t for n, t in state.items() if n in params or n in persistent}

@@ -9,6 +9,7 @@ wrong fast graph is caught and the call retried with torch.export, still verifie
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -207,6 +208,30 @@ def test_constructs_it_does_not_reproduce_are_refused_and_the_model_left_as_it_w
     with pytest.raises(expected):
         fasttrace.fast_export(model, (torch.randn(2, 4),), {})
     assert vars(model).keys() == before.keys() and all(vars(model)[k] is v for k, v in before.items())
+
+
+class LazyHook(nn.Module):
+    """Installs a hook on its first call and remembers it in a flag (as Hugging Face's output
+    recorders do): the flag must survive the trace, or the next call installs the hook twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "hooked", False):
+            self.lin.register_forward_hook(lambda _m, _i, out: out * 2)
+            self.hooked = True
+        return self.lin(x)
+
+
+def test_the_model_runs_as_before_after_a_fast_trace() -> None:
+    model, x = LazyHook().eval(), torch.randn(2, 4)
+    twin = copy.deepcopy(model)
+    ref, fast = _both(model, x)  # traces copies: now trace the model itself
+    fasttrace.fast_export(model, (x,), {})
+    torch.testing.assert_close(model(x), twin(x))
+    assert program_facts(fast) == program_facts(ref)
 
 
 class DataDependent(nn.Module):

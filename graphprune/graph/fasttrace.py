@@ -184,12 +184,15 @@ def _tensors_in(value: Any) -> list[Any]:
 
 
 def _restore_changed(snapshot: list[tuple[nn.Module, dict, dict, dict, dict]], traced: set[int]) -> bool:
-    """Put back every module attribute as it was before the trace (as torch.export does); True if
-    the forward stored a tensor other than the traced parameters and buffers in one.
+    """Undo what the forward did to module attributes during the trace; True if it stored a
+    tensor other than the traced parameters and buffers (state the graph would not show, such as
+    a cache filled by the forward: torch.export then decides).
 
-    ``nn.RNN`` keeps a list of its weights that functional_call's swap refreshes (it then holds
-    the traced stand-ins, ``traced``): restored, harmless. Any other stored tensor is state the
-    graph would not show (a cache filled by the forward): torch.export then decides.
+    As torch.export: rebound attributes get their old value back, and attributes the forward
+    added stay (a library may set a flag on its first call and install hooks with it, which stay
+    too), except those holding tensors, which are the trace's fake stand-ins. ``nn.RNN`` keeps a
+    list of its weights that functional_call's swap refreshes with the stand-ins (``traced``):
+    restored, harmless.
     """
     suspicious = False
     for m, attrs, params, bufs, mods in snapshot:
@@ -197,13 +200,21 @@ def _restore_changed(snapshot: list[tuple[nn.Module, dict, dict, dict, dict]], t
                             (m._modules, mods)):
             if now.keys() == before.keys() and all(now[k] is v for k, v in before.items()):
                 continue
-            for k, v in now.items():
-                if k not in before or before[k] is not v:
-                    old = {id(t) for t in _tensors_in(before.get(k))}
-                    if any(id(t) not in traced and id(t) not in old for t in _tensors_in(v)):
-                        suspicious = True
-            now.clear()
-            now.update(before)
+            for k in list(now):
+                v = now[k]
+                if k in before and before[k] is v:
+                    continue
+                old = {id(t) for t in _tensors_in(before.get(k))}
+                tensors = _tensors_in(v)
+                if any(id(t) not in traced and id(t) not in old for t in tensors):
+                    suspicious = True
+                if k in before:
+                    now[k] = before[k]
+                elif tensors:
+                    del now[k]
+            for k, v in before.items():
+                if k not in now:
+                    now[k] = v
     return suspicious
 
 

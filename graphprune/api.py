@@ -11,6 +11,7 @@ from graphprune.distributed import agree, digest, is_distributed
 from graphprune.engine import Engine, Realized, importance_name, modes, realize_inplace, set_mode
 from graphprune.errors import InputError
 from graphprune.graph.copies import keeps_global_rng, private_copy
+from graphprune.graph.fasttrace import retried_with_export
 from graphprune.graph.trace import check_model
 from graphprune.methods.prune_masks import MaskImportance, fold_masks
 from graphprune.planning.importance import Criterion
@@ -128,6 +129,7 @@ def _unmasked(
     return folded, MaskImportance(masks, None if ratio is None else check_ratio(ratio)), ratio
 
 
+@retried_with_export
 @keeps_global_rng
 def compact(
     model: nn.Module,
@@ -263,6 +265,7 @@ def compact(
     return small
 
 
+@retried_with_export
 @keeps_global_rng
 def make_plan(
     model: nn.Module,
@@ -317,6 +320,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     return small
 
 
+@retried_with_export
 @keeps_global_rng
 def compact_with_plan(model, example_input, ratio=None, **kwargs) -> tuple[nn.Module, Plan]:
     """Like ``compact`` but also return the plan (for printing or saving)."""

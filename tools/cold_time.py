@@ -15,6 +15,10 @@ tools/compare.py. The report prints per-model times, the gp/TP ratios and their 
     python tools/cold_time.py                               # the default set (timm + torchvision)
     python tools/cold_time.py --models timm:tinynet_e,tv:resnet50 --side 224
     python tools/cold_time.py --models timm:tinynet_e --profile   # graphprune's stages (cProfile)
+    python tools/cold_time.py --tools gp,gp-export,tp        # also graphprune on torch.export only
+
+``gp-export`` is graphprune with ``GRAPHPRUNE_TRACE=export`` (no fast trace, docs/trace.md): the
+"before" of the fast trace, measured in the same run, model by model, next to the "after".
 
 Models: ``timm:NAME`` (timm.create_model, random weights), ``tv:NAME`` (torchvision.models),
 ``tvseg:NAME`` (torchvision.models.segmentation). timm/torchvision must be importable
@@ -123,18 +127,21 @@ def stage_times(prof: cProfile.Profile) -> dict[str, float]:
 
 
 def run_child(spec: str, tool: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", spec, tool, "--side", str(args.side),
+    child_tool = "gp" if tool == "gp-export" else tool
+    cmd = [sys.executable, __file__, "--child", spec, child_tool, "--side", str(args.side),
            "--ratio", str(args.ratio)]
-    if args.profile and tool == "gp":
+    if args.profile and child_tool == "gp":
         cmd.append("--profile")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    if tool == "gp-export":
+        env["GRAPHPRUNE_TRACE"] = "export"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"model": spec, "tool": tool, "error": f"timeout after {args.timeout} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)
+            return {**json.loads(line), "tool": tool}
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"model": spec, "tool": tool, "error": tail[:200]}
 
@@ -166,29 +173,35 @@ def main() -> None:
         return
     rows = []
     tools = args.tools.split(",")
+    ex = "gp-export" in tools
     print(f"{'model':40s} {'gp cold':>8s} {'tp cold':>8s} {'ratio':>6s} "
-          f"{'gp warm':>8s} {'tp warm':>8s} {'ratio':>6s}")
+          f"{'gp warm':>8s} {'tp warm':>8s} {'ratio':>6s}"
+          + (f" {'export cold':>11s} {'ratio':>6s} {'export warm':>11s} {'ratio':>6s}" if ex else ""))
     for spec in args.models.split(","):
         got = {tool: run_child(spec, tool, args) for tool in tools}
         rows.extend(got.values())
-        gp, tp = got.get("gp", {}), got.get("tp", {})
+        gp, tp, gx = got.get("gp", {}), got.get("tp", {}), got.get("gp-export", {})
+        extra = (f"    {_cell(gx, 'cold_s')} {_ratio(gx, tp, 'cold_s')}    {_cell(gx, 'warm_s')} "
+                 f"{_ratio(gx, tp, 'warm_s')}" if ex else "")
         print(f"{spec:40s} {_cell(gp, 'cold_s')} {_cell(tp, 'cold_s')} {_ratio(gp, tp, 'cold_s')} "
-              f"{_cell(gp, 'warm_s')} {_cell(tp, 'warm_s')} {_ratio(gp, tp, 'warm_s')}", flush=True)
+              f"{_cell(gp, 'warm_s')} {_cell(tp, 'warm_s')} {_ratio(gp, tp, 'warm_s')}{extra}", flush=True)
         for r in got.values():
             if "error" in r:
                 print(f"    {r['tool']}: {r['error']}", flush=True)
         if gp.get("stages"):
             for label, secs in gp["stages"].items():
                 print(f"    {label:28s} {secs:6.2f} s (cProfile)", flush=True)
-    for key in ("cold_s", "warm_s"):
-        ok = [(g, t) for g in rows if g["tool"] == "gp" and key in g
-              for t in rows if t["tool"] == "tp" and t["model"] == g["model"] and key in t]
-        if ok:
-            med_gp = statistics.median(g[key] for g, _ in ok)
-            med_tp = statistics.median(t[key] for _, t in ok)
-            med_ratio = statistics.median(g[key] / t[key] for g, t in ok)
-            print(f"median {key[:-2]}: graphprune {med_gp:.2f} s, Torch-Pruning {med_tp:.2f} s, "
-                  f"median gp/TP ratio {med_ratio:.2f} ({len(ok)} models)")
+    for name in [t for t in ("gp", "gp-export") if t in tools]:
+        for key in ("cold_s", "warm_s"):
+            ok = [(g, t) for g in rows if g["tool"] == name and key in g
+                  for t in rows if t["tool"] == "tp" and t["model"] == g["model"] and key in t]
+            if ok:
+                med_gp = statistics.median(g[key] for g, _ in ok)
+                med_tp = statistics.median(t[key] for _, t in ok)
+                med_ratio = statistics.median(g[key] / t[key] for g, t in ok)
+                print(f"median {key[:-2]}: graphprune{'' if name == 'gp' else ' (torch.export only)'} "
+                      f"{med_gp:.2f} s, Torch-Pruning {med_tp:.2f} s, median ratio {med_ratio:.2f} "
+                      f"({len(ok)} models)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from graphprune.errors import InputError, TraceError
 from graphprune.graph.copies import private_copy
+from graphprune.graph.fasttrace import fast_allowed, fast_export, note_fast_used
 from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
 
 
@@ -34,6 +35,8 @@ class Traced:
     # placeholder name -> where a foreign constant sits in a container attribute of a module
     # (``attn.cache['cpu']``: a cache filled by an earlier forward), for the plan's boundary note
     holders: dict[str, str] = dataclasses.field(default_factory=dict)
+    # made by graph.fasttrace (make_fx + module hooks) rather than torch.export
+    fast: bool = False
 
 
 def check_model(model: Any) -> nn.Module:
@@ -238,6 +241,23 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exporte
         return torch.export.export(model, args, kwargs, strict=False)
 
 
+def _fast(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram | None:
+    """The fast trace's program (graph.fasttrace), or None when it is not allowed here, refuses the
+    model or fails in any way: torch.export then traces as before, with its own errors."""
+    if not fast_allowed():
+        return None
+    try:
+        with warnings.catch_warnings(), no_cache(model), quiet_torch_logs():
+            warnings.simplefilter("ignore")
+            program = fast_export(model, args, kwargs)
+        if _program_output_shapes(program) is None:
+            return None
+    except Exception:  # noqa: BLE001 - anything unexpected: torch.export decides
+        return None
+    note_fast_used()
+    return program
+
+
 def _program_output_shapes(program: torch.export.ExportedProgram) -> list[tuple[int, ...]] | None:
     """The user outputs' shapes as ``flatten_outputs`` orders them, from the program's fake values
     (no forward run); None if the output structure cannot be rebuilt."""
@@ -258,6 +278,9 @@ def _program_output_shapes(program: torch.export.ExportedProgram) -> list[tuple[
 def trace(model: nn.Module, example_input: Any) -> Traced:
     """Export ``model`` (already an eval-mode copy) with torch.export, non-strict.
 
+    Inside a call that can be retried with torch.export (``fasttrace.retried_with_export``) the
+    cheaper ``fasttrace.fast_export`` is tried first; it refuses what it does not reproduce.
+
     The output shapes come from the program itself. The model is run eagerly only when that
     is not enough: export failed (the eager run then says whether the input is the problem, and
     registers dataclass outputs for a second try) or the output structure cannot be rebuilt.
@@ -266,8 +289,10 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
     and a forward may write into its own.
     """
     args, kwargs = normalize_inputs(example_input)
+    program = _fast(model, args, kwargs)
+    fast = program is not None
     try:
-        program = _export(model, args, kwargs)
+        program = program or _export(model, args, kwargs)
     except Exception as first:  # noqa: BLE001
         reference_outputs(private_copy(model), example_input)  # InputError if the model rejects the input
         try:
@@ -296,7 +321,7 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
         for spec in sig.output_specs
         if spec.kind.name == "USER_OUTPUT" and hasattr(spec.arg, "name")
     ]
-    return Traced(program, names, user_outputs, shapes, foreign, holders)
+    return Traced(program, names, user_outputs, shapes, foreign, holders, fast)
 
 
 def writes_inputs(program: torch.export.ExportedProgram) -> bool:

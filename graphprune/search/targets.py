@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from graphprune.errors import InputError, warn_user
 from graphprune.export.bench import count_flops, count_params
 from graphprune.graph.copies import keeps_global_rng
+from graphprune.graph.fasttrace import retried_with_export
 from graphprune.planning.importance import Criterion
 from graphprune.planning.options import AUTO
 from graphprune.search.results import Candidate, RoundTo, TargetResult, round_order
@@ -123,6 +124,7 @@ def _round_choices(round_to: RoundTo | None) -> tuple[RoundTo, ...]:
     return (int(round_to),)
 
 
+@retried_with_export
 @keeps_global_rng
 def compact_to_target(
     model: nn.Module,

@@ -322,3 +322,35 @@ def test_calls_that_cannot_be_retried_trace_with_torch_export(monkeypatch: pytes
     model, x = _residual()
     graphprune.compact(model, x, ratio=0.5, importance="activation", data=(x for _ in range(2)))
     assert spy.calls == 0  # a generator of batches is consumed by the first run: no retry
+
+
+class _Warns(nn.Module):
+    """The residual model, warning on every forward (as user code or a library may)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        warnings.warn("from the user's forward", UserWarning, stacklevel=1)
+        return self.inner(x)
+
+
+def _warnings_of(model: nn.Module, x: Any) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _compact(model, x)
+    return [str(w.message) for w in caught if "user's forward" in str(w.message)]
+
+
+def test_a_retried_call_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the failed fast attempt's warnings are dropped: the user sees those of the run that counts
+    model, x = _residual()
+    model = _Warns(model).eval()
+    monkeypatch.setenv(fasttrace.TRACE_ENV, "export")
+    alone = _warnings_of(model, x)
+    monkeypatch.delenv(fasttrace.TRACE_ENV)
+    spy = _Spy(monkeypatch, corrupt=True)
+    retried = _warnings_of(model, x)
+    assert spy.calls >= 1 and alone  # the retry happened, and the forward does warn
+    assert retried == alone

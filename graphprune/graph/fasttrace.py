@@ -26,6 +26,7 @@ import operator
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -483,6 +484,12 @@ def export_only() -> Iterator[None]:
         _SCOPE.reset(token)
 
 
+def _replay(caught: list[warnings.WarningMessage]) -> None:
+    """Show held-back warnings now, each at the place it was raised (the user's line)."""
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
 def retried_with_export(fn: Callable[..., T]) -> Callable[..., T]:
     """Let ``fn``'s traces use the fast trace; if ``fn`` then fails in any way (analysis, surgery,
     verification), run it once more with torch.export, so a fast-trace bug never costs coverage.
@@ -504,10 +511,16 @@ def retried_with_export(fn: Callable[..., T]) -> Callable[..., T]:
         log: list[str] = []
         token = _SCOPE.set(log)
         try:
-            return fn(*args, **kwargs)
+            # held back until the call succeeds, so that a retry does not warn the user twice
+            with warnings.catch_warnings(record=True) as caught:
+                result = fn(*args, **kwargs)
         except Exception:
             if "fast" not in log:
+                _replay(caught)
                 raise
+        else:
+            _replay(caught)
+            return result
         finally:
             _SCOPE.reset(token)
         with export_only():

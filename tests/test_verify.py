@@ -26,6 +26,7 @@ from graphprune.graph.inputs import flatten_outputs, run_model
 from graphprune.graph.rules import registry as rules
 from graphprune.graph.rules.pointwise import unary
 from graphprune.graph.rules.registry import ops
+from graphprune.reference.interpreter import rebinds
 from graphprune.reference.masks import removed_classes
 from graphprune.reference.run import reference_outputs
 
@@ -227,3 +228,38 @@ def test_layer_norm_over_pruned_features_is_exact_with_prune_hidden() -> None:
         nn.functional.layer_norm(h, (8,), model.norm.weight[keep], model.norm.bias[keep])
     ).T
     torch.testing.assert_close(_outputs(small, x)[0], expected.T + model.fc2.bias)
+
+
+class _FirstCallCache(nn.Module):
+    """Replaces a placeholder buffer by a cache of another shape on its first forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.register_buffer("cache", torch.zeros(1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache.shape[0] != x.shape[1]:
+            self.cache = torch.arange(x.shape[1] * 4, dtype=x.dtype).reshape(x.shape[1], 4)
+        return self.b(torch.relu(self.a(x))) + self.cache
+
+
+@pytest.mark.parametrize("tracer", ["fast", "export"])
+def test_a_buffer_replaced_by_another_shape_is_rebound_in_the_reference(monkeypatch, tracer: str) -> None:
+    # torch.export records ``self.cache = new`` as a copy into the old buffer, which cannot hold
+    # it: the reference must rebind it as the forward does (it raised a RuntimeError before)
+    if tracer == "export":
+        monkeypatch.setenv("GRAPHPRUNE_TRACE", "export")
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    model = _FirstCallCache().eval()
+    same = graphprune.compact(model, x, 0.0)
+    torch.testing.assert_close(same(x), model(x))  # identity at ratio 0
+    small = graphprune.compact(_FirstCallCache().eval(), x, 0.5)  # verify=True: checked against it
+    assert small.a.out_features < 16 and small(x).shape == (2, 5, 4)
+    for dst, src in ((torch.zeros(1, 1), torch.zeros(5, 4)), (torch.zeros(5, 4), torch.zeros(4))):
+        g = torch.fx.Graph()
+        a, b = g.placeholder("buf"), g.placeholder("new")
+        a.meta["val"], b.meta["val"] = dst, src
+        node = g.call_function(torch.ops.aten.copy_.default, (a, b))
+        assert rebinds(node) == (src.shape != (4,))  # a broadcasting copy is a real copy

@@ -128,6 +128,8 @@ class MaskedInterpreter(Interpreter):
     def run_node(self, n: Node) -> Any:
         if n.op == "call_function" and (n.target in NORM_OPS or n.target in REDUCE_OPS):
             result = self._run_statistic(n)
+        elif rebinds(n):  # the forward set ``self.buf = new`` of another shape: rebind, as it did
+            result = self.env[n.args[1]]
         else:
             result = super().run_node(n)
         if n.op == "call_function":  # an output that views a scratch buffer keeps it
@@ -192,6 +194,27 @@ class MaskedInterpreter(Interpreter):
                 return type(out)([_scatter(out[0], plan, x.shape)] + list(out[1:]))
             return _scatter(out, plan, x.shape)
         return out
+
+
+def rebinds(n: Node) -> bool:
+    """True for the write-back torch.export records when a forward replaces a buffer by a tensor
+    of another shape (a cache made on the first call: ``self.cache = torch.arange(n)...``).
+
+    The program copies the new value into the old buffer, which cannot hold it; the forward
+    rebound the attribute instead. Running the write-back as a rebinding gives what the forward
+    computed (the value itself is already what later ops read)."""
+    if n.op != "call_function" or n.target is not torch.ops.aten.copy_.default or len(n.args) < 2:
+        return False
+    dst, src = n.args[0], n.args[1]
+    if not (isinstance(dst, Node) and isinstance(src, Node) and dst.op == "placeholder"):
+        return False
+    a, b = dst.meta.get("val"), src.meta.get("val")
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    try:  # a source that broadcasts into the buffer is a real copy (``buf.copy_(x)``)
+        return tuple(torch.broadcast_shapes(a.shape, b.shape)) != tuple(a.shape)
+    except RuntimeError:
+        return True
 
 
 def _slot_sizes(graph: torch.fx.Graph, lazy: set[Node]) -> dict[tuple[int, torch.dtype], int]:

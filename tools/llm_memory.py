@@ -222,8 +222,11 @@ def write_checkpoint(folder: Path, shape: str, shard_gib: float) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def run_checkpoint(src: Path, ratio: float, calib_sequences: int = 0) -> dict[str, Any]:
-    """``compact_checkpoint`` of ``src``; with ``calib_sequences``, reconstruction block by block."""
+def run_checkpoint(src: Path, ratio: float, calib_sequences: int = 0,
+                   calib_importance: str = "reconstruct") -> dict[str, Any]:
+    """``compact_checkpoint`` of ``src``; with ``calib_sequences``, calibration block by block:
+    reconstruction (greedy OBS selection and refit), or a data-driven criterion measured block by
+    block ("activation", "apoz") with the weights sliced as they are."""
     import graphprune
 
     dst = src.with_name(src.name + "-compact")
@@ -233,14 +236,17 @@ def run_checkpoint(src: Path, ratio: float, calib_sequences: int = 0) -> dict[st
     if calib_sequences:
         vocab = json.loads((src / "config.json").read_text())["vocab_size"]
         kwargs["data"] = calibration(vocab, calib_sequences)
+        if calib_importance != "reconstruct":
+            kwargs["importance"] = calib_importance
     cpu0 = _cpu_s()
     t0 = time.perf_counter()
     result = graphprune.compact_checkpoint(src, dst, ratio, progress=False, **kwargs)
     seconds = time.perf_counter() - t0
     cpu = _cpu_s() - cpu0
     shutil.rmtree(dst, ignore_errors=True)
+    what = "calib" if calib_importance == "reconstruct" else calib_importance
     return {
-        "tool": "checkpoint" + (f" calib {calib_sequences}x{CALIB_TOKENS}" if calib_sequences else ""),
+        "tool": "checkpoint" + (f" {what} {calib_sequences}x{CALIB_TOKENS}" if calib_sequences else ""),
         "shards": len(shards), "resident_weights_gib": result.peak_resident_bytes / 2**30,
         "largest_shard_gib": max(p.stat().st_size for p in shards) / 2**30,
         "model_gib": result.bytes_in / 2**30, "written_gib": result.bytes_out / 2**30,
@@ -276,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib", type=int, default=0, metavar="N",
                    help=f"N calibration sequences of {CALIB_TOKENS} tokens: reconstruct (checkpoint, and the "
                         "graphprune-reconstruct tool)")
+    p.add_argument("--calib-importance", default="reconstruct", choices=("reconstruct", "activation", "apoz"),
+                   help="--checkpoint with --calib: what the calibration data decides (default reconstruct)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--one-checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -285,11 +293,12 @@ def main(argv: list[str] | None = None) -> int:
                                              args.calib)))
         return 0
     if args.one_checkpoint:
-        print("RESULT " + json.dumps(run_checkpoint(Path(args.one_checkpoint), args.ratio, args.calib)))
+        print("RESULT " + json.dumps(run_checkpoint(Path(args.one_checkpoint), args.ratio, args.calib,
+                                                    args.calib_importance)))
         return 0
     if args.checkpoint:
         for r in checkpoint_runs(Path(args.checkpoint), args.shape, args.ratio, args.shard_gib,
-                                 [args.calib] if args.calib else [0]):
+                                 [args.calib] if args.calib else [0], args.calib_importance):
             print(json.dumps(r, indent=1))
         return 0
     rows = memory_runs(args.tools.split(","), args.shape, args.ratio, args.profile, args.calib, args.where)
@@ -314,14 +323,14 @@ def memory_runs(tools: list[str], shape: str, ratio: float, profile: bool = Fals
 
 
 def checkpoint_runs(folder: Path, shape: str, ratio: float, shard_gib: float,
-                    calibs: list[int]) -> list[dict[str, Any]]:
+                    calibs: list[int], calib_importance: str = "reconstruct") -> list[dict[str, Any]]:
     """Write the sharded checkpoint once, compact it once per entry of ``calibs`` (0: weights only)."""
     src = folder / f"{shape}-fp32"
     shutil.rmtree(src, ignore_errors=True)
     write_checkpoint(src, shape, shard_gib)
     try:
-        return [_child(["--one-checkpoint", str(src), "--ratio", str(ratio), "--calib", str(c)])
-                for c in calibs]
+        return [_child(["--one-checkpoint", str(src), "--ratio", str(ratio), "--calib", str(c),
+                        "--calib-importance", calib_importance]) for c in calibs]
     finally:
         shutil.rmtree(src, ignore_errors=True)
 

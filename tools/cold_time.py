@@ -166,11 +166,20 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="graphprune's cold stages (cProfile)")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--no-precompile", action="store_true", help="do not write graphprune's bytecode "
+                        "first (tools/precompile.py): with PYTHONDONTWRITEBYTECODE set, every fresh process "
+                        "then compiles its modules from source")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.side, args.ratio, args.profile)), flush=True)
         return
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
+    from precompile import compile_packages
+
+    if not args.no_precompile:
+        compile_packages("graphprune", "torch_pruning")  # both start from what an install holds
     rows = []
     tools = args.tools.split(",")
     ex = "gp-export" in tools

@@ -437,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(names))
         return 0
+    from precompile import compile_packages
     from tqdm import tqdm
 
+    compile_packages("graphprune", "torch_pruning")  # both start from what an install holds
     tools = [t for t in args.tools.split(",") if t]
     pairs = [(n, t) for n in names for t in tools]
     results: dict[str, dict[str, dict[str, Any]]] = {}

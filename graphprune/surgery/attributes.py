@@ -37,10 +37,15 @@ def _failing_modules(model: nn.Module, example_input: Any, expected, reference: 
     return None if wrong is None else ["", wrong[0]]
 
 
+def _hashable(value: Any) -> Any:
+    """An attribute value as a dict key: a split-size list (``[64, 64, 128]``) as a tuple."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
     sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
     for u in ups:
-        sets.setdefault((u.module, u.old, u.new), []).append(u)
+        sets.setdefault((u.module, _hashable(u.old), _hashable(u.new)), []).append(u)
     return [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
 
 
@@ -104,7 +109,7 @@ def choose_attr_updates(
     """
     sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
     for u in ups:
-        sets.setdefault((u.module, u.old, u.new), []).append(u)
+        sets.setdefault((u.module, _hashable(u.old), _hashable(u.new)), []).append(u)
     sure = [u for g in sets.values() if len(g) == 1 and not isinstance(g[0], UncertainUpdate) for u in g]
     ambiguous = [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
     apply_attr_updates(work, ups)

@@ -279,15 +279,17 @@ def _rename_placeholders(gm: torch.fx.GraphModule, names: list[str]) -> list[str
     olds = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(olds) != len(names):
         raise FastTraceUnsupported("placeholder count differs from the flattened inputs")
-    out = []
-    for old, name in zip(olds, names, strict=True):
-        with gm.graph.inserting_before(old):
-            new = gm.graph.placeholder(name)
-        new.meta = old.meta
-        old.replace_all_uses_with(new)
-        gm.graph.erase_node(old)
-        out.append(new.name)
-    return out
+    return [_renamed(gm, old, name).name for old, name in zip(olds, names, strict=True)]
+
+
+def _renamed(gm: torch.fx.GraphModule, old: torch.fx.Node, name: str) -> torch.fx.Node:
+    """``old`` (a placeholder) replaced by one named ``name`` (fx uniquifies it), same meta and uses."""
+    with gm.graph.inserting_before(old):
+        new = gm.graph.placeholder(name)
+    new.meta = old.meta
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
+    return new
 
 
 def _name_constants(gm: torch.fx.GraphModule, signature: Any) -> None:
@@ -298,13 +300,13 @@ def _name_constants(gm: torch.fx.GraphModule, signature: Any) -> None:
     for spec in signature.input_specs:
         if spec.kind.name != "CONSTANT_TENSOR" or not isinstance(spec.arg, TensorArgument):
             continue
-        old = nodes[spec.arg.name]
-        with gm.graph.inserting_before(old):
-            new = gm.graph.placeholder(f"c_{_ident(spec.target.replace('.', '_')).lower()}")
-        new.meta = old.meta
-        old.replace_all_uses_with(new)
-        gm.graph.erase_node(old)
+        new = _renamed(gm, nodes[spec.arg.name], _state_name("c", spec.target))
         spec.arg = TensorArgument(name=new.name)
+
+
+def _state_name(prefix: str, target: str) -> str:
+    """torch.export's placeholder name for a parameter ("p"), buffer ("b") or constant ("c")."""
+    return f"{prefix}_{_ident(target.replace('.', '_')).lower()}"
 
 
 def _ident(text: str) -> str:
@@ -409,8 +411,7 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
             user_names.append(_ident(str(key.key)))
         else:
             user_names.append(f"arg{i}")
-    wanted = [f"p_{_ident(n.replace('.', '_')).lower()}" for n in params]
-    wanted += [f"b_{_ident(n.replace('.', '_')).lower()}" for n in buffers]
+    wanted = [_state_name("p", n) for n in params] + [_state_name("b", n) for n in buffers]
     got = _rename_placeholders(gm, wanted + user_names)
 
     inputs = [InputSpec(InputKind.PARAMETER, TensorArgument(name=g), target=n, persistent=None)

@@ -235,9 +235,16 @@ def _outermost_scripts(model: nn.Module) -> list[str]:
     return found
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+@contextlib.contextmanager
+def _tracing(model: nn.Module) -> Iterator[None]:
+    """Either tracer's surroundings: no HF cache, torch's warnings and graph logs silenced."""
     with warnings.catch_warnings(), no_cache(model), quiet_torch_logs():
         warnings.simplefilter("ignore")
+        yield
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    with _tracing(model):
         return torch.export.export(model, args, kwargs, strict=False)
 
 
@@ -247,8 +254,7 @@ def _fast(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedP
     if not fast_allowed():
         return None
     try:
-        with warnings.catch_warnings(), no_cache(model), quiet_torch_logs():
-            warnings.simplefilter("ignore")
+        with _tracing(model):
             program = fast_export(model, args, kwargs)
         if _program_output_shapes(program) is None:
             return None

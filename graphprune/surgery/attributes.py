@@ -42,11 +42,20 @@ def _hashable(value: Any) -> Any:
     return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
+def _by_change(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
+    """The updates grouped by (module, old value, new value): the candidates for one change."""
     sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
     for u in ups:
         sets.setdefault((u.module, _hashable(u.old), _hashable(u.new)), []).append(u)
-    return [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
+    return list(sets.values())
+
+
+def _is_ambiguous(group: list[AttrUpdate]) -> bool:
+    return len(group) > 1 or isinstance(group[0], UncertainUpdate)
+
+
+def _ambiguous_sets(ups: list[AttrUpdate]) -> list[list[AttrUpdate]]:
+    return [g for g in _by_change(ups) if _is_ambiguous(g)]
 
 
 def reference_if_ambiguous(analysis, removed, work, ups, example_input, always: bool = False):
@@ -107,11 +116,9 @@ def choose_attr_updates(
     differs is the failure location. Returns the updates applied and whether the model was run
     with them and gave the ``expected`` output shapes.
     """
-    sets: dict[tuple[str, Any, Any], list[AttrUpdate]] = {}
-    for u in ups:
-        sets.setdefault((u.module, _hashable(u.old), _hashable(u.new)), []).append(u)
-    sure = [u for g in sets.values() if len(g) == 1 and not isinstance(g[0], UncertainUpdate) for u in g]
-    ambiguous = [g for g in sets.values() if len(g) > 1 or isinstance(g[0], UncertainUpdate)]
+    sets = _by_change(ups)
+    sure = [u for g in sets if not _is_ambiguous(g) for u in g]
+    ambiguous = [g for g in sets if _is_ambiguous(g)]
     apply_attr_updates(work, ups)
     if not ambiguous:
         return ups, False

@@ -75,6 +75,11 @@ def plain(v: Any) -> bool:
     return scalar(v) or (isinstance(v, (list, tuple)) and all(scalar(x) for x in v))
 
 
+def setting(v: Any) -> bool:
+    """A plain attribute a module's code may branch on (nested tuples too, e.g. window sizes)."""
+    return plain(v) or isinstance(v, tuple)
+
+
 def _item_spec(v: Any, batch: int) -> dict[str, Any]:
     if isinstance(v, torch.Tensor):
         if v.is_complex() or v.layout != torch.strided:
@@ -238,7 +243,7 @@ def _key(mod: nn.Module, spec: Spec) -> str:
         # lists too: two Swin blocks differ only in ``shift_size=[0, 0]`` vs ``[3, 3]``, and the
         # shifted one runs more ops (roll, mask): one shared export would be the wrong graph
         settings = {k: v for k, v in vars(m).items()
-                    if not k.startswith("_") and (plain(v) or isinstance(v, tuple))}
+                    if not k.startswith("_") and setting(v)}
         parts.append(f"{name}:{type(m).__qualname__}:{sorted(settings.items(), key=lambda kv: kv[0])!r}")
     # non-persistent buffers too: a cache filled in one instance and empty in another (``settle``)
     tensors = [*mod.named_parameters(remove_duplicate=False), *mod.named_buffers(remove_duplicate=False)]
@@ -485,9 +490,7 @@ def instance(bases: Bases, pruned: nn.Module, records: list[dict[str, Any]]) -> 
         if owner_path:
             new.get_submodule(owner_path)._buffers[leaf] = value.clone()
     for name, v in vars(pruned).items():  # plain settings (num_heads...) stay readable
-        if not name.startswith("_") and name != "training" and name not in vars(new) and (
-            plain(v) or isinstance(v, tuple)
-        ):
+        if not name.startswith("_") and name != "training" and name not in vars(new) and setting(v):
             setattr(new, name, copy.copy(v))
     tensors = {n for n, _ in pruned.named_parameters(remove_duplicate=False)}
     tensors |= {n for n, _ in pruned.named_buffers(remove_duplicate=False)}

@@ -52,13 +52,16 @@ def _swap_columns(t: torch.Tensor) -> torch.Tensor:
     return bad
 
 
-@pytest.fixture(scope="module")
-def stack():
+def compacted_stack():
+    """(model, example input, compact model, plan) of the micro stack at ratio 0.5."""
     torch.manual_seed(0)
     model, x = _Stack().eval(), torch.randn(5, 6)
     small, plan = graphprune.compact_with_plan(model, x, ratio=0.5)
     assert any(g.removed for g in plan.groups), "nothing pruned: the check would be vacuous"
     return model, x, small, plan
+
+
+stack = pytest.fixture(scope="module", name="stack")(compacted_stack)
 
 
 def test_every_block_is_checked_on_the_reference_input(stack) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_verify_blocks import _Stack, _swap_columns
+from test_verify_blocks import _Stack, _swap_columns, compacted_stack
 from torch import nn
 
 import graphprune
@@ -30,17 +30,11 @@ def _count_runs(model: nn.Module) -> list[int]:
     return calls
 
 
-@pytest.fixture(scope="module")
-def stack():
-    torch.manual_seed(0)
-    model, x = _Stack().eval(), torch.randn(5, 6)
-    small, plan = graphprune.compact_with_plan(model, x, ratio=0.5)
-    assert any(g.removed for g in plan.groups)
-    return model, x, plan
+stack = pytest.fixture(scope="module", name="stack")(compacted_stack)
 
 
 def test_verification_runs_the_compact_model_once_and_still_names_a_corrupted_block(stack) -> None:
-    model, x, plan = stack
+    model, x, _, plan = stack
     small = graphprune.apply_plan(model, plan)
     runs = _count_runs(small)
     report = graphprune.verify_model(model, small, x, plan)
@@ -53,7 +47,7 @@ def test_verification_runs_the_compact_model_once_and_still_names_a_corrupted_bl
 
 
 def test_the_block_by_block_run_still_checks_the_output_shapes(stack) -> None:
-    model, x, plan = stack
+    model, x, _, plan = stack
     broken = graphprune.apply_plan(model, plan)
     broken.head = nn.Linear(broken.head.in_features, 4)  # every block agrees, the output does not
     with pytest.raises(graphprune.VerificationError,

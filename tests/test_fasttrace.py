@@ -48,13 +48,14 @@ def program_facts(ep: torch.export.ExportedProgram) -> tuple:
     )
 
 
-def _both(model: nn.Module, x: Any) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram]:
+def _both(model: nn.Module, x: Any, recorder: str = "auto") -> tuple[torch.export.ExportedProgram,
+                                                                    torch.export.ExportedProgram]:
     model = eval_copy(model)
     args, kwargs = normalize_inputs(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = torch.export.export(model, args, kwargs, strict=False)
-        fast = fasttrace.fast_export(model, args, kwargs)
+        fast = fasttrace.fast_export(model, args, kwargs, recorder=recorder)
     return ref, fast
 
 
@@ -109,6 +110,20 @@ class AutocastRegion(nn.Module):
             att = q.float() @ k.float().transpose(-1, -2)
         return att.softmax(-1) @ x
 
+class TableIndex(nn.Module):
+    """A bias table gathered by an integer index buffer (Swin's relative positions): the output
+    shape is the index's, so the eager recorder takes it (a boolean mask it refuses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.table = nn.Parameter(torch.randn(9, 6))
+        self.register_buffer("index", torch.randint(0, 9, (5,)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.table[self.index]
+
+
 CASES = {
     **{f"fuzz{s}": (lambda s=s: fuzzgen.build(fuzzgen.random_spec(s))) for s in (0, 3, 5, 8, 13)},
     **{f"tm_{n}": (lambda n=n: transformer_models.build(n))
@@ -117,16 +132,42 @@ CASES = {
     "mixed": lambda: (Mixed(), {"x": torch.randn(2, 3, 6), "scale": torch.randn(6)}),
     "constants": lambda: (Constants(), torch.randn(2, 4)),
     "autocast": lambda: (AutocastRegion(), torch.randn(2, 5, 6)),
+    "table_index": lambda: (TableIndex(), torch.randn(2, 5, 6)),
 }
 
 
+# grad-mode and autocast regions: the eager recorder refuses them, make_fx records them
+REGIONS = ("mixed", "autocast")
+
+
+@pytest.mark.parametrize("recorder", ["auto", "eager", "make_fx"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_fast_program_equals_torch_export(name: str) -> None:
+def test_fast_program_equals_torch_export(name: str, recorder: str) -> None:
     torch.manual_seed(0)
-    ref, fast = _both(*CASES[name]())
+    model, x = CASES[name]()
+    if recorder == "eager" and name in REGIONS:
+        with pytest.raises(fasttrace.FastTraceUnsupported):
+            _both(model, x, recorder)
+        return
+    ref, fast = _both(model, x, recorder)
     assert program_facts(fast) == program_facts(ref)
-    if name in ("mixed", "autocast"):  # the region became torch.export's wrapped region
+    if name in REGIONS:  # the region became torch.export's wrapped region
         assert any(n.op == "get_attr" for n in fast.graph.nodes)
+
+
+def test_an_eval_model_is_recorded_eagerly_and_its_program_runs_like_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager recorder is what ``auto`` uses for a small eval-mode model of real tensors (the
+    cold-start saving), and its program computes what the model computes."""
+    calls = []
+    real = fasttrace.record
+    monkeypatch.setattr(fasttrace, "record", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model, x = fuzzgen.build(fuzzgen.random_spec(3))
+    model = model.eval()
+    fast = fasttrace.fast_export(model, (x,), {})
+    assert calls == [1]
+    torch.testing.assert_close(fast.module()(x), model(x))
 
 
 def test_fast_program_equals_torch_export_on_a_hugging_face_decoder() -> None:
@@ -200,14 +241,77 @@ class SharedModule(nn.Module):
         return self.inner(x)
 
 
+class CountsCalls(nn.Module):
+    """Writes into its own buffer in eval mode: the eager recorder runs on the real tensors and must
+    refuse before the write, not after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.lin(x)
+
+
+class ScalesConstant(nn.Module):
+    """Writes into a plain tensor attribute (neither parameter nor buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = torch.ones(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.scale.mul_(2)
+        return self.lin(x) * self.scale
+
+
+@pytest.mark.parametrize("recorder", ["auto", "eager", "make_fx"])
 @pytest.mark.parametrize("cls", [WritesInput, StoresCache, TensorIndex, NonTensorOutput, SharedModule])
-def test_constructs_it_does_not_reproduce_are_refused_and_the_model_left_as_it_was(cls: type) -> None:
+def test_constructs_it_does_not_reproduce_are_refused_and_the_model_left_as_it_was(
+        cls: type, recorder: str) -> None:
     model = cls().eval()
     before = dict(vars(model))
+    x = torch.randn(2, 4)
+    x0 = x.clone()
     expected = Exception if cls is TensorIndex else fasttrace.FastTraceUnsupported
     with pytest.raises(expected):
-        fasttrace.fast_export(model, (torch.randn(2, 4),), {})
+        fasttrace.fast_export(model, (x,), {}, recorder=recorder)
     assert vars(model).keys() == before.keys() and all(vars(model)[k] is v for k, v in before.items())
+    assert torch.equal(x, x0)  # the eager recorder runs on the real input: refused before relu_
+
+
+class MaskIndex(nn.Module):
+    """Boolean-mask indexing: the output's shape depends on the values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        return y[y > 0]
+
+
+def test_the_eager_recorder_refuses_shapes_that_depend_on_values() -> None:
+    with pytest.raises(fasttrace.FastTraceUnsupported, match="values in a tensor"):
+        fasttrace.fast_export(MaskIndex().eval(), (torch.randn(2, 4),), {}, recorder="eager")
+
+
+@pytest.mark.parametrize("cls", [CountsCalls, ScalesConstant])
+def test_the_eager_recorder_refuses_a_write_into_the_models_tensors_before_it_happens(cls: type) -> None:
+    """It runs on the real tensors (make_fx writes into fake stand-ins of parameters and buffers;
+    a plain tensor attribute it writes into for real, as torch.export does)."""
+    model = cls().eval()
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    scale = model.scale.clone() if cls is ScalesConstant else None
+    with pytest.raises(fasttrace.FastTraceUnsupported):
+        fasttrace.fast_export(model, (torch.randn(2, 4),), {}, recorder="eager")
+    assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items())
+    if scale is not None:
+        assert torch.equal(model.scale, scale)
 
 
 class LazyHook(nn.Module):

@@ -8,6 +8,8 @@ models the fast trace refused (and why), and the CPU seconds of both tracers.
 
     python tools/trace_parity.py                 # 100 fuzz architectures + every test/zoo model
     python tools/trace_parity.py --fuzz 500      # a longer run
+    python tools/trace_parity.py --zoo           # tools/zoo.py's torchvision + timm models
+    python tools/trace_parity.py --recorder eager   # the eager recorder only (no make_fx fallback)
 
 Run it after a torch upgrade: the fast trace copies torch.export's settings and passes, and a new
 torch may add one. tests/test_fasttrace.py keeps a small sample of these cases.
@@ -26,6 +28,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+
+
+def zoo_cases() -> list[tuple[str, Callable[[], tuple[Any, Any]]]]:
+    """tools/zoo.py's models (every torchvision classifier, one timm model per family)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import zoo_models
+    from compare import import_torchvision
+
+    import_torchvision()  # the op-schema stubs, before anything imports torchvision
+    names = zoo_models.torchvision_names() + zoo_models.timm_names()
+    return [(f"zm:{n}", lambda n=n: zoo_models.build(n)) for n in names]
 
 
 def cases(fuzz: int) -> list[tuple[str, Callable[[], tuple[Any, Any]]]]:
@@ -70,6 +83,10 @@ def first_difference(a: tuple, b: tuple) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fuzz", type=int, default=100, help="random fuzz architectures")
+    parser.add_argument("--recorder", default="auto", choices=("auto", "eager", "make_fx"),
+                        help="the fast trace's recorder (fasttrace.fast_export's recorder=)")
+    parser.add_argument("--zoo", action="store_true",
+                        help="tools/zoo.py's torchvision and timm models instead (they must import)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     import torch
@@ -84,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(1)
     counts = {"same": 0, "different": 0, "refused": 0, "export failed": 0}
     cpu = {"export": 0.0, "fast": 0.0}
-    for i, (label, make) in enumerate(tqdm(cases(args.fuzz), desc="trace parity", file=sys.stderr)):
+    for i, (label, make) in enumerate(tqdm(zoo_cases() if args.zoo else cases(args.fuzz), desc="trace parity", file=sys.stderr)):
         model, x = make()
         model = eval_copy(model)
         a, k = normalize_inputs(x)
@@ -97,7 +114,7 @@ def main() -> None:
                 t = time.process_time()
                 try:
                     got[which] = (torch.export.export(model, a, k, strict=False) if which == "export"
-                                  else fasttrace.fast_export(model, a, k))
+                                  else fasttrace.fast_export(model, a, k, recorder=args.recorder))
                 except Exception as exc:  # noqa: BLE001 - reported, not fatal
                     got[which] = exc
                 took[which] = time.process_time() - t

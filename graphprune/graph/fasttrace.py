@@ -34,7 +34,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from graphprune.graph.eagertrace import REGION_MARKERS, EagerUnsupported, record
+
 TRACE_ENV = "GRAPHPRUNE_TRACE"
+# the eager recorder's limit on parameters + buffers (bytes); bigger models use make_fx
+EAGER_MAX_BYTES = 1 << 30
 T = TypeVar("T")
 
 
@@ -139,6 +143,33 @@ class _Frames:
         return "".join(summary.format()).strip() or None
 
 
+# torch's files whose frames torch.export leaves out of stack traces: the modules listed by
+# ``torch.fx.experimental.symbolic_shapes.uninteresting_files``, which imports each of them
+# (torch.export's trace, dynamo, inductor: a second on first use) to ask for its file name
+_UNINTERESTING = (
+    "fx.experimental.symbolic_shapes", "export._trace", "fx.experimental.recording",
+    "fx.experimental.sym_node", "fx.interpreter", "fx._symbolic_trace", "", "_compile",
+    "_dynamo.eval_frame", "_inductor.sizevars", "_library.custom_ops", "_library.fake_impl",
+    "_subclasses.meta_utils", "_subclasses.fake_tensor", "_logging._internal", "_logging.structured",
+)
+
+
+@functools.cache
+def _uninteresting_files() -> frozenset[str]:
+    """The same file names, found without importing, with every file of the two folders torch adds
+    whole (higher-order ops; dynamo's polyfills)."""
+    root = os.path.dirname(torch.__file__)
+    files = {"<string>"}
+    for name in (*_UNINTERESTING, "_dynamo.external_utils"):
+        path = os.path.join(root, *name.split(".")) if name else root
+        files.add(os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py")
+    for folder in ("_higher_order_ops", os.path.join("_dynamo", "polyfills")):
+        where = os.path.join(root, folder)
+        if os.path.isdir(where):
+            files.update(os.path.join(where, f) for f in os.listdir(where) if f.endswith(".py"))
+    return frozenset(files)
+
+
 class _StackMeta(dict):
     """fx's current node meta whose "stack_trace" is the frames of whoever asks (fx's create_node,
     for every node it makes): torch.export's stack traces without their cost."""
@@ -146,9 +177,8 @@ class _StackMeta(dict):
     def __init__(self, base: dict) -> None:
         super().__init__(base)
         from torch.fx import proxy
-        from torch.fx.experimental.symbolic_shapes import uninteresting_files
 
-        self.skip = frozenset(uninteresting_files())
+        self.skip = _uninteresting_files()
         self.anchors = getattr(proxy, "_STACK_TRACE_ANCHORS", set())
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -220,9 +250,6 @@ def _restore_changed(snapshot: list[tuple[nn.Module, dict, dict, dict, dict]], t
 
 
 _PASSTHROUGH = {operator.getitem}
-# calls marking no_grad / autocast regions: torch.export's passes turn them into wrapped regions
-_REGION_MARKERS = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
-                   torch.amp.autocast_mode._exit_autocast}
 
 
 def _base(node: torch.fx.Node) -> torch.fx.Node:
@@ -243,7 +270,7 @@ def _check_graph(gm: torch.fx.GraphModule) -> None:
     """Refuse graphs torch.export would have turned into something else (or rejected)."""
     for n in gm.graph.nodes:
         if n.op == "call_function":
-            if n.target in _REGION_MARKERS:
+            if n.target in REGION_MARKERS:
                 continue  # made into a wrapped region below, as torch.export does
             if not isinstance(n.target, torch._ops.OpOverload) and n.target not in _PASSTHROUGH:
                 raise FastTraceUnsupported(f"unsupported call {n.target}")
@@ -325,18 +352,88 @@ def _dead_code(gm: torch.fx.GraphModule) -> None:
         lambda n: not (n.op == "call_function" and n.target in removable))
 
 
-def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
-    """make_fx (pre-dispatch, fake) + module-stack hooks, wrapped as torch.export would.
+def _lift_constants(gm: torch.fx.GraphModule, signature: Any, model: nn.Module) -> dict[str, Any]:
+    """torch.export's constant lifting; its imports (dynamo's among them) cost a second on first
+    use, so it runs only when the graph has a constant to lift."""
+    if not any(n.op == "get_attr" for n in gm.graph.nodes):
+        return {}
+    from torch._export.non_strict_utils import _gather_constant_attrs
+    from torch._export.passes.lift_constants_pass import _materialize_and_lift_constants
 
+    return _materialize_and_lift_constants(gm, signature, _gather_constant_attrs(model))
+
+
+def _eager_refusal(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Why the eager recorder may not run this model (None: it may). It runs the real forward:
+    only for an eval-mode model (a training forward updates its buffers) of real tensors no bigger
+    than ``EAGER_MAX_BYTES`` (a big model's real forward costs more than make_fx's fake one)."""
+    if any(m.training for m in model.modules()):
+        return "a module in training mode"
+    size = 0
+    for t in state.values():
+        if t.device.type == "meta":
+            return "tensors on the meta device"
+        size += t.numel() * t.element_size()
+    return f"parameters and buffers over {EAGER_MAX_BYTES >> 20} MiB" if size > EAGER_MAX_BYTES else None
+
+
+@contextlib.contextmanager
+def _backend_kernels_off(portable: bool) -> Iterator[None]:
+    """torch.export's trace setting: no cuDNN, oneDNN or NNPACK (its own context manager sits in a
+    module whose import costs a second).
+
+    cuDNN's flag is an argument of the norms (``F.layer_norm`` passes
+    ``torch.backends.cudnn.enabled``), so it is always off; the other two only pick kernels below
+    the recorded ops, and the eager recorder (``portable=False``) keeps them for speed.
+    """
+    backends = [torch.backends.cudnn]
+    if portable:
+        backends += [torch.backends.mkldnn, torch.backends.nnpack]
+    saved = [b.set_flags(False) for b in backends]
+    try:
+        yield
+    finally:
+        for b, flags in zip(backends, saved, strict=True):
+            b.set_flags(*flags)
+
+
+def _attempt(model: nn.Module, traced: set[int], run: Callable[[], torch.fx.GraphModule],
+             portable: bool = True) -> torch.fx.GraphModule:
+    """One trace under torch.export's settings, module attributes restored afterwards.
+
+    Raises ``FastTraceUnsupported`` if the forward stored a tensor in a module attribute (state the
+    graph would not show: torch.export decides), ``EagerUnsupported`` if the eager recorder
+    refused the model.
+    """
+    from torch._export.utils import _compiling_state_context
+
+    snapshot = _attribute_snapshot(model)
+    grad = torch.is_grad_enabled()
+    try:
+        # backend kernels off, so ops keep their portable form and arguments;
+        # torch.compiler.is_exporting() true, which user code may test
+        with _backend_kernels_off(portable), _compiling_state_context(), _module_stacks(model):
+            gm = run()
+        _format_stacks(gm)
+    finally:
+        torch._C._set_grad_enabled(grad)
+        if _restore_changed(snapshot, traced):
+            raise FastTraceUnsupported("the forward stored a tensor in a module attribute")
+    return gm
+
+
+def fast_export(model: nn.Module, args: tuple, kwargs: dict,
+                recorder: str = "auto") -> torch.export.ExportedProgram:
+    """The eager recorder (graph.eagertrace) or make_fx (pre-dispatch, fake), with module-stack
+    hooks, wrapped as torch.export would.
+
+    ``recorder``: "auto" (the eager recorder where it is allowed and accepts the model, else
+    make_fx), "eager" or "make_fx" (one of them only: tests and tools/trace_parity.py).
     Raises ``FastTraceUnsupported`` (or whatever the trace raised) when the result might differ
     from torch.export's; the caller then runs torch.export.
     """
-    from torch._dispatch.python import enable_python_dispatcher
-    from torch._export.non_strict_utils import _gather_constant_attrs
-    from torch._export.passes.lift_constants_pass import _materialize_and_lift_constants
-    from torch._export.utils import _compiling_state_context, _insert_aten_to_metadata_assert_pass
+    from torch._export.utils import _insert_aten_to_metadata_assert_pass
     from torch._export.verifier import TrainingIRVerifier
-    from torch.export._trace import _ignore_backend_decomps
     from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
     from torch.export.graph_signature import (
         ExportGraphSignature,
@@ -346,7 +443,7 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
         OutputSpec,
         TensorArgument,
     )
-    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx import traceback as fx_traceback
 
     if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         raise FastTraceUnsupported("TorchScript modules")
@@ -371,31 +468,43 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
     out_spec: list[Any] = []
     traced: set[int] = set()
 
-    def flat_fn(*flat: Any) -> tuple:
+    def flat_fn(*flat: Any, swap: bool = True) -> tuple:
         traced.update(id(t) for t in flat)
         a, kw = pytree.tree_unflatten(list(flat[n_state:]), in_spec)
-        out = torch.func.functional_call(model, dict(zip(names, flat[:n_state], strict=True)), a, kw)
+        if swap:  # make_fx's fake stand-ins take the place of the parameters and buffers
+            out = torch.func.functional_call(model, dict(zip(names, flat[:n_state], strict=True)), a, kw)
+        else:  # the recorder runs on the real ones
+            out = model(*a, **kw)
         leaves, spec = pytree.tree_flatten(out)
         if not all(isinstance(t, torch.Tensor) for t in leaves):
             raise FastTraceUnsupported("a non-tensor output")
         out_spec.append(spec)
         return tuple(leaves)
 
-    snapshot = _attribute_snapshot(model)
-    grad = torch.is_grad_enabled()
-    try:
-        # torch.export's own trace settings: backend kernels (cuDNN, oneDNN, NNPACK) off, so ops
-        # keep their portable form and arguments; torch.compiler.is_exporting() true, which user
-        # code may test; the Python dispatcher on
-        with _ignore_backend_decomps(), _compiling_state_context(), enable_python_dispatcher(), \
-                _module_stacks(model):
-            gm = make_fx(flat_fn, tracing_mode="fake", pre_dispatch=True,
-                         _allow_non_fake_inputs=True)(*state.values(), *user_flat)
-        _format_stacks(gm)
-    finally:
-        torch._C._set_grad_enabled(grad)
-        if _restore_changed(snapshot, traced):
-            raise FastTraceUnsupported("the forward stored a tensor in a module attribute")
+    if recorder not in ("auto", "eager", "make_fx"):
+        raise ValueError(f"recorder must be 'auto', 'eager' or 'make_fx', got {recorder!r}")
+    gm = None
+    if recorder != "make_fx":
+        why = _eager_refusal(model, state)
+        if why is None:
+            try:
+                gm = _attempt(model, traced, lambda: record(
+                    lambda *flat: flat_fn(*flat, swap=False), [*state.values(), *user_flat],
+                    fx_traceback.get_current_meta), portable=False)
+            except EagerUnsupported as exc:
+                why = str(exc)
+        if gm is None and recorder == "eager":
+            raise FastTraceUnsupported(f"the eager recorder refused the model: {why}")
+    if gm is None:
+        def by_make_fx() -> torch.fx.GraphModule:
+            from torch._dispatch.python import enable_python_dispatcher
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            with enable_python_dispatcher():
+                return make_fx(flat_fn, tracing_mode="fake", pre_dispatch=True,
+                               _allow_non_fake_inputs=True)(*state.values(), *user_flat)
+        out_spec.clear()
+        gm = _attempt(model, traced, by_make_fx)
     _dead_code(gm)
     _check_graph(gm)
     _insert_aten_to_metadata_assert_pass(gm)  # torch.export's guard before every aten.to
@@ -428,9 +537,9 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
     outputs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(name=r.name), target=None) for r in results]
     signature = ExportGraphSignature(input_specs=inputs, output_specs=outputs)
     # tensors made inside the forward (``torch.tensor([...])``) become inputs, as torch.export lifts them
-    lifted = _materialize_and_lift_constants(gm, signature, _gather_constant_attrs(model))
+    lifted = _lift_constants(gm, signature, model)
     _name_constants(gm, signature)
-    if any(n.op == "call_function" and n.target in _REGION_MARKERS for n in gm.graph.nodes):
+    if any(n.op == "call_function" and n.target in REGION_MARKERS for n in gm.graph.nodes):
         from torch._export.passes.replace_autocast_with_hop_pass import replace_autocast_with_hop_pass
         from torch._export.passes.replace_set_grad_with_hop_pass import replace_set_grad_with_hop_pass
 

@@ -1,0 +1,253 @@
+"""Record one eager forward, on the real tensors, as the graph ``make_fx(pre_dispatch=True)`` builds.
+
+Why: make_fx runs every op twice over (a fake-tensor kernel to learn the output's metadata, a
+proxy to record it) and, on its first use in a process, pays for torch.export's imports,
+dynamo's and fake-tensor kernels' warm-up: most of a first ``compact`` on a small network,
+several times Torch-Pruning's whole call, which reads the graph off one eager forward. Here the
+forward runs as the user's code runs it, on the real CPU/GPU kernels; a dispatch mode at the
+pre-dispatch key (the level torch.export records: ``conv2d``, ``linear``, ``batch_norm``, before
+autograd and decompositions) writes each op into an fx graph, with its output's metadata as a
+fake tensor, the module stack and the frames fx's hooks leave in ``current_meta``.
+
+The result is the graph make_fx would give for the same run, node for node (``tools/trace_parity.py``
+checks it). Whatever this recorder cannot reproduce exactly it refuses with ``EagerUnsupported``,
+before the op runs, so the caller falls back to make_fx: an op writing into a tensor it does not own
+(an input, a parameter, a buffer or a constant: the run shares the user's memory), a value read
+back from a tensor (``item()``, ``bool(t)``: data-dependent control flow), grad-mode or autocast
+regions, higher-order operators and tensor subclasses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx.experimental.proxy_tensor import PreDispatchTorchFunctionMode, ProxyTorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+
+class EagerUnsupported(Exception):
+    """The forward did something the recorder does not reproduce: trace with make_fx instead."""
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+# ops whose result (a Python value, or an output's shape) depends on the values in a tensor: on real
+# tensors they would bake this input's answer into the graph; make_fx refuses them, or torch.export
+# makes them symbolic (``bool(t)`` is ``is_nonzero``, which carries no tag)
+_DATA_TAGS = {torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape}
+# calls that open or close a grad-mode or autocast region: make_fx records them as nodes, which
+# torch.export's passes turn into wrapped regions
+REGION_MARKERS = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
+                  torch.amp.autocast_mode._exit_autocast}
+
+
+class _Regions(PreDispatchTorchFunctionMode):
+    """Refuses grad-mode and autocast regions, which only a torch-function mode sees (autocast
+    only tells make_fx's own mode, hence the subclass; its ``__init__`` is not needed).
+
+    It also makes the forward take the paths it takes under make_fx, whose own torch-function
+    mode is active: library code that checks for one (``nn.MultiheadAttention``'s fused fast
+    path) then behaves the same in both traces.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in REGION_MARKERS:
+            raise EagerUnsupported("a grad-mode or autocast region")
+        return func(*args, **(kwargs or {}))
+
+
+class _Recorder(ProxyTorchDispatchMode):
+    """A pre-dispatch mode that records instead of proxying.
+
+    torch only accepts a proxy mode on the pre-dispatch key, so this subclasses it; none of the
+    parent's proxying runs (``__torch_dispatch__`` is replaced, ``__init__`` is not called).
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:  # no dynamo wrapper (and no dynamo import) per op
+        return False
+
+    def __init__(self, graph: torch.fx.Graph, root: nn.Module, owned: set[int],
+                 meta: Callable[[], dict]) -> None:
+        TorchDispatchMode.__init__(self, torch._C.DispatchKey.PreDispatch)
+        self.enter_stack: list[Any] = []
+        self._mode_key = torch._C._TorchDispatchModeKey.PROXY
+        self.graph = graph
+        self.root = root
+        self.nodes: Any = WeakTensorKeyDictionary()  # tensor -> node that made it
+        self.owned = owned  # storages of the inputs, parameters and buffers
+        self.constants: dict[int, torch.fx.Node] = {}
+        self.meta = meta
+        self._fake: Any = None
+        self.grad = torch.is_grad_enabled()
+
+    # -- values -------------------------------------------------------------------------------
+    def fake(self, t: torch.Tensor) -> Any:
+        """A fake tensor with ``t``'s metadata (what make_fx stores as ``meta["val"]``)."""
+        from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+        if self._fake is None:
+            self._fake = FakeTensorMode(allow_non_fake_inputs=True)
+        # built directly (a meta tensor wearing the real device), not through the mode's dispatch
+        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        return FakeTensor(self._fake, meta, t.device)
+
+    def track(self, t: torch.Tensor, node: torch.fx.Node) -> None:
+        self.nodes[t] = node
+
+    def _arg(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if type(value) not in _PLAIN:
+                raise EagerUnsupported(f"a tensor subclass ({type(value).__name__})")
+            node = self.nodes.get(value)
+            return node if node is not None else self._constant(value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._arg(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._arg(v) for k, v in value.items()}
+        return value
+
+    def _constant(self, t: torch.Tensor) -> torch.fx.Node:
+        """A tensor no op made and no input is (``torch.tensor([...])``, a plain tensor attribute,
+        a global): a ``_tensor_constantN`` attribute of the graph module, as make_fx stores it."""
+        node = self.constants.get(id(t))
+        if node is None:
+            i = len(self.constants)
+            name = f"_tensor_constant{i}"
+            setattr(self.root, name, t)
+            node = self._node("get_attr", name, (), {})
+            self.constants[id(t)] = node
+        return node
+
+    def _node(self, op: str, target: Any, args: tuple, kwargs: dict,
+              name: str | None = None) -> torch.fx.Node:
+        node = self.graph.create_node(op, target, args, kwargs, name)
+        current = self.meta()
+        stack = current.get("nn_module_stack")
+        if stack is not None:
+            node.meta["nn_module_stack"] = dict(stack)
+        frames = current.get("stack_trace")
+        if frames:
+            node.meta["stack_trace"] = frames
+        return node
+
+    # -- checks before an op runs ---------------------------------------------------------------
+    def _check(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() != self.grad:
+            raise EagerUnsupported("a grad-mode region")
+        if func is torch.ops.aten.is_nonzero.default or (
+                not _DATA_TAGS.isdisjoint(func.tags) and not _static_index(func, args)):
+            raise EagerUnsupported(f"{func} depends on the values in a tensor")
+        schema = func._schema
+        if not schema.is_mutable:
+            return
+        named = dict(kwargs)
+        for arg, value in zip(schema.arguments, args, strict=False):
+            named[arg.name] = value
+        for arg in schema.arguments:
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            for t in _tensors(named.get(arg.name)):
+                if t not in self.nodes or _storage(t) in self.owned:
+                    raise EagerUnsupported(f"{func} writes into a tensor the forward does not own")
+
+    # -- the op ---------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if not isinstance(func, torch._ops.OpOverload):
+            raise EagerUnsupported(f"unsupported call {func}")
+        if func is torch.ops.prim.device.default:
+            return func(*args, **kwargs)
+        self._check(func, args, kwargs)
+        node_args = self._arg(args)
+        node_kwargs = self._arg(kwargs)
+        target = torch.ops.aten.lift_fresh_copy.default if func is torch.ops.aten.lift_fresh.default else func
+        node = self._node("call_function", target, node_args, node_kwargs,
+                          self.graph._target_to_str(target.overloadpacket.__name__))
+        with torch._C._DisablePythonDispatcher():  # the op itself runs at C++ speed
+            out = func(*args, **kwargs)
+        self._outputs(out, node)
+        return out
+
+    def _outputs(self, out: Any, node: torch.fx.Node) -> None:
+        if isinstance(out, torch.Tensor):
+            node.meta["val"] = self.fake(out)
+            self.track(out, node)
+        elif isinstance(out, (tuple, list)):
+            node.meta["val"] = type(out)(self.fake(o) if isinstance(o, torch.Tensor) else o for o in out)
+            for i, o in enumerate(out):
+                item = self._node("call_function", operator.getitem, (node, i), {})
+                if isinstance(o, torch.Tensor):
+                    item.meta["val"] = self.fake(o)
+                    self.track(o, item)
+                elif isinstance(o, (tuple, list)):
+                    raise EagerUnsupported("a nested tuple output")
+        elif out is None or isinstance(out, (int, float, bool)):
+            node.meta["val"] = out
+        else:
+            raise EagerUnsupported(f"an op output of type {type(out).__name__}")
+
+
+def _static_index(func: Any, args: tuple) -> bool:
+    """``t[idx]`` with integer index tensors: its output shape is the indices' shape, not data
+    (only boolean masks make the shape depend on the values)."""
+    if func is not torch.ops.aten.index.Tensor or len(args) < 2:
+        return False
+    return all(i is None or (isinstance(i, torch.Tensor) and i.dtype not in (torch.bool, torch.uint8))
+               for i in args[1])
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@contextlib.contextmanager
+def _python_dispatcher() -> Iterator[None]:
+    """The Python dispatcher routes the pre-dispatch key to Python modes."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    with enable_python_dispatcher():
+        yield
+
+
+def record(fn: Callable[..., tuple], inputs: list[torch.Tensor],
+           meta: Callable[[], dict]) -> torch.fx.GraphModule:
+    """The fx graph of ``fn(*inputs)`` (a flat tuple of tensors), recorded as it runs.
+
+    ``meta()`` is the dict fx would copy onto each new node (``nn_module_stack``, ``stack_trace``).
+    Placeholders are named as make_fx names them (``arg0_1`` ...); the output is a tuple.
+    """
+    if any(type(t) not in _PLAIN for t in inputs):
+        raise EagerUnsupported("a tensor subclass")
+    if any(t.device.type == "meta" for t in inputs):
+        raise EagerUnsupported("tensors on the meta device")
+    graph = torch.fx.Graph()
+    root = nn.Module()
+    owned = {_storage(t) for t in inputs if t.untyped_storage().nbytes()}
+    rec = _Recorder(graph, root, owned, meta)
+    for i, t in enumerate(inputs):
+        node = graph.placeholder(f"arg{i}_1")
+        node.meta["val"] = rec.fake(t)
+        rec.track(t, node)
+    with _python_dispatcher(), _Regions.__new__(_Regions), rec:
+        outs = fn(*inputs)
+    results = []
+    for o in outs:
+        if not isinstance(o, torch.Tensor):
+            raise EagerUnsupported("a non-tensor output")
+        results.append(rec.nodes.get(o) or rec._constant(o))
+    graph.output(tuple(results))
+    return torch.fx.GraphModule(root, graph)

@@ -30,6 +30,8 @@ from torch.fx.experimental.proxy_tensor import PreDispatchTorchFunctionMode, Pro
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from graphprune.graph.aliasing import written_values
+
 
 class EagerUnsupported(Exception):
     """The forward did something the recorder does not reproduce: trace with make_fx instead."""
@@ -143,18 +145,9 @@ class _Recorder(ProxyTorchDispatchMode):
         if func is torch.ops.aten.is_nonzero.default or (
                 not _DATA_TAGS.isdisjoint(func.tags) and not _static_index(func, args)):
             raise EagerUnsupported(f"{func} depends on the values in a tensor")
-        schema = func._schema
-        if not schema.is_mutable:
-            return
-        named = dict(kwargs)
-        for arg, value in zip(schema.arguments, args, strict=False):
-            named[arg.name] = value
-        for arg in schema.arguments:
-            if arg.alias_info is None or not arg.alias_info.is_write:
-                continue
-            for t in _tensors(named.get(arg.name)):
-                if t not in self.nodes or _storage(t) in self.owned:
-                    raise EagerUnsupported(f"{func} writes into a tensor the forward does not own")
+        for t in written_values(func._schema, args, kwargs):
+            if not isinstance(t, torch.Tensor) or t not in self.nodes or _storage(t) in self.owned:
+                raise EagerUnsupported(f"{func} writes into a tensor the forward does not own")
 
     # -- the op ---------------------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -200,14 +193,6 @@ def _static_index(func: Any, args: tuple) -> bool:
         return False
     return all(i is None or (isinstance(i, torch.Tensor) and i.dtype not in (torch.bool, torch.uint8))
                for i in args[1])
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
 
 
 def _storage(t: torch.Tensor) -> int:

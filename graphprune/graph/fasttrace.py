@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from graphprune.graph.aliasing import view_base, written_arguments
 from graphprune.graph.eagertrace import REGION_MARKERS, EagerUnsupported, record
 
 TRACE_ENV = "GRAPHPRUNE_TRACE"
@@ -252,20 +253,6 @@ def _restore_changed(snapshot: list[tuple[nn.Module, dict, dict, dict, dict]], t
 _PASSTHROUGH = {operator.getitem}
 
 
-def _base(node: torch.fx.Node) -> torch.fx.Node:
-    """The node whose storage ``node`` views (through view ops), or ``node`` itself."""
-    seen = 0
-    while node.op == "call_function" and seen < 10_000:
-        schema = getattr(node.target, "_schema", None)
-        returns = schema.returns if schema is not None else []
-        aliased = any(r.alias_info is not None for r in returns)
-        if not aliased or not node.args or not isinstance(node.args[0], torch.fx.Node):
-            break
-        node = node.args[0]
-        seen += 1
-    return node
-
-
 def _check_graph(gm: torch.fx.GraphModule) -> None:
     """Refuse graphs torch.export would have turned into something else (or rejected)."""
     for n in gm.graph.nodes:
@@ -282,12 +269,8 @@ def _check_graph(gm: torch.fx.GraphModule) -> None:
                     isinstance(i, torch.fx.Node) and getattr(i.meta.get("val"), "ndim", 1) == 0
                     for i in n.args[1]):
                 raise FastTraceUnsupported("indexing by a 0-d tensor (torch.export rewrites it)")
-            schema = n.target._schema
-            if schema.is_mutable:
-                for arg, value in zip(schema.arguments, n.args, strict=False):
-                    written = arg.alias_info is not None and arg.alias_info.is_write
-                    if written and isinstance(value, torch.fx.Node) and _base(value).op == "placeholder":
-                        raise FastTraceUnsupported(f"{n.target} writes into an input of the graph")
+            if any(view_base(v).op == "placeholder" for v in written_arguments(n)):
+                raise FastTraceUnsupported(f"{n.target} writes into an input of the graph")
         elif n.op in ("call_module", "call_method"):
             raise FastTraceUnsupported(f"unsupported node {n.op} {n.target}")
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import InputError, TraceError
+from graphprune.graph.aliasing import written_inputs
 from graphprune.graph.copies import private_copy
 from graphprune.graph.fasttrace import fast_allowed, fast_export, note_fast_used
 from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
@@ -331,16 +332,11 @@ def trace(model: nn.Module, example_input: Any) -> Traced:
 
 
 def writes_inputs(program: torch.export.ExportedProgram) -> bool:
-    """True if an op of the program (or of a wrapped region) writes into one of its arguments.
+    """True if an op of the program (or of a wrapped region) may write into one of its inputs.
 
     Running such a program (or the model's forward) on tensors that share the user's memory
     would write into the user's model (``embedding_renorm_`` from ``max_norm``, a
-    ``weight.clamp_()`` in forward): then graphprune runs it on copies.
+    ``weight.clamp_()`` in forward): then graphprune runs it on copies. In-place ops on the
+    forward's own activations (``ReLU(inplace=True)``) do not count (graph.aliasing).
     """
-    for gm in program.graph_module.modules():
-        if isinstance(gm, torch.fx.GraphModule):
-            for n in gm.graph.nodes:
-                schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
-                if schema is not None and schema.is_mutable:
-                    return True
-    return False
+    return written_inputs(program) != set()

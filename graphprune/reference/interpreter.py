@@ -12,7 +12,6 @@ from graphprune.reference.heap import release_free_memory
 from graphprune.reference.masks import NORM_OPS, REDUCE_OPS, Inexact
 from graphprune.reference.scratch import Scratch, storage_ptr
 
-
 # masked weight copies (bytes) after which the heap is trimmed: at most this much freed memory
 # waits in glibc's heap for the next trim
 TRIM_BYTES = 16 << 20

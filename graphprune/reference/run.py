@@ -13,9 +13,10 @@ from torch import nn
 from torch.fx import Node
 from torch.utils import _pytree as pytree
 
+from graphprune.graph.aliasing import written_inputs
 from graphprune.graph.analysis import Analysis, param_tensor
 from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
-from graphprune.graph.trace import no_cache, writes_inputs
+from graphprune.graph.trace import no_cache
 from graphprune.reference.interpreter import MaskedInterpreter
 from graphprune.reference.masks import Inexact, reference_masks
 from graphprune.reference.scratch import storage_ptr
@@ -36,7 +37,7 @@ def _flat_user_inputs(program: torch.export.ExportedProgram, example_input: Any)
 def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -> list[Any]:
     program = analysis.traced.program
     user = iter(_flat_user_inputs(program, example_input))  # fresh copies (normalize_inputs)
-    copy_params = writes_inputs(program)
+    written = written_inputs(program)  # None: cannot tell, copy them all
     flat: list[Any] = []
     for spec in program.graph_signature.input_specs:
         kind = spec.kind.name
@@ -49,10 +50,10 @@ def _graph_inputs(analysis: Analysis, original: nn.Module, example_input: Any) -
                 t = program.constants.get(spec.target)
                 if t is None:
                     raise Inexact(f"cannot find the original value of {spec.target}") from None
-            # what the graph may write into: never the user's. Without a mutating op only the
+            # what the graph writes into (graph.aliasing): never the user's. Otherwise only the
             # masking writes, and never into the user's parameters and buffers (``_protected``);
             # a constant may be a plain tensor attribute, which that set does not cover.
-            if kind == "CONSTANT_TENSOR" or copy_params:
+            if kind == "CONSTANT_TENSOR" or written is None or spec.arg.name in written:
                 t = t.detach().clone()
             flat.append(t.detach() if isinstance(t, torch.Tensor) else t)
         else:

@@ -111,8 +111,9 @@ class AutocastRegion(nn.Module):
         return att.softmax(-1) @ x
 
 class TableIndex(nn.Module):
-    """A bias table gathered by an integer index buffer (Swin's relative positions): the output
-    shape is the index's, so the eager recorder takes it (a boolean mask it refuses)."""
+    """A bias table gathered by an integer index buffer (Swin's relative positions) and a one-hot
+    code with its number of classes given: tagged as data-dependent shapes, but these are not, so
+    the eager recorder takes them (a boolean mask it refuses)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,7 +122,8 @@ class TableIndex(nn.Module):
         self.register_buffer("index", torch.randint(0, 9, (5,)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x) + self.table[self.index]
+        onehot = nn.functional.one_hot(self.index % 6, num_classes=6).to(x.dtype)
+        return self.lin(x) + self.table[self.index] + onehot
 
 
 CASES = {

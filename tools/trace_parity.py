@@ -18,6 +18,7 @@ torch may add one. tests/test_fasttrace.py keeps a small sample of these cases.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 import warnings
@@ -126,12 +127,15 @@ def main() -> None:
         order = ("export", "fast") if i % 2 == 0 else ("fast", "export")
         got: dict[str, Any] = {}
         took: dict[str, float] = {}
-        with no_cache(model):
-            for which in order:
+        for which in order:
+            # each tracer on its own copy: a forward that fills a cache on its first call (timm's
+            # attention-bias caches) would otherwise show the second tracer a different model
+            own = copy.deepcopy(model)
+            with no_cache(own):
                 t = time.process_time()
                 try:
-                    got[which] = (torch.export.export(model, a, k, strict=False) if which == "export"
-                                  else fasttrace.fast_export(model, a, k, recorder=args.recorder))
+                    got[which] = (torch.export.export(own, a, k, strict=False) if which == "export"
+                                  else fasttrace.fast_export(own, a, k, recorder=args.recorder))
                 except Exception as exc:  # noqa: BLE001 - reported, not fatal
                     got[which] = exc
                 took[which] = time.process_time() - t

@@ -143,7 +143,7 @@ class _Recorder(ProxyTorchDispatchMode):
         if torch.is_grad_enabled() != self.grad:
             raise EagerUnsupported("a grad-mode region")
         if func is torch.ops.aten.is_nonzero.default or (
-                not _DATA_TAGS.isdisjoint(func.tags) and not _static_index(func, args)):
+                not _DATA_TAGS.isdisjoint(func.tags) and not _static_shape(func, args, kwargs)):
             raise EagerUnsupported(f"{func} depends on the values in a tensor")
         for t in written_values(func._schema, args, kwargs):
             if not isinstance(t, torch.Tensor) or t not in self.nodes or _storage(t) in self.owned:
@@ -186,13 +186,17 @@ class _Recorder(ProxyTorchDispatchMode):
             raise EagerUnsupported(f"an op output of type {type(out).__name__}")
 
 
-def _static_index(func: Any, args: tuple) -> bool:
-    """``t[idx]`` with integer index tensors: its output shape is the indices' shape, not data
-    (only boolean masks make the shape depend on the values)."""
-    if func is not torch.ops.aten.index.Tensor or len(args) < 2:
-        return False
-    return all(i is None or (isinstance(i, torch.Tensor) and i.dtype not in (torch.bool, torch.uint8))
-               for i in args[1])
+def _static_shape(func: Any, args: tuple, kwargs: dict) -> bool:
+    """An op tagged as having a data-dependent output shape whose shape, for these arguments, is
+    not: ``t[idx]`` with integer index tensors (the indices' shape; only boolean masks depend on
+    the values) and ``one_hot`` with ``num_classes`` given."""
+    if func is torch.ops.aten.index.Tensor and len(args) >= 2:
+        return all(i is None or (isinstance(i, torch.Tensor) and i.dtype not in (torch.bool, torch.uint8))
+                   for i in args[1])
+    if func is torch.ops.aten.one_hot.default:
+        classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
+        return isinstance(classes, int) and classes >= 0
+    return False
 
 
 def _storage(t: torch.Tensor) -> int:

@@ -534,7 +534,7 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict,
                 if n.op in ("placeholder", "output"):
                     n.meta.pop("nn_module_stack", None)
                     n.meta.pop("stack_trace", None)
-    gm.recompile()
+    # no gm.recompile(): the ExportedProgram compiles its own graph module from this graph
 
     state_dict = {n: t for n, t in state.items() if n in params or n in persistent}
     constants = {n: t for n, t in buffers.items() if n not in persistent}

@@ -19,6 +19,7 @@ import rewrite_models
 import torch
 import transformer_models
 from torch import nn
+from torch._export.verifier import TrainingIRVerifier
 
 import graphprune
 from graphprune.errors import TraceError
@@ -56,6 +57,7 @@ def _both(model: nn.Module, x: Any, recorder: str = "auto") -> tuple[torch.expor
         warnings.simplefilter("ignore")
         ref = torch.export.export(model, args, kwargs, strict=False)
         fast = fasttrace.fast_export(model, args, kwargs, recorder=recorder)
+    TrainingIRVerifier().check(fast)  # the fast program skips it at construction
     return ref, fast
 
 

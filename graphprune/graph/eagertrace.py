@@ -6,10 +6,12 @@ dynamo's and fake-tensor kernels' warm-up: most of a first ``compact`` on a smal
 several times Torch-Pruning's whole call, which reads the graph off one eager forward. Here the
 forward runs as the user's code runs it, on the real CPU/GPU kernels; a dispatch mode at the
 pre-dispatch key (the level torch.export records: ``conv2d``, ``linear``, ``batch_norm``, before
-autograd and decompositions) writes each op into an fx graph, with its output's metadata as a
-fake tensor, the module stack and the frames fx's hooks leave in ``current_meta``.
+autograd and decompositions) writes each op into an fx graph, with its output's metadata (a meta
+tensor, and the device beside it), the module stack and the frames fx's hooks leave in
+``current_meta``.
 
-The result is the graph make_fx would give for the same run, node for node (``tools/trace_parity.py``
+The result is the graph make_fx would give for the same run, node for node (up to the strides
+of size-1 dimensions, which real and fake kernels choose differently) (``tools/trace_parity.py``
 checks it). Whatever this recorder cannot reproduce exactly it refuses with ``EagerUnsupported``,
 before the op runs, so the caller falls back to make_fx: an op writing into a tensor it does not own
 (an input, a parameter, a buffer or a constant: the run shares the user's memory), a value read
@@ -38,6 +40,8 @@ class EagerUnsupported(Exception):
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)
+# node.meta key of a recorded tensor's device (its ``val`` is a meta tensor)
+DEVICE = "graphprune_device"
 # ops whose result (a Python value, or an output's shape) depends on the values in a tensor: on real
 # tensors they would bake this input's answer into the graph; make_fx refuses them, or torch.export
 # makes them symbolic (``bool(t)`` is ``is_nonzero``, which carries no tag)
@@ -85,19 +89,18 @@ class _Recorder(ProxyTorchDispatchMode):
         self.owned = owned  # storages of the inputs, parameters and buffers
         self.constants: dict[int, torch.fx.Node] = {}
         self.meta = meta
-        self._fake: Any = None
         self.grad = torch.is_grad_enabled()
 
     # -- values -------------------------------------------------------------------------------
-    def fake(self, t: torch.Tensor) -> Any:
-        """A fake tensor with ``t``'s metadata (what make_fx stores as ``meta["val"]``)."""
-        from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    def value(self, node: torch.fx.Node, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s metadata as a meta tensor (shape, strides, dtype): ``node``'s ``meta["val"]``.
 
-        if self._fake is None:
-            self._fake = FakeTensorMode(allow_non_fake_inputs=True)
-        # built directly (a meta tensor wearing the real device), not through the mode's dispatch
-        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-        return FakeTensor(self._fake, meta, t.device)
+        make_fx stores fake tensors, which also carry the device; making one needs a
+        FakeTensorMode, whose construction imports dynamo (1.2 s on a first call). graphprune
+        reads shapes and dtypes; the device goes to ``meta[DEVICE]``.
+        """
+        node.meta[DEVICE] = t.device
+        return _meta_like(t)
 
     def track(self, t: torch.Tensor, node: torch.fx.Node) -> None:
         self.nodes[t] = node
@@ -169,14 +172,14 @@ class _Recorder(ProxyTorchDispatchMode):
 
     def _outputs(self, out: Any, node: torch.fx.Node) -> None:
         if isinstance(out, torch.Tensor):
-            node.meta["val"] = self.fake(out)
+            node.meta["val"] = self.value(node, out)
             self.track(out, node)
         elif isinstance(out, (tuple, list)):
-            node.meta["val"] = type(out)(self.fake(o) if isinstance(o, torch.Tensor) else o for o in out)
+            node.meta["val"] = type(out)(_meta_like(o) if isinstance(o, torch.Tensor) else o for o in out)
             for i, o in enumerate(out):
                 item = self._node("call_function", operator.getitem, (node, i), {})
                 if isinstance(o, torch.Tensor):
-                    item.meta["val"] = self.fake(o)
+                    item.meta["val"] = self.value(item, o)
                     self.track(o, item)
                 elif isinstance(o, (tuple, list)):
                     raise EagerUnsupported("a nested tuple output")
@@ -197,6 +200,10 @@ def _static_shape(func: Any, args: tuple, kwargs: dict) -> bool:
         classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
         return isinstance(classes, int) and classes >= 0
     return False
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -229,7 +236,7 @@ def record(fn: Callable[..., tuple], inputs: list[torch.Tensor],
     rec = _Recorder(graph, root, owned, meta)
     for i, t in enumerate(inputs):
         node = graph.placeholder(f"arg{i}_1")
-        node.meta["val"] = rec.fake(t)
+        node.meta["val"] = rec.value(node, t)
         rec.track(t, node)
     with _python_dispatcher(), _Regions.__new__(_Regions), rec:
         outs = fn(*inputs)

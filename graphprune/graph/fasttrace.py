@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphprune.graph.aliasing import view_base, written_arguments
-from graphprune.graph.eagertrace import REGION_MARKERS, EagerUnsupported, record
+from graphprune.graph.eagertrace import DEVICE, REGION_MARKERS, EagerUnsupported, record
 
 TRACE_ENV = "GRAPHPRUNE_TRACE"
 # the eager recorder's limit on parameters + buffers (bytes); bigger models use make_fx
@@ -275,6 +275,33 @@ def _check_graph(gm: torch.fx.GraphModule) -> None:
             raise FastTraceUnsupported(f"unsupported node {n.op} {n.target}")
 
 
+def _guard_casts(gm: torch.fx.GraphModule) -> None:
+    """torch.export's ``_insert_aten_to_metadata_assert_pass``: an ``_assert_tensor_metadata``
+    (dtype, device, layout of the input) before every ``aten.to``, with the cast's stack and module
+    stack. Written out here because that pass's module imports sympy (0.4 s on a first call), and
+    because the eager recorder keeps devices beside its meta-tensor values (``DEVICE``)."""
+    casts = {torch.ops.aten.to.device, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout}
+    guard = torch.ops.aten._assert_tensor_metadata.default
+    for node in list(gm.graph.nodes):
+        if node.target not in casts or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        src = node.args[0]
+        if node.prev.target is guard and node.prev.args[0] == src:
+            continue
+        val = src.meta.get("val")
+        if val is None:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(guard, args=(src,), kwargs={
+                "dtype": val.dtype, "device": src.meta.get(DEVICE, val.device), "layout": val.layout})
+        new.meta.update({
+            "val": None, "stack_trace": node.meta.get("stack_trace"),
+            "nn_module_stack": node.meta.get("nn_module_stack"),
+            "torch_fn": (f"{guard.__name__}_0", f"{guard.__class__.__name__}.{guard.__name__}"),
+            "custom": src.meta.get("custom", {}),
+        })
+
+
 def _forward_names(model: nn.Module, n_args: int) -> list[str]:
     try:
         params = list(inspect.signature(model.forward).parameters.values())
@@ -333,6 +360,19 @@ def _dead_code(gm: torch.fx.GraphModule) -> None:
             removable.add(op.default)
     gm.graph.eliminate_dead_code(
         lambda n: not (n.op == "call_function" and n.target in removable))
+
+
+class CheckedProgram(torch.export.ExportedProgram):
+    """``ExportedProgram`` without the verifier run at construction.
+
+    The fast programs are checked against torch.export's node for node instead
+    (tools/trace_parity.py; tests/test_fasttrace.py runs torch's verifier on every program it
+    compares). The verifier imports sympy for its symbolic-size types: 0.4 s of a first call on a
+    small model. Anything torch derives from the program later (``_update``) is verified as usual.
+    """
+
+    def validate(self) -> None:
+        return None
 
 
 def _lift_constants(gm: torch.fx.GraphModule, signature: Any, model: nn.Module) -> dict[str, Any]:
@@ -415,7 +455,6 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict,
     Raises ``FastTraceUnsupported`` (or whatever the trace raised) when the result might differ
     from torch.export's; the caller then runs torch.export.
     """
-    from torch._export.utils import _insert_aten_to_metadata_assert_pass
     from torch._export.verifier import TrainingIRVerifier
     from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
     from torch.export.graph_signature import (
@@ -490,7 +529,7 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict,
         gm = _attempt(model, traced, by_make_fx)
     _dead_code(gm)
     _check_graph(gm)
-    _insert_aten_to_metadata_assert_pass(gm)  # torch.export's guard before every aten.to
+    _guard_casts(gm)  # torch.export's guard before every aten.to
 
     persistent = set(model.state_dict(keep_vars=True))
     fwd = _forward_names(model, len(args))
@@ -541,7 +580,7 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict,
     constants.update(lifted)
     call = ModuleCallSignature(inputs=[], outputs=[], in_spec=in_spec, out_spec=out_spec[-1],
                                forward_arg_names=fwd + list(kwargs))
-    return torch.export.ExportedProgram(
+    return CheckedProgram(
         root=gm, graph=gm.graph, graph_signature=signature, state_dict=state_dict,
         range_constraints={}, module_call_graph=[ModuleCallEntry(fqn="", signature=call)],
         example_inputs=(tuple(args), dict(kwargs)), constants=constants,

@@ -204,17 +204,25 @@ def _owned(traced: Traced, live: set[Node], before: set[Node]) -> list[str]:
                    if n.op == "placeholder" and n.name in traced.param_names})
 
 
-def _owned_modules(model: torch.nn.Module, owned: Iterable[str], traced: Traced) -> list[str]:
-    """Outermost submodules whose every traced tensor goes (untraced buffers do not count)."""
-    owned = set(owned)
+def _tensors_by_module(model: torch.nn.Module, traced: Traced) -> dict[str, list[str]]:
+    """Module path -> the traced parameters/buffers under it (untraced buffers do not count), for
+    every module ``named_modules`` lists. Built once: asking each module for its tensors again for
+    every block was quadratic (0.4 s of a RepViT's verification)."""
     in_graph = set(traced.param_names.values())
-    out = []
-    for path, mod in model.named_modules():
-        names = [f"{path}.{k}" if path else k for k, _ in
-                 [*mod.named_parameters(remove_duplicate=False), *mod.named_buffers(remove_duplicate=False)]]
-        names = [n for n in names if n in in_graph]
-        if path and names and all(n in owned for n in names):
-            out.append(path)
+    fqns = [n for n, _ in [*model.named_parameters(remove_duplicate=False),
+                           *model.named_buffers(remove_duplicate=False)] if n in in_graph]
+    under: dict[str, list[str]] = {}
+    for name in fqns:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            under.setdefault(".".join(parts[:i]), []).append(name)
+    return {path: under[path] for path, _ in model.named_modules() if path in under}
+
+
+def _owned_modules(by_module: dict[str, list[str]], owned: Iterable[str]) -> list[str]:
+    """Outermost submodules whose every traced tensor goes (``_tensors_by_module``)."""
+    owned = set(owned)
+    out = [path for path, names in by_module.items() if all(n in owned for n in names)]
     return [p for p in out if not any(p.startswith(q + ".") for q in out)]
 
 
@@ -302,13 +310,14 @@ def find_blocks(traced: Traced, model: torch.nn.Module, example_input: Any = Non
         path = module_path(r.add)
         by_module.setdefault(path if path is not None else "", []).append(r)
     blocks: list[Block] = []
+    tensors = _tensors_by_module(model, traced)
     for path, rs in by_module.items():
         removed = {r.add: r.skip for r in rs}
         live = live_nodes(graph, removed)
         owned = _owned(traced, live, before)
         outputs = sorted({p for r in rs for p in output_projections(r, traced)})
         block = Block(len(blocks), path, [r.add.name for r in rs], [r.skip.name for r in rs], owned,
-                      _owned_modules(model, owned, traced), outputs)
+                      _owned_modules(tensors, owned), outputs)
         block.reason = _why_not(block, graph, removed, live, model, set(traced.param_names))
         blocks.append(block)
     if example_input is not None:

@@ -87,11 +87,15 @@ def block_spans(analysis: Analysis) -> list[Span]:
     by_name = {n.name: n for n in graph.nodes}
     pos = {n: i for i, n in enumerate(graph.nodes)}
     spans: list[Span] = []
+    nodes_in: dict[str, set[Node]] = {}  # module path -> the nodes it ran
+    for n in graph.nodes:
+        for path in _paths(n):
+            nodes_in.setdefault(path, set()).add(n)
     for block in find_blocks(analysis.traced, model):
         parent, _, last = block.module.rpartition(".")
         if not block.module or not last.isdigit() or not _is_list(model, parent):
             continue
-        inside = {n for n in graph.nodes if block.module in _paths(n)}
+        inside = nodes_in.get(block.module, set())
         exits = [n for n in inside if n.op == "call_function" and any(u not in inside for u in n.users)]
         entry = by_name.get(block.skips[0]) if block.skips else None
         if len(exits) != 1 or entry is None or entry in inside:

@@ -172,6 +172,10 @@ def test_an_eval_model_is_recorded_eagerly_and_its_program_runs_like_it(
     fast = fasttrace.fast_export(model, (x,), {})
     assert calls == [1]
     torch.testing.assert_close(fast.module()(x), model(x))
+    monkeypatch.setenv(fasttrace.TRACE_ENV, "make_fx")  # the fast trace without the recorder
+    again = fasttrace.fast_export(model, (x,), {})
+    assert calls == [1]
+    assert program_facts(again) == program_facts(fast)
 
 
 def test_fast_program_equals_torch_export_on_a_hugging_face_decoder() -> None:

@@ -15,10 +15,11 @@ tools/compare.py. The report prints per-model times, the gp/TP ratios and their 
     python tools/cold_time.py                               # the default set (timm + torchvision)
     python tools/cold_time.py --models timm:tinynet_e,tv:resnet50 --side 224
     python tools/cold_time.py --models timm:tinynet_e --profile   # graphprune's stages (cProfile)
-    python tools/cold_time.py --tools gp,gp-export,tp        # also graphprune on torch.export only
+    python tools/cold_time.py --tools gp,gp-makefx,gp-export,tp   # also graphprune's other tracers
 
-``gp-export`` is graphprune with ``GRAPHPRUNE_TRACE=export`` (no fast trace, docs/trace.md): the
-"before" of the fast trace, measured in the same run, model by model, next to the "after".
+``gp-export`` is graphprune with ``GRAPHPRUNE_TRACE=export`` (no fast trace, docs/trace.md) and
+``gp-makefx`` with ``GRAPHPRUNE_TRACE=make_fx`` (the fast trace without its eager recorder): the
+"before"s, measured in the same run, model by model, next to the "after".
 
 Models: ``timm:NAME`` (timm.create_model, random weights), ``tv:NAME`` (torchvision.models),
 ``tvseg:NAME`` (torchvision.models.segmentation). timm/torchvision must be importable
@@ -126,15 +127,19 @@ def stage_times(prof: cProfile.Profile) -> dict[str, float]:
     return out
 
 
+# graphprune with another tracer: GRAPHPRUNE_TRACE (docs/trace.md)
+VARIANTS = {"gp-export": "export", "gp-makefx": "make_fx"}
+
+
 def run_child(spec: str, tool: str, args: argparse.Namespace) -> dict[str, Any]:
-    child_tool = "gp" if tool == "gp-export" else tool
+    child_tool = "gp" if tool in VARIANTS else tool
     cmd = [sys.executable, __file__, "--child", spec, child_tool, "--side", str(args.side),
            "--ratio", str(args.ratio)]
     if args.profile and child_tool == "gp":
         cmd.append("--profile")
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    if tool == "gp-export":
-        env["GRAPHPRUNE_TRACE"] = "export"
+    if tool in VARIANTS:
+        env["GRAPHPRUNE_TRACE"] = VARIANTS[tool]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -182,25 +187,25 @@ def main() -> None:
         compile_packages("graphprune", "torch_pruning")  # both start from what an install holds
     rows = []
     tools = args.tools.split(",")
-    ex = "gp-export" in tools
-    print(f"{'model':40s} {'gp cold':>8s} {'tp cold':>8s} {'ratio':>6s} "
-          f"{'gp warm':>8s} {'tp warm':>8s} {'ratio':>6s}"
-          + (f" {'export cold':>11s} {'ratio':>6s} {'export warm':>11s} {'ratio':>6s}" if ex else ""))
+    gps = [t for t in tools if t == "gp" or t in VARIANTS]
+    print(f"{'model':40s}" + "".join(f" {t + ' cold':>14s} {'ratio':>6s} {t + ' warm':>14s} {'ratio':>6s}"
+                                     for t in gps) + f" {'tp cold':>8s} {'tp warm':>8s}")
     for spec in args.models.split(","):
         got = {tool: run_child(spec, tool, args) for tool in tools}
         rows.extend(got.values())
-        gp, tp, gx = got.get("gp", {}), got.get("tp", {}), got.get("gp-export", {})
-        extra = (f"    {_cell(gx, 'cold_s')} {_ratio(gx, tp, 'cold_s')}    {_cell(gx, 'warm_s')} "
-                 f"{_ratio(gx, tp, 'warm_s')}" if ex else "")
-        print(f"{spec:40s} {_cell(gp, 'cold_s')} {_cell(tp, 'cold_s')} {_ratio(gp, tp, 'cold_s')} "
-              f"{_cell(gp, 'warm_s')} {_cell(tp, 'warm_s')} {_ratio(gp, tp, 'warm_s')}{extra}", flush=True)
+        tp = got.get("tp", {})
+        print(f"{spec:40s}" + "".join(
+            f" {_cell(got[t], 'cold_s'):>14s} {_ratio(got[t], tp, 'cold_s')} "
+            f"{_cell(got[t], 'warm_s'):>14s} {_ratio(got[t], tp, 'warm_s')}" for t in gps)
+            + f" {_cell(tp, 'cold_s')} {_cell(tp, 'warm_s')}", flush=True)
         for r in got.values():
             if "error" in r:
                 print(f"    {r['tool']}: {r['error']}", flush=True)
-        if gp.get("stages"):
-            for label, secs in gp["stages"].items():
+        stages = got.get("gp", {}).get("stages")
+        if stages:
+            for label, secs in stages.items():
                 print(f"    {label:28s} {secs:6.2f} s (cProfile)", flush=True)
-    for name in [t for t in ("gp", "gp-export") if t in tools]:
+    for name in gps:
         for key in ("cold_s", "warm_s"):
             ok = [(g, t) for g in rows if g["tool"] == name and key in g
                   for t in rows if t["tool"] == "tp" and t["model"] == g["model"] and key in t]
@@ -208,9 +213,9 @@ def main() -> None:
                 med_gp = statistics.median(g[key] for g, _ in ok)
                 med_tp = statistics.median(t[key] for _, t in ok)
                 med_ratio = statistics.median(g[key] / t[key] for g, t in ok)
-                print(f"median {key[:-2]}: graphprune{'' if name == 'gp' else ' (torch.export only)'} "
-                      f"{med_gp:.2f} s, Torch-Pruning {med_tp:.2f} s, median ratio {med_ratio:.2f} "
-                      f"({len(ok)} models)")
+                tracer = f" (GRAPHPRUNE_TRACE={VARIANTS[name]})" if name in VARIANTS else ""
+                print(f"median {key[:-2]}: graphprune{tracer} {med_gp:.2f} s, Torch-Pruning "
+                      f"{med_tp:.2f} s, median ratio {med_ratio:.2f} ({len(ok)} models)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -52,6 +52,17 @@ def fast_trace_enabled() -> bool:
     return os.environ.get(TRACE_ENV, "").strip().lower() not in ("export", "torch.export")
 
 
+def _recorder_wanted(recorder: str) -> str:
+    """``recorder`` ("auto", "eager", "make_fx"); "auto" becomes "make_fx" under
+    ``GRAPHPRUNE_TRACE=make_fx`` (the fast trace without the eager recorder: bug reports, and the
+    before/after of ``tools/cold_time.py --tools gp,gp-makefx``)."""
+    if recorder not in ("auto", "eager", "make_fx"):
+        raise ValueError(f"recorder must be 'auto', 'eager' or 'make_fx', got {recorder!r}")
+    if recorder == "auto" and os.environ.get(TRACE_ENV, "").strip().lower() in ("make_fx", "makefx"):
+        return "make_fx"
+    return recorder
+
+
 def _class_name(m: nn.Module) -> str:
     cls = type(m)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -503,8 +514,7 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict,
         out_spec.append(spec)
         return tuple(leaves)
 
-    if recorder not in ("auto", "eager", "make_fx"):
-        raise ValueError(f"recorder must be 'auto', 'eager' or 'make_fx', got {recorder!r}")
+    recorder = _recorder_wanted(recorder)
     gm = None
     if recorder != "make_fx":
         why = _eager_refusal(model, state)

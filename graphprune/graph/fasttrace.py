@@ -35,7 +35,15 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphprune.graph.aliasing import view_base, written_arguments
-from graphprune.graph.eagertrace import DEVICE, REGION_MARKERS, EagerUnsupported, record
+from graphprune.graph.eagertrace import REGION_MARKERS, EagerUnsupported, record
+from graphprune.graph.exportpasses import (
+    CheckedProgram,
+    backend_kernels_off,
+    dead_code,
+    guard_casts,
+    lift_constants,
+    uninteresting_files,
+)
 
 TRACE_ENV = "GRAPHPRUNE_TRACE"
 # the eager recorder's limit on parameters + buffers (bytes); bigger models use make_fx
@@ -155,33 +163,6 @@ class _Frames:
         return "".join(summary.format()).strip() or None
 
 
-# torch's files whose frames torch.export leaves out of stack traces: the modules listed by
-# ``torch.fx.experimental.symbolic_shapes.uninteresting_files``, which imports each of them
-# (torch.export's trace, dynamo, inductor: a second on first use) to ask for its file name
-_UNINTERESTING = (
-    "fx.experimental.symbolic_shapes", "export._trace", "fx.experimental.recording",
-    "fx.experimental.sym_node", "fx.interpreter", "fx._symbolic_trace", "", "_compile",
-    "_dynamo.eval_frame", "_inductor.sizevars", "_library.custom_ops", "_library.fake_impl",
-    "_subclasses.meta_utils", "_subclasses.fake_tensor", "_logging._internal", "_logging.structured",
-)
-
-
-@functools.cache
-def _uninteresting_files() -> frozenset[str]:
-    """The same file names, found without importing, with every file of the two folders torch adds
-    whole (higher-order ops; dynamo's polyfills)."""
-    root = os.path.dirname(torch.__file__)
-    files = {"<string>"}
-    for name in (*_UNINTERESTING, "_dynamo.external_utils"):
-        path = os.path.join(root, *name.split(".")) if name else root
-        files.add(os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py")
-    for folder in ("_higher_order_ops", os.path.join("_dynamo", "polyfills")):
-        where = os.path.join(root, folder)
-        if os.path.isdir(where):
-            files.update(os.path.join(where, f) for f in os.listdir(where) if f.endswith(".py"))
-    return frozenset(files)
-
-
 class _StackMeta(dict):
     """fx's current node meta whose "stack_trace" is the frames of whoever asks (fx's create_node,
     for every node it makes): torch.export's stack traces without their cost."""
@@ -190,7 +171,7 @@ class _StackMeta(dict):
         super().__init__(base)
         from torch.fx import proxy
 
-        self.skip = _uninteresting_files()
+        self.skip = uninteresting_files()
         self.anchors = getattr(proxy, "_STACK_TRACE_ANCHORS", set())
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -286,33 +267,6 @@ def _check_graph(gm: torch.fx.GraphModule) -> None:
             raise FastTraceUnsupported(f"unsupported node {n.op} {n.target}")
 
 
-def _guard_casts(gm: torch.fx.GraphModule) -> None:
-    """torch.export's ``_insert_aten_to_metadata_assert_pass``: an ``_assert_tensor_metadata``
-    (dtype, device, layout of the input) before every ``aten.to``, with the cast's stack and module
-    stack. Written out here because that pass's module imports sympy (0.4 s on a first call), and
-    because the eager recorder keeps devices beside its meta-tensor values (``DEVICE``)."""
-    casts = {torch.ops.aten.to.device, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout}
-    guard = torch.ops.aten._assert_tensor_metadata.default
-    for node in list(gm.graph.nodes):
-        if node.target not in casts or not isinstance(node.args[0], torch.fx.Node):
-            continue
-        src = node.args[0]
-        if node.prev.target is guard and node.prev.args[0] == src:
-            continue
-        val = src.meta.get("val")
-        if val is None:
-            continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(guard, args=(src,), kwargs={
-                "dtype": val.dtype, "device": src.meta.get(DEVICE, val.device), "layout": val.layout})
-        new.meta.update({
-            "val": None, "stack_trace": node.meta.get("stack_trace"),
-            "nn_module_stack": node.meta.get("nn_module_stack"),
-            "torch_fn": (f"{guard.__name__}_0", f"{guard.__class__.__name__}.{guard.__name__}"),
-            "custom": src.meta.get("custom", {}),
-        })
-
-
 def _forward_names(model: nn.Module, n_args: int) -> list[str]:
     try:
         params = list(inspect.signature(model.forward).parameters.values())
@@ -362,41 +316,6 @@ def _ident(text: str) -> str:
     return out if out and not out[0].isdigit() else f"_{out}"
 
 
-def _dead_code(gm: torch.fx.GraphModule) -> None:
-    """torch.export removes only dead ``detach`` and profiler records: do the same."""
-    removable = {torch.ops.aten.detach.default}
-    for name in ("_record_function_enter", "_record_function_enter_new"):
-        op = getattr(torch.ops.profiler, name, None)
-        if op is not None:
-            removable.add(op.default)
-    gm.graph.eliminate_dead_code(
-        lambda n: not (n.op == "call_function" and n.target in removable))
-
-
-class CheckedProgram(torch.export.ExportedProgram):
-    """``ExportedProgram`` without the verifier run at construction.
-
-    The fast programs are checked against torch.export's node for node instead
-    (tools/trace_parity.py; tests/test_fasttrace.py runs torch's verifier on every program it
-    compares). The verifier imports sympy for its symbolic-size types: 0.4 s of a first call on a
-    small model. Anything torch derives from the program later (``_update``) is verified as usual.
-    """
-
-    def validate(self) -> None:
-        return None
-
-
-def _lift_constants(gm: torch.fx.GraphModule, signature: Any, model: nn.Module) -> dict[str, Any]:
-    """torch.export's constant lifting; its imports (dynamo's among them) cost a second on first
-    use, so it runs only when the graph has a constant to lift."""
-    if not any(n.op == "get_attr" for n in gm.graph.nodes):
-        return {}
-    from torch._export.non_strict_utils import _gather_constant_attrs
-    from torch._export.passes.lift_constants_pass import _materialize_and_lift_constants
-
-    return _materialize_and_lift_constants(gm, signature, _gather_constant_attrs(model))
-
-
 def _eager_refusal(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
     """Why the eager recorder may not run this model (None: it may). It runs the real forward:
     only for an eval-mode model (a training forward updates its buffers) of real tensors no bigger
@@ -409,26 +328,6 @@ def _eager_refusal(model: nn.Module, state: dict[str, torch.Tensor]) -> str | No
             return "tensors on the meta device"
         size += t.numel() * t.element_size()
     return f"parameters and buffers over {EAGER_MAX_BYTES >> 20} MiB" if size > EAGER_MAX_BYTES else None
-
-
-@contextlib.contextmanager
-def _backend_kernels_off(portable: bool) -> Iterator[None]:
-    """torch.export's trace setting: no cuDNN, oneDNN or NNPACK (its own context manager sits in a
-    module whose import costs a second).
-
-    cuDNN's flag is an argument of the norms (``F.layer_norm`` passes
-    ``torch.backends.cudnn.enabled``), so it is always off; the other two only pick kernels below
-    the recorded ops, and the eager recorder (``portable=False``) keeps them for speed.
-    """
-    backends = [torch.backends.cudnn]
-    if portable:
-        backends += [torch.backends.mkldnn, torch.backends.nnpack]
-    saved = [b.set_flags(False) for b in backends]
-    try:
-        yield
-    finally:
-        for b, flags in zip(backends, saved, strict=True):
-            b.set_flags(*flags)
 
 
 def _attempt(model: nn.Module, traced: set[int], run: Callable[[], torch.fx.GraphModule],
@@ -446,7 +345,7 @@ def _attempt(model: nn.Module, traced: set[int], run: Callable[[], torch.fx.Grap
     try:
         # backend kernels off, so ops keep their portable form and arguments;
         # torch.compiler.is_exporting() true, which user code may test
-        with _backend_kernels_off(portable), _compiling_state_context(), _module_stacks(model):
+        with backend_kernels_off(portable), _compiling_state_context(), _module_stacks(model):
             gm = run()
         _format_stacks(gm)
     finally:
@@ -537,9 +436,9 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict,
                                _allow_non_fake_inputs=True)(*state.values(), *user_flat)
         out_spec.clear()
         gm = _attempt(model, traced, by_make_fx)
-    _dead_code(gm)
+    dead_code(gm)
     _check_graph(gm)
-    _guard_casts(gm)  # torch.export's guard before every aten.to
+    guard_casts(gm)  # torch.export's guard before every aten.to
 
     persistent = set(model.state_dict(keep_vars=True))
     fwd = _forward_names(model, len(args))
@@ -569,7 +468,7 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict,
     outputs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(name=r.name), target=None) for r in results]
     signature = ExportGraphSignature(input_specs=inputs, output_specs=outputs)
     # tensors made inside the forward (``torch.tensor([...])``) become inputs, as torch.export lifts them
-    lifted = _lift_constants(gm, signature, model)
+    lifted = lift_constants(gm, signature, model)
     _name_constants(gm, signature)
     if any(n.op == "call_function" and n.target in REGION_MARKERS for n in gm.graph.nodes):
         from torch._export.passes.replace_autocast_with_hop_pass import replace_autocast_with_hop_pass

@@ -14,6 +14,14 @@ import operator
 import torch
 
 
+def storage_ptr(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (tensors that view the same memory share it); None if none."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def view_base(node: torch.fx.Node) -> torch.fx.Node:
     """The node whose memory ``node`` views (through view ops, in-place ops and the items of a
     view list such as ``split``'s), or ``node`` itself."""

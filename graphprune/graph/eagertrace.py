@@ -21,18 +21,18 @@ regions, higher-order operators and tensor subclasses.
 
 from __future__ import annotations
 
-import contextlib
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.proxy_tensor import PreDispatchTorchFunctionMode, ProxyTorchDispatchMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from graphprune.graph.aliasing import written_values
+from graphprune.graph.aliasing import storage_ptr, written_values
 
 
 class EagerUnsupported(Exception):
@@ -86,7 +86,7 @@ class _Recorder(ProxyTorchDispatchMode):
         self.graph = graph
         self.root = root
         self.nodes: Any = WeakTensorKeyDictionary()  # tensor -> node that made it
-        self.owned = owned  # storages of the inputs, parameters and buffers
+        self.owned = owned  # storages (storage_ptr) of the inputs, parameters and buffers
         self.constants: dict[int, torch.fx.Node] = {}
         self.meta = meta
         self.grad = torch.is_grad_enabled()
@@ -110,14 +110,14 @@ class _Recorder(ProxyTorchDispatchMode):
             if type(value) not in _PLAIN:
                 raise EagerUnsupported(f"a tensor subclass ({type(value).__name__})")
             node = self.nodes.get(value)
-            return node if node is not None else self._constant(value)
+            return node if node is not None else self.constant(value)
         if isinstance(value, (list, tuple)):
             return type(value)(self._arg(v) for v in value)
         if isinstance(value, dict):
             return {k: self._arg(v) for k, v in value.items()}
         return value
 
-    def _constant(self, t: torch.Tensor) -> torch.fx.Node:
+    def constant(self, t: torch.Tensor) -> torch.fx.Node:
         """A tensor no op made and no input is (``torch.tensor([...])``, a plain tensor attribute,
         a global): a ``_tensor_constantN`` attribute of the graph module, as make_fx stores it."""
         node = self.constants.get(id(t))
@@ -149,7 +149,7 @@ class _Recorder(ProxyTorchDispatchMode):
                 not _DATA_TAGS.isdisjoint(func.tags) and not _static_shape(func, args, kwargs)):
             raise EagerUnsupported(f"{func} depends on the values in a tensor")
         for t in written_values(func._schema, args, kwargs):
-            if not isinstance(t, torch.Tensor) or t not in self.nodes or _storage(t) in self.owned:
+            if not isinstance(t, torch.Tensor) or t not in self.nodes or storage_ptr(t) in self.owned:
                 raise EagerUnsupported(f"{func} writes into a tensor the forward does not own")
 
     # -- the op ---------------------------------------------------------------------------------
@@ -206,19 +206,6 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-@contextlib.contextmanager
-def _python_dispatcher() -> Iterator[None]:
-    """The Python dispatcher routes the pre-dispatch key to Python modes."""
-    from torch._dispatch.python import enable_python_dispatcher
-
-    with enable_python_dispatcher():
-        yield
-
-
 def record(fn: Callable[..., tuple], inputs: list[torch.Tensor],
            meta: Callable[[], dict]) -> torch.fx.GraphModule:
     """The fx graph of ``fn(*inputs)`` (a flat tuple of tensors), recorded as it runs.
@@ -232,18 +219,19 @@ def record(fn: Callable[..., tuple], inputs: list[torch.Tensor],
         raise EagerUnsupported("tensors on the meta device")
     graph = torch.fx.Graph()
     root = nn.Module()
-    owned = {_storage(t) for t in inputs if t.untyped_storage().nbytes()}
+    owned = {storage_ptr(t) for t in inputs if t.untyped_storage().nbytes()}
     rec = _Recorder(graph, root, owned, meta)
     for i, t in enumerate(inputs):
         node = graph.placeholder(f"arg{i}_1")
         node.meta["val"] = rec.value(node, t)
         rec.track(t, node)
-    with _python_dispatcher(), _Regions.__new__(_Regions), rec:
+    # the Python dispatcher routes the pre-dispatch key to Python modes
+    with enable_python_dispatcher(), _Regions.__new__(_Regions), rec:
         outs = fn(*inputs)
     results = []
     for o in outs:
         if not isinstance(o, torch.Tensor):
             raise EagerUnsupported("a non-tensor output")
-        results.append(rec.nodes.get(o) or rec._constant(o))
+        results.append(rec.nodes.get(o) or rec.constant(o))
     graph.output(tuple(results))
     return torch.fx.GraphModule(root, graph)

@@ -55,9 +55,13 @@ class FastTraceUnsupported(Exception):
     """The model uses something the fast trace does not reproduce exactly: use torch.export."""
 
 
+def _trace_setting() -> str:
+    return os.environ.get(TRACE_ENV, "").strip().lower()
+
+
 def fast_trace_enabled() -> bool:
     """False when ``GRAPHPRUNE_TRACE=export`` asks for torch.export only."""
-    return os.environ.get(TRACE_ENV, "").strip().lower() not in ("export", "torch.export")
+    return _trace_setting() not in ("export", "torch.export")
 
 
 def _recorder_wanted(recorder: str) -> str:
@@ -66,7 +70,7 @@ def _recorder_wanted(recorder: str) -> str:
     before/after of ``tools/cold_time.py --tools gp,gp-makefx``)."""
     if recorder not in ("auto", "eager", "make_fx"):
         raise ValueError(f"recorder must be 'auto', 'eager' or 'make_fx', got {recorder!r}")
-    if recorder == "auto" and os.environ.get(TRACE_ENV, "").strip().lower() in ("make_fx", "makefx"):
+    if recorder == "auto" and _trace_setting() in ("make_fx", "makefx"):
         return "make_fx"
     return recorder
 

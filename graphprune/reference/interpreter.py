@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from torch.fx import Interpreter, Node
 
+from graphprune.graph.aliasing import storage_ptr
 from graphprune.graph.rules.pointwise import reduced_dims
 from graphprune.reference.heap import release_free_memory
 from graphprune.reference.masks import NORM_OPS, REDUCE_OPS, Inexact
-from graphprune.reference.scratch import Scratch, storage_ptr
+from graphprune.reference.scratch import Scratch
 
 # masked weight copies (bytes) after which the heap is trimmed: at most this much freed memory
 # waits in glibc's heap for the next trim

@@ -13,13 +13,12 @@ from torch import nn
 from torch.fx import Node
 from torch.utils import _pytree as pytree
 
-from graphprune.graph.aliasing import written_inputs
+from graphprune.graph.aliasing import storage_ptr, written_inputs
 from graphprune.graph.analysis import Analysis, param_tensor
 from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
 from graphprune.graph.trace import no_cache
 from graphprune.reference.interpreter import MaskedInterpreter
 from graphprune.reference.masks import Inexact, reference_masks
-from graphprune.reference.scratch import storage_ptr
 from graphprune.reference.tolerance import relative_error, tight_rtol, tolerance
 
 

@@ -26,15 +26,8 @@ from typing import Any
 
 import torch
 
+from graphprune.graph.aliasing import storage_ptr
 from graphprune.reference.heap import release_free_memory
-
-
-def storage_ptr(t: torch.Tensor) -> int | None:
-    """The address of ``t``'s storage (tensors that view the same memory share it); None if none."""
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
 
 
 class Scratch:

@@ -8,9 +8,10 @@ MobileNet that is ~50 ms of a ~0.5 s call; Torch-Pruning's whole call is 0.1-0.3
 
 The result is what ``copy.deepcopy(model, memo)`` returns: modules whose class copies the
 default way (no ``__deepcopy__``, ``__reduce_ex__``, ``__getstate__``, ``__slots__`` or
-copyreg entry of its own; its ``__setstate__`` runs as deepcopy runs it) are rebuilt here, their ``__dict__`` entries
-copied one by one; every other value goes to ``copy.deepcopy`` with the same ``memo``, so shared
-objects stay shared, cycles resolve, and custom copy protocols run as they would.
+copyreg entry of its own; its ``__setstate__`` runs as deepcopy runs it) are rebuilt here,
+their ``__dict__`` entries copied one by one, as are plain dicts and tuples; every other value
+goes to ``copy.deepcopy`` with the same ``memo``, so shared objects stay shared, cycles resolve,
+and custom copy protocols run as they would.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch._dispatch.python import enable_python_dispatcher
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.experimental.proxy_tensor import PreDispatchTorchFunctionMode, ProxyTorchDispatchMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -234,4 +235,6 @@ def record(fn: Callable[..., tuple], inputs: list[torch.Tensor],
             raise EagerUnsupported("a non-tensor output")
         results.append(rec.nodes.get(o) or rec.constant(o))
     graph.output(tuple(results))
-    return torch.fx.GraphModule(root, graph)
+    # not compiled: nothing runs this module (the program compiles its own from the graph), and
+    # generating its code is ~5% of a small network's call
+    return _LazyGraphModule(root, graph)

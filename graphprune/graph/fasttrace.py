@@ -289,13 +289,10 @@ def _rename_placeholders(gm: torch.fx.GraphModule, names: list[str]) -> list[str
 
 
 def _renamed(gm: torch.fx.GraphModule, old: torch.fx.Node, name: str) -> torch.fx.Node:
-    """``old`` (a placeholder) replaced by one named ``name`` (fx uniquifies it), same meta and uses."""
-    with gm.graph.inserting_before(old):
-        new = gm.graph.placeholder(name)
-    new.meta = old.meta
-    old.replace_all_uses_with(new)
-    gm.graph.erase_node(old)
-    return new
+    """``old`` (a placeholder) renamed ``name`` in place (fx uniquifies it, as for a new node)."""
+    old._rename(name)
+    old.target = old.name  # a placeholder's target is its argument name
+    return old
 
 
 def _name_constants(gm: torch.fx.GraphModule, signature: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch.fx import Interpreter, Node
 
@@ -12,6 +13,7 @@ from graphprune.graph.rules.pointwise import reduced_dims
 from graphprune.reference.heap import release_free_memory
 from graphprune.reference.masks import NORM_OPS, REDUCE_OPS, Inexact
 from graphprune.reference.scratch import Scratch
+from graphprune.reference.zeroing import Zeroing
 
 # masked weight copies (bytes) after which the heap is trimmed: at most this much freed memory
 # waits in glibc's heap for the next trim
@@ -33,7 +35,7 @@ class MaskedInterpreter(Interpreter):
         self.masks = masks
         self.hard_masks = hard_masks  # inputs of statistics: False only where pruning is not allowed
         self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.all_kept: dict[int, bool] = {}
+        self.zeroings: dict[tuple[int, int, str], Zeroing | None] = {}
         self.copied = 0  # bytes of masked weight copies made since the heap was last trimmed
         self.protected = protected  # storages of the user's tensors: never written
         self.record = record or set()
@@ -50,14 +52,17 @@ class MaskedInterpreter(Interpreter):
         self.scratch = Scratch(_slot_sizes(gm.graph, self.lazy))  # the masked copies' reused buffers
 
     # -- masks ---------------------------------------------------------------------------
-    def _keep(self, node: Node, k: int | None, like: torch.Tensor) -> torch.Tensor | None:
+    def _entry(self, node: Node, k: int | None) -> np.ndarray | None:
+        """The numpy keep-mask of ``node`` (its ``k``-th output), or None."""
         entry = self.masks.get(node)
         if entry is None:
             return None
         if k is not None:
-            entry = entry[k] if isinstance(entry, list) and k < len(entry) else None
-        elif isinstance(entry, list):
-            return None
+            return entry[k] if isinstance(entry, list) and k < len(entry) else None
+        return None if isinstance(entry, list) else entry
+
+    def _keep(self, node: Node, k: int | None, like: torch.Tensor) -> torch.Tensor | None:
+        entry = self._entry(node, k)
         if entry is None:
             return None
         key = (id(entry), like.dim(), str(like.device))
@@ -68,35 +73,38 @@ class MaskedInterpreter(Interpreter):
             self.torch_masks[key] = t
         return self.torch_masks[key]
 
-    def _apply(self, t: Any, keep: torch.Tensor | None) -> Any:
-        if keep is None or not isinstance(t, torch.Tensor) or self._keeps_all(keep):
+    def _zeroing(self, node: Node, k: int | None, like: torch.Tensor) -> Zeroing | None:
+        """How to zero ``node``'s removed positions in a value like ``like`` (None: none removed)."""
+        entry = self._entry(node, k)
+        if entry is None:
+            return None
+        key = (id(entry), like.dim(), str(like.device))  # masks live for the run: ids stay valid
+        if key not in self.zeroings:
+            self.zeroings[key] = None if entry.all() else Zeroing(entry, like.dim(), like.device)
+        return self.zeroings[key]
+
+    def _apply(self, t: Any, zero: Zeroing | None) -> Any:
+        if zero is None or not isinstance(t, torch.Tensor):
             return t  # nothing removed here: a masked copy would only cost memory
-        drop = ~keep
         expanded = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
         if not expanded and storage_ptr(t) not in self.protected:
             try:
-                return t.masked_fill_(drop, 0)  # in place: views of t see the zeros, as in the model
+                return zero.into(t)  # in place: views of t see the zeros, as in the model
             except RuntimeError:  # expanded/overlapping memory
                 pass
-        return t.masked_fill(drop, 0)
-
-    def _keeps_all(self, keep: torch.Tensor) -> bool:
-        key = id(keep)  # the masks live in ``torch_masks`` for the whole run: ids stay valid
-        if key not in self.all_kept:
-            self.all_kept[key] = bool(keep.all())
-        return self.all_kept[key]
+        return zero.copy(t)
 
     def _mask_value(self, node: Node, value: Any) -> Any:
         if node not in self.masks:
             return value
         if isinstance(value, (tuple, list)):
             out = [
-                self._apply(v, self._keep(node, i, v)) if isinstance(v, torch.Tensor) else v
+                self._apply(v, self._zeroing(node, i, v)) if isinstance(v, torch.Tensor) else v
                 for i, v in enumerate(value)
             ]
             return type(value)(out) if isinstance(value, tuple) else out
         if isinstance(value, torch.Tensor):
-            return self._apply(value, self._keep(node, None, value))
+            return self._apply(value, self._zeroing(node, None, value))
         return value
 
     # -- execution -----------------------------------------------------------------------
@@ -120,10 +128,10 @@ class MaskedInterpreter(Interpreter):
         """A weight masked just before the op that reads it: the user's own tensor goes into a
         reused scratch buffer (scratch.py); anything else is masked as ``_mask_value`` does."""
         if isinstance(value, torch.Tensor) and storage_ptr(value) in self.protected:
-            keep = self._keep(node, None, value)
-            if keep is None or self._keeps_all(keep):
+            zero = self._zeroing(node, None, value)
+            if zero is None:
                 return value
-            masked = self.scratch.masked(value, keep, slot)
+            masked = self.scratch.masked(value, zero, slot)
             if masked is not None:
                 self.copied += masked.nbytes  # trim the heap after the op (run_node)
                 return masked
@@ -170,7 +178,7 @@ class MaskedInterpreter(Interpreter):
             if isinstance(arg, Node) and spec.alias_info is not None and spec.alias_info.is_write:
                 value = self.env.get(arg)
                 if isinstance(value, torch.Tensor):
-                    self._apply(value, self._keep(arg, None, value))
+                    self._apply(value, self._zeroing(arg, None, value))
 
     def _run_statistic(self, n: Node) -> Any:
         """Run a reduction/normalisation on the kept positions only (exact under removal)."""

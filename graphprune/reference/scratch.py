@@ -8,8 +8,9 @@ copy is dropped after the op. A fresh copy per op was the dearest part of the re
 page faults). ``Scratch`` keeps one buffer per argument slot of an op and
 writes each masked copy into it instead:
 
-* the mask is applied by ``torch.where(keep, weight, 0, out=buffer)``: one pass, no allocation,
-  exact zeros (a ``0 * inf`` would not be), the same values and strides as a fresh copy;
+* the masked copy is written into the buffer (``Zeroing.copy``: a copy, then the removed rows
+  and columns set to zero), no allocation, exact zeros (a ``0 * inf`` would not be), the same
+  values and strides as a fresh copy;
 * a buffer is reused only if nothing still refers to it: when an op's output is a view of its
   masked argument (a transpose, a reshape), that buffer is handed over to the output and a new
   one is allocated for the next weight.
@@ -28,6 +29,7 @@ import torch
 
 from graphprune.graph.aliasing import storage_ptr
 from graphprune.reference.heap import release_free_memory
+from graphprune.reference.zeroing import Zeroing
 
 
 class Scratch:
@@ -38,8 +40,8 @@ class Scratch:
         self.buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # -> flat buffer
         self.freed = False  # a buffer was replaced by a larger one (its pages: ``release``)
 
-    def masked(self, t: torch.Tensor, keep: torch.Tensor, slot: int) -> torch.Tensor | None:
-        """``t`` with the positions where ``keep`` is False set to zero, in buffer ``slot``.
+    def masked(self, t: torch.Tensor, zero: Zeroing, slot: int) -> torch.Tensor | None:
+        """``t`` with the positions ``zero`` removes set to zero, in buffer ``slot``.
 
         None when ``t`` does not fit a buffer (not contiguous, or no storage): the caller then
         makes a copy of its own."""
@@ -53,8 +55,7 @@ class Scratch:
             size = max(t.numel(), self.sizes.get((slot, t.dtype), 0))
             flat = torch.empty(size, dtype=t.dtype, device=t.device)
             self.buffers[key] = flat
-        out = flat[: t.numel()].view(t.shape)
-        return torch.where(keep, t, t.new_zeros(()), out=out)  # one pass; exact zeros (no 0 * inf)
+        return zero.copy(t, out=flat[: t.numel()].view(t.shape))
 
     def given_away(self, result: Any) -> None:
         """Stop reusing every buffer that ``result`` (an op's output) is a view of."""

@@ -141,3 +141,20 @@ def test_memo_seeds_are_used() -> None:
         assert p is not q and p.data_ptr() == q.data_ptr()
     assert work.head.weight is work.seq[0].weight
     assert work.steps.data_ptr() != model.steps.data_ptr()  # buffers are copied
+
+
+def test_submodule_lookup_matches_get_submodule() -> None:
+    """graph.lookup.submodule: the same module as torch's get_submodule, and the same errors."""
+    import pytest
+
+    from graphprune.graph.lookup import submodule
+
+    model = Tricky()
+    for path, _ in model.named_modules(remove_duplicate=False):
+        assert submodule(model, path) is model.get_submodule(path)
+    for bad in ("nope", "seq.5", "a.weight", "scale"):
+        with pytest.raises(AttributeError) as theirs:
+            model.get_submodule(bad)
+        with pytest.raises(AttributeError) as ours:
+            submodule(model, bad)
+        assert str(ours.value) == str(theirs.value)

@@ -20,6 +20,7 @@ from graphprune.errors import InputError
 from graphprune.graph import rules
 from graphprune.graph.copies import keeps_global_rng, shared_eval_copy, storages, unshare
 from graphprune.graph.labels import Coupler, TensorLabels
+from graphprune.graph.lookup import submodule
 from graphprune.graph.rules.registry import RuleContext, lookup, ops, where
 from graphprune.graph.trace import Traced, check_model, node_source, trace, writes_inputs
 from graphprune.surgery.constraints import module_constraints
@@ -471,5 +472,4 @@ def _group(traced, work, labels, coupler: Coupler, boundaries, prune_hidden: boo
 def param_tensor(model: nn.Module, name: str) -> torch.Tensor:
     """The parameter, buffer or tensor attribute ``name`` (dotted path) of ``model``."""
     mod_name, _, attr = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    return getattr(mod, attr)
+    return getattr(submodule(model, mod_name), attr)

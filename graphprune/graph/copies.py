@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import InputError
+from graphprune.graph.lookup import submodule
 from graphprune.graph.modulecopy import module_deepcopy
 
 
@@ -93,7 +94,7 @@ def unshare(copy_: nn.Module, theirs: set[int]) -> None:
     for name, t in named:
         if not t.is_meta and t.numel() and t.untyped_storage().data_ptr() in theirs:
             mod_name, _, attr = name.rpartition(".")
-            mod = copy_.get_submodule(mod_name) if mod_name else copy_
+            mod = submodule(copy_, mod_name)
             if isinstance(t, nn.Parameter):
                 t.data = t.detach().clone()
             else:

@@ -20,6 +20,7 @@ from graphprune.graph.aliasing import written_inputs
 from graphprune.graph.copies import private_copy
 from graphprune.graph.fasttrace import fast_allowed, fast_export, note_fast_used
 from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
+from graphprune.graph.lookup import submodule
 
 
 @dataclass
@@ -173,7 +174,7 @@ def _owned(model: nn.Module, name: str) -> bool:
     """
     mod_name, _, attr = name.rpartition(".")
     try:
-        mod = model.get_submodule(mod_name) if mod_name else model
+        mod = submodule(model, mod_name)
     except AttributeError:
         return False
     return isinstance(getattr(mod, attr, None), torch.Tensor)

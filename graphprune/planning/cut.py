@@ -42,6 +42,7 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Analysis, Group
+from graphprune.graph.lookup import submodule
 from graphprune.planning.equal_counts import equal_count_sets, equalize
 from graphprune.planning.options import AUTO, CutOptions
 
@@ -62,7 +63,7 @@ def output_modules(group: Group, model: nn.Module) -> list[str]:
         path, _, attr = m.name.rpartition(".")
         every.append(path)
         try:
-            mod = model.get_submodule(path) if path else model
+            mod = submodule(model, path)
         except AttributeError:
             continue
         if produces(mod, attr, m.dim):
@@ -121,7 +122,7 @@ def _conv_width(group: Group, model: nn.Module) -> int:
     for m in group.members:
         path, _, attr = m.name.rpartition(".")
         try:
-            mod = model.get_submodule(path) if path else model
+            mod = submodule(model, path)
         except AttributeError:
             continue
         if attr == "weight" and isinstance(mod, nn.modules.conv._ConvNd) and m.dim in (0, 1):

@@ -17,6 +17,7 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph.analysis import Group, Member, param_tensor
+from graphprune.graph.lookup import submodule
 from graphprune.planning.calibration import (
     LossFn,
 )
@@ -102,7 +103,7 @@ def is_parameter(model: nn.Module, name: str) -> bool:
     listing every parameter per group cost 0.5 s per plan on a 5 M-parameter CNN."""
     path, _, attr = name.rpartition(".")
     try:
-        owner = model.get_submodule(path) if path else model
+        owner = submodule(model, path)
     except AttributeError:
         return False
     return isinstance(owner, nn.Module) and owner._parameters.get(attr) is not None

@@ -12,6 +12,8 @@ tensors the per-op cost dominates instead, and one element-wise op beats a copy 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -41,6 +43,12 @@ def removed_lines(keep: np.ndarray, ndim: int) -> list[tuple[int, np.ndarray]] |
     return lines if np.array_equal(product, keep) else None
 
 
+@functools.lru_cache(maxsize=64)
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim zero (``torch.where`` with ``out=`` takes no Python scalar); never written."""
+    return torch.zeros((), dtype=dtype, device=device)
+
+
 class Zeroing:
     """How to zero the removed positions of values of one rank on one device, given their
     numpy keep-mask: by index lines for large values where the mask is a product of
@@ -53,7 +61,6 @@ class Zeroing:
         self._lines: list[tuple[int, torch.Tensor]] | None | bool = False  # False: not yet known
         self._keep: torch.Tensor | None = None
         self._drop: torch.Tensor | None = None
-        self._zero: dict[torch.dtype, torch.Tensor] = {}
 
     @property
     def keep(self) -> torch.Tensor:
@@ -89,8 +96,5 @@ class Zeroing:
         """A copy of ``t`` with its removed positions zero (written into ``out`` if given)."""
         if self._by_lines(t) is not None:
             return self.into(t.clone() if out is None else out.copy_(t))
-        zero = self._zero.get(t.dtype)
-        if zero is None:
-            zero = self._zero[t.dtype] = torch.zeros((), dtype=t.dtype, device=t.device)
-        # one pass, exact zeros (a 0 * inf would not be)
+        zero = _zero(t.dtype, t.device)  # one pass, exact zeros (a 0 * inf would not be)
         return torch.where(self.keep, t, zero) if out is None else torch.where(self.keep, t, zero, out=out)

@@ -19,13 +19,14 @@ from torch import nn
 
 from graphprune.errors import PlanMismatchError
 from graphprune.graph.analysis import param_tensor
+from graphprune.graph.lookup import submodule
 from graphprune.planning.plan import AttrUpdate, Plan
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace tensor ``name`` keeping Parameter identity, so tied weights stay tied."""
     mod_name, _, attr = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
+    mod = submodule(model, mod_name)
     old = getattr(mod, attr)
     if isinstance(old, nn.Parameter):
         old.data = value
@@ -170,7 +171,7 @@ def _mha_updates(path: str, mod: nn.MultiheadAttention, upd: Any) -> None:
 
 def apply_attr_updates(model: nn.Module, updates: list[AttrUpdate]) -> None:
     for u in updates:
-        mod = model.get_submodule(u.module) if u.module else model
+        mod = submodule(model, u.module)
         keep_tuple = isinstance(u.old, tuple) or isinstance(getattr(mod, u.attr, None), tuple)
         new = tuple(u.new) if keep_tuple and isinstance(u.new, list) else u.new
         setattr(mod, u.attr, new)
@@ -179,7 +180,7 @@ def apply_attr_updates(model: nn.Module, updates: list[AttrUpdate]) -> None:
 def add_planned_biases(model: nn.Module, plan: Plan) -> None:
     """Zero biases where the plan's reconstruction added one (``plan.biases``), before slicing."""
     for path in plan.biases:
-        zero_bias(model.get_submodule(path) if path else model)
+        zero_bias(submodule(model, path))
 
 
 def zero_bias(mod: nn.Module) -> bool:
@@ -220,7 +221,7 @@ def _is_torch_module(model: nn.Module, path: str) -> bool:
     """A module of torch.nn itself, whose size attributes module_updates derives from its tensors
     (a user's module may hold an attribute of the same name, e.g. ``groups``, that a reshape uses)."""
     try:
-        mod = model.get_submodule(path) if path else model
+        mod = submodule(model, path)
     except AttributeError:
         return False
     return type(mod).__module__.startswith("torch.nn.")

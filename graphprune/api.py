@@ -84,9 +84,7 @@ def _plan_and_model(
         result = Realized(realize_inplace(model, engine.analysis, plan, example_input, verify), plan,
                           engine.analysis)
     else:
-        result = engine.realize(plan, fallback=fallback, cut=options, last=True)
-        if verify:
-            engine.verify(result)
+        result = engine.realize(plan, fallback=fallback, cut=options, last=True, verify=verify)
         engine.finish(result)
     if is_distributed():  # every rank must hold the same plan (graphprune.distributed)
         # the decisions, not the notes: a note may describe this rank's run (what it warned about)

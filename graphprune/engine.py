@@ -14,6 +14,7 @@ No step changes the user's model or a caller's plan: a realised plan is a new ob
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -52,6 +53,9 @@ from graphprune.surgery.heads import head_count_updates
 from graphprune.surgery.hf import update_config
 from graphprune.surgery.sizes import Sizer, attribute_updates, graph_constant_changes
 from graphprune.surgery.slicing import apply_attr_updates, module_updates, set_tensor, slice_tensors
+
+# the verification of a compact model: check(model, analysis, plan); raises VerificationError
+Check = Callable[[nn.Module, Analysis, Plan], None]
 
 
 class Realized(NamedTuple):
@@ -119,8 +123,13 @@ class Engine:
         cut: CutOptions | None = None,
         replan: bool = True,
         last: bool = False,
+        verify: bool = False,
     ) -> Realized:
         """Surgery for ``plan`` with the ``fallback``; ``plan`` itself is left as it was.
+
+        ``verify=True`` returns a verified model (what ``Engine.verify`` checks), and the
+        verification's run of the compact model is also the check that it runs at the new sizes:
+        one forward of the compact model fewer than ``realize`` then ``verify``.
 
         With ``fallback="freeze"`` and ``replan=True`` the modules that cannot run smaller are
         added to ``ignored_layers`` and the model re-analysed and re-planned at ``plan.ratio``
@@ -146,11 +155,21 @@ class Engine:
             return fresh, self._reconstructed(fresh, again_plan, cut)
 
         self._spent = last
+        original = analysis.model if self.reconstruct else self.model
         return Realized(*realize_full(
             analysis, own, self.example_input, copy_model=not last or bool(self.reconstruct),
-            fallback=fallback, replan=again if replan else None,
-            original=analysis.model if self.reconstruct else self.model,
+            fallback=fallback, replan=again if replan else None, original=original,
+            check=self._checker(original) if verify else None,
         ))
+
+    def _checker(self, original: nn.Module) -> Check:
+        """The verification of a compact model, as ``verify`` runs it (``original``: the truth)."""
+        from graphprune.verify import verify_compact
+
+        def check(small: nn.Module, analysis: Analysis, plan: Plan) -> None:
+            verify_compact(analysis, plan, small, self.example_input, original=original)
+
+        return check
 
     def _reconstructed(self, analysis: Analysis, plan: Plan, cut: CutOptions | None) -> Plan:
         """With reconstruction: refit ``analysis.model`` in place and return the plan it matches."""
@@ -164,11 +183,9 @@ class Engine:
     @keeps_global_rng
     def verify(self, result: Realized) -> None:
         """Check ``result.model`` against the masked reference of ``result.plan`` (raises if off)."""
-        from graphprune.verify import verify_compact
-
         # reconstructed: the refit full-size weights (the analysis' model, never sliced) are the truth
         original = result.analysis.model if self.reconstruct else self.model
-        verify_compact(result.analysis, result.plan, result.model, self.example_input, original=original)
+        self._checker(original)(result.model, result.analysis, result.plan)
 
     def finish(self, result: Realized) -> None:
         """After verifying: take the zero biases reconstruction did not need out of the model."""
@@ -261,8 +278,13 @@ def realize_full(
     fallback: str = "freeze",
     replan: Replan | None = None,
     original: nn.Module | None = None,
+    check: Check | None = None,
 ) -> tuple[nn.Module, Plan, Analysis]:
     """Surgery, then the ``fallback`` if the user's class cannot run: (model, plan, analysis).
+
+    ``check(model, analysis, plan)`` (the verification; raises ``VerificationError``) is passed
+    by callers that verify the result: the model returned has passed it, and on the first
+    surgery its run of the compact model is also the check that the model runs (no separate run).
 
     ``replan(prefixes)`` returns a fresh (analysis, plan) with those modules frozen and every
     other option as before; without it the plan is restricted (``fallback.restrict_plan``),
@@ -276,17 +298,40 @@ def realize_full(
         copy_model = True
     if original is None and copy_model:
         original = analysis.model
-    small, plan, analysis = _realize_full(
-        analysis, plan, example_input, copy_model, fallback, replan, original
+    small, plan, analysis, checked = _realize_full(
+        analysis, plan, example_input, copy_model, fallback, replan, original, check
     )
     unshare(small, analysis.user_storages)  # the result never shares the user's memory
+    if check is not None and not checked:  # a fallback's model: verified as it is returned
+        check(small, analysis, plan)
     return small, plan, analysis
 
 
-def _realize_full(analysis, plan, example_input, copy_model, fallback, replan, original):
-    work, changes, failure = _surgery(analysis, plan, example_input, copy_model)
+def _checked_run(work: nn.Module, analysis: Analysis, plan: Plan, example_input: Any,
+                 check: Check) -> Failure | None:
+    """``check`` (the verification) as the run that tells whether ``work`` runs at the new sizes:
+    None if it passed; the Failure (what failed, where) if the model does not run or gives other
+    output shapes; a numeric mismatch is raised as it is. Only after a failed check is the model
+    run again plainly, to tell these apart and locate the failure."""
+    try:
+        check(work, analysis, plan)
+    except VerificationError:
+        failure = find_failure(work, example_input, analysis.traced.output_shapes)
+        if failure is None:
+            raise
+        return failure
+    return None
+
+
+def _realize_full(analysis, plan, example_input, copy_model, fallback, replan, original, check):
+    """(model, plan, analysis, whether ``check`` passed on that model)."""
+    work, changes, failure = _surgery(analysis, plan, example_input, copy_model, check_runs=check is None)
+    if failure is None and check is not None:
+        failure = _checked_run(work, analysis, plan, example_input, check)
+        if failure is None:
+            return _finish(work, plan, example_input), plan, analysis, True
     if failure is None:
-        return _finish(work, plan, example_input), plan, analysis
+        return _finish(work, plan, example_input), plan, analysis, False
     model_cls = type(work).__name__
     if fallback == "error":
         path = culprit(work, failure.stack, set())
@@ -297,14 +342,14 @@ def _realize_full(analysis, plan, example_input, copy_model, fallback, replan, o
         if original is not None and fallback == "freeze":
             done = _rewrite(analysis, plan, changes, work, example_input, failure, original)
         if not isinstance(done, str):
-            return done, plan, analysis
+            return done, plan, analysis, False
         got = _freeze(analysis, plan, example_input, work, failure, copy_model, replan)
         if not isinstance(got, str):
             got[1].notes.append(f"not rewritten as graphs: {done}")
-            return got
+            return (*got, False)
         why_not = got
     gm = graph_fallback(analysis, plan, changes, work, example_input, failure, why_not_freeze=why_not)
-    return gm, plan, analysis
+    return gm, plan, analysis, False
 
 
 def realize_inplace(model: nn.Module, analysis: Analysis, plan: Plan, example_input: Any, verify: bool):

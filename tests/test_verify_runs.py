@@ -138,3 +138,33 @@ def test_kept_view_of_a_broadcast_mask_equals_the_expanded_one() -> None:
         assert got is not None and tuple(got.shape) == shape
         assert torch.equal(got, value[full].reshape(shape))
     assert kept_view(torch.randn(2, 2), torch.tensor([[True, False], [False, True]])) is None  # no grid
+
+
+def test_compact_runs_the_compact_model_once_and_still_falls_back_or_refuses(monkeypatch) -> None:
+    """compact(verify=True): the verification's run is also the check that the model runs at the new
+    sizes (no separate run after surgery); a model that cannot run still gets the fallback, and a
+    model that runs but computes wrongly is still refused."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    checked = []
+    find = engine.find_failure
+    monkeypatch.setattr(engine, "find_failure", lambda *a: checked.append(1) or find(*a))
+    model = _Stack().eval()
+    small = graphprune.compact(model, x, 0.5)
+    assert not checked  # was one run after surgery, then verification's
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+    with pytest.warns(UserWarning, match="kept whole"):
+        kept = graphprune.compact(_Checks().eval(), x, 0.5)  # cannot run pruned: the freeze fallback
+    assert checked  # the failing verification was followed by a run that locates the failure
+    assert kept(x).shape == (4, 3)
+
+    slice_tensors = engine.slice_tensors
+
+    def corrupt(work: nn.Module, plan, on_slice=None) -> None:
+        slice_tensors(work, plan, on_slice)
+        set_tensor(work, "blocks.1.fc1.weight", work.blocks[1].fc1.weight.detach().flip(0))
+
+    monkeypatch.setattr(engine, "slice_tensors", corrupt)
+    with pytest.raises(graphprune.VerificationError, match="does not match the reference"):
+        graphprune.compact(_Stack().eval(), x, 0.5)

@@ -50,6 +50,22 @@ class MaskedInterpreter(Interpreter):
             and all(u.op == "call_function" and (n in u.args or n in u.kwargs.values()) for u in n.users)
         }
         self.scratch = Scratch(_slot_sizes(gm.graph, self.lazy))  # the masked copies' reused buffers
+        self.reads_lazy = {u for n in self.lazy for u in n.users}  # ops with a weight to mask
+        self.user_owned: dict[Node, bool] = {}  # lazy placeholder -> its value is the user's tensor
+        self.kinds: dict[Node, str] = {}  # ops run other than plainly: "statistic", "rebind"
+        self.written: dict[Node, list[Node]] = {}  # in-place ops: the arguments they write
+        for n in gm.graph.nodes:
+            if n.op != "call_function":
+                continue
+            if n.target in NORM_OPS or n.target in REDUCE_OPS:
+                self.kinds[n] = "statistic"
+            elif rebinds(n):
+                self.kinds[n] = "rebind"
+            schema = getattr(n.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                self.written[n] = [a for a, spec in zip(n.args, schema.arguments)
+                                   if isinstance(a, Node) and spec.alias_info is not None
+                                   and spec.alias_info.is_write]
 
     # -- masks ---------------------------------------------------------------------------
     def _entry(self, node: Node, k: int | None) -> np.ndarray | None:
@@ -116,7 +132,7 @@ class MaskedInterpreter(Interpreter):
 
     def fetch_args_kwargs_from_env(self, n: Node) -> tuple[tuple, dict]:
         args, kwargs = super().fetch_args_kwargs_from_env(n)
-        if self.lazy and any(a in self.lazy for a in n.all_input_nodes):
+        if n in self.reads_lazy:
             slots = iter(range(len(n.args) + len(n.kwargs)))  # one scratch buffer per argument
             args = tuple(self._lazy_mask(a, v, next(slots)) if isinstance(a, Node) and a in self.lazy
                          else v for a, v in zip(n.args, args, strict=True))
@@ -127,7 +143,11 @@ class MaskedInterpreter(Interpreter):
     def _lazy_mask(self, node: Node, value: Any, slot: int) -> Any:
         """A weight masked just before the op that reads it: the user's own tensor goes into a
         reused scratch buffer (scratch.py); anything else is masked as ``_mask_value`` does."""
-        if isinstance(value, torch.Tensor) and storage_ptr(value) in self.protected:
+        owned = self.user_owned.get(node)
+        if owned is None:  # a placeholder's value is the same tensor at every use
+            owned = isinstance(value, torch.Tensor) and storage_ptr(value) in self.protected
+            self.user_owned[node] = owned
+        if owned:
             zero = self._zeroing(node, None, value)
             if zero is None:
                 return value
@@ -140,25 +160,33 @@ class MaskedInterpreter(Interpreter):
         return masked
 
     def run_node(self, n: Node) -> Any:
-        if n.op == "call_function" and (n.target in NORM_OPS or n.target in REDUCE_OPS):
-            result = self._run_statistic(n)
-        elif rebinds(n):  # the forward set ``self.buf = new`` of another shape: rebind, as it did
-            result = self.env[n.args[1]]
-        else:
+        if n.op != "call_function":
             result = super().run_node(n)
-        if n.op == "call_function":  # an output that views a scratch buffer keeps it
-            self.scratch.given_away(result)
-        # the op read masked weight copies (freed now, or in a scratch buffer): hand the heap's free
-        # pages back (heap.py). Scratch buffers free nothing themselves, but without the trim what
-        # the ops between two weights freed stayed in glibc's heap (+0.05 GiB peak on TinyLlama).
-        # Once per TRIM_BYTES copied: a trim costs ~0.3 ms, a small network's weights hundreds
-        if self.copied >= TRIM_BYTES:
-            self.copied = 0
-            release_free_memory()
-        if n.op == "call_function" or (n.op == "placeholder" and n not in self.lazy):
+            if n.op == "placeholder" and n not in self.lazy:
+                result = self._mask_value(n, result)
+        else:
+            kind = self.kinds.get(n)
+            if kind == "statistic":
+                result = self._run_statistic(n)
+            elif kind == "rebind":  # the forward set ``self.buf = new`` of another shape: as it did
+                result = self.env[n.args[1]]
+            else:  # what torch's run_node does for an op, without its per-node meta context
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                result = n.target(*args, **kwargs)
+            self.scratch.given_away(result)  # an output that views a scratch buffer keeps it
+            # the op read masked weight copies (freed now, or in a scratch buffer): hand the heap's
+            # free pages back (heap.py). Scratch buffers free nothing themselves, but without the
+            # trim what the ops between two weights freed stayed in glibc's heap (+0.05 GiB peak on
+            # TinyLlama). Once per TRIM_BYTES copied: a trim costs ~0.3 ms, a small network's
+            # weights hundreds
+            if self.copied >= TRIM_BYTES:
+                self.copied = 0
+                release_free_memory()
             result = self._mask_value(n, result)
-        if n.op == "call_function":
-            self._remask_mutated(n)
+            for arg in self.written.get(n, ()):  # an in-place op: what it wrote is re-zeroed
+                value = self.env.get(arg)
+                if isinstance(value, torch.Tensor):
+                    self._apply(value, self._zeroing(arg, None, value))
         if n in self.record:
             self.values[n] = result
         return result
@@ -169,16 +197,6 @@ class MaskedInterpreter(Interpreter):
             return None
         t = torch.as_tensor(entry, device=like.device)
         return t.reshape((1,) * (like.dim() - t.dim()) + tuple(t.shape)).expand(like.shape)
-
-    def _remask_mutated(self, n: Node) -> None:
-        schema = getattr(n.target, "_schema", None)
-        if schema is None or not schema.is_mutable:
-            return
-        for arg, spec in zip(n.args, schema.arguments):
-            if isinstance(arg, Node) and spec.alias_info is not None and spec.alias_info.is_write:
-                value = self.env.get(arg)
-                if isinstance(value, torch.Tensor):
-                    self._apply(value, self._zeroing(arg, None, value))
 
     def _run_statistic(self, n: Node) -> Any:
         """Run a reduction/normalisation on the kept positions only (exact under removal)."""

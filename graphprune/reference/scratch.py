@@ -38,6 +38,8 @@ class Scratch:
     def __init__(self, sizes: dict[tuple[int, torch.dtype], int] | None = None) -> None:
         self.sizes = sizes or {}  # (slot, dtype) -> the most elements it will hold (allocated at that size)
         self.buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # -> flat buffer
+        self.ptrs: dict[tuple[int, torch.dtype, torch.device], int | None] = {}  # -> its storage
+        self.views: dict[tuple[Any, ...], torch.Tensor] = {}  # (key, shape) -> view of its buffer
         self.freed = False  # a buffer was replaced by a larger one (its pages: ``release``)
 
     def masked(self, t: torch.Tensor, zero: Zeroing, slot: int) -> torch.Tensor | None:
@@ -55,7 +57,12 @@ class Scratch:
             size = max(t.numel(), self.sizes.get((slot, t.dtype), 0))
             flat = torch.empty(size, dtype=t.dtype, device=t.device)
             self.buffers[key] = flat
-        return zero.copy(t, out=flat[: t.numel()].view(t.shape))
+            self.ptrs[key] = storage_ptr(flat)
+            self.views = {k: v for k, v in self.views.items() if k[0] != key}
+        view = self.views.get((key, t.shape))
+        if view is None:  # weights of one shape recur (every block): the view is made once
+            view = self.views[(key, t.shape)] = flat[: t.numel()].view(t.shape)
+        return zero.copy(t, out=view)
 
     def given_away(self, result: Any) -> None:
         """Stop reusing every buffer that ``result`` (an op's output) is a view of."""
@@ -67,14 +74,16 @@ class Scratch:
                 p = storage_ptr(v)
                 if p is not None:
                     ptrs.add(p)
-        for key, flat in list(self.buffers.items()):
-            if storage_ptr(flat) in ptrs:
-                del self.buffers[key]  # the output owns it now
+        for key in [k for k, p in self.ptrs.items() if p in ptrs]:
+            del self.buffers[key], self.ptrs[key]  # the output owns it now
+            self.views = {k: v for k, v in self.views.items() if k[0] != key}
 
     def release(self) -> None:
         """Drop the buffers and hand their pages back to the OS (heap.py)."""
         had = bool(self.buffers) or self.freed
         self.buffers.clear()
+        self.ptrs.clear()
+        self.views.clear()
         self.freed = False
         if had:
             release_free_memory()

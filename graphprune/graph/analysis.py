@@ -419,6 +419,54 @@ def _class_groups(coupler: Coupler, cls: np.ndarray, n_cls: int) -> np.ndarray:
     return np.unique(sig, return_inverse=True)[1].reshape(-1)
 
 
+def _renumbered(class_group: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Group numbers in the order each group first appears among the classes in ``order``."""
+    raw = class_group[order]
+    _, first_pos = np.unique(raw, return_index=True)
+    remap = np.empty(int(class_group.max()) + 1, dtype=np.int64)
+    remap[raw[np.sort(first_pos)]] = np.arange(len(first_pos))
+    return remap[class_group]
+
+
+def _number_units(cls: np.ndarray, n: int, n_cls: int, class_group: np.ndarray, frozen: np.ndarray,
+                  reasons: dict[int, str]) -> tuple[list[Group], dict[int, tuple[int, int]], np.ndarray]:
+    """Groups in the order of their first id, and each live class's (group, unit) number: units
+    are numbered in the order of the classes' first ids. Vectorised: a loop over every class cost
+    ~50 ms of a MobileNet's call. Returns (groups, class -> (group, unit), [group of each class,
+    live classes' group, live classes' unit], the last two -1 for frozen classes)."""
+    unit_idx = np.full(n_cls, -1, dtype=np.int64)
+    group_idx = np.full(n_cls, -1, dtype=np.int64)
+    if not n_cls:
+        return [], {}, np.stack([class_group, group_idx, unit_idx])
+    first_id = np.full(n_cls, n, dtype=np.int64)
+    np.minimum.at(first_id, cls, np.arange(n))
+    order = np.argsort(first_id, kind="stable")  # classes by first id
+    renumbered = _renumbered(class_group, order)
+    g_of = renumbered[order]
+    perm = np.argsort(g_of, kind="stable")  # by group, then by first id
+    classes, g_sorted = order[perm], g_of[perm]
+    n_groups = int(g_sorted[-1]) + 1
+    live = ~frozen[classes]
+    live_cls, live_g = classes[live], g_sorted[live]
+    units = np.arange(len(live_g)) - np.searchsorted(live_g, np.arange(n_groups))[live_g]
+    unit_idx[live_cls] = units
+    group_idx[live_cls] = live_g
+    n_live = np.bincount(live_g, minlength=n_groups)
+    n_all = np.bincount(g_sorted, minlength=n_groups)
+    why: dict[int, Counter] = {}
+    for c, g in zip(classes[~live].tolist(), g_sorted[~live].tolist(), strict=True):
+        if c in reasons:
+            why.setdefault(g, Counter())[reasons[c]] += 1
+    groups = [
+        Group(gi, int(n_live[gi]), [],
+              "; ".join(w for w, _ in why[gi].most_common(3)) if gi in why else None,
+              int(n_all[gi] - n_live[gi]))
+        for gi in range(n_groups)
+    ]
+    class_unit = dict(zip(live_cls.tolist(), zip(live_g.tolist(), units.tolist(), strict=True), strict=True))
+    return groups, class_unit, np.stack([renumbered, group_idx, unit_idx])
+
+
 def _group(traced, work, labels, coupler: Coupler, boundaries, prune_hidden: bool) -> Analysis:
     n = coupler.num_ids
     for _ in range(20):
@@ -432,38 +480,17 @@ def _group(traced, work, labels, coupler: Coupler, boundaries, prune_hidden: boo
         if not _enforce_joint_layouts(coupler, cls, frozen):
             break
     class_group = _class_groups(coupler, cls, n_cls)
-    groups: list[Group] = []
-    class_unit: dict[int, tuple[int, int]] = {}
-    by_group: dict[int, list[int]] = {}
-    first_id = np.full(n_cls, n, dtype=np.int64)
-    np.minimum.at(first_id, cls, np.arange(n))
-    for c in np.argsort(first_id, kind="stable"):
-        by_group.setdefault(int(class_group[c]), []).append(int(c))
-    raw_to_index = {raw: gi for gi, raw in enumerate(by_group)}
-    class_group = np.array([raw_to_index[int(r)] for r in class_group], dtype=np.int64)
-    for gi, classes in enumerate(by_group.values()):
-        live = [c for c in classes if not frozen[c]]
-        for u, c in enumerate(live):
-            class_unit[c] = (gi, u)
-        why = Counter(reasons[c] for c in classes if frozen[c] and c in reasons)
-        groups.append(
-            Group(
-                gi,
-                len(live),
-                [],
-                "; ".join(w for w, _ in why.most_common(3)) or None,
-                len(classes) - len(live),
-            )
-        )
-    unit_idx = np.full(n_cls, -1, dtype=np.int64)
-    group_idx = np.full(n_cls, -1, dtype=np.int64)
-    for c, (gi, u) in class_unit.items():
-        unit_idx[c] = u
-        group_idx[c] = gi
+    groups, class_unit, (class_group, group_idx, unit_idx) = _number_units(
+        cls, n, n_cls, class_group, frozen, reasons)
     for (name, dim), ids in coupler.param_ids.items():
         c = cls[ids]
-        for gi in np.unique(class_group[c]):
-            in_g = class_group[c] == gi
+        gs = class_group[c]
+        if gs.size and gs.min() == gs.max():  # the usual case: one group (no np.unique per tensor)
+            gi = int(gs[0])
+            groups[gi].members.append(Member(name, dim, np.where(group_idx[c] == gi, unit_idx[c], -1)))
+            continue
+        for gi in np.unique(gs):
+            in_g = gs == gi
             unit_of = np.where(in_g & (group_idx[c] == gi), unit_idx[c], -1)
             groups[int(gi)].members.append(Member(name, dim, unit_of))
     return Analysis(traced, work, labels, coupler, cls, frozen, groups, class_unit, boundaries, reasons)

@@ -230,7 +230,7 @@ def slices_of(analysis: Analysis, removed_class: np.ndarray) -> dict[str, dict[i
     for (name, dim), ids in analysis.coupler.param_ids.items():
         drop = removed_class[cls[ids]]
         if drop.any():
-            slices.setdefault(name, {})[dim] = [int(i) for i in np.flatnonzero(~drop)]
+            slices.setdefault(name, {})[dim] = np.flatnonzero(~drop).tolist()
     return slices
 
 

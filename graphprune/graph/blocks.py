@@ -162,6 +162,16 @@ def live_nodes(graph: torch.fx.Graph, removed: dict[Node, Node]) -> set[Node]:
     return live
 
 
+def residuals_by_module(found: list[Residual]) -> dict[str, list[Residual]]:
+    """The residual adds by the module that performs them ("" for the model's own forward), in
+    the order of their first add."""
+    by_module: dict[str, list[Residual]] = {}
+    for r in found:
+        path = module_path(r.add)
+        by_module.setdefault(path if path is not None else "", []).append(r)
+    return by_module
+
+
 def module_path(n: Node) -> str | None:
     stack = n.meta.get("nn_module_stack") or {}
     if not stack:
@@ -305,10 +315,7 @@ def find_blocks(traced: Traced, model: torch.nn.Module, example_input: Any = Non
     graph = traced.program.graph
     found = residuals(graph)
     before = live_nodes(graph, {})
-    by_module: dict[str, list[Residual]] = {}
-    for r in found:
-        path = module_path(r.add)
-        by_module.setdefault(path if path is not None else "", []).append(r)
+    by_module = residuals_by_module(found)
     blocks: list[Block] = []
     tensors = _tensors_by_module(model, traced)
     for path, rs in by_module.items():

@@ -39,7 +39,7 @@ from torch.fx import Node
 from torch.utils import _pytree as pytree
 
 from graphprune.graph.analysis import Analysis
-from graphprune.graph.blocks import find_blocks
+from graphprune.graph.blocks import residuals, residuals_by_module
 from graphprune.graph.inputs import flatten_outputs, forward, normalize_inputs
 from graphprune.graph.trace import no_cache
 from graphprune.reference.masks import reference_masks
@@ -91,16 +91,18 @@ def block_spans(analysis: Analysis) -> list[Span]:
     for n in graph.nodes:
         for path in _paths(n):
             nodes_in.setdefault(path, set()).add(n)
-    for block in find_blocks(analysis.traced, model):
-        parent, _, last = block.module.rpartition(".")
-        if not block.module or not last.isdigit() or not _is_list(model, parent):
+    # the modules performing residual adds (what find_blocks starts from; the rest of its work,
+    # whether a block could be deleted, is not needed here)
+    for path, adds in residuals_by_module(residuals(graph)).items():
+        parent, _, last = path.rpartition(".")
+        if not path or not last.isdigit() or not _is_list(model, parent):
             continue
-        inside = nodes_in.get(block.module, set())
+        inside = nodes_in.get(path, set())
         exits = [n for n in inside if n.op == "call_function" and any(u not in inside for u in n.users)]
-        entry = by_name.get(block.skips[0]) if block.skips else None
+        entry = by_name.get(adds[0].skip.name)
         if len(exits) != 1 or entry is None or entry in inside:
             continue
-        spans.append(Span(block.module, entry, exits[0]))
+        spans.append(Span(path, entry, exits[0]))
     # a block inside another block is checked as part of the outer one
     spans = [s for s in spans if not any(s.path.startswith(o.path + ".") for o in spans)]
     spans.sort(key=lambda s: pos[s.exit])

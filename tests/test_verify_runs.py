@@ -69,12 +69,18 @@ class _Checks(nn.Module):
         return self.fc2(h)
 
 
+def _count_plain_checks(monkeypatch) -> list[int]:
+    """A list that grows by one per plain "does it run?" run of a compact model (find_failure)."""
+    checked: list[int] = []
+    find = engine.find_failure
+    monkeypatch.setattr(engine, "find_failure", lambda *a: checked.append(1) or find(*a))
+    return checked
+
+
 def test_inplace_runs_the_compact_model_once_and_still_refuses_one_that_cannot_run(monkeypatch) -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 6)
-    checked = []
-    find = engine.find_failure
-    monkeypatch.setattr(engine, "find_failure", lambda *a: checked.append(1) or find(*a))
+    checked = _count_plain_checks(monkeypatch)
     model = _Stack().eval()
     expected = graphprune.compact(_copy(model), x, 0.5)(x)
     checked.clear()
@@ -146,9 +152,7 @@ def test_compact_runs_the_compact_model_once_and_still_falls_back_or_refuses(mon
     model that runs but computes wrongly is still refused."""
     torch.manual_seed(0)
     x = torch.randn(4, 6)
-    checked = []
-    find = engine.find_failure
-    monkeypatch.setattr(engine, "find_failure", lambda *a: checked.append(1) or find(*a))
+    checked = _count_plain_checks(monkeypatch)
     model = _Stack().eval()
     small = graphprune.compact(model, x, 0.5)
     assert not checked  # was one run after surgery, then verification's

@@ -13,7 +13,7 @@ from graphprune.graph.rules.pointwise import reduced_dims
 from graphprune.reference.heap import release_free_memory
 from graphprune.reference.masks import NORM_OPS, REDUCE_OPS, Inexact
 from graphprune.reference.scratch import Scratch
-from graphprune.reference.zeroing import Zeroing
+from graphprune.reference.zeroing import Zeroing, keep_tensor
 
 # masked weight copies (bytes) after which the heap is trimmed: at most this much freed memory
 # waits in glibc's heap for the next trim
@@ -34,8 +34,7 @@ class MaskedInterpreter(Interpreter):
         super().__init__(gm)
         self.masks = masks
         self.hard_masks = hard_masks  # inputs of statistics: False only where pruning is not allowed
-        self.torch_masks: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.zeroings: dict[tuple[int, int, str], Zeroing | None] = {}
+        self.zeroings: dict[tuple[int, int, str], Zeroing] = {}  # keep-masks as torch, per rank
         self.copied = 0  # bytes of masked weight copies made since the heap was last trimmed
         self.protected = protected  # storages of the user's tensors: never written
         self.record = record or set()
@@ -77,27 +76,24 @@ class MaskedInterpreter(Interpreter):
             return entry[k] if isinstance(entry, list) and k < len(entry) else None
         return None if isinstance(entry, list) else entry
 
-    def _keep(self, node: Node, k: int | None, like: torch.Tensor) -> torch.Tensor | None:
-        entry = self._entry(node, k)
-        if entry is None:
-            return None
-        key = (id(entry), like.dim(), str(like.device))
-        if key not in self.torch_masks:
-            t = torch.as_tensor(entry, device=like.device)
-            if t.dim() < like.dim():
-                t = t.reshape((1,) * (like.dim() - t.dim()) + tuple(t.shape))
-            self.torch_masks[key] = t
-        return self.torch_masks[key]
-
-    def _zeroing(self, node: Node, k: int | None, like: torch.Tensor) -> Zeroing | None:
-        """How to zero ``node``'s removed positions in a value like ``like`` (None: none removed)."""
+    def _mask(self, node: Node, k: int | None, like: torch.Tensor) -> Zeroing | None:
+        """``node``'s keep-mask (its ``k``-th output) for values like ``like``, made once per run."""
         entry = self._entry(node, k)
         if entry is None:
             return None
         key = (id(entry), like.dim(), str(like.device))  # masks live for the run: ids stay valid
         if key not in self.zeroings:
-            self.zeroings[key] = None if entry.all() else Zeroing(entry, like.dim(), like.device)
+            self.zeroings[key] = Zeroing(entry, like.dim(), like.device)
         return self.zeroings[key]
+
+    def _keep(self, node: Node, k: int | None, like: torch.Tensor) -> torch.Tensor | None:
+        mask = self._mask(node, k, like)
+        return None if mask is None else mask.keep
+
+    def _zeroing(self, node: Node, k: int | None, like: torch.Tensor) -> Zeroing | None:
+        """How to zero ``node``'s removed positions in a value like ``like`` (None: none removed)."""
+        mask = self._mask(node, k, like)
+        return mask if mask is not None and mask.removes else None
 
     def _apply(self, t: Any, zero: Zeroing | None) -> Any:
         if zero is None or not isinstance(t, torch.Tensor):
@@ -195,8 +191,7 @@ class MaskedInterpreter(Interpreter):
         entry = self.hard_masks.get(node)
         if entry is None or isinstance(entry, list):
             return None
-        t = torch.as_tensor(entry, device=like.device)
-        return t.reshape((1,) * (like.dim() - t.dim()) + tuple(t.shape)).expand(like.shape)
+        return keep_tensor(entry, like.dim(), like.device).expand(like.shape)
 
     def _run_statistic(self, n: Node) -> Any:
         """Run a reduction/normalisation on the kept positions only (exact under removal)."""

@@ -39,7 +39,7 @@ class Scratch:
         self.sizes = sizes or {}  # (slot, dtype) -> the most elements it will hold (allocated at that size)
         self.buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # -> flat buffer
         self.ptrs: dict[tuple[int, torch.dtype, torch.device], int | None] = {}  # -> its storage
-        self.views: dict[tuple[Any, ...], torch.Tensor] = {}  # (key, shape) -> view of its buffer
+        self.views: dict[tuple[int, torch.dtype, torch.device], dict[torch.Size, torch.Tensor]] = {}
         self.freed = False  # a buffer was replaced by a larger one (its pages: ``release``)
 
     def masked(self, t: torch.Tensor, zero: Zeroing, slot: int) -> torch.Tensor | None:
@@ -58,10 +58,11 @@ class Scratch:
             flat = torch.empty(size, dtype=t.dtype, device=t.device)
             self.buffers[key] = flat
             self.ptrs[key] = storage_ptr(flat)
-            self.views = {k: v for k, v in self.views.items() if k[0] != key}
-        view = self.views.get((key, t.shape))
+            self.views[key] = {}  # views of this buffer, by shape
+        views = self.views[key]
+        view = views.get(t.shape)
         if view is None:  # weights of one shape recur (every block): the view is made once
-            view = self.views[(key, t.shape)] = flat[: t.numel()].view(t.shape)
+            view = views[t.shape] = flat[: t.numel()].view(t.shape)
         return zero.copy(t, out=view)
 
     def given_away(self, result: Any) -> None:
@@ -75,8 +76,7 @@ class Scratch:
                 if p is not None:
                     ptrs.add(p)
         for key in [k for k, p in self.ptrs.items() if p in ptrs]:
-            del self.buffers[key], self.ptrs[key]  # the output owns it now
-            self.views = {k: v for k, v in self.views.items() if k[0] != key}
+            del self.buffers[key], self.ptrs[key], self.views[key]  # the output owns it now
 
     def release(self) -> None:
         """Drop the buffers and hand their pages back to the OS (heap.py)."""

@@ -43,6 +43,14 @@ def removed_lines(keep: np.ndarray, ndim: int) -> list[tuple[int, np.ndarray]] |
     return lines if np.array_equal(product, keep) else None
 
 
+def keep_tensor(keep: np.ndarray, ndim: int, device: torch.device) -> torch.Tensor:
+    """A numpy keep-mask as a torch bool tensor of rank ``ndim`` (leading dims of size 1 added)."""
+    t = torch.as_tensor(keep, device=device)
+    if t.dim() < ndim:
+        t = t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape))
+    return t
+
+
 @functools.lru_cache(maxsize=64)
 def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A 0-dim zero (``torch.where`` with ``out=`` takes no Python scalar); never written."""
@@ -52,12 +60,14 @@ def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 class Zeroing:
     """How to zero the removed positions of values of one rank on one device, given their
     numpy keep-mask: by index lines for large values where the mask is a product of
-    per-dimension vectors, else element-wise. Both forms are made when first needed."""
+    per-dimension vectors, else element-wise. Both forms are made when first needed;
+    ``removes`` is False when the mask keeps everything (then there is nothing to zero)."""
 
     def __init__(self, keep: np.ndarray, ndim: int, device: torch.device) -> None:
         self.entry = keep
         self.ndim = ndim
         self.device = device
+        self.removes = not keep.all()
         self._lines: list[tuple[int, torch.Tensor]] | None | bool = False  # False: not yet known
         self._keep: torch.Tensor | None = None
         self._drop: torch.Tensor | None = None
@@ -66,10 +76,7 @@ class Zeroing:
     def keep(self) -> torch.Tensor:
         """The keep-mask as a torch bool tensor of rank ``ndim`` (broadcastable)."""
         if self._keep is None:
-            t = torch.as_tensor(self.entry, device=self.device)
-            if t.dim() < self.ndim:
-                t = t.reshape((1,) * (self.ndim - t.dim()) + tuple(t.shape))
-            self._keep = t
+            self._keep = keep_tensor(self.entry, self.ndim, self.device)
         return self._keep
 
     def _by_lines(self, t: torch.Tensor) -> list[tuple[int, torch.Tensor]] | None:

@@ -72,3 +72,44 @@ def test_an_error_above_the_floor_is_still_held_to_the_measured_tolerance(monkey
     with pytest.raises(graphprune.VerificationError, match="relative error"):
         graphprune.verify_model(model, small, x, plan)
     assert runs  # the tolerance was measured (localising the mismatch measures it once more)
+
+
+def _float64_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The definition, computed the slow way (float64 on the CPU; values finite here)."""
+    a, e = actual.double(), expected.double()
+    diff = (a - e).abs().max().item()
+    scale = e.abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def test_relative_error_on_float32_matches_the_float64_definition() -> None:
+    from graphprune.reference.tolerance import relative_error
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (1e-30, 1e-3, 1.0, 1e30):
+        e = torch.randn(64, 33, generator=g) * scale
+        for rel in (0.0, 1e-7, 1e-4, 0.5, 3.0):
+            a = e + torch.randn(64, 33, generator=g) * scale * rel
+            got, want = relative_error(a, e), _float64_error(a, e)
+            assert abs(got - want) <= 1e-6 * want + 1e-45, (scale, rel, got, want)
+    zero = torch.zeros(5)
+    assert relative_error(zero + 0.25, zero) == 0.25  # absolute error where expected is all zero
+    big = torch.full((3,), 3e38)
+    assert relative_error(big, -big) == _float64_error(big, -big)  # the float32 difference overflows
+
+
+def test_relative_error_compares_non_finite_values_position_by_position() -> None:
+    from graphprune.reference.tolerance import relative_error
+
+    e = torch.tensor([1.0, float("inf"), -float("inf"), 2.0])
+    assert relative_error(e.clone(), e) == 0.0  # the same infinities: the finite part is compared
+    a = e.clone()
+    a[0] = 1.5
+    assert relative_error(a, e) == 0.25
+    inf = float("inf")
+    for bad in (torch.tensor([1.0, 0.0, -inf, 2.0]), torch.tensor([1.0, -inf, inf, 2.0]),
+                torch.tensor([1.0, float("nan"), -inf, 2.0])):
+        assert relative_error(bad, e) == float("inf")
+    nan = torch.tensor([float("nan"), 1.0])
+    assert relative_error(nan, nan.clone()) == float("inf")  # a NaN equals nothing, itself included
+    assert relative_error(torch.tensor([0.0, 1.0]), nan) == float("inf")

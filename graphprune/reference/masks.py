@@ -30,7 +30,8 @@ def removed_classes(analysis: Analysis, plan: Plan) -> np.ndarray:
     n = len(analysis.frozen_class)
     removed = np.zeros(n, dtype=bool)
     kept = np.zeros(n, dtype=bool)
-    known = set(analysis.coupler.param_ids)
+    known = analysis.coupler.param_ids
+    sliced: dict[tuple[str, int], np.ndarray] = {}
     for name, dims in plan.slices.items():
         for dim, idx in dims.items():
             if (name, dim) not in known:
@@ -38,18 +39,20 @@ def removed_classes(analysis: Analysis, plan: Plan) -> np.ndarray:
                     f"the plan slices {name} along dim {dim}, which no coupled group of this model "
                     "contains; the plan was not made for this model (or the analysis changed)."
                 )
-            if list(idx) != sorted(set(idx)):
+            idx_arr = np.asarray(idx, dtype=np.int64).reshape(-1)
+            if idx_arr.size > 1 and not bool((idx_arr[1:] > idx_arr[:-1]).all()):
                 raise VerificationError(
                     f"the plan's kept indices for {name} dim {dim} are not strictly increasing; "
                     "surgery would reorder channels. The plan is corrupt."
                 )
-    for (name, dim), ids in analysis.coupler.param_ids.items():
-        idx = plan.slices.get(name, {}).get(dim)
-        if idx is None:
+            sliced[(name, dim)] = idx_arr
+    for key, ids in known.items():
+        idx_arr = sliced.get(key)
+        if idx_arr is None:
             kept[cls[ids]] = True
             continue
+        name, dim = key
         mask = np.zeros(len(ids), dtype=bool)
-        idx_arr = np.asarray(idx, dtype=np.int64)
         if idx_arr.size and (idx_arr.min() < 0 or idx_arr.max() >= len(ids)):
             raise VerificationError(f"the plan's kept indices for {name} dim {dim} are out of range")
         mask[idx_arr] = True
@@ -122,8 +125,19 @@ def build_masks(analysis: Analysis, removed: np.ndarray, only: set[Node] | None 
 
     Activations use the labels the rules gave them; parameters and buffers use their own
     dimension ids (what surgery slices). Multi-output ops get a list (one entry per output).
+
+    Equal masks are one array: a channel mask recurs along a chain (conv, its bias, the norm's
+    four tensors, the activations between them), and the reference makes its torch form and
+    its row/column factorisation once per array (interpreter.py), not once per node.
     """
     masks: dict[Node, Any] = {}
+    canon: dict[tuple[tuple[int, ...], bytes], np.ndarray] = {}
+
+    def shared(keep: np.ndarray | None) -> np.ndarray | None:
+        if keep is None:
+            return None
+        return canon.setdefault((keep.shape, np.packbits(keep).tobytes()), keep)
+
     graph = analysis.traced.program.graph
     names = analysis.traced.param_names
     param_dims: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -149,7 +163,7 @@ def build_masks(analysis: Analysis, removed: np.ndarray, only: set[Node] | None 
                 k = k.reshape(view)
                 keep = k if keep is None else keep & k
             if keep is not None:
-                masks[node] = keep
+                masks[node] = shared(keep)
             continue
         if node.op != "call_function":
             continue
@@ -157,7 +171,7 @@ def build_masks(analysis: Analysis, removed: np.ndarray, only: set[Node] | None 
         if isinstance(lab, list):
             vals = val if isinstance(val, (tuple, list)) else [None] * len(lab)
             entry = [
-                _keep_array(analysis, removed, lb, _val_shape(v) or lb.shape)
+                shared(_keep_array(analysis, removed, lb, _val_shape(v) or lb.shape))
                 if isinstance(lb, TensorLabels)
                 else None
                 for lb, v in zip(lab, vals)
@@ -166,7 +180,7 @@ def build_masks(analysis: Analysis, removed: np.ndarray, only: set[Node] | None 
                 masks[node] = entry
         elif isinstance(lab, TensorLabels):
             shape = _val_shape(val) or lab.shape
-            keep = _keep_array(analysis, removed, lab, shape)
+            keep = shared(_keep_array(analysis, removed, lab, shape))
             if keep is not None:
                 masks[node] = keep
     return masks

@@ -121,7 +121,20 @@ def rounding_amplification(original: nn.Module, example_input: Any) -> float | N
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``max|actual - expected| / max|expected|`` (absolute error where ``expected`` is all zero)."""
+    """``max|actual - expected| / max|expected|`` (absolute error where ``expected`` is all zero).
+
+    float32 values on the same device are compared as they are: the difference of two close
+    float32 numbers is exact, and a large one is off by a relative 6e-8, far below any
+    tolerance. Converting both to float64 on the CPU first cost verification as much as a
+    block's convolutions (0.1 s of ResNet-50's 0.35 s block-by-block run). Two scalars tell
+    whether anything was non-finite (max propagates NaN; an infinite value, or a difference
+    that overflows, makes one of them infinite): only then the careful float64 path runs."""
+    if (actual.dtype == expected.dtype == torch.float32 and actual.device == expected.device
+            and actual.shape == expected.shape and actual.numel()):
+        a32, e32 = actual.detach(), expected.detach()
+        both = torch.stack([(a32 - e32).abs().max(), e32.abs().max()]).tolist()
+        if math.isfinite(both[0]) and math.isfinite(both[1]):
+            return both[0] / both[1] if both[1] > 0 else both[0]
     a = actual.detach().to("cpu", torch.float64)
     e = expected.detach().to("cpu", torch.float64)
     if a.numel() == 0:

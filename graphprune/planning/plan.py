@@ -224,13 +224,21 @@ def build_plan(
 
 
 def slices_of(analysis: Analysis, removed_class: np.ndarray) -> dict[str, dict[int, list[int]]]:
-    """Kept indices per parameter dimension when the unit classes in ``removed_class`` go."""
+    """Kept indices per parameter dimension when the unit classes in ``removed_class`` go.
+
+    Equal lists are one list (the tensors of a group keep the same positions): surgery turns
+    each list into an index tensor once (``slicing.slice_tensors``). Nothing modifies them."""
     slices: dict[str, dict[int, list[int]]] = {}
+    lists: dict[bytes, list[int]] = {}
     cls = analysis.unit_class
     for (name, dim), ids in analysis.coupler.param_ids.items():
         drop = removed_class[cls[ids]]
         if drop.any():
-            slices.setdefault(name, {})[dim] = np.flatnonzero(~drop).tolist()
+            key = drop.tobytes()
+            kept = lists.get(key)
+            if kept is None:
+                kept = lists[key] = np.flatnonzero(~drop).tolist()
+            slices.setdefault(name, {})[dim] = kept
     return slices
 
 

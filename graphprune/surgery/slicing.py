@@ -64,15 +64,36 @@ def scaled(t: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
     return t.index_copy(dim, index, t.index_select(dim, index) * entry["factor"])
 
 
-def sliced(t: torch.Tensor, dims: dict[int, list[int]], name: str = "tensor") -> torch.Tensor:
+class Indices:
+    """Kept-index lists as index tensors, made once per list and device: the tensors of a group
+    share one list (``plan.slices_of``), and converting it for each tensor was most of slicing a
+    small network. The lists must stay alive (and unchanged) while this is used."""
+
+    def __init__(self) -> None:
+        self.made: dict[tuple[int, torch.device], tuple[torch.Tensor, int]] = {}
+
+    def get(self, kept: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
+        """(``kept`` as a long tensor on ``device``, its largest index or -1)."""
+        key = (id(kept), device)
+        found = self.made.get(key)
+        if found is None:
+            found = self.made[key] = (torch.tensor(kept, dtype=torch.long, device=device),
+                                      max(kept) if len(kept) else -1)
+        return found
+
+
+def sliced(t: torch.Tensor, dims: dict[int, list[int]], name: str = "tensor",
+           indices: Indices | None = None) -> torch.Tensor:
     """A new contiguous tensor holding the kept positions ``dims`` ({dim: kept indices}) of ``t``."""
+    indices = indices or Indices()
     new = t.detach()
     for dim, kept in sorted(dims.items()):
-        if dim >= new.dim() or (kept and max(kept) >= new.shape[dim]):
+        index, top = indices.get(kept, new.device)
+        if dim >= new.dim() or top >= new.shape[dim]:
             raise PlanMismatchError(
                 f"the plan's indices for {name} dim {dim} do not fit its shape {tuple(t.shape)}"
             )
-        new = new.index_select(dim, torch.tensor(kept, dtype=torch.long, device=new.device))
+        new = new.index_select(dim, index)
     return new.contiguous()
 
 
@@ -85,6 +106,7 @@ def slice_tensors(
     hand the new tensor to the user's model at once, so the old one is freed tensor by tensor).
     """
     scale_tensors(model, plan)
+    indices = Indices()
     for name, dims in plan.slices.items():
         t = plan_tensor(model, name, "slices")
         expected = plan.shapes.get(name)
@@ -93,7 +115,7 @@ def slice_tensors(
                 f"the plan expects {name} of shape {tuple(expected)} but the model has {tuple(t.shape)}; "
                 "build the base model with the same configuration the plan was made for."
             )
-        new = sliced(t, dims, name)
+        new = sliced(t, dims, name, indices)
         set_tensor(model, name, new)
         if on_slice is not None:
             on_slice(name, new)

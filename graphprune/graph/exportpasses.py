@@ -113,8 +113,39 @@ class CheckedProgram(torch.export.ExportedProgram):
     small model. Anything torch derives from the program later (``_update``) is verified as usual.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with _lazy_graph_module():
+            super().__init__(*args, **kwargs)
+
     def validate(self) -> None:
         return None
+
+
+@contextlib.contextmanager
+def _lazy_graph_module() -> Iterator[None]:
+    """While an ExportedProgram is built: its graph module generates and compiles Python code
+    only when first called (torch's ``_LazyGraphModule``), not in the constructor.
+
+    graphprune never calls the program's own graph module (the reference interprets the graph;
+    ``program.module()`` builds a module of its own), and that code generation was 4% of a
+    small network's ``compact``. Anything that does call it, or reads ``.code``, gets the same
+    code then. Where torch has no such hook the program is built as usual."""
+    from torch.export import exported_program as ep
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    plain = getattr(ep, "_create_graph_module_for_export", None)
+    if plain is None:
+        yield
+        return
+
+    def lazy(root: Any, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+        return _LazyGraphModule(root, graph)
+
+    ep._create_graph_module_for_export = lazy
+    try:
+        yield
+    finally:
+        ep._create_graph_module_for_export = plain
 
 
 def lift_constants(gm: torch.fx.GraphModule, signature: Any, model: nn.Module) -> dict[str, Any]:

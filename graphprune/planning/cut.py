@@ -95,9 +95,8 @@ def _positions_per_unit(group: Group) -> int:
     g = 0
     for m in group.members:
         u = m.unit_of[m.unit_of >= 0]
-        if u.size:
-            for c in np.unique(np.bincount(u, minlength=group.num_units)):
-                g = math.gcd(g, int(c))
+        if u.size:  # the gcd of the positions per unit (units without any count as 0: neutral)
+            g = math.gcd(g, int(np.gcd.reduce(np.bincount(u, minlength=group.num_units))))
     return max(g, 1)
 
 

@@ -158,3 +158,38 @@ def test_submodule_lookup_matches_get_submodule() -> None:
         with pytest.raises(AttributeError) as ours:
             submodule(model, bad)
         assert str(ours.value) == str(theirs.value)
+
+
+class Views(nn.Module):
+    """Buffers that are views of one storage, a strided one, one needing grad, one with attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        base = torch.arange(12.0)
+        self.register_buffer("whole", base)
+        self.register_buffer("part", base[2:8].view(2, 3))  # a view of ``whole``
+        self.register_buffer("strided", torch.randn(4, 6).t())  # non-contiguous
+        self.register_buffer("ints", torch.arange(5))
+        self.grad_needing = torch.zeros(3, requires_grad=True)  # a plain tensor attribute
+        tagged = torch.ones(2)
+        tagged.note = "kept"  # an attribute in the tensor's __dict__
+        self.register_buffer("tagged", tagged)
+        self.listed = [self.part, torch.ones(1)]  # the same tensor reached again
+
+
+def test_tensors_copy_as_deepcopy_copies_them() -> None:
+    model = Views()
+    ref, got = copy.deepcopy(model), module_deepcopy(model)
+    _same_copy(ref, got, model)
+    for name in ("whole", "part", "strided", "ints", "tagged", "grad_needing"):
+        a, b, orig = getattr(ref, name), getattr(got, name), getattr(model, name)
+        assert type(b) is type(a) and b.dtype == a.dtype and b.shape == a.shape
+        assert b.stride() == a.stride() and b.storage_offset() == a.storage_offset()
+        assert b.requires_grad == a.requires_grad
+        assert b.untyped_storage().data_ptr() != orig.untyped_storage().data_ptr()
+        assert torch.equal(b, a)
+    # views of one storage stay views of one (new) storage, as under deepcopy
+    assert got.part.untyped_storage().data_ptr() == got.whole.untyped_storage().data_ptr()
+    assert got.listed[0] is got.part and got.tagged.note == "kept"
+    got.whole.zero_()
+    assert got.part.abs().sum() == 0 and model.part.abs().sum() > 0  # independent of the original

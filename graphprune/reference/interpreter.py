@@ -169,7 +169,8 @@ class MaskedInterpreter(Interpreter):
             else:  # what torch's run_node does for an op, without its per-node meta context
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 result = n.target(*args, **kwargs)
-            self.scratch.given_away(result)  # an output that views a scratch buffer keeps it
+            if n in self.reads_lazy:  # only an op reading a masked weight can return a view of it
+                self.scratch.given_away(result)  # an output that views a scratch buffer keeps it
             # the op read masked weight copies (freed now, or in a scratch buffer): hand the heap's
             # free pages back (heap.py). Scratch buffers free nothing themselves, but without the
             # trim what the ops between two weights freed stayed in glibc's heap (+0.05 GiB peak on

@@ -185,11 +185,18 @@ class _StackMeta(dict):
 
 
 def _format_stacks(gm: torch.fx.GraphModule) -> None:
-    """Turn the raw frames recorded during the trace into torch.export's stack-trace strings."""
+    """Turn the raw frames recorded during the trace into torch.export's stack-trace strings.
+
+    The ops of one line of the user's code share their frames: each distinct stack is
+    formatted once (traceback's formatting reads every line's source again)."""
+    texts: dict[tuple[tuple[str, int, str], ...], str | None] = {}
     for n in gm.graph.nodes:
         raw = n.meta.get("stack_trace")
         if isinstance(raw, _Frames):
-            text = raw.text()
+            key = tuple(raw.frames)
+            if key not in texts:
+                texts[key] = raw.text()
+            text = texts[key]
             if text:
                 n.meta["stack_trace"] = text
             else:

@@ -74,3 +74,28 @@ def test_the_reference_reads_buffers_uncopied_and_never_writes_them() -> None:
     report = graphprune.verify_model(model, small, x, plan)
     assert report.exact and report.errors
     assert_untouched(model, before)
+
+
+def test_a_compact_call_imports_nothing_heavy_on_the_way() -> None:
+    """What a first call imports is paid inside it: numpy.ma (a plain ``np.unique`` imports it on
+    first use, 15 ms), dynamo and sympy (torch.export's trace and verifier, seconds). A small CNN
+    compacts, verified, without any of them (a fresh process: the test session imports them)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "import graphprune\n"
+        "before = set(sys.modules)\n"
+        "m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),"
+        " nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()\n"
+        "small = graphprune.compact(m, torch.randn(1, 3, 16, 16), ratio=0.5)\n"
+        "assert small[0].out_channels == 4, small\n"
+        "new = set(sys.modules) - before\n"
+        "print(sorted(n for n in new if n.split('.')[0] in ('sympy', 'numpy', 'scipy')"
+        " or n.startswith('torch._dynamo')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -178,7 +178,7 @@ def _freeze_mask(n_cls: int, cls: np.ndarray, items: list[tuple[np.ndarray, str]
     mask = np.zeros(n_cls, dtype=bool)
     for ids, why in items:
         c = cls[ids]
-        for k in np.unique(c[~mask[c]]):
+        for k in _unique(c[~mask[c]]):
             reasons.setdefault(int(k), why)
         mask[c] = True
     return mask
@@ -413,10 +413,19 @@ def _class_groups(coupler: Coupler, cls: np.ndarray, n_cls: int) -> np.ndarray:
     space_of = np.repeat(np.arange(len(coupler.space_sizes)), coupler.space_sizes)
     pairs = _unique(cls.astype(np.int64) * len(coupler.space_sizes) + space_of)
     p_cls, p_space = np.divmod(pairs, len(coupler.space_sizes))
-    keys = np.random.default_rng(0).integers(0, 2**63, size=len(coupler.space_sizes), dtype=np.uint64)
+    keys = _mixed(len(coupler.space_sizes))
     sig = np.zeros(n_cls, dtype=np.uint64)
     np.add.at(sig, p_cls, keys[p_space])
     return np.unique(sig, return_inverse=True)[1].reshape(-1)
+
+
+def _mixed(n: int) -> np.ndarray:
+    """``n`` well-mixed 64-bit keys, always the same (splitmix64 of 1..n): the keys of
+    ``_class_groups``, without importing ``numpy.random`` on a first call (10 ms)."""
+    z = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def _renumbered(class_group: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -489,7 +498,7 @@ def _group(traced, work, labels, coupler: Coupler, boundaries, prune_hidden: boo
             gi = int(gs[0])
             groups[gi].members.append(Member(name, dim, np.where(group_idx[c] == gi, unit_idx[c], -1)))
             continue
-        for gi in np.unique(gs):
+        for gi in _unique(gs):
             in_g = gs == gi
             unit_of = np.where(in_g & (group_idx[c] == gi), unit_idx[c], -1)
             groups[int(gi)].members.append(Member(name, dim, unit_of))

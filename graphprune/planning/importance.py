@@ -35,7 +35,7 @@ from graphprune.planning.calibration import (
 )
 from graphprune.planning.measured import Activation, Hessian, Taylor
 from graphprune.planning.scoring import Criterion, Importance, Magnitude, accumulate, per_position
-from graphprune.planning.ties import has_ties, lexicographic
+from graphprune.planning.ties import distinct, has_ties, lexicographic
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
@@ -264,7 +264,7 @@ def scores_for(criterion: Criterion, group: Group, model: nn.Module) -> np.ndarr
     if not np.isfinite(arr).all():
         raise InputError(_nonfinite_message(criterion, group, model))
     if has_ties(arr) and not isinstance(criterion, Magnitude):
-        if arr.size > 1 and np.unique(arr).size == 1 and not getattr(criterion, "quiet_ties", False):
+        if arr.size > 1 and distinct(arr).size == 1 and not getattr(criterion, "quiet_ties", False):
             warn_user(
                 f"importance {getattr(criterion, 'name', 'custom')!r} gives every unit of some groups the "
                 "same score; their units are ranked by L2 magnitude instead of by position"

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from graphprune.planning.ties import distinct
+
 
 @dataclass
 class Problem:
@@ -66,7 +68,7 @@ def make_problem(
     w = hinv @ c
     energy = float((w * (h @ w)).sum())
     units = col_unit[live]
-    cols_of = {int(u): np.flatnonzero(units == u) for u in np.unique(units[units >= 0])}
+    cols_of = {int(u): np.flatnonzero(units == u) for u in distinct(units[units >= 0])}
     return Problem(units, hinv, w, max(energy, 1e-30), live, cols_of)
 
 

@@ -145,9 +145,16 @@ def reference_with_blocks(
 def boundary_values(interp: Any, spans: list[Span]) -> BlockValues:
     """The recorded entry/exit values of ``spans`` (kept positions); spans without a grid go."""
     values = BlockValues([])
+    kept: dict[Node, torch.Tensor | None] = {}  # a block's exit is usually the next one's entry
+
+    def once(node: Node) -> torch.Tensor | None:
+        if node not in kept:
+            kept[node] = kept_value(interp, node)
+        return kept[node]
+
     for s in spans:
-        x = kept_value(interp, s.entry)
-        y = kept_value(interp, s.exit)
+        x = once(s.entry)
+        y = once(s.exit)
         if x is None or y is None:
             continue
         values.spans.append(s)

@@ -91,6 +91,8 @@ class _Recorder(ProxyTorchDispatchMode):
         self.constants: dict[int, torch.fx.Node] = {}
         self.meta = meta
         self.grad = torch.is_grad_enabled()
+        # per op: (target recorded, node name, output shape may depend on values, writes an argument)
+        self.facts: dict[Any, tuple[Any, str, bool, bool]] = {}
 
     # -- values -------------------------------------------------------------------------------
     def value(self, node: torch.fx.Node, t: torch.Tensor) -> torch.Tensor:
@@ -143,13 +145,24 @@ class _Recorder(ProxyTorchDispatchMode):
         return node
 
     # -- checks before an op runs ---------------------------------------------------------------
-    def _check(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> None:
+    def _facts(self, func: torch._ops.OpOverload) -> tuple[Any, str, bool, bool]:
+        """What the checks and the node need to know of ``func``, worked out once per op."""
+        found = self.facts.get(func)
+        if found is None:
+            aten = torch.ops.aten
+            target = aten.lift_fresh_copy.default if func is aten.lift_fresh.default else func
+            data = func is torch.ops.aten.is_nonzero.default or not _DATA_TAGS.isdisjoint(func.tags)
+            found = self.facts[func] = (target, self.graph._target_to_str(target.overloadpacket.__name__),
+                                        data, func._schema.is_mutable)
+        return found
+
+    def _check(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict,
+               data: bool, writes: bool) -> None:
         if torch.is_grad_enabled() != self.grad:
             raise EagerUnsupported("a grad-mode region")
-        if func is torch.ops.aten.is_nonzero.default or (
-                not _DATA_TAGS.isdisjoint(func.tags) and not _static_shape(func, args, kwargs)):
+        if data and (func is torch.ops.aten.is_nonzero.default or not _static_shape(func, args, kwargs)):
             raise EagerUnsupported(f"{func} depends on the values in a tensor")
-        for t in written_values(func._schema, args, kwargs):
+        for t in written_values(func._schema, args, kwargs) if writes else ():
             if not isinstance(t, torch.Tensor) or t not in self.nodes or storage_ptr(t) in self.owned:
                 raise EagerUnsupported(f"{func} writes into a tensor the forward does not own")
 
@@ -160,12 +173,11 @@ class _Recorder(ProxyTorchDispatchMode):
             raise EagerUnsupported(f"unsupported call {func}")
         if func is torch.ops.prim.device.default:
             return func(*args, **kwargs)
-        self._check(func, args, kwargs)
+        target, name, data, writes = self._facts(func)
+        self._check(func, args, kwargs, data, writes)
         node_args = self._arg(args)
         node_kwargs = self._arg(kwargs)
-        target = torch.ops.aten.lift_fresh_copy.default if func is torch.ops.aten.lift_fresh.default else func
-        node = self._node("call_function", target, node_args, node_kwargs,
-                          self.graph._target_to_str(target.overloadpacket.__name__))
+        node = self._node("call_function", target, node_args, node_kwargs, name)
         with torch._C._DisablePythonDispatcher():  # the op itself runs at C++ speed
             out = func(*args, **kwargs)
         self._outputs(out, node)

@@ -89,22 +89,22 @@ def _module_stacks(model: nn.Module) -> Iterator[None]:
     """
     from torch.fx import traceback as fx_traceback
 
-    paths = {}
+    paths: dict[int, tuple[str, nn.Module, tuple[str, str]]] = {}  # id -> path, module, stack entry
     for path, mod in model.named_modules():
-        paths.setdefault(id(mod), (path, mod))
+        paths.setdefault(id(mod), (path, mod, (path, _class_name(mod))))
     calls: dict[str, int] = {}
     saved: list[Any] = []
 
     def pre(mod: nn.Module, _args: Any) -> None:
-        path = paths[id(mod)][0]
+        path, _, entry = paths[id(mod)]
         n = calls.get(path, 0)
         calls[path] = n + 1
-        key = f"L__self__{path}" + (f"@{n}" if n else "")
+        key = f"L__self__{path}@{n}" if n else f"L__self__{path}"
         meta = fx_traceback.get_current_meta()
         old = meta.get("nn_module_stack")
         saved.append(old)
         stack = dict(old) if old else {}
-        stack[key] = (path, _class_name(mod))
+        stack[key] = entry
         meta["nn_module_stack"] = stack
 
     def post(_mod: nn.Module, _args: Any, _out: Any) -> None:
@@ -117,7 +117,7 @@ def _module_stacks(model: nn.Module) -> Iterator[None]:
 
     handles = []
     try:
-        for _path, mod in paths.values():
+        for _path, mod, _entry in paths.values():
             handles.append(mod.register_forward_pre_hook(pre, prepend=True))
             handles.append(mod.register_forward_hook(post, always_call=True))
         with fx_traceback.preserve_node_meta():  # restores fx's own meta dict on exit

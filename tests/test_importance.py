@@ -393,3 +393,13 @@ def test_per_position_by_slices_is_the_whole_tensors_sums(monkeypatch) -> None:
                     assert np.allclose(got, one, rtol=1e-5, atol=1e-6 * scale.max())
                 if dim == t.dim() - 1:
                     assert got[1] == 0 and got[2] == got[3]
+
+
+def test_per_position_of_a_zero_size_weight_is_zero_everywhere() -> None:
+    from graphprune.planning import scoring
+
+    for t in (torch.zeros(3, 0, 2), torch.zeros(0, 4)):
+        for dim in range(t.dim()):
+            for p in (0, 1, 2):
+                got = scoring.per_position(t, dim, p)
+                assert got.shape == (t.shape[dim],) and not got.any()

@@ -102,8 +102,8 @@ def _copy(value: Any, memo: dict[int, Any]) -> Any:
 def _plain_tensor(t: torch.Tensor) -> bool:
     """A tensor ``Tensor.__deepcopy__`` copies by its common path: a dense leaf on the CPU or a
     GPU, its storage cloned, nothing else (no gradient, no conjugate/negative view bits)."""
-    return (t.layout == torch.strided and t.is_leaf and t.grad is None and not t.is_quantized
-            and t.device.type in ("cpu", "cuda") and not t.is_conj() and not t.is_neg()
+    return (t.layout == torch.strided and not t.is_nested and t.is_leaf and t.grad is None
+            and not t.is_quantized and t.device.type in ("cpu", "cuda") and not t.is_conj() and not t.is_neg()
             and torch._C._has_storage(t))
 
 

@@ -45,7 +45,9 @@ def per_position(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
     if t.is_meta:
         return np.ones(t.shape[dim])
     n = t.shape[dim]
-    if n and t.device.type == "cpu" and t.numel() <= _SMALL and t.dtype in (torch.float32, torch.float64):
+    if t.numel() == 0:  # a zero-size weight: nothing to sum at any position
+        return np.zeros(n, dtype=np.float32 if p == 0 else np.float64)
+    if t.device.type == "cpu" and t.numel() <= _SMALL and t.dtype in (torch.float32, torch.float64):
         # a small weight (most of a mobile network's): numpy's handful of microseconds per step
         # beats torch's per-op overhead, and float64 sums are only more accurate
         a = t.numpy().astype(np.float64)

@@ -18,6 +18,7 @@ from torch.fx import Node
 
 from graphprune.errors import InputError
 from graphprune.graph import rules
+from graphprune.graph.arrays import distinct
 from graphprune.graph.copies import keeps_global_rng, shared_eval_copy, storages, unshare
 from graphprune.graph.labels import Coupler, TensorLabels
 from graphprune.graph.lookup import submodule
@@ -178,7 +179,7 @@ def _freeze_mask(n_cls: int, cls: np.ndarray, items: list[tuple[np.ndarray, str]
     mask = np.zeros(n_cls, dtype=bool)
     for ids, why in items:
         c = cls[ids]
-        for k in _unique(c[~mask[c]]):
+        for k in distinct(c[~mask[c]]):
             reasons.setdefault(int(k), why)
         mask[c] = True
     return mask
@@ -392,13 +393,6 @@ def _boundary(ctx: RuleContext, node: Node, why: str, boundaries: list[str]) -> 
         boundaries.append(f"{where(node)}: {why}")
 
 
-def _unique(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values, by sorting: numpy 2.4's hash-based ``np.unique`` took 1.6 s on
-    730k distinct int64 (the class/space pairs of an 8-block LLaMA); sort + compare takes 13 ms."""
-    s = np.sort(values)
-    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
-
-
 def _class_groups(coupler: Coupler, cls: np.ndarray, n_cls: int) -> np.ndarray:
     """Group the units that touch exactly the same parameter dimensions ("spaces").
 
@@ -411,7 +405,7 @@ def _class_groups(coupler: Coupler, cls: np.ndarray, n_cls: int) -> np.ndarray:
     if not len(cls):
         return np.zeros(0, dtype=np.int64)
     space_of = np.repeat(np.arange(len(coupler.space_sizes)), coupler.space_sizes)
-    pairs = _unique(cls.astype(np.int64) * len(coupler.space_sizes) + space_of)
+    pairs = distinct(cls.astype(np.int64) * len(coupler.space_sizes) + space_of)
     p_cls, p_space = np.divmod(pairs, len(coupler.space_sizes))
     keys = _mixed(len(coupler.space_sizes))
     sig = np.zeros(n_cls, dtype=np.uint64)
@@ -498,7 +492,7 @@ def _group(traced, work, labels, coupler: Coupler, boundaries, prune_hidden: boo
             gi = int(gs[0])
             groups[gi].members.append(Member(name, dim, np.where(group_idx[c] == gi, unit_idx[c], -1)))
             continue
-        for gi in _unique(gs):
+        for gi in distinct(gs):
             in_g = gs == gi
             unit_of = np.where(in_g & (group_idx[c] == gi), unit_idx[c], -1)
             groups[int(gi)].members.append(Member(name, dim, unit_of))

@@ -151,7 +151,7 @@ class _Recorder(ProxyTorchDispatchMode):
         if found is None:
             aten = torch.ops.aten
             target = aten.lift_fresh_copy.default if func is aten.lift_fresh.default else func
-            data = func is torch.ops.aten.is_nonzero.default or not _DATA_TAGS.isdisjoint(func.tags)
+            data = func is aten.is_nonzero.default or not _DATA_TAGS.isdisjoint(func.tags)
             found = self.facts[func] = (target, self.graph._target_to_str(target.overloadpacket.__name__),
                                         data, func._schema.is_mutable)
         return found

@@ -30,12 +30,13 @@ from torch import nn
 
 from graphprune.errors import InputError, warn_user
 from graphprune.graph.analysis import Group, param_tensor
+from graphprune.graph.arrays import distinct
 from graphprune.planning.calibration import (
     LossFn,
 )
 from graphprune.planning.measured import Activation, Hessian, Taylor
 from graphprune.planning.scoring import Criterion, Importance, Magnitude, accumulate, per_position
-from graphprune.planning.ties import distinct, has_ties, lexicographic
+from graphprune.planning.ties import has_ties, lexicographic
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 

@@ -51,8 +51,7 @@ def per_position(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
         # a small weight (most of a mobile network's): numpy's handful of microseconds per step
         # beats torch's per-op overhead, and float64 sums are only more accurate
         a = t.numpy().astype(np.float64)
-        v = a if p == 0 else np.abs(a) if p == 1 else a * a
-        out = v.sum(axis=tuple(d for d in range(a.ndim) if d != dim))
+        out = _powered(a, p).sum(axis=tuple(d for d in range(a.ndim) if d != dim))
         return out.astype(np.float32) if p == 0 else out
     if not n or not t.is_floating_point():
         sums = _row_sums(t.float().movedim(dim, 0).reshape(n, -1), p)
@@ -73,14 +72,15 @@ def per_position(t: torch.Tensor, dim: int, p: int) -> np.ndarray:
     return sums.cpu().numpy() if p == 0 else sums.cpu().numpy().astype(np.float64)
 
 
-def _powered(v: torch.Tensor, p: int) -> torch.Tensor:
-    return v if p == 0 else v.abs() if p == 1 else v * v
+def _powered(v: Any, p: int) -> Any:
+    """|v|^p for p in 0 (v itself), 1, 2, of a torch tensor or a numpy array."""
+    return v if p == 0 else abs(v) if p == 1 else v * v
 
 
 def _row_sums(rows: torch.Tensor, p: int) -> torch.Tensor:
-    if p == 2:
+    if p == 2:  # one pass, no |rows|^2 temporary
         return torch.linalg.vector_norm(rows, 2, dim=1).square()
-    return rows.sum(1) if p == 0 else rows.abs().sum(1)
+    return _powered(rows, p).sum(1)
 
 
 def accumulate(total: np.ndarray, member: Member, vals: np.ndarray, normalise: bool) -> bool:

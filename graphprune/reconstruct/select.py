@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from graphprune.planning.ties import distinct
+from graphprune.graph.arrays import distinct
 
 
 @dataclass

@@ -10,7 +10,9 @@ computed from nothing but the plan and the original model:
 
 Why that equals removal. The compact model is the original with the removed positions gone;
 the reference keeps them but holds them at zero, so every op sees, at the kept positions, the
-same numbers in both. Case by case:
+same numbers in both. (Convolutions and linear layers run on the channels both their input
+and weight keep, scattered back to full width: the same sums without the terms that are zero,
+``reference/gathered.py``.) Case by case:
 
 1. Channel-separable ops (conv, linear, matmul/einsum contractions, elementwise ops, pooling,
    BatchNorm, GroupNorm with whole groups, attention with whole heads): a zero input channel
@@ -33,7 +35,8 @@ same numbers in both. Case by case:
 
 The reference is independent of surgery (it never looks at the sliced tensors, the attribute
 updates or the user's code at the new sizes) and of the planner's bookkeeping (the removed
-positions are re-derived from ``plan.slices``). It costs one extra forward pass.
+positions are re-derived from ``plan.slices``). It costs one extra forward pass, its products
+at the kept width.
 
 Tolerance. Removal changes summation orders, so compact and reference agree only to about the
 model's own float32 rounding error. Small float32 models (``TIGHT_MAX_PARAMS``) are held to 10x

@@ -4,7 +4,8 @@ Why: make_fx runs every op twice over (a fake-tensor kernel to learn the output'
 proxy to record it) and, on its first use in a process, pays for torch.export's imports,
 dynamo's and fake-tensor kernels' warm-up: most of a first ``compact`` on a small network,
 several times Torch-Pruning's whole call, which reads the graph off one eager forward. Here the
-forward runs as the user's code runs it, on the real CPU/GPU kernels; a dispatch mode at the
+forward runs as the user's code runs it, on the real CPU/GPU kernels (except that large CPU
+convolutions and matrix products return zeros: ``kernelskip.py``); a dispatch mode at the
 pre-dispatch key (the level torch.export records: ``conv2d``, ``linear``, ``batch_norm``, before
 autograd and decompositions) writes each op into an fx graph, with its output's metadata (a meta
 tensor, and the device beside it), the module stack and the frames fx's hooks leave in
@@ -34,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from graphprune.graph.aliasing import storage_ptr, written_values
+from graphprune.graph.kernelskip import Skipping, ValuesRead, reads_values, worth_skipping
 
 
 class EagerUnsupported(Exception):
@@ -59,12 +61,19 @@ class _Regions(PreDispatchTorchFunctionMode):
 
     It also makes the forward take the paths it takes under make_fx, whose own torch-function
     mode is active: library code that checks for one (``nn.MultiheadAttention``'s fused fast
-    path) then behaves the same in both traces.
+    path) then behaves the same in both traces. And it sees the forward read numbers outside the
+    dispatcher (``tolist()``), which a recording that skipped kernels cannot give it
+    (``kernelskip.py``). ``recorder`` is set after construction (``__init__`` is not called).
     """
+
+    recorder: _Recorder
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if func in REGION_MARKERS:
             raise EagerUnsupported("a grad-mode or autocast region")
+        rec = self.recorder
+        if rec.skipping is not None and rec.skipping.skipped and not rec.dispatching and reads_values(func):
+            raise ValuesRead(f"{getattr(func, '__name__', func)} read a tensor's numbers")
         return func(*args, **(kwargs or {}))
 
 
@@ -80,7 +89,7 @@ class _Recorder(ProxyTorchDispatchMode):
         return False
 
     def __init__(self, graph: torch.fx.Graph, root: nn.Module, owned: set[int],
-                 meta: Callable[[], dict]) -> None:
+                 meta: Callable[[], dict], skipping: Skipping | None = None) -> None:
         TorchDispatchMode.__init__(self, torch._C.DispatchKey.PreDispatch)
         self.enter_stack: list[Any] = []
         self._mode_key = torch._C._TorchDispatchModeKey.PROXY
@@ -93,6 +102,8 @@ class _Recorder(ProxyTorchDispatchMode):
         self.grad = torch.is_grad_enabled()
         # per op: (target recorded, node name, output shape may depend on values, writes an argument)
         self.facts: dict[Any, tuple[Any, str, bool, bool]] = {}
+        self.skipping = skipping  # heavy CPU kernels return zeros (kernelskip.py); None: all run
+        self.dispatching = False  # inside __torch_dispatch__ (graphprune's own tensor calls)
 
     # -- values -------------------------------------------------------------------------------
     def value(self, node: torch.fx.Node, t: torch.Tensor) -> torch.Tensor:
@@ -173,14 +184,22 @@ class _Recorder(ProxyTorchDispatchMode):
             raise EagerUnsupported(f"unsupported call {func}")
         if func is torch.ops.prim.device.default:
             return func(*args, **kwargs)
-        target, name, data, writes = self._facts(func)
-        self._check(func, args, kwargs, data, writes)
-        node_args = self._arg(args)
-        node_kwargs = self._arg(kwargs)
-        node = self._node("call_function", target, node_args, node_kwargs, name)
-        with torch._C._DisablePythonDispatcher():  # the op itself runs at C++ speed
-            out = func(*args, **kwargs)
-        self._outputs(out, node)
+        self.dispatching = True
+        try:
+            target, name, data, writes = self._facts(func)
+            self._check(func, args, kwargs, data, writes)
+            node_args = self._arg(args)
+            node_kwargs = self._arg(kwargs)
+            node = self._node("call_function", target, node_args, node_kwargs, name)
+            if self.skipping is not None and worth_skipping(func, args, kwargs):
+                with torch._C._DisablePythonDispatcher(), self.skipping:  # zeros, below autograd
+                    out = func(*args, **kwargs)
+            else:
+                with torch._C._DisablePythonDispatcher():  # the op itself runs at C++ speed
+                    out = func(*args, **kwargs)
+            self._outputs(out, node)
+        finally:
+            self.dispatching = False
         return out
 
     def _outputs(self, out: Any, node: torch.fx.Node) -> None:
@@ -220,26 +239,44 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def record(fn: Callable[..., tuple], inputs: list[torch.Tensor],
-           meta: Callable[[], dict]) -> torch.fx.GraphModule:
+           meta: Callable[[], dict], skip: bool = True) -> torch.fx.GraphModule:
     """The fx graph of ``fn(*inputs)`` (a flat tuple of tensors), recorded as it runs.
 
     ``meta()`` is the dict fx would copy onto each new node (``nn_module_stack``, ``stack_trace``).
     Placeholders are named as make_fx names them (``arg0_1`` ...); the output is a tuple.
+    ``skip``: heavy CPU kernels return zeros (``kernelskip.py``); a forward that then reads
+    numbers, or fails, raises ``ValuesRead``: the caller records it again with ``skip=False``
+    (in a fresh context: the module-stack hooks count the calls of each module).
     """
     if any(type(t) not in _PLAIN for t in inputs):
         raise EagerUnsupported("a tensor subclass")
     if any(t.device.type == "meta" for t in inputs):
         raise EagerUnsupported("tensors on the meta device")
+    owned = {storage_ptr(t) for t in inputs if t.untyped_storage().nbytes()}
+    skipping = Skipping() if skip else None
+    try:
+        return _record(fn, inputs, meta, owned, skipping)
+    except (EagerUnsupported, ValuesRead):  # a refusal does not depend on the numbers
+        raise
+    except Exception as exc:
+        if skipping is None or not skipping.skipped:
+            raise
+        raise ValuesRead(f"the forward failed on skipped kernels' zeros: {exc}") from exc
+
+
+def _record(fn: Callable[..., tuple], inputs: list[torch.Tensor], meta: Callable[[], dict],
+            owned: set[int], skipping: Skipping | None) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     root = nn.Module()
-    owned = {storage_ptr(t) for t in inputs if t.untyped_storage().nbytes()}
-    rec = _Recorder(graph, root, owned, meta)
+    rec = _Recorder(graph, root, owned, meta, skipping)
     for i, t in enumerate(inputs):
         node = graph.placeholder(f"arg{i}_1")
         node.meta["val"] = rec.value(node, t)
         rec.track(t, node)
+    regions = _Regions.__new__(_Regions)
+    regions.recorder = rec
     # the Python dispatcher routes the pre-dispatch key to Python modes
-    with enable_python_dispatcher(), _Regions.__new__(_Regions), rec:
+    with enable_python_dispatcher(), regions, rec:
         outs = fn(*inputs)
     results = []
     for o in outs:

@@ -44,6 +44,7 @@ from graphprune.graph.exportpasses import (
     lift_constants,
     uninteresting_files,
 )
+from graphprune.graph.kernelskip import ValuesRead
 
 TRACE_ENV = "GRAPHPRUNE_TRACE"
 # the eager recorder's limit on parameters + buffers (bytes); bigger models use make_fx
@@ -426,10 +427,17 @@ def fast_export(model: nn.Module, args: tuple, kwargs: dict,
     if recorder != "make_fx":
         why = _eager_refusal(model, state)
         if why is None:
-            try:
-                gm = _attempt(model, traced, lambda: record(
+            def eager(skip: bool) -> torch.fx.GraphModule:
+                return _attempt(model, traced, lambda: record(
                     lambda *flat: flat_fn(*flat, swap=False), [*state.values(), *user_flat],
-                    fx_traceback.get_current_meta), portable=False)
+                    fx_traceback.get_current_meta, skip), portable=False)
+
+            try:
+                try:
+                    gm = eager(skip=True)
+                except ValuesRead:  # it needed numbers a skipped kernel did not compute
+                    out_spec.clear()
+                    gm = eager(skip=False)
             except EagerUnsupported as exc:
                 why = str(exc)
         if gm is None and recorder == "eager":

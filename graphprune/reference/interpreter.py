@@ -10,6 +10,7 @@ from torch.fx import Interpreter, Node
 
 from graphprune.graph.aliasing import storage_ptr
 from graphprune.graph.rules.pointwise import reduced_dims
+from graphprune.reference.gathered import PRODUCTS, Gatherer
 from graphprune.reference.heap import release_free_memory
 from graphprune.reference.masks import NORM_OPS, REDUCE_OPS, Inexact
 from graphprune.reference.scratch import Scratch
@@ -51,13 +52,16 @@ class MaskedInterpreter(Interpreter):
         self.scratch = Scratch(_slot_sizes(gm.graph, self.lazy))  # the masked copies' reused buffers
         self.reads_lazy = {u for n in self.lazy for u in n.users}  # ops with a weight to mask
         self.user_owned: dict[Node, bool] = {}  # lazy placeholder -> its value is the user's tensor
-        self.kinds: dict[Node, str] = {}  # ops run other than plainly: "statistic", "rebind"
+        self.gatherer = Gatherer()  # products on their kept channels (gathered.py)
+        self.kinds: dict[Node, str] = {}  # ops run other than plainly: "statistic", "product", "rebind"
         self.written: dict[Node, list[Node]] = {}  # in-place ops: the arguments they write
         for n in gm.graph.nodes:
             if n.op != "call_function":
                 continue
             if n.target in NORM_OPS or n.target in REDUCE_OPS:
                 self.kinds[n] = "statistic"
+            elif n.target in PRODUCTS:
+                self.kinds[n] = "product"
             elif rebinds(n):
                 self.kinds[n] = "rebind"
             schema = getattr(n.target, "_schema", None)
@@ -164,6 +168,8 @@ class MaskedInterpreter(Interpreter):
             kind = self.kinds.get(n)
             if kind == "statistic":
                 result = self._run_statistic(n)
+            elif kind == "product":
+                result = self._run_product(n)
             elif kind == "rebind":  # the forward set ``self.buf = new`` of another shape: as it did
                 result = self.env[n.args[1]]
             else:  # what torch's run_node does for an op, without its per-node meta context
@@ -186,6 +192,19 @@ class MaskedInterpreter(Interpreter):
                     self._apply(value, self._zeroing(arg, None, value))
         if n in self.record:
             self.values[n] = result
+        return result
+
+    def _run_product(self, n: Node) -> Any:
+        """A convolution or linear layer on its kept channels only (gathered.py), else at full
+        width with its weights masked."""
+        args, kwargs = Interpreter.fetch_args_kwargs_from_env(self, n)  # weights not yet masked
+        entries = [self._entry(a, None) if isinstance(a, Node) else None for a in n.args[:3]]
+        result = self.gatherer.product(n.target, args, kwargs, entries, self._entry(n, None))
+        if result is None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return n.target(*args, **kwargs)
+        weight = args[1]  # its gathered copy is freed now: trim the heap in time (run_node)
+        self.copied += weight.nbytes if isinstance(weight, torch.Tensor) else 0
         return result
 
     def _hard_keep(self, node: Node, like: torch.Tensor) -> torch.Tensor | None:

@@ -31,6 +31,7 @@ class Heavy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
         self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
         self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
         self.conv1d = nn.Conv1d(4, 6, 3, padding=1)
@@ -39,7 +40,8 @@ class Heavy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv(x), inplace=True)  # an in-place op on a skipped output
-        h = self.up(self.dw(h))
+        h = F.hardswish(self.bn(h.to(memory_format=torch.channels_last)), inplace=True)
+        h = self.up(self.dw(h).mul_(2).add_(h[:, :, ::2, ::2]))
         s = self.conv1d(h.flatten(2)[..., :16])  # (B, 6, 16)
         t = self.lin(s.transpose(1, 2))  # (B, 16, 6)
         att = F.scaled_dot_product_attention(t[:, None], t[:, None], t[:, None])[:, 0]
@@ -212,3 +214,30 @@ def test_a_repeated_layer_asks_the_meta_kernel_once(skip_all: list[_Counting],
     assert skip_all[0].skipped == 3 and len(skip_all[0].metas) == 1
     assert _facts(got) == _facts(want)
     torch.testing.assert_close(got.module()(x), model(x))
+
+
+class RefusedInPlace(nn.Module):
+    """In-place ops the real kernels refuse after a skipped product: a broadcast that grows the
+    tensor written, a float written into an integer tensor. The user gets the real error."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.case = case
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.case == "broadcast":
+            return h[:1].add_(h)
+        return (h > 0).long().add_(h)
+
+
+@pytest.mark.parametrize("case", ["broadcast", "dtype"])
+def test_errors_after_a_skip_are_the_real_errors(case: str, skip_all: list[_Counting],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = RefusedInPlace(case).eval(), torch.randn(3, 4)
+    with pytest.raises(RuntimeError) as computing:
+        _computed(model, x, monkeypatch)
+    with pytest.raises(RuntimeError) as skipping:
+        _program(model, x)
+    assert str(skipping.value) == str(computing.value)

@@ -79,6 +79,10 @@ def _conv_work(args: tuple, kwargs: dict, transposed: bool) -> float:
     channel = x.dim() - (w.dim() - 1)  # 1 for a batched input, 0 for an unbatched one
     if channel < 0 or x.shape[channel] == 0:
         return 0.0
+    if not (x.is_contiguous() and w.is_contiguous()):
+        # channels-last convolutions: the CPU kernels choose their output's layout by rules the
+        # meta kernel does not follow (a depthwise one); such a convolution is computed
+        return 0.0
     positions = x.numel() / x.shape[channel]
     stride = args[3] if len(args) > 3 else kwargs.get("stride", 1)
     steps = math.prod(stride) if isinstance(stride, (list, tuple)) else stride
@@ -159,7 +163,8 @@ def worth_skipping(func: Any, args: tuple, kwargs: dict) -> bool:
         first = args[1][0]  # einsum's operands
     if not isinstance(first, torch.Tensor) or first.device.type != "cpu":
         return False
-    return estimated_work(func, args, kwargs) >= MIN_WORK
+    work = estimated_work(func, args, kwargs)  # 0: not estimated, never skipped
+    return work > 0 and work >= MIN_WORK
 
 
 def _meta(value: Any) -> Any:
@@ -194,6 +199,10 @@ class Skipping(TorchDispatchMode):
 
     A network repeats its layers, so the meta kernel's answer is kept per argument signature
     (shapes, strides, dtypes and the other arguments): a repeated layer costs only its zeros."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:  # no dynamo-disabling wrapper around every op
+        return False
 
     def __init__(self) -> None:
         super().__init__()

@@ -20,9 +20,10 @@ zero elsewhere (which the masking after the op would have written anyway). The s
 the full-width ones only in order, as the compact model's do.
 
 Only masks that are a product of one vector per dimension, removing along the contracted and
-output channel dims only (and the weight's first two dims), are taken; anything else runs at
-full width as before (``None``). The positions come from the reference's own masks (built from
-``plan.slices``), never from surgery.
+output channel dims only (and the weight's first two dims), are taken, and only products large
+enough to repay the gathering (``MIN_WORK``; channels-last convolutions are never counted, see
+``graph/kernelskip.py``); anything else runs at full width as before (``None``). The positions
+come from the reference's own masks (built from ``plan.slices``), never from surgery.
 """
 
 from __future__ import annotations
@@ -175,9 +176,7 @@ class Gatherer:
         yg = func(xg, wg, bg, *args[3:])
         shape = list(yg.shape)
         shape[cdim] = w.shape[0]
-        fmt = torch.channels_last if yg.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous() else torch.contiguous_format
-        y = torch.empty(shape, dtype=yg.dtype, device=device, memory_format=fmt).zero_()
+        y = yg.new_zeros(shape)  # contiguous, as the full-width op gives on contiguous inputs
         return y.index_copy_(cdim, t_out, yg)
 
 

@@ -241,3 +241,23 @@ def test_errors_after_a_skip_are_the_real_errors(case: str, skip_all: list[_Coun
     with pytest.raises(RuntimeError) as skipping:
         _program(model, x)
     assert str(skipping.value) == str(computing.value)
+
+
+def test_an_op_without_a_meta_kernel_is_computed(skip_all: list[_Counting],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A meta kernel that raises (none for these arguments) leaves the op computed, not failed."""
+    torch.manual_seed(0)
+    model, x = Heavy().eval(), torch.randn(2, 3, 8, 8)
+    want = _computed(model, x, monkeypatch)
+    real = kernelskip._meta
+
+    def no_meta(value: Any) -> Any:
+        if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor) and value[0].dim() == 4:
+            raise NotImplementedError("no meta kernel")  # every 4-d (convolution) call
+        return real(value)
+
+    monkeypatch.setattr(kernelskip, "_meta", no_meta)
+    skip_all.clear()
+    got = _program(model, x)
+    assert len(skip_all) == 1 and skip_all[0].skipped > 0  # the products were still skipped
+    assert _facts(got) == _facts(want)

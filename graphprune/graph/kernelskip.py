@@ -220,7 +220,10 @@ class Skipping(TorchDispatchMode):
             key = None
         out = self.metas.get(key) if key is not None else None
         if out is None:
-            out = func(*_meta(args), **_meta(kwargs))
+            try:
+                out = func(*_meta(args), **_meta(kwargs))
+            except Exception:  # noqa: BLE001 - no meta kernel for these arguments: compute it
+                return func(*args, **kwargs)
             if key is not None:
                 self.metas[key] = out
         self.skipped += 1

@@ -165,6 +165,22 @@ def first_mismatch(
     The layer is the module (in graph order) whose output first differs from the reference;
     ``""`` when outputs differ but no module output could be compared.
     """
+    matched, wrong = compare(reference, small, example_input, rtol, layers=False)
+    return None if matched else wrong
+
+
+def compare(
+    reference: Reference, small: nn.Module, example_input: Any, rtol: float | None = None,
+    layers: bool = True,
+) -> tuple[bool, tuple[str, float] | None]:
+    """One run of ``small``: whether its outputs match the reference, and the first layer whose
+    output differs (``("", worst output error)`` when outputs differ and no layer could be
+    compared; None when nothing differs).
+
+    With ``layers`` the module outputs are compared even when the model's outputs match: later
+    layers can damp a wrong layer's error below the tolerance (a softmax near uniform hides
+    heads split at the wrong size).
+    """
     recorded: dict[str, list[torch.Tensor]] = {}
     handles = []
     if reference.modules:
@@ -178,14 +194,15 @@ def first_mismatch(
     try:
         got = small_outputs(small, example_input)
     except Exception:  # noqa: BLE001 - a model that does not run matches nothing
-        return "", math.inf
+        return False, ("", math.inf)
     finally:
         for h in handles:
             h.remove()
     rtol = reference.rtol if rtol is None else rtol
     results = [_close(g, e, rtol) for g, e in zip(got, reference.outputs)]
-    if len(got) == len(reference.outputs) and all(ok for ok, _ in results):
-        return None
+    matched = len(got) == len(reference.outputs) and all(ok for ok, _ in results)
+    if matched and not layers:
+        return True, None
     worst = max((err for _, err in results), default=math.inf)
     for path in sorted(reference.modules, key=reference.order.__getitem__):
         mine = recorded.get(path)
@@ -197,8 +214,8 @@ def first_mismatch(
                 continue
             ok, err = _close(g, e, rtol)
             if not ok:
-                return path, err
-    return "", worst
+                return matched, (path, err)
+    return matched, (None if matched else ("", worst))
 
 
 def reference_outputs(

@@ -19,22 +19,25 @@ from graphprune.surgery.slicing import apply_attr_updates
 
 
 def _failing_modules(model: nn.Module, example_input: Any, expected, reference: Any = None
-                     ) -> list[str] | None:
-    """Run the model once; None if it works (and, with a ``reference``, computes the plan's
-    numbers), else the paths of the modules active at the failure (``["", layer]``: the first
-    layer whose output differs from the reference)."""
+                     ) -> tuple[list[str] | None, float | None]:
+    """Run the model once: ``(None, None)`` if it works (and, with a ``reference``, computes the
+    plan's numbers in every layer compared), else the paths of the modules active at the failure
+    (``["", layer]``: the first layer whose output differs from the reference) and, when the
+    model's outputs matched and only a layer differs, that layer's error."""
     if reference is None:
         failure = find_failure(model, example_input, expected)
-        return None if failure is None else failure.stack
-    from graphprune.reference.run import first_mismatch
+        return (None if failure is None else failure.stack), None
+    from graphprune.reference.run import compare
 
     with Watch(model) as watch:  # one run: where it fails, its shapes, and its numbers
-        wrong = first_mismatch(reference, model, example_input)
-    if watch.shapes is None:  # it raised (first_mismatch says so without the where)
-        return list(watch.stack) or [""]
+        matched, wrong = compare(reference, model, example_input)
+    if watch.shapes is None:  # it raised (compare says so without the where)
+        return list(watch.stack) or [""], None
     if watch.shapes != list(expected):
-        return [""]
-    return None if wrong is None else ["", wrong[0]]
+        return [""], None
+    if wrong is None:
+        return None, None
+    return ["", wrong[0]], (wrong[1] if matched else None)
 
 
 def _hashable(value: Any) -> Any:
@@ -112,8 +115,11 @@ def choose_attr_updates(
     only some of them may be sizes that changed. Starting from "update all", each failure is
     traced to the innermost running module with an ambiguous choice, whose next option is tried:
     linear in the number of choices, not exponential. With a ``reference`` (verify.Reference) a
-    trial that runs must also compute the plan's numbers; otherwise the first layer whose output
-    differs is the failure location. Returns the updates applied and whether the model was run
+    trial that runs must also compute the plan's numbers, in its outputs and in every layer the
+    reference recorded; otherwise the first layer whose output differs is the failure location.
+    A trial whose outputs match while a layer differs is kept: if no trial matches everywhere,
+    the one with the smallest such layer error is applied (an ill-conditioned layer's rounding).
+    Returns the updates applied and whether the model was run
     with them and gave the ``expected`` output shapes.
     """
     sets = _by_change(ups)
@@ -127,13 +133,17 @@ def choose_attr_updates(
     ambiguous, options = _per_module(ambiguous, options)
     choice = [0] * len(ambiguous)
     revert = [AttrUpdate(u.module, u.attr, u.new, u.old) for u in ups]
+    # a trial whose outputs match while one layer differs: kept, the closest wins if none is exact
+    best: tuple[float, list[AttrUpdate]] | None = None
     for _ in range(sum(len(o) for o in options) + 1):
         trial = sure + [u for k, g in enumerate(options) for u in g[choice[k]]]
         apply_attr_updates(work, revert)
         apply_attr_updates(work, trial)
-        failing = _failing_modules(work, example_input, expected, reference)
+        failing, layer_error = _failing_modules(work, example_input, expected, reference)
         if failing is None:
             return trial, True
+        if layer_error is not None and (best is None or layer_error < best[0]):
+            best = (layer_error, trial)
         candidates = [
             k
             for k, g in enumerate(ambiguous)
@@ -150,5 +160,8 @@ def choose_attr_updates(
         k = max(candidates, key=lambda k: len(ambiguous[k][0].module))
         choice[k] += 1
     apply_attr_updates(work, revert)
+    if best is not None:  # the outputs matched: the layer's error may be its own rounding
+        apply_attr_updates(work, best[1])
+        return best[1], True
     apply_attr_updates(work, ups)
     return ups, False

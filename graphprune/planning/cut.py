@@ -21,7 +21,9 @@
   groups with convolution channels get multiples of 16 (MLAS's NCHWc block; a depthwise
   convolution at a width that is not a multiple of 4 ran 2-5x slower per FLOP), narrower groups
   8 or 4 so that one step stays at most half the width; groups of Linear/MatMul features only
-  are cut exactly (no width effect was measured). The kept width is the aligned one nearest to
+  are cut exactly (no width effect was measured), except widths in a stacked weight (per-expert
+  weights of a mixture of experts: multiples of 16 bytes, which grouped matrix-product kernels
+  require). The kept width is the aligned one nearest to
   ``units * (1 - ratio)`` (ties keep more), so a group never loses more than half a step beyond
   what the ratio asks. ``round_to=1`` cuts every group exactly. See docs/speed.md.
 
@@ -129,14 +131,36 @@ def _conv_width(group: Group, model: nn.Module) -> int:
     return width
 
 
+def _stack_alignment(group: Group, model: nn.Module) -> int:
+    """Elements per 16 bytes when the group spans a non-stack dim of a stacked weight (a parameter
+    of three or more dims, more than one along the first, outside a convolution: per-expert
+    weights picked by a router; a ``(1, tokens, C)`` position embedding is no stack), else 1.
+    Grouped matrix-product kernels that run such stacks (torch's ``_grouped_mm`` on CPU) require
+    16-byte strides: a width of 90 floats runs in the pruned model's own forward through another
+    path, and fails once the model is reloaded with the library's default path."""
+    for m in group.members:
+        path, _, attr = m.name.rpartition(".")
+        try:
+            mod = submodule(model, path)
+        except AttributeError:
+            continue
+        p = getattr(mod, attr, None)
+        if (getattr(p, "ndim", 0) >= 3 and p.shape[0] > 1 and m.dim >= 1 and p.dtype.is_floating_point
+                and not isinstance(mod, nn.modules.conv._ConvNd)):
+            return max(1, 16 // p.element_size())
+    return 1
+
+
 def alignment(group: Group, model: nn.Module, round_to: int | str | None) -> int:
     """The width multiple ``group`` is rounded to: ``round_to`` itself, or for ``"auto"`` the widest
     of :data:`CONV_ALIGNMENTS` the group is :data:`MIN_STEPS` steps wide for when it has
-    convolution channels, else 1 (exact)."""
+    convolution channels, 16 bytes for widths in a stacked weight (``_stack_alignment``), else 1
+    (exact)."""
     if round_to != AUTO:
         return int(round_to or 1)
     width = _conv_width(group, model)
-    return next((a for a in CONV_ALIGNMENTS if width >= MIN_STEPS * a), 1)
+    conv = next((a for a in CONV_ALIGNMENTS if width >= MIN_STEPS * a), 1)
+    return max(conv, _stack_alignment(group, model))
 
 
 def aligned_keep(group: Group, target_keep: float, align: int) -> int:

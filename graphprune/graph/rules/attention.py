@@ -36,7 +36,7 @@ def _keep_contracted_whole(ctx: RuleContext, node: Node, args, letters, out_lett
     that size (``self.head_dim ** -0.5``), which would change behind the graph's back once surgery
     updates ``head_dim`` (single-head attention, found by fuzzing). Whole heads stay prunable.
     """
-    if len(args) != 2 or any(a in ctx.param_names for a in args):
+    if len(args) != 2 or any(ctx.from_weight(a) for a in args):
         return
     for arg, ls in zip(args, letters, strict=True):
         lab = ctx.labels(arg)
@@ -60,7 +60,7 @@ def _inside_heads(ctx: RuleContext, node: Node, args, letters, out_letters: str)
     """
     if ctx.options.get("attention") != "head_dim" or len(args) != 2:
         return None
-    if any(a in ctx.param_names for a in args):
+    if any(ctx.from_weight(a) for a in args):
         return None
     labs = [ctx.labels(a) for a in args]
     if any(lab is None or not lab.factors for lab in labs):
@@ -112,7 +112,7 @@ def _within_groups(ctx: RuleContext, node: Node, args, letters, out_letters: str
     channels. Returns None when the op is not such a product.
     """
     mode = ctx.options.get("attention", "heads")
-    if mode == "head_dim" or len(args) != 2 or any(a in ctx.param_names for a in args):
+    if mode == "head_dim" or len(args) != 2 or any(ctx.from_weight(a) for a in args):
         return None
     labs = [ctx.labels(a) for a in args]
     if any(lab is None or not lab.factors for lab in labs):

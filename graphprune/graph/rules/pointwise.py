@@ -277,28 +277,53 @@ SOFTMAX = ops(
 )
 
 
+# where the dims argument sits when it is not the second one: topk(x, k, dim), roll(x, shifts, dims)
+_DIM_AT = {op: 2 for op in ops("topk.default", "roll.default")}
+_DIM_NAME = {op: "dims" for op in ops("roll.default", "flip.default")}
+
+
+def _mixed_dims(node: Node, rank: int) -> list[int]:
+    """The dims ``node`` mixes positions along (every dim for ``roll`` without dims: it rolls the
+    flattened tensor)."""
+    at, name = _DIM_AT.get(node.target, 1), _DIM_NAME.get(node.target, "dim")
+    default = [] if node.target in _DIM_NAME else -1
+    dim_arg = node.args[at] if len(node.args) > at else node.kwargs.get(name, default)
+    dims = [dim_arg] if isinstance(dim_arg, int) else list(dim_arg)
+    if not dims and node.target in ops("roll.default"):
+        return list(range(rank))
+    return [d % rank for d in dims] if rank else []
+
+
 @rule(*SOFTMAX)
 def along_dim(ctx: RuleContext, node: Node):
-    """Ops that mix positions along one dim (softmax, cumsum, flip...): that dim stays whole."""
+    """Ops that mix positions along one dim (softmax, cumsum, flip...): that dim stays whole.
+
+    A dim whose size the op changes (``topk``'s k of n) keeps no labels in the output: its
+    positions are picked by value."""
     x = node.args[0]
     lab = ctx.labels(x)
     shape = ctx.shape(x)
     if lab is None or shape is None:
         return None
-    dim_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
-    dims = [dim_arg] if isinstance(dim_arg, int) else list(dim_arg)
-    dims = [d % len(shape) for d in dims]
+    dims = _mixed_dims(node, len(shape))
     for d in dims:
         f = lab.factor_at(d)
         if f is not None:
             ctx.coupler.require_intact(f, f.axis_of(d), f"{where(node)} mixes positions along dim {d}")
+
+    def labels(out_shape: tuple[int, ...]) -> TensorLabels:
+        if len(out_shape) != len(shape):
+            return TensorLabels(out_shape, [])
+        resized = {d for d in dims if out_shape[d] != shape[d]}
+        return TensorLabels(out_shape, [f for f in lab.factors if resized.isdisjoint(f.dims)])
+
     out_shape = ctx.shape(node)
     if out_shape is None:
         vals = node.meta.get("val")
         if isinstance(vals, (tuple, list)):
-            return [TensorLabels(tuple(v.shape), list(lab.factors)) for v in vals]
+            return [labels(tuple(v.shape)) for v in vals]
         return None
-    return TensorLabels(out_shape, list(lab.factors))
+    return labels(out_shape)
 
 
 @rule(

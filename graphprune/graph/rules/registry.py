@@ -57,6 +57,13 @@ def lookup(target: Any) -> RuleFn | None:
     return _RULES.get(target)
 
 
+# ops that only move or pick out their first argument's values (``RuleContext.from_weight``)
+_WEIGHT_MOVES = frozenset({
+    "view", "reshape", "_unsafe_view", "transpose", "permute", "t", "unsqueeze", "squeeze", "expand",
+    "slice", "select", "index", "index_select", "clone", "contiguous", "alias", "_to_copy", "to",
+})
+
+
 @dataclass
 class RuleContext:
     """What a rule may see: input labels, shapes, parameter names, and the coupler."""
@@ -88,6 +95,20 @@ class RuleContext:
             return TensorLabels(shape, factors)
         lab = self.labels_of.get(arg)
         return lab if isinstance(lab, TensorLabels) else None
+
+    def from_weight(self, arg: Any) -> bool:
+        """True for a parameter, or values moved or picked out of one parameter and nothing else
+        (views, transposes, ``weight[expert_ids]``): a product with such an operand is a layer's
+        weight product, not two activations meeting (per-expert weights gathered by routing)."""
+        seen = 0
+        while isinstance(arg, Node) and seen < 32:
+            if arg in self.param_names:
+                return bool(arg.meta["val"].dtype.is_floating_point)
+            name = getattr(getattr(arg.target, "overloadpacket", None), "__name__", None)
+            if arg.op != "call_function" or name not in _WEIGHT_MOVES or not arg.args:
+                return False
+            arg, seen = arg.args[0], seen + 1
+        return False
 
     def param_ids(self, arg: Any, dim: int):
         """Ids of one dimension of a parameter argument, or None if ``arg`` is not a parameter."""

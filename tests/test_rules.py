@@ -191,6 +191,24 @@ class CreationOps(nn.Module):
         return self.out(h + torch.zeros_like(h).fill_(0.5))
 
 
+class MaxAndPositionTable(nn.Module):
+    """Elementwise ``torch.max(a, b)`` of two layers (their channels one unit) and a position
+    table looked up with ``index_select`` (its positions whole, its channels the stream's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.pos = nn.Parameter(torch.randn(9, 12))
+        self.a = nn.Linear(12, 16)
+        self.b = nn.Linear(12, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1], device=x.device)
+        h = self.inp(x) + self.pos.index_select(0, positions)
+        return self.out(torch.max(self.a(h), torch.min(self.b(h), torch.tensor(0.5))))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "grouped_conv": (GroupedConv, (2, 3, 8, 8)),
     "transposed_up": (TransposedUp, (2, 3, 8, 8)),
@@ -202,6 +220,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "clamp_tensor": (ClampByTensors, (2, 5, 8)),
     "indexed_bias": (IndexedBiasNet, (2, 9, 6)),
     "creation_ops": (CreationOps, (2, 5, 6)),
+    "max_and_position_table": (MaxAndPositionTable, (2, 7, 6)),
 }
 
 
@@ -318,3 +337,11 @@ def test_creation_and_in_place_fills_let_channels_through() -> None:
     assert small.qkv.out_features < 48 and small.heads < 4, "the zeroed bias kept the heads whole"
     assert small.mid.out_features < 24, "zeros_like / fill_ kept mid's channels whole"
     check_onnx(small, x)
+
+
+def test_elementwise_max_and_index_select_have_rules() -> None:
+    model, x = _build("max_and_position_table")
+    small, plan = graphprune.compact_with_plan(model, x, 0.5, prune_hidden=True)
+    assert not plan.boundaries, plan.boundaries
+    assert small.a.out_features == small.b.out_features == 8  # one unit per max'd channel pair
+    assert small.pos.shape == (9, 6)  # every position stays; the stream's channels go

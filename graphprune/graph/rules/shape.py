@@ -484,6 +484,28 @@ def getitem(ctx: RuleContext, node: Node):
     return None
 
 
+@rule(*ops("index_select.default"))
+def index_select(ctx: RuleContext, node: Node):
+    """``index_select(x, dim, idx)`` picks positions of one dim by value: that dim stays whole
+    (a position table looked up by position ids), the others keep their labels."""
+    x, dim, idx = node.args[:3]
+    if isinstance(idx, Node):
+        ctx.coupler.freeze_labels(ctx.labels(idx), f"{where(node)}: index tensor")
+    lab, shape, oshape = ctx.labels(x), ctx.shape(x), ctx.shape(node)
+    if lab is None or shape is None or oshape is None or not isinstance(dim, int):
+        return None
+    d = dim % max(len(shape), 1)
+    factors = []
+    for f in lab.factors:
+        if d not in f.dims:
+            factors.append(f)
+            continue
+        ctx.coupler.require_intact(f, f.axis_of(d), f"{where(node)}: indexes a channel dim")
+        if len(f.dims) > 1:
+            factors.append(ctx.coupler.coarsen(f, [f.axis_of(e) for e in f.dims if e != d]))
+    return TensorLabels(oshape, factors)
+
+
 @rule(*ops("index.Tensor"))
 def index(ctx: RuleContext, node: Node):
     """Advanced indexing picks positions by value: indexed labelled dims stay whole, the others

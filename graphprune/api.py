@@ -9,11 +9,12 @@ from torch import nn
 
 from graphprune.distributed import agree, digest, is_distributed
 from graphprune.engine import Engine, Realized, importance_name, modes, realize_inplace, set_mode
-from graphprune.errors import InputError
+from graphprune.errors import InputError, warn_user
 from graphprune.graph.copies import keeps_global_rng, private_copy
 from graphprune.graph.fasttrace import retried_with_export
 from graphprune.graph.trace import check_model
 from graphprune.methods.prune_masks import MaskImportance, fold_masks
+from graphprune.planning.advice import nothing_removed
 from graphprune.planning.importance import Criterion
 from graphprune.planning.options import AUTO, CutOptions, StructureOptions
 from graphprune.planning.plan import Plan, check_ratio
@@ -86,6 +87,10 @@ def _plan_and_model(
     else:
         result = engine.realize(plan, fallback=fallback, cut=options, last=True, verify=verify)
         engine.finish(result)
+    if not isinstance(importance, MaskImportance):
+        advice = nothing_removed(result.plan, engine.analysis, ratio, structure.prune_hidden)
+        if advice:
+            warn_user(advice)
     if is_distributed():  # every rank must hold the same plan (graphprune.distributed)
         # the decisions, not the notes: a note may describe this rank's run (what it warned about)
         decisions = {k: v for k, v in result.plan.to_dict().items() if k != "notes"}

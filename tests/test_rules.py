@@ -209,6 +209,24 @@ class MaxAndPositionTable(nn.Module):
         return self.out(torch.max(self.a(h), torch.min(self.b(h), torch.tensor(0.5))))
 
 
+class ConvWeightView(nn.Module):
+    """A depthwise causal convolution run functionally on a view of its module's weight (as
+    Mamba's reference path does): the view's channels are the weight's, its taps stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.conv = nn.Conv1d(16, 16, 4, groups=16, padding=3)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x).transpose(1, 2)
+        w = self.conv.weight
+        taps = w.view(w.size(0), w.size(2))
+        h = F.conv1d(h, taps.unsqueeze(1), self.conv.bias, padding=taps.shape[1] - 1, groups=h.shape[1])
+        return self.out(F.silu(h[..., : x.shape[1]]).transpose(1, 2))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "grouped_conv": (GroupedConv, (2, 3, 8, 8)),
     "transposed_up": (TransposedUp, (2, 3, 8, 8)),
@@ -221,6 +239,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "indexed_bias": (IndexedBiasNet, (2, 9, 6)),
     "creation_ops": (CreationOps, (2, 5, 6)),
     "max_and_position_table": (MaxAndPositionTable, (2, 7, 6)),
+    "conv_weight_view": (ConvWeightView, (2, 7, 6)),
 }
 
 
@@ -345,3 +364,10 @@ def test_elementwise_max_and_index_select_have_rules() -> None:
     assert not plan.boundaries, plan.boundaries
     assert small.a.out_features == small.b.out_features == 8  # one unit per max'd channel pair
     assert small.pos.shape == (9, 6)  # every position stays; the stream's channels go
+
+
+def test_convolution_of_a_weight_view_prunes_channels_not_taps() -> None:
+    model, x = _build("conv_weight_view")
+    small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert small.conv.weight.shape == (8, 1, 4), small.conv.weight.shape
+    assert small.inp.out_features == 8 and small.conv.bias.shape == (8,)

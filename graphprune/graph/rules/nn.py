@@ -75,18 +75,33 @@ def convolution(ctx: RuleContext, node: Node):
     x_ids = channel_ids(ctx, lab, 1, cin, why)
     out_dim_w = 1 if transposed else 0
     in_dim_w = 0 if transposed else 1
-    if ctx.param_ids(w, 0) is None:  # weight computed at run time: we cannot slice it
+    out_ids = ctx.weight_ids(w, out_dim_w)
+    in_ids = ctx.weight_ids(w, in_dim_w) if groups == 1 else None
+    if out_ids is None or (groups == 1 and in_ids is None):
+        # weight computed at run time (or a view mixing its dims): we cannot slice it
         ctx.coupler.freeze(x_ids, f"{why}: weight is not a parameter")
+        if out_ids is not None:
+            ctx.coupler.freeze(out_ids, f"{why}: weight is not a parameter")
         return TensorLabels(oshape, [])
+    w_lab = ctx.labels(w) if ctx.param_ids(w, 0) is None else None
+    for f in w_lab.factors if w_lab is not None else ():  # a view's kernel taps: never channels
+        if not set(f.dims) <= {0, 1}:
+            ctx.coupler.freeze(f.ids, f"{why}: kernel taps")
     if transposed and groups > 1:
         ctx.coupler.freeze(x_ids, f"{why}: grouped transposed convolution")
-        ctx.coupler.freeze(ctx.param_ids(w, 0), f"{why}: grouped transposed convolution")
+        ctx.coupler.freeze(out_ids, f"{why}: grouped transposed convolution")
         return TensorLabels(oshape, [])
-    out_ids = ctx.param_ids(w, out_dim_w)
-    if b is not None and ctx.param_ids(b, 0) is not None:
-        ctx.coupler.union(out_ids, ctx.param_ids(b, 0))
+    b_ids = ctx.weight_ids(b, 0) if b is not None else None
+    if b_ids is None and isinstance(b, Node):  # a bias computed at run time: added per channel
+        b_lab = ctx.labels(b)
+        f = b_lab.factor_at(0) if b_lab is not None else None
+        b_ids = f.ids if f is not None and f.dims == (0,) else None
+        if f is not None and b_ids is None:
+            ctx.coupler.freeze(out_ids, f"{why}: incompatible channel layouts")
+    if b_ids is not None:
+        ctx.coupler.union(out_ids, b_ids)
     if groups == 1:
-        ctx.coupler.union(x_ids, ctx.param_ids(w, in_dim_w))
+        ctx.coupler.union(x_ids, in_ids)
     else:
         cout = oshape[1]
         rep = out_ids.reshape(groups, cout // groups)[:, :1]

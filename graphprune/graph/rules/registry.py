@@ -110,6 +110,17 @@ class RuleContext:
             arg, seen = arg.args[0], seen + 1
         return False
 
+    def weight_ids(self, arg: Any, dim: int):
+        """Ids of one dimension of a parameter, or of a view of one (``from_weight``: Mamba's
+        ``conv1d.weight.view(C, K)`` handed to a functional convolution) whose labels carry that
+        dimension alone; None when the values are computed, or the dimension is not its own."""
+        ids = self.param_ids(arg, dim)
+        if ids is not None or not self.from_weight(arg):
+            return ids
+        lab = self.labels(arg)
+        f = lab.factor_at(dim) if lab is not None else None
+        return f.ids if f is not None and f.dims == (dim,) else None
+
     def param_ids(self, arg: Any, dim: int):
         """Ids of one dimension of a parameter argument, or None if ``arg`` is not a parameter."""
         if isinstance(arg, Node) and arg in self.param_names:

@@ -227,6 +227,24 @@ class ConvWeightView(nn.Module):
         return self.out(F.silu(h[..., : x.shape[1]]).transpose(1, 2))
 
 
+class StandardizedConv(nn.Module):
+    """BiT's weight-standardised convolution: the weight is normalised per output channel with
+    ``batch_norm(w.reshape(1, out, -1), None, None, training=True)`` before the convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 12, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(12)
+        self.c = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        w = self.b.weight
+        w = F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=1e-6)
+        h = F.conv2d(F.relu(self.a(x)), w.reshape_as(self.b.weight), None, 1, 1)
+        return self.c(F.relu(self.bn(h)))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "grouped_conv": (GroupedConv, (2, 3, 8, 8)),
     "transposed_up": (TransposedUp, (2, 3, 8, 8)),
@@ -240,6 +258,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "creation_ops": (CreationOps, (2, 5, 6)),
     "max_and_position_table": (MaxAndPositionTable, (2, 7, 6)),
     "conv_weight_view": (ConvWeightView, (2, 7, 6)),
+    "standardized_conv": (StandardizedConv, (2, 3, 8, 8)),
 }
 
 
@@ -371,3 +390,32 @@ def test_convolution_of_a_weight_view_prunes_channels_not_taps() -> None:
     small, plan = graphprune.compact_with_plan(model, x, 0.5)
     assert small.conv.weight.shape == (8, 1, 4), small.conv.weight.shape
     assert small.inp.out_features == 8 and small.conv.bias.shape == (8,)
+
+
+def test_standardized_weights_prune_output_channels_and_keep_the_normalised_ones() -> None:
+    """Rows of a standardised weight are the parameter's rows (exact); its input channels are
+    what each row's statistic is taken over, so they stay without prune_hidden."""
+    model, x = _build("standardized_conv")
+    small = graphprune.compact(model, x, 0.5, round_to=1)
+    assert small.b.weight.shape == (6, 16, 3, 3)
+    assert small.a.out_channels == 16
+
+
+class _BatchStatsOverFeatures(nn.Module):
+    """Training-mode batch norm of (B, N, C) features: statistics per token over the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(F.batch_norm(self.fc(x), None, None, training=True))
+
+
+def test_statistics_from_the_input_keep_the_channels_they_reduce_over() -> None:
+    torch.manual_seed(0)
+    model, x = _BatchStatsOverFeatures().eval(), torch.randn(2, 5, 6)
+    small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert small.fc.out_features == 16
+    assert any("computes statistics over these channels" in (g.reason or "") for g in plan.groups)

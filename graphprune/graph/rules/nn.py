@@ -77,12 +77,11 @@ def convolution(ctx: RuleContext, node: Node):
     in_dim_w = 0 if transposed else 1
     out_ids = ctx.weight_ids(w, out_dim_w)
     in_ids = ctx.weight_ids(w, in_dim_w) if groups == 1 else None
-    if out_ids is None or (groups == 1 and in_ids is None):
-        # weight computed at run time (or a view mixing its dims): we cannot slice it
+    if out_ids is None:  # weight computed at run time, no label says which row is which
         ctx.coupler.freeze(x_ids, f"{why}: weight is not a parameter")
-        if out_ids is not None:
-            ctx.coupler.freeze(out_ids, f"{why}: weight is not a parameter")
         return TensorLabels(oshape, [])
+    if groups == 1 and in_ids is None:  # the weight's input dim is fixed (merged away, computed)
+        ctx.coupler.freeze(x_ids, f"{why}: the weight's input channels carry no labels")
     w_lab = ctx.labels(w) if ctx.param_ids(w, 0) is None else None
     for f in w_lab.factors if w_lab is not None else ():  # a view's kernel taps: never channels
         if not set(f.dims) <= {0, 1}:
@@ -101,7 +100,8 @@ def convolution(ctx: RuleContext, node: Node):
     if b_ids is not None:
         ctx.coupler.union(out_ids, b_ids)
     if groups == 1:
-        ctx.coupler.union(x_ids, in_ids)
+        if in_ids is not None:
+            ctx.coupler.union(x_ids, in_ids)
     else:
         cout = oshape[1]
         rep = out_ids.reshape(groups, cout // groups)[:, :1]
@@ -153,11 +153,22 @@ def _per_channel(ctx: RuleContext, node: Node, ids, params, lab, xshape) -> Any:
 
 @rule(*BATCH_NORM)
 def batch_norm(ctx: RuleContext, node: Node):
-    """Per-channel statistics and affine parameters all follow channel dim 1 (exact)."""
+    """Per-channel statistics and affine parameters all follow channel dim 1 (exact).
+
+    Statistics computed from the input (training mode, ``instance_norm``, or BiT's weight
+    standardisation: ``batch_norm(w.reshape(1, out, -1), None, None, training=True)``) reduce
+    over every other dim: channels labelled there change the statistic when pruned, so they
+    are pruned only with ``prune_hidden=True``, like a LayerNorm's."""
     x = node.args[0]
     lab = ctx.labels(x)
     xshape = ctx.shape(x)
-    ids = channel_ids(ctx, lab, 1, xshape[1], where(node))
+    why = where(node)
+    ids = channel_ids(ctx, lab, 1, xshape[1], why)
+    from_input = node.target not in ops("_native_batch_norm_legit_no_training.default") and (
+        len(node.args) > 5 and bool(node.args[5]))
+    for f in lab.factors if from_input and lab is not None else ():
+        if set(f.dims) != {1}:
+            ctx.coupler.soft_freeze(f.ids, f"{why} computes statistics over these channels")
     return _per_channel(ctx, node, ids, node.args[1:5], lab, xshape)
 
 

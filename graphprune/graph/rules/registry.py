@@ -111,11 +111,13 @@ class RuleContext:
         return False
 
     def weight_ids(self, arg: Any, dim: int):
-        """Ids of one dimension of a parameter, or of a view of one (``from_weight``: Mamba's
-        ``conv1d.weight.view(C, K)`` handed to a functional convolution) whose labels carry that
-        dimension alone; None when the values are computed, or the dimension is not its own."""
+        """Ids of one dimension of a parameter, or of a weight computed from parameters whose
+        labels carry that dimension alone: a view (Mamba's ``conv1d.weight.view(C, K)`` handed to
+        a functional convolution) or a function of one (BiT's standardised weights, ``(w - mean)
+        / std`` per output channel: its rows are the parameter's rows; the statistic over the
+        input channels soft-freezes those). None when no label says which channel is which."""
         ids = self.param_ids(arg, dim)
-        if ids is not None or not self.from_weight(arg):
+        if ids is not None:
             return ids
         lab = self.labels(arg)
         f = lab.factor_at(dim) if lab is not None else None

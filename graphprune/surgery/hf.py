@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,9 @@ from graphprune.graph.inputs import flatten_outputs, normalize_inputs
 
 _INF = (math.inf, math.inf)
 _MAX_BUILDS = 200  # meta-device model builds one config search may spend
+# and seconds: at least _MIN_SECONDS, or _BUILDS_AT_LEAST builds of this model (an EfficientNet-B7
+# build takes 0.15 s: 200 of them were 30 s of a 44 s call, for a config no edit describes)
+_MIN_SECONDS, _BUILDS_AT_LEAST = 5.0, 30
 Field = tuple[str, int | None]  # (config attribute, index into a list-valued attribute or None)
 
 
@@ -264,22 +268,27 @@ def _update_config(small: nn.Module, plan: Any, example_input: Any) -> list[str]
     if not transitions:
         return []
     target = _signature(small)
+    start = time.perf_counter()
     best = _score(small, config, target)
     if best == (0.0, 0.0):
         return []
+    deadline = time.perf_counter() + max(_MIN_SECONDS, _BUILDS_AT_LEAST * (time.perf_counter() - start))
     cur = copy.deepcopy(config)
     injected = _inject_head_dim(small, cur)
     ints = {v for _, v in _fields(cur) if type(v) is int}
     fields = [(f, _candidates(v, transitions, ints)) for f, v in _fields(cur)]
     fields = [(f, c) for f, c in fields if c]
     budget = _MAX_BUILDS
+    stopped = ""
     for _ in range(4):  # coordinate descent; each pass tries every candidate of every field
         improved = False
         for field, cands in fields:
             old = _get(cur, field)
             for c in cands:
                 budget -= 1
-                if budget < 0:
+                if budget < 0 or time.perf_counter() > deadline:
+                    stopped = " (the search spent its budget of builds)" if budget < 0 else \
+                        f" (the search stopped after {time.perf_counter() - start:.0f} s)"
                     break
                 try:
                     _set(cur, field, c)
@@ -306,7 +315,7 @@ def _update_config(small: nn.Module, plan: Any, example_input: Any) -> list[str]
     if best[0] != 0 or not changed:
         return [
             f"model.config left unchanged: no edit of {type(config).__name__} describes the compact "
-            "widths (not uniform across layers, or derived from each other); save with "
+            f"widths (not uniform across layers, or derived from each other){stopped}; save with "
             "graphprune.save and reload with graphprune.load instead of save_pretrained"
         ]
     refused = _refused_by_validators(cur)

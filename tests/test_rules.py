@@ -419,3 +419,32 @@ def test_statistics_from_the_input_keep_the_channels_they_reduce_over() -> None:
     small, plan = graphprune.compact_with_plan(model, x, 0.5)
     assert small.fc.out_features == 16
     assert any("computes statistics over these channels" in (g.reason or "") for g in plan.groups)
+
+
+@torch.library.custom_op("graphprune_test::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_double.register_fake
+def _double_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _CustomOpNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(_double(self.a(x)))
+
+
+def test_a_custom_op_is_a_boundary_that_says_what_it_is() -> None:
+    torch.manual_seed(0)
+    model, x = _CustomOpNet().eval(), torch.randn(2, 4)
+    small, plan = graphprune.compact_with_plan(model, x, 0.5)
+    assert small.a.out_features == 8  # opaque: its channels stay
+    assert any("custom op of the 'graphprune_test' library" in b for b in plan.boundaries), plan.boundaries
+    torch.testing.assert_close(small(x), model(x))

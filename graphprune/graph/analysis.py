@@ -330,13 +330,24 @@ _WRAPPERS = tuple(
 )
 
 
+def _custom_op_hint(target: Any) -> str:
+    """For an op a library registered (``torch.library.custom_op``): what it is and the way out.
+    graphprune sees only its signature, never its inside, so no rule can be general for it."""
+    namespace = getattr(target, "namespace", None)
+    if namespace is None or namespace in ("aten", "prims", "_c10d_functional", "c10d_functional"):
+        return ""
+    return (f" (a custom op of the {namespace!r} library, opaque to graphprune; if the library offers "
+            "a plain PyTorch path for this layer, select it, e.g. transformers' mixtures of experts: "
+            "model.set_experts_implementation('batched_mm'))")
+
+
 def _apply_rule(ctx: RuleContext, node: Node, boundaries: list[str]) -> None:
     if node.target in _WRAPPERS:
         ctx.labels_of[node] = _walk_wrapped(ctx, node, boundaries)
         return
     fn = lookup(node.target)
     if fn is None:
-        _boundary(ctx, node, f"no rule for {node.target}", boundaries)
+        _boundary(ctx, node, f"no rule for {node.target}{_custom_op_hint(node.target)}", boundaries)
         return
     try:
         ctx.labels_of[node] = fn(ctx, node)

@@ -36,7 +36,7 @@ the largest of the set, so the user's forward still fits them all; exact ``count
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -117,15 +117,21 @@ def round_keep(group: Group, n_keep: int, round_to: int | None) -> int:
     return min(max(kept, step), (units // step) * step)
 
 
-def _conv_width(group: Group, model: nn.Module) -> int:
-    """Channels the group spans in a convolution weight (0: no convolution among its members)."""
-    width = 0
+def _owners(group: Group, model: nn.Module) -> Iterator[tuple[Any, nn.Module, str]]:
+    """(member, the module holding its tensor, the tensor's attribute name) for each member."""
     for m in group.members:
         path, _, attr = m.name.rpartition(".")
         try:
             mod = submodule(model, path)
         except AttributeError:
             continue
+        yield m, mod, attr
+
+
+def _conv_width(group: Group, model: nn.Module) -> int:
+    """Channels the group spans in a convolution weight (0: no convolution among its members)."""
+    width = 0
+    for m, mod, attr in _owners(group, model):
         if attr == "weight" and isinstance(mod, nn.modules.conv._ConvNd) and m.dim in (0, 1):
             width = max(width, int((m.unit_of >= 0).sum()))
     return width
@@ -138,12 +144,7 @@ def _stack_alignment(group: Group, model: nn.Module) -> int:
     Grouped matrix-product kernels that run such stacks (torch's ``_grouped_mm`` on CPU) require
     16-byte strides: a width of 90 floats runs in the pruned model's own forward through another
     path, and fails once the model is reloaded with the library's default path."""
-    for m in group.members:
-        path, _, attr = m.name.rpartition(".")
-        try:
-            mod = submodule(model, path)
-        except AttributeError:
-            continue
+    for m, mod, attr in _owners(group, model):
         p = getattr(mod, attr, None)
         if (getattr(p, "ndim", 0) >= 3 and p.shape[0] > 1 and m.dim >= 1 and p.dtype.is_floating_point
                 and not isinstance(mod, nn.modules.conv._ConvNd)):

@@ -182,6 +182,40 @@ def addmm(ctx: RuleContext, node: Node):
     return einsum_labels(ctx.coupler, operands, lo, so, where(node))
 
 
+@rule(*ops("_grouped_mm.default"))
+def grouped_mm(ctx: RuleContext, node: Node):
+    """``torch.nn.functional.grouped_mm``: rows of ``a`` (tokens sorted by expert, ``offs`` their
+    boundaries) times their group's matrix of a stack ``b`` (experts x K x N): the einsum
+    ``sk,ekn->sn`` with the expert dim whole (which rows meet which expert is decided by value),
+    or a batched product ``emk,ekn->emn`` without ``offs``. Other layouts keep their channels."""
+    a, b = node.args[0], node.args[1]
+    offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
+    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
+    why = where(node)
+    if isinstance(offs, Node):
+        ctx.coupler.freeze_labels(ctx.labels(offs), f"{why}: group offsets")
+    if sa is None or sb is None or so is None:
+        return None
+    if len(sa) == 2 and len(sb) == 3 and offs is not None:
+        la, lb, lo = "SK", "EKN", "SN"
+    elif len(sa) == 3 and len(sb) == 3 and offs is None:
+        la, lb, lo = "EMK", "EKN", "EMN"
+    else:
+        for t in (a, b, bias):
+            ctx.coupler.freeze_labels(ctx.labels(t), f"{why}: grouped product layout")
+        return TensorLabels(so, [])
+    lab_b = ctx.labels(b)
+    f = lab_b.factor_at(0) if lab_b is not None else None
+    if f is not None:  # the stack's expert dim: rows are routed to experts by value
+        ctx.coupler.require_intact(f, f.axis_of(0), f"{why}: experts of a grouped product")
+    _keep_contracted_whole(ctx, node, [a, b], [la, lb], lo)
+    operands = [(ctx.labels(a), sa, la), (lab_b, sb, lb)]
+    if isinstance(bias, Node) and ctx.shape(bias) is not None and len(ctx.shape(bias)) == 2:
+        operands.append((ctx.labels(bias), ctx.shape(bias), "EN"))  # one bias row per expert
+    return einsum_labels(ctx.coupler, operands, lo, so, why)
+
+
 @rule(*ops("einsum.default"))
 def einsum(ctx: RuleContext, node: Node):
     eq = node.args[0].replace(" ", "")

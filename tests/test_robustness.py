@@ -8,6 +8,7 @@ graphprune error that says what to do. Never a silent wrong model, never a modif
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -404,3 +405,23 @@ def test_norm_over_features_is_kept_whole_by_default_and_pruned_with_prune_hidde
     model, x = L2Normalized().eval(), torch.randn(3, 4)
     assert _compact_checked(model, x)[0].a.out_features == 8
     assert _compact_checked(model, x, prune_hidden=True)[0].a.out_features == 4
+
+
+class _PoolsTooFar(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(3, 8, 3)
+        self.pool = nn.AvgPool3d((2, 7, 7))
+
+    def forward(self, x):
+        return self.pool(self.conv(x))
+
+
+def test_an_input_the_model_rejects_is_one_clear_error_without_torch_tracebacks(caplog) -> None:
+    """A pooling window larger than the input fails in the meta kernel too (avg_pool3d's is in
+    Python); fake tensors log that at ERROR level with a full traceback unless silenced."""
+    rejected = pytest.raises(graphprune.InputError, match="rejected the example input")
+    with caplog.at_level(logging.DEBUG), rejected:
+        graphprune.compact(_PoolsTooFar().eval(), torch.randn(1, 3, 3, 5, 5), ratio=0.3)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage()[:300] for r in errors]

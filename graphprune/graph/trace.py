@@ -66,8 +66,11 @@ def no_cache(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def quiet_torch_logs() -> Iterator[None]:
-    """torch.export logs whole graphs on failure; our error already says what went wrong."""
-    names = ["torch._dynamo", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes"]
+    """torch.export logs whole graphs on failure, fake tensors log a meta kernel's failure with its
+    traceback at ERROR level (an input too small for a pooling window); our error already says
+    what went wrong."""
+    names = ["torch._dynamo", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes",
+             "torch._subclasses.fake_tensor"]
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

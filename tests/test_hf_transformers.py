@@ -162,3 +162,21 @@ def test_config_left_alone_when_its_own_validation_refuses_and_graphprune_load_r
         graphprune.save(small, tmp, plan)
         again = graphprune.load(tmp, LlamaForCausalLM(config))
     _assert_same_model(again.eval(), small, x)
+
+
+def test_encoder_decoder_whose_stacks_keep_their_own_config_is_traced_without_cache() -> None:
+    """T5's decoder stack holds a copy of the config: use_cache off on the model's config alone
+    left it returning an EncoderDecoderCache, which torch.export cannot output."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(1, 64, (2, 6))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": ids[:, :4]}
+    small = graphprune.compact(model, x, ratio=0.3)
+    assert graphprune.count_params(small) < graphprune.count_params(model)
+    assert small.config.use_cache and small.decoder.config.use_cache  # restored on the copies
+    assert model.decoder.config.use_cache
+    assert small.generate(ids[:1], max_new_tokens=3, do_sample=False).shape[1] >= 2

@@ -50,18 +50,29 @@ def check_model(model: Any) -> nn.Module:
     return model
 
 
+def _cache_configs(model: nn.Module) -> list[Any]:
+    """Every config object with ``use_cache`` set that the model's modules hold: the model's, and
+    the copies its stacks keep (T5's decoder stack has its own) and their sub-configs."""
+    found: dict[int, Any] = {}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        for c in [config, *(vars(config).values() if hasattr(config, "__dict__") else ())]:
+            if getattr(c, "use_cache", None) is True and hasattr(c, "to_dict"):
+                found.setdefault(id(c), c)
+    return list(found.values())
+
+
 @contextlib.contextmanager
 def no_cache(model: nn.Module) -> Iterator[None]:
     """Hugging Face decoders return cache objects torch.export cannot output: trace without."""
-    config = getattr(model, "config", None)
-    old = getattr(config, "use_cache", None)
-    if config is not None and old:
-        config.use_cache = False
+    configs = _cache_configs(model)
+    for c in configs:
+        c.use_cache = False
     try:
         yield
     finally:
-        if config is not None and old:
-            config.use_cache = old
+        for c in configs:
+            c.use_cache = True
 
 
 @contextlib.contextmanager

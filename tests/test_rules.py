@@ -245,6 +245,20 @@ class StandardizedConv(nn.Module):
         return self.c(F.relu(self.bn(h)))
 
 
+class InterleavedGLU(nn.Module):
+    """Gate and up rows interleaved in one projection (gpt-oss): ``h[..., ::2]``, ``h[..., 1::2]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.gate_up = nn.Linear(8, 32)
+        self.down = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.gate_up(self.inp(x))
+        return self.down(F.silu(h[..., ::2]) * (h[..., 1::2] + 1))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "grouped_conv": (GroupedConv, (2, 3, 8, 8)),
     "transposed_up": (TransposedUp, (2, 3, 8, 8)),
@@ -259,6 +273,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "max_and_position_table": (MaxAndPositionTable, (2, 7, 6)),
     "conv_weight_view": (ConvWeightView, (2, 7, 6)),
     "standardized_conv": (StandardizedConv, (2, 3, 8, 8)),
+    "interleaved_glu": (InterleavedGLU, (2, 5, 6)),
 }
 
 
@@ -448,3 +463,11 @@ def test_a_custom_op_is_a_boundary_that_says_what_it_is() -> None:
     assert small.a.out_features == 8  # opaque: its channels stay
     assert any("custom op of the 'graphprune_test' library" in b for b in plan.boundaries), plan.boundaries
     torch.testing.assert_close(small(x), model(x))
+
+
+def test_interleaved_gate_and_up_rows_lose_whole_pairs() -> None:
+    model, x = _build("interleaved_glu")
+    small, plan = graphprune.compact_with_plan(model, x, 0.5, round_to=1)
+    assert small.gate_up.out_features == 16 and small.down.in_features == 8
+    rows = plan.slices["gate_up.weight"][0]
+    assert all(rows[2 * i] % 2 == 0 and rows[2 * i + 1] == rows[2 * i] + 1 for i in range(8)), rows

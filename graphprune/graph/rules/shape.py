@@ -398,7 +398,15 @@ def slice_(ctx: RuleContext, node: Node):
         return TensorLabels(oshape, list(lab.factors))
     factors = [g for g in lab.factors if g is not f]
     ax = f.axis_of(dim)
-    if step != 1 or not isinstance(start, int):
+    n = shape[dim]
+    if step != 1 and isinstance(start, int) and start < step and end >= n and n % step == 0:
+        # an interleaved layout (gate/up pairs: ``x[..., ::2]``, ``x[..., 1::2]``): the positions
+        # of each block of ``step`` go together, so after pruning the same offsets pick the same
+        # kept parts, and the slice needs no new bounds
+        blocks = np.moveaxis(f.ids, ax, 0)
+        blocks = blocks.reshape(n // step, step, *blocks.shape[1:])
+        ctx.coupler.union(blocks, blocks[:, :1])
+    elif step != 1 or not isinstance(start, int):
         ctx.coupler.require_intact(f, ax, f"{where(node)}: strided slice of a channel dim")
     idx = [slice(None)] * f.ids.ndim
     idx[ax] = slice(start, end, step)

@@ -425,3 +425,29 @@ def test_an_input_the_model_rejects_is_one_clear_error_without_torch_tracebacks(
         graphprune.compact(_PoolsTooFar().eval(), torch.randn(1, 3, 3, 5, 5), ratio=0.3)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage()[:300] for r in errors]
+
+
+class _SplitByCount(nn.Module):
+    """Rows split by a count read from the values (JetMoE's tokens per expert): the split sizes
+    are symbols only known at run time in torch.export's graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        n = (h[:, 0] > 0).sum().item()
+        torch._check(n >= 0)
+        torch._check(n <= h.shape[0])
+        first, rest = h.split([n, h.shape[0] - n])
+        return self.out(torch.cat([first * 2, rest]))
+
+
+def test_split_sizes_known_only_at_run_time_do_not_crash_compact() -> None:
+    torch.manual_seed(0)
+    model, x = _SplitByCount().eval(), torch.randn(6, 4)
+    with pytest.warns(UserWarning, match="nothing was removed"):
+        small = graphprune.compact(model, x, ratio=0.5)
+    torch.testing.assert_close(small(x), model(x))

@@ -97,6 +97,8 @@ def new_args(analysis: Analysis, sizer: Sizer, node: Node) -> tuple | None:
         args[2] = sizes
     elif node.target in SPLIT and isinstance(args[1], int):
         dim = (args[2] if len(args) > 2 else 0) % len(val[0].shape)
+        if type(val[0].shape[dim]) is not int:  # a size known only at run time
+            return None
         lab = _lab(analysis, node, 0)
         nv = sizer.size(lab, dim, int(val[0].shape[dim]))
         if nv != args[1]:
@@ -104,6 +106,8 @@ def new_args(analysis: Analysis, sizer: Sizer, node: Node) -> tuple | None:
             changed = True
     elif node.target in SPLIT_SIZES:
         dim = (args[2] if len(args) > 2 else 0) % len(val[0].shape)
+        if not all(type(v.shape[dim]) is int for v in val):  # sizes known only at run time
+            return None  # (tokens split per expert): nothing of ours to rewrite
         sizes = [sizer.size(_lab(analysis, node, k), dim, int(v.shape[dim])) for k, v in enumerate(val)]
         if sizes != list(args[1]):
             args[1] = sizes
@@ -113,7 +117,7 @@ def new_args(analysis: Analysis, sizer: Sizer, node: Node) -> tuple | None:
         lab = _lab(analysis, src)
         dim = args[1] % len(src.meta["val"].shape)
         for k in (2, 3):
-            if k < len(args) and isinstance(args[k], int):
+            if k < len(args) and isinstance(args[k], int) and type(src.meta["val"].shape[dim]) is int:
                 full = int(src.meta["val"].shape[dim])
                 pos = min(args[k] if args[k] >= 0 else full + args[k], full)
                 nv = sizer.prefix(lab, dim, pos)
